@@ -1,0 +1,76 @@
+//! How a Matrix call member maps onto LiveKit: the room name and every participant identity the
+//! member may connect under. These are the hashes lk-jwt-service uses when it mints LiveKit tokens;
+//! they must match byte for byte or a delegation would never see its member join.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use sha2::{Digest, Sha256};
+
+/// `b64(sha256(json(parts)))`: standard alphabet, no padding, compact JSON array of strings.
+fn hash_parts(parts: &[&str]) -> String {
+    // serde_json never fails on a slice of strings.
+    let json = serde_json::to_vec(parts).expect("a string array serialises");
+    STANDARD_NO_PAD.encode(Sha256::digest(&json))
+}
+
+/// The LiveKit room a MatrixRTC slot of a Matrix room is hosted in.
+pub fn livekit_room(room_id: &str, slot_id: &str) -> String {
+    hash_parts(&[room_id, slot_id])
+}
+
+/// Identity minted by the OpenID `/get_token` endpoint: user, device and member id.
+pub fn identity_three_part(user_id: &str, device_id: &str, member_id: &str) -> String {
+    hash_parts(&[user_id, device_id, member_id])
+}
+
+/// Identity minted by the newer homeserver-proxied (appservice) endpoints: user and member id.
+pub fn identity_two_part(user_id: &str, member_id: &str) -> String {
+    hash_parts(&[user_id, member_id])
+}
+
+/// Identity minted by the legacy `/sfu/get` endpoint: the raw `@user:server:DEVICE`.
+pub fn identity_legacy(user_id: &str, device_id: &str) -> String {
+    format!("{user_id}:{device_id}")
+}
+
+/// Every identity a member may appear under, most specific first, without duplicates.
+pub fn member_identities(user_id: &str, device_id: &str, member_id: &str) -> Vec<String> {
+    let mut all = vec![
+        identity_three_part(user_id, device_id, member_id),
+        identity_two_part(user_id, member_id),
+        identity_legacy(user_id, device_id),
+    ];
+    all.dedup();
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_name_matches_the_reference_vector() {
+        assert_eq!(
+            livekit_room("!roomid:example.com", "slot1234"),
+            "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"
+        );
+    }
+
+    #[test]
+    fn three_part_identity_matches_the_reference_vector() {
+        assert_eq!(
+            identity_three_part("@alice:example.com", "DEVICE123", "memberABC"),
+            "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"
+        );
+    }
+
+    #[test]
+    fn identities_are_distinct_and_include_the_legacy_form() {
+        let ids = member_identities("@alice:example.com", "DEVICE123", "memberABC");
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[2], "@alice:example.com:DEVICE123");
+        assert_ne!(ids[0], ids[1]);
+        // The 2-part hash is the hash of the two-element array, not of the 3-part one.
+        assert_eq!(ids[1], hash_parts(&["@alice:example.com", "memberABC"]));
+    }
+}

@@ -1,0 +1,5 @@
+//! rtc-leave-bridge: keeps MatrixRTC delegated delayed leave events alive while their member is
+//! connected to LiveKit, and sends them the moment LiveKit says the member is gone.
+
+pub mod identity;
+pub mod lifecycle;

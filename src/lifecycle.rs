@@ -1,0 +1,719 @@
+//! The per-member lifecycle of one delegated delayed leave, as a pure state machine.
+//!
+//! A [`Job`] is fed events (webhooks, RoomService observations, homeserver answers) together with
+//! the current time, and answers with [`Action`]s for the shell to carry out: restart or send the
+//! delayed event, ask LiveKit who is connected, persist the job, forget it. It never does IO, never
+//! sleeps and never reads a clock; [`Job::poll_timeout`] tells the shell when it next wants
+//! [`Job::handle_timeout`]. This is what the property tests in this module exercise.
+//!
+//! The two sacred rules live here:
+//! * a member whose bound LiveKit session is connected is never sent a leave: only a departure of
+//!   *that* session, a finished room, or LiveKit confirming the member absent leads to a send;
+//! * a member who is gone is sent a leave at once: the send is issued in the same step as the
+//!   event that proved the departure.
+//!
+//! When unsure (LiveKit unreachable, a migration in progress) the job keeps the delayed event alive
+//! and asks again; the homeserver's own timer remains the last safety net.
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds on the shell's monotonic clock. Only differences matter; never persisted.
+pub type Millis = u64;
+
+/// Timing knobs of the lifecycle, all in milliseconds except the fraction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    /// Restart when this fraction of the delay has elapsed since the last confirmed restart.
+    pub restart_fraction: f64,
+    /// Up to this fraction of the delay is taken off each restart interval at random, so that
+    /// restarts of members who joined together spread out.
+    pub restart_jitter: f64,
+    /// How long a delegated member may take to connect before LiveKit is asked whether it is there.
+    pub join_timeout: Millis,
+    /// How long a member that left for a migration / server shutdown may take to reappear.
+    pub grace: Millis,
+    /// How soon to ask LiveKit again after it could not be asked.
+    pub probe_retry: Millis,
+    /// First retry after a failed homeserver call; grows by half each time, jittered.
+    pub backoff_initial: Millis,
+    /// Ceiling of that backoff.
+    pub backoff_max: Millis,
+    /// Consecutive RoomService listings without the bound member that prove it gone.
+    pub absences_to_leave: u8,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            restart_fraction: 0.8,
+            restart_jitter: 0.1,
+            join_timeout: 30_000,
+            grace: 10_000,
+            probe_retry: 5_000,
+            backoff_initial: 1_000,
+            backoff_max: 30_000,
+            absences_to_leave: 2,
+        }
+    }
+}
+
+/// The LiveKit session a job is bound to: the first of the member's identities that connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub identity: String,
+    /// Participant SID of the session (`PA_…`).
+    pub sid: String,
+    /// `joinedAt` (Unix seconds) as LiveKit reported it; orders sessions of the same identity.
+    pub joined_at: i64,
+    /// SID of the LiveKit room instance (`RM_…`), when known; empty when learnt from a listing.
+    #[serde(default)]
+    pub room_sid: String,
+}
+
+/// Why a job decided to send its leave. Kept for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// `participant_left` / `participant_connection_aborted` of the bound session.
+    Departed,
+    /// The bound member was absent from consecutive RoomService listings (a lost webhook).
+    Reconciled,
+    /// The member never connected and LiveKit confirmed it absent after the join timeout.
+    NeverJoined,
+    /// A migration / shutdown grace period ended and LiveKit confirmed the member absent.
+    GraceExpired,
+    /// `room_finished` for the room the member was bound in.
+    RoomFinished,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Departed => "departed",
+            Trigger::Reconciled => "reconciled",
+            Trigger::NeverJoined => "never_joined",
+            Trigger::GraceExpired => "grace_expired",
+            Trigger::RoomFinished => "room_finished",
+        }
+    }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The homeserver accepted our send (or told us the event was already sent). `latency` runs
+    /// from the moment the departure was known to the homeserver's answer.
+    Sent { trigger: Trigger, latency: Millis },
+    /// A restart answered 404/409: the client cancelled or sent it itself. Nothing to do.
+    Gone,
+    /// The event's deadline passed while the homeserver could not be reached: it fired by itself.
+    Expired,
+    /// A newer delegation for the same member replaced this one; its delay id is never sent.
+    Superseded,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent { .. } => "sent",
+            Outcome::Gone => "gone",
+            Outcome::Expired => "expired",
+            Outcome::Superseded => "superseded",
+        }
+    }
+}
+
+/// The part of a job's phase that survives a restart of the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Durable {
+    Waiting,
+    Connected { binding: Binding },
+    Grace { binding: Binding },
+    Sending { trigger: Trigger },
+}
+
+/// Coarse phase name, for metrics and listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PhaseKind {
+    Waiting,
+    Connected,
+    Grace,
+    Sending,
+    Done,
+}
+
+impl PhaseKind {
+    pub const LIVE: [PhaseKind; 4] =
+        [PhaseKind::Waiting, PhaseKind::Connected, PhaseKind::Grace, PhaseKind::Sending];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseKind::Waiting => "waiting",
+            PhaseKind::Connected => "connected",
+            PhaseKind::Grace => "grace",
+            PhaseKind::Sending => "sending",
+            PhaseKind::Done => "done",
+        }
+    }
+}
+
+/// Why the SFU said a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaveReason {
+    /// The session may come back on another node or after a restart of the SFU (MIGRATION,
+    /// SERVER_SHUTDOWN) or was replaced by a newer session of the same identity
+    /// (DUPLICATE_IDENTITY): wait for the member to reappear before sending.
+    MayReturn,
+    /// Any other reason: the session is over.
+    Final,
+}
+
+/// A session of one of the member's identities as LiveKit reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub identity: String,
+    pub sid: String,
+    pub joined_at: i64,
+    pub room_sid: String,
+}
+
+/// Answer of the homeserver to a restart or send, classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HsAnswer {
+    /// 200.
+    Ok,
+    /// 404 / 409: the delayed event no longer exists (sent, cancelled or unknown).
+    Gone,
+    /// 429, with the wait the homeserver asked for.
+    RetryAfter(Millis),
+    /// 5xx, network error, timeout, or 401/403 (misconfiguration): try again later.
+    Failed,
+}
+
+/// Everything that can happen to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `participant_joined` for one of the member's identities.
+    Joined(Session),
+    /// `participant_left` / `participant_connection_aborted` for one of the member's identities.
+    Left { session: Session, reason: LeaveReason },
+    /// `room_finished` for the member's LiveKit room.
+    RoomFinished { room_sid: String },
+    /// A RoomService listing of the member's room, started at `at`: the member's session, if any.
+    Observed { at: Millis, present: Option<Session> },
+    /// RoomService could not be asked.
+    ObservationFailed,
+    /// The homeserver answered the restart issued as call `call`.
+    Restarted { call: u64, answer: HsAnswer },
+    /// The homeserver answered the send issued as call `call`.
+    SendAnswered { call: u64, answer: HsAnswer },
+}
+
+/// What the shell must do for the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Restart the delayed event on the homeserver; answer with [`Event::Restarted`] carrying the
+    /// same `call`, so that a late answer to an older call is never taken for this one.
+    Restart { call: u64 },
+    /// Send the delayed event now; answer with [`Event::SendAnswered`] carrying the same `call`.
+    Send { call: u64 },
+    /// List the member's LiveKit room; answer with [`Event::Observed`] / [`Event::ObservationFailed`].
+    Probe,
+    /// The durable phase changed: store [`Job::durable`].
+    Persist,
+    /// The job is over: forget it, in memory and in the store.
+    Finish(Outcome),
+}
+
+/// Bookkeeping of the restart (or send) loop against the homeserver.
+#[derive(Debug, Clone, PartialEq)]
+struct Calls {
+    /// A request is outstanding; its answer will arrive as an event.
+    in_flight: bool,
+    /// When the outstanding request was issued.
+    issued_at: Millis,
+    /// When to issue the next request (meaningful only when not in flight).
+    next_at: Millis,
+    /// Consecutive failures, for the backoff.
+    failures: u32,
+    /// Requests issued so far; salts the jitter.
+    count: u64,
+}
+
+impl Calls {
+    fn due_now(now: Millis) -> Self {
+        Calls { in_flight: false, issued_at: now, next_at: now, failures: 0, count: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// Delegated; the member has not been seen connected yet.
+    Waiting { join_deadline: Millis },
+    /// Bound to a connected session.
+    Connected { binding: Binding, bound_at: Millis, absences: u8 },
+    /// The bound session left at `since` with a reason it may come back from.
+    Grace { binding: Binding, since: Millis, until: Millis },
+    /// The member is gone; the leave is being sent.
+    Sending { trigger: Trigger, since: Millis },
+    Done(Outcome),
+}
+
+/// One delegated delayed leave and everything known about its member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The delay the client scheduled the event with.
+    delay: Millis,
+    /// Seed of this job's jitter, so that jitter is deterministic (and the machine pure).
+    seed: u64,
+    timing: Timing,
+    phase: Phase,
+    /// Keeps the delayed event alive while the phase is Waiting / Connected / Grace, and sends it
+    /// while Sending.
+    calls: Calls,
+    /// Conservative estimate of when the homeserver fires the event if we do nothing more.
+    deadline: Millis,
+    /// A RoomService listing is wanted at this time (and none has been asked for since).
+    probe_at: Option<Millis>,
+    probe_in_flight: bool,
+    /// Sessions we have seen leave; a late or duplicated `participant_joined` for them is stale.
+    dead_sids: Vec<String>,
+}
+
+const DEAD_SIDS_KEPT: usize = 4;
+
+impl Job {
+    /// A new delegation. We do not know how much of the delay has elapsed, so the event is
+    /// restarted at once; LiveKit is asked at once whether the member is already connected.
+    pub fn new(delay: Millis, seed: u64, timing: Timing, now: Millis) -> (Job, Vec<Action>) {
+        let join_deadline = now + timing.join_timeout;
+        let mut job = Job {
+            delay,
+            seed,
+            timing,
+            phase: Phase::Waiting { join_deadline },
+            calls: Calls::due_now(now),
+            // Unknown until our first restart succeeds; it cannot be later than this.
+            deadline: now + delay,
+            probe_at: Some(now),
+            probe_in_flight: false,
+            dead_sids: Vec::new(),
+        };
+        let mut actions = vec![Action::Persist];
+        job.handle_timeout(now, &mut actions);
+        (job, actions)
+    }
+
+    /// A job loaded from the store after a restart of the service. Its durable phase is trusted
+    /// only as far as it is safe: the event is restarted (or sent) at once and LiveKit is asked
+    /// again before any absence can lead to a send.
+    pub fn resume(
+        delay: Millis,
+        seed: u64,
+        timing: Timing,
+        durable: Durable,
+        now: Millis,
+    ) -> (Job, Vec<Action>) {
+        let phase = match durable {
+            Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
+            Durable::Connected { binding } => Phase::Connected { binding, bound_at: now, absences: 0 },
+            Durable::Grace { binding } => Phase::Grace { binding, since: now, until: now + timing.grace },
+            Durable::Sending { trigger } => Phase::Sending { trigger, since: now },
+        };
+        let probe_at = match phase {
+            Phase::Sending { .. } => None,
+            _ => Some(now),
+        };
+        let mut job = Job {
+            delay,
+            seed,
+            timing,
+            phase,
+            calls: Calls::due_now(now),
+            deadline: now + delay,
+            probe_at,
+            probe_in_flight: false,
+            dead_sids: Vec::new(),
+        };
+        let mut actions = Vec::new();
+        job.handle_timeout(now, &mut actions);
+        (job, actions)
+    }
+
+    pub fn kind(&self) -> PhaseKind {
+        match self.phase {
+            Phase::Waiting { .. } => PhaseKind::Waiting,
+            Phase::Connected { .. } => PhaseKind::Connected,
+            Phase::Grace { .. } => PhaseKind::Grace,
+            Phase::Sending { .. } => PhaseKind::Sending,
+            Phase::Done(_) => PhaseKind::Done,
+        }
+    }
+
+    /// What to store for this job; `None` once it is done.
+    pub fn durable(&self) -> Option<Durable> {
+        Some(match &self.phase {
+            Phase::Waiting { .. } => Durable::Waiting,
+            Phase::Connected { binding, .. } => Durable::Connected { binding: binding.clone() },
+            Phase::Grace { binding, .. } => Durable::Grace { binding: binding.clone() },
+            Phase::Sending { trigger, .. } => Durable::Sending { trigger: *trigger },
+            Phase::Done(_) => return None,
+        })
+    }
+
+    /// The session the job is bound to, if any.
+    pub fn binding(&self) -> Option<&Binding> {
+        match &self.phase {
+            Phase::Connected { binding, .. } | Phase::Grace { binding, .. } => Some(binding),
+            _ => None,
+        }
+    }
+
+    /// When the next restart (or send) is planned, if one is planned and not in flight.
+    pub fn next_call(&self) -> Option<Millis> {
+        match self.phase {
+            Phase::Done(_) => None,
+            _ if self.calls.in_flight => None,
+            _ => Some(self.calls.next_at),
+        }
+    }
+
+    /// Estimated time at which the homeserver fires the event by itself: the latest possible
+    /// until the first restart succeeds, then the earliest possible.
+    pub fn deadline(&self) -> Millis {
+        self.deadline
+    }
+
+    /// The earliest time at which [`Job::handle_timeout`] has something to do.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        if matches!(self.phase, Phase::Done(_)) {
+            return None;
+        }
+        let call = (!self.calls.in_flight).then_some(self.calls.next_at);
+        let probe = if self.probe_in_flight { None } else { self.probe_at };
+        [call, probe].into_iter().flatten().min()
+    }
+
+    /// Ends the job because a newer delegation replaced it. Nothing of it is ever sent again.
+    pub fn supersede(&mut self) -> Vec<Action> {
+        if matches!(self.phase, Phase::Done(_)) {
+            return Vec::new();
+        }
+        self.phase = Phase::Done(Outcome::Superseded);
+        vec![Action::Finish(Outcome::Superseded)]
+    }
+
+    /// Issues whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if matches!(self.phase, Phase::Done(_)) {
+            return;
+        }
+        if !self.probe_in_flight && self.probe_at.is_some_and(|t| t <= now) {
+            self.probe_at = None;
+            self.probe_in_flight = true;
+            out.push(Action::Probe);
+        }
+        if !self.calls.in_flight && self.calls.next_at <= now {
+            // Once the event's own deadline has passed while every call failed (the homeserver
+            // could not be reached), the homeserver has fired it by itself. A late call that is
+            // not after failures is still made: the homeserver's answer tells whether the event
+            // is still there.
+            if self.calls.failures > 0 && now > self.deadline {
+                self.finish(Outcome::Expired, out);
+                return;
+            }
+            self.calls.in_flight = true;
+            self.calls.issued_at = now;
+            self.calls.count += 1;
+            let call = self.calls.count;
+            out.push(match self.phase {
+                Phase::Sending { .. } => Action::Send { call },
+                _ => Action::Restart { call },
+            });
+        }
+    }
+
+    /// Applies one event at `now`, appending the resulting actions to `out`.
+    pub fn handle(&mut self, event: Event, now: Millis, out: &mut Vec<Action>) {
+        match event {
+            Event::Joined(session) => self.on_joined(session, now, out),
+            Event::Left { session, reason } => self.on_left(session, reason, now, out),
+            Event::RoomFinished { room_sid } => self.on_room_finished(&room_sid, now, out),
+            Event::Observed { at, present } => self.on_observed(at, present, now, out),
+            Event::ObservationFailed => self.on_observation_failed(now),
+            Event::Restarted { call, answer } => {
+                if self.answers_current_call(call) {
+                    self.on_restarted(answer, now, out)
+                }
+            }
+            Event::SendAnswered { call, answer } => {
+                if self.answers_current_call(call) {
+                    self.on_send_answered(answer, now, out)
+                }
+            }
+        }
+        // A step may have made something due right now (e.g. a send).
+        self.handle_timeout(now, out);
+    }
+
+    fn on_joined(&mut self, session: Session, now: Millis, out: &mut Vec<Action>) {
+        if self.dead_sids.contains(&session.sid) {
+            return; // a stale or duplicated join of a session that already left
+        }
+        match &self.phase {
+            Phase::Waiting { .. } | Phase::Grace { .. } => self.bind(session, now, out),
+            Phase::Connected { binding, .. } => {
+                // Another session of the member's identities: the newest one is the member.
+                if binding.sid != session.sid && session.joined_at >= binding.joined_at {
+                    self.bind(session, now, out);
+                }
+            }
+            Phase::Sending { .. } => {
+                // The member is connected again before the leave went out: it must not go out.
+                // (If the send is in flight it cannot be recalled; its answer ends the job.)
+                if !self.calls.in_flight {
+                    self.bind(session, now, out);
+                }
+            }
+            Phase::Done(_) => {}
+        }
+    }
+
+    fn on_left(&mut self, session: Session, reason: LeaveReason, now: Millis, out: &mut Vec<Action>) {
+        // A session that may return (a migration keeps its SID) is not dead yet.
+        if reason == LeaveReason::Final && !self.dead_sids.contains(&session.sid) {
+            if self.dead_sids.len() == DEAD_SIDS_KEPT {
+                self.dead_sids.remove(0);
+            }
+            self.dead_sids.push(session.sid.clone());
+        }
+        let binding = match &self.phase {
+            Phase::Connected { binding, .. } => binding,
+            Phase::Grace { binding, .. } if reason == LeaveReason::Final => binding,
+            // Not bound, or already leaving: a departure of another session says nothing.
+            _ => return,
+        };
+        if binding.sid != session.sid {
+            return; // an old session, or a duplicate identity: the bound one is still there
+        }
+        match reason {
+            LeaveReason::Final => self.start_sending(Trigger::Departed, now, out),
+            LeaveReason::MayReturn => {
+                let until = now + self.timing.grace;
+                self.phase = Phase::Grace { binding: binding.clone(), since: now, until };
+                self.probe_at = Some(until);
+                out.push(Action::Persist);
+            }
+        }
+    }
+
+    fn on_room_finished(&mut self, room_sid: &str, now: Millis, out: &mut Vec<Action>) {
+        let Some(binding) = self.binding() else {
+            return; // a member that never connected may still be connecting to a new instance
+        };
+        // A room_finished of an older instance of the room says nothing about the current one.
+        if !binding.room_sid.is_empty() && !room_sid.is_empty() && binding.room_sid != room_sid {
+            return;
+        }
+        self.start_sending(Trigger::RoomFinished, now, out);
+    }
+
+    fn on_observed(&mut self, at: Millis, present: Option<Session>, now: Millis, out: &mut Vec<Action>) {
+        let asked = std::mem::take(&mut self.probe_in_flight);
+        if let Some(session) = present {
+            if self.dead_sids.contains(&session.sid) {
+                // Listed, but we saw this session leave: LiveKit lists a departing session for a
+                // moment. Treat as absent below.
+                return self.on_absent(at, asked, now, out);
+            }
+            match &mut self.phase {
+                Phase::Waiting { .. } => self.bind(session, now, out),
+                // Only a listing started after the departure shows the member came back.
+                Phase::Grace { since, .. } if at >= *since => self.bind(session, now, out),
+                Phase::Grace { .. } => self.on_absent(at, asked, now, out),
+                Phase::Connected { binding, absences, .. } => {
+                    *absences = 0;
+                    if binding.sid != session.sid && session.joined_at >= binding.joined_at {
+                        // Reconnected as a new session whose join we did not hear about.
+                        self.bind(session, now, out);
+                    }
+                }
+                Phase::Sending { .. } => {
+                    if !self.calls.in_flight && at >= self.sending_since() {
+                        self.bind(session, now, out);
+                    }
+                }
+                Phase::Done(_) => {}
+            }
+        } else {
+            self.on_absent(at, asked, now, out);
+        }
+    }
+
+    fn on_absent(&mut self, at: Millis, asked: bool, now: Millis, out: &mut Vec<Action>) {
+        match &mut self.phase {
+            Phase::Waiting { join_deadline } => {
+                if at >= *join_deadline {
+                    self.start_sending(Trigger::NeverJoined, now, out);
+                } else if asked {
+                    // Too early to prove anything: ask again at the deadline (or now, if our
+                    // answer came from a listing started before it).
+                    self.probe_at = Some(now.max(*join_deadline));
+                }
+            }
+            Phase::Connected { bound_at, absences, .. } => {
+                // A listing started before we bound the session may predate its join.
+                if at > *bound_at {
+                    *absences += 1;
+                    if *absences >= self.timing.absences_to_leave {
+                        self.start_sending(Trigger::Reconciled, now, out);
+                    }
+                }
+            }
+            Phase::Grace { until, .. } => {
+                if at >= *until {
+                    self.start_sending(Trigger::GraceExpired, now, out);
+                } else if asked && now >= *until {
+                    self.probe_at = Some(now);
+                }
+            }
+            Phase::Sending { .. } | Phase::Done(_) => {}
+        }
+    }
+
+    fn on_observation_failed(&mut self, now: Millis) {
+        let asked = std::mem::take(&mut self.probe_in_flight);
+        if !asked || self.probe_at.is_some() {
+            return;
+        }
+        // Only a job that needs an answer asks again; periodic reconciliation covers the rest.
+        let retry = now + self.timing.probe_retry;
+        self.probe_at = match self.phase {
+            Phase::Waiting { join_deadline } => Some(retry.max(join_deadline)),
+            Phase::Grace { until, .. } => Some(retry.max(until)),
+            _ => None,
+        };
+    }
+
+    fn answers_current_call(&self, call: u64) -> bool {
+        self.calls.in_flight && call == self.calls.count && !matches!(self.phase, Phase::Done(_))
+    }
+
+    fn on_restarted(&mut self, answer: HsAnswer, now: Millis, out: &mut Vec<Action>) {
+        if matches!(self.phase, Phase::Sending { .. }) {
+            return; // cannot happen: starting to send abandons the restart call
+        }
+        self.calls.in_flight = false;
+        match answer {
+            HsAnswer::Ok => {
+                let issued = self.calls.issued_at;
+                self.deadline = issued + self.delay;
+                self.calls.failures = 0;
+                let interval = (self.delay as f64
+                    * (self.timing.restart_fraction - self.timing.restart_jitter * self.jitter()))
+                    .max(1.0) as Millis;
+                self.calls.next_at = issued + interval;
+            }
+            HsAnswer::Gone => self.finish(Outcome::Gone, out),
+            HsAnswer::RetryAfter(wait) => self.retry_at(now + wait),
+            HsAnswer::Failed => self.back_off(now),
+        }
+    }
+
+    fn on_send_answered(&mut self, answer: HsAnswer, now: Millis, out: &mut Vec<Action>) {
+        let Phase::Sending { trigger, since } = self.phase else {
+            // The member came back while our send was in flight; if it went out the event is
+            // spent and nothing is left to keep alive.
+            self.calls.in_flight = false;
+            match answer {
+                HsAnswer::Ok | HsAnswer::Gone => self.finish(Outcome::Gone, out),
+                // It did not go out: resume restarting at once.
+                HsAnswer::RetryAfter(_) | HsAnswer::Failed => self.calls.next_at = now,
+            }
+            return;
+        };
+        self.calls.in_flight = false;
+        match answer {
+            HsAnswer::Ok | HsAnswer::Gone => {
+                self.finish(Outcome::Sent { trigger, latency: now.saturating_sub(since) }, out)
+            }
+            HsAnswer::RetryAfter(wait) => self.retry_at(now + wait),
+            HsAnswer::Failed => self.back_off(now),
+        }
+    }
+
+    fn bind(&mut self, session: Session, now: Millis, out: &mut Vec<Action>) {
+        let binding = Binding {
+            identity: session.identity,
+            sid: session.sid,
+            joined_at: session.joined_at,
+            room_sid: session.room_sid,
+        };
+        if matches!(self.phase, Phase::Sending { .. }) {
+            // Back to keeping the event alive, right away.
+            self.calls = Calls { count: self.calls.count, ..Calls::due_now(now) };
+        }
+        self.phase = Phase::Connected { binding, bound_at: now, absences: 0 };
+        self.probe_at = None;
+        out.push(Action::Persist);
+    }
+
+    fn start_sending(&mut self, trigger: Trigger, now: Millis, out: &mut Vec<Action>) {
+        self.phase = Phase::Sending { trigger, since: now };
+        self.probe_at = None;
+        // Send now even if a restart is in flight: its answer is ignored from here on.
+        self.calls.in_flight = false;
+        self.calls.failures = 0;
+        self.calls.next_at = now;
+        out.push(Action::Persist);
+    }
+
+    fn sending_since(&self) -> Millis {
+        match self.phase {
+            Phase::Sending { since, .. } => since,
+            _ => 0,
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
+        self.phase = Phase::Done(outcome);
+        self.probe_at = None;
+        out.push(Action::Finish(outcome));
+    }
+
+    fn retry_at(&mut self, at: Millis) {
+        self.calls.failures += 1;
+        self.calls.next_at = at;
+    }
+
+    /// Jittered exponential backoff, never planned past the event's deadline: one last attempt
+    /// just before it is worth more than one after it.
+    fn back_off(&mut self, now: Millis) {
+        let exp = 1.5f64.powi(self.calls.failures.min(30) as i32);
+        let base = (self.timing.backoff_initial as f64 * exp).min(self.timing.backoff_max as f64);
+        let wait = (base * (0.5 + self.jitter())) as Millis;
+        self.calls.failures += 1;
+        let mut at = now + wait.max(1);
+        let last_chance = self.deadline.saturating_sub(self.delay / 10);
+        if at > last_chance && now < last_chance {
+            at = last_chance;
+        } else if at > self.deadline {
+            // Nothing can be done after the deadline but noticing it has passed.
+            at = at.min(self.deadline + 1);
+        }
+        self.calls.next_at = at;
+    }
+
+    /// A deterministic pseudo-random number in [0, 1) for this job and call (splitmix64).
+    fn jitter(&self) -> f64 {
+        let mut z = self.seed ^ self.calls.count.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,586 @@
+//! Scenario tests and property tests of the lifecycle.
+
+use super::*;
+use proptest::prelude::*;
+
+const DELAY: Millis = 10_000;
+
+fn session(sid: &str, joined_at: i64) -> Session {
+    Session { identity: "id".into(), sid: sid.into(), joined_at, room_sid: "RM_1".into() }
+}
+
+/// A job plus the calls it has issued and not yet had answered.
+struct Harness {
+    job: Job,
+    now: Millis,
+    log: Vec<Action>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let (job, actions) = Job::new(DELAY, 7, Timing::default(), 0);
+        Harness { job, now: 0, log: actions }
+    }
+    fn ev(&mut self, e: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.job.handle(e, self.now, &mut out);
+        self.log.extend(out.iter().copied());
+        out
+    }
+    fn advance_to(&mut self, t: Millis) -> Vec<Action> {
+        let mut all = Vec::new();
+        while let Some(due) = self.job.poll_timeout().filter(|d| *d <= t) {
+            self.now = self.now.max(due);
+            let mut out = Vec::new();
+            self.job.handle_timeout(self.now, &mut out);
+            all.extend(out);
+        }
+        self.now = t;
+        self.log.extend(all.iter().copied());
+        all
+    }
+    fn last_call(&self) -> u64 {
+        self.log
+            .iter()
+            .rev()
+            .find_map(|a| match a {
+                Action::Restart { call } | Action::Send { call } => Some(*call),
+                _ => None,
+            })
+            .expect("a call was issued")
+    }
+    fn answer_restart(&mut self, answer: HsAnswer) -> Vec<Action> {
+        let call = self.last_call();
+        self.ev(Event::Restarted { call, answer })
+    }
+    fn answer_send(&mut self, answer: HsAnswer) -> Vec<Action> {
+        let call = self.last_call();
+        self.ev(Event::SendAnswered { call, answer })
+    }
+    fn sends(&self) -> usize {
+        self.log.iter().filter(|a| matches!(a, Action::Send { .. })).count()
+    }
+}
+
+#[test]
+fn a_new_delegation_restarts_at_once_and_asks_livekit() {
+    let h = Harness::new();
+    assert!(h.log.contains(&Action::Restart { call: 1 }));
+    assert!(h.log.contains(&Action::Probe));
+    assert!(h.log.contains(&Action::Persist));
+}
+
+#[test]
+fn a_connected_member_is_kept_alive_with_headroom() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    for _ in 0..10 {
+        let next = h.job.next_call().unwrap();
+        // Restarted between 70 % and 80 % of the delay after the previous one was issued.
+        assert!(next + DELAY / 5 <= h.job.deadline(), "headroom kept");
+        let out = h.advance_to(next);
+        assert!(matches!(out.as_slice(), [Action::Restart { .. }]), "{out:?}");
+        h.answer_restart(HsAnswer::Ok);
+    }
+    assert_eq!(h.sends(), 0);
+}
+
+#[test]
+fn departure_of_the_bound_session_sends_at_once() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.now = 3_000;
+    let out = h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
+    assert!(out.contains(&Action::Send { call: 2 }), "{out:?}");
+    h.now = 3_050;
+    let out = h.answer_send(HsAnswer::Ok);
+    assert_eq!(
+        out,
+        vec![Action::Finish(Outcome::Sent { trigger: Trigger::Departed, latency: 50 })]
+    );
+}
+
+#[test]
+fn departure_of_another_session_never_sends() {
+    let mut h = Harness::new();
+    h.ev(Event::Joined(session("PA_new", 5)));
+    h.ev(Event::Left { session: session("PA_old", 1), reason: LeaveReason::Final });
+    // A stale join of the old session after its departure does not rebind either.
+    h.ev(Event::Joined(session("PA_old", 1)));
+    assert_eq!(h.job.binding().unwrap().sid, "PA_new");
+    assert_eq!(h.sends(), 0);
+}
+
+#[test]
+fn a_reordered_join_after_the_leave_is_ignored() {
+    let mut h = Harness::new();
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
+    h.ev(Event::Joined(session("PA_a", 1)));
+    assert_eq!(h.job.kind(), PhaseKind::Waiting);
+}
+
+#[test]
+fn migration_waits_for_the_member_to_reappear() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.now = 1_000;
+    let out = h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    assert_eq!(out, vec![Action::Persist]);
+    assert_eq!(h.job.kind(), PhaseKind::Grace);
+    // At the end of the grace period LiveKit is asked; it still lists the session (same SID).
+    h.ev(Event::Observed { at: 0, present: None }); // the probe issued at delegation
+    let out = h.advance_to(1_000 + Timing::default().grace);
+    assert!(out.contains(&Action::Probe));
+    h.ev(Event::Observed { at: h.now, present: Some(session("PA_a", 1)) });
+    assert_eq!(h.job.kind(), PhaseKind::Connected);
+    assert_eq!(h.sends(), 0);
+}
+
+#[test]
+fn migration_without_return_sends_after_confirmation() {
+    let mut h = Harness::new();
+    h.ev(Event::Observed { at: 0, present: None });
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    h.advance_to(Timing::default().grace);
+    assert_eq!(h.sends(), 0);
+    let out = h.ev(Event::Observed { at: h.now, present: None });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+}
+
+#[test]
+fn never_joined_member_is_sent_only_after_livekit_confirms() {
+    let mut h = Harness::new();
+    h.ev(Event::Observed { at: 0, present: None }); // the probe issued at delegation
+    let join_timeout = Timing::default().join_timeout;
+    h.answer_restart(HsAnswer::Ok);
+    let out = h.advance_to(join_timeout);
+    assert!(out.contains(&Action::Probe));
+    assert_eq!(h.sends(), 0);
+    // LiveKit cannot be asked: keep alive and ask again.
+    h.ev(Event::ObservationFailed);
+    h.advance_to(join_timeout + 2 * DELAY);
+    assert_eq!(h.sends(), 0);
+    assert!(h.log.iter().filter(|a| **a == Action::Probe).count() >= 3);
+    let at = h.now;
+    let out = h.ev(Event::Observed { at, present: None });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+}
+
+#[test]
+fn a_listing_started_before_the_join_deadline_does_not_prove_absence() {
+    let mut h = Harness::new();
+    h.ev(Event::Observed { at: 0, present: None });
+    let join_timeout = Timing::default().join_timeout;
+    h.now = join_timeout + 100;
+    h.advance_to(join_timeout + 100);
+    let out = h.ev(Event::Observed { at: join_timeout - 1, present: None });
+    assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })));
+    assert!(out.contains(&Action::Probe), "asks again: {out:?}");
+}
+
+#[test]
+fn lost_departure_is_caught_by_two_listings() {
+    let mut h = Harness::new();
+    h.now = 60;
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.now = 100;
+    h.ev(Event::Observed { at: 50, present: None }); // started before the bind: ignored
+    h.ev(Event::Observed { at: 100, present: None });
+    assert_eq!(h.sends(), 0);
+    h.ev(Event::Observed { at: 200, present: Some(session("PA_a", 1)) }); // resets
+    h.ev(Event::Observed { at: 300, present: None });
+    assert_eq!(h.sends(), 0);
+    let out = h.ev(Event::Observed { at: 400, present: None });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+}
+
+#[test]
+fn restart_gone_stops_without_sending() {
+    let mut h = Harness::new();
+    let out = h.answer_restart(HsAnswer::Gone);
+    assert_eq!(out, vec![Action::Finish(Outcome::Gone)]);
+    h.advance_to(10 * DELAY);
+    assert_eq!(h.sends(), 0);
+}
+
+#[test]
+fn rate_limit_is_honoured() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::RetryAfter(2_500));
+    assert_eq!(h.job.next_call(), Some(2_500));
+    assert!(h.advance_to(2_499).iter().all(|a| !matches!(a, Action::Restart { .. })));
+    assert!(h.advance_to(2_500).contains(&Action::Restart { call: 2 }));
+}
+
+#[test]
+fn failures_back_off_until_the_deadline_then_expire() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    let mut restarts = 0;
+    while h.job.kind() != PhaseKind::Done && h.now < 10 * DELAY {
+        let next = h.job.poll_timeout().unwrap();
+        let out = h.advance_to(next);
+        if out.iter().any(|a| matches!(a, Action::Restart { .. })) {
+            restarts += 1;
+            h.answer_restart(HsAnswer::Failed);
+        }
+    }
+    assert!(restarts >= 3, "retried {restarts} times");
+    assert!(h.log.contains(&Action::Finish(Outcome::Expired)));
+    assert!(h.now <= DELAY + 1_000, "expired at {}", h.now);
+}
+
+#[test]
+fn a_late_answer_to_an_older_call_is_ignored() {
+    let mut h = Harness::new();
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
+    // The restart (call 1) was abandoned for the send (call 2); its answer must not count.
+    let out = h.ev(Event::Restarted { call: 1, answer: HsAnswer::Gone });
+    assert!(out.is_empty());
+    assert_eq!(h.job.kind(), PhaseKind::Sending);
+}
+
+#[test]
+fn room_finished_sends_for_bound_members_of_that_instance_only() {
+    let mut h = Harness::new();
+    h.ev(Event::RoomFinished { room_sid: "RM_1".into() });
+    assert_eq!(h.job.kind(), PhaseKind::Waiting, "not bound: may still connect");
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::RoomFinished { room_sid: "RM_old".into() });
+    assert_eq!(h.job.kind(), PhaseKind::Connected);
+    let out = h.ev(Event::RoomFinished { room_sid: "RM_1".into() });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+}
+
+#[test]
+fn superseded_job_never_sends() {
+    let mut h = Harness::new();
+    h.ev(Event::Joined(session("PA_a", 1)));
+    assert_eq!(h.job.supersede(), vec![Action::Finish(Outcome::Superseded)]);
+    let out = h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
+    assert!(out.is_empty());
+    assert_eq!(h.job.poll_timeout(), None);
+}
+
+#[test]
+fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
+    let binding = Binding { identity: "id".into(), sid: "PA_a".into(), joined_at: 1, room_sid: String::new() };
+    let (mut job, actions) =
+        Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding }, 1_000);
+    assert!(actions.contains(&Action::Restart { call: 1 }));
+    assert!(actions.contains(&Action::Probe));
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: 1_000, present: None }, 1_010, &mut out);
+    assert_eq!(job.kind(), PhaseKind::Connected, "a listing from the resume instant is not proof");
+    let (_, actions) =
+        Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed }, 0);
+    assert!(actions.contains(&Action::Send { call: 1 }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property tests: a simulated member, LiveKit (lossy, duplicating, reordering webhooks; listings
+// that see the truth at the instant they start) and a homeserver that answers late or fails.
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// The member connects a new session (if it has none).
+    Connect,
+    /// The member's session is replaced by a new one of the same identity (DUPLICATE_IDENTITY).
+    Replace,
+    /// The connected session ends for good.
+    Disconnect,
+    /// The connected session migrates: LiveKit reports it left (MIGRATION) but it stays listed.
+    Migrate,
+    /// A pending webhook is delivered (index into the queue, modulo its length).
+    Deliver(usize),
+    /// A pending webhook is delivered and stays queued (duplicate).
+    Duplicate(usize),
+    /// A pending webhook is lost.
+    Lose(usize),
+    /// A RoomService listing starts now.
+    StartListing,
+    /// A started listing returns (or fails).
+    FinishListing(usize, bool),
+    /// The homeserver answers the outstanding call.
+    Answer(u8),
+    /// Time passes.
+    Advance(u16),
+    /// The room finishes (only if the member has no connected session).
+    RoomFinished,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => Just(Op::Connect),
+        1 => Just(Op::Replace),
+        2 => Just(Op::Disconnect),
+        1 => Just(Op::Migrate),
+        4 => any::<usize>().prop_map(Op::Deliver),
+        1 => any::<usize>().prop_map(Op::Duplicate),
+        1 => any::<usize>().prop_map(Op::Lose),
+        2 => Just(Op::StartListing),
+        2 => (any::<usize>(), any::<bool>()).prop_map(|(i, ok)| Op::FinishListing(i, ok)),
+        4 => any::<u8>().prop_map(Op::Answer),
+        4 => (0u16..20_000).prop_map(Op::Advance),
+        1 => Just(Op::RoomFinished),
+    ]
+}
+
+struct Sim {
+    job: Job,
+    now: Millis,
+    /// The connected session, if any (LiveKit's truth).
+    connected: Option<Session>,
+    next_sid: u32,
+    webhooks: Vec<Event>,
+    listings: Vec<(Millis, Option<Session>)>,
+    /// The call awaiting an answer, and whether it is a send.
+    outstanding: Option<(u64, bool)>,
+    sent: bool,
+    finished: bool,
+    /// The LiveKit room instance sessions connect to; a finished room starts a new one.
+    room_instance: u32,
+    /// The SID the job was last bound to.
+    last_bound: Option<String>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        let (job, actions) = Job::new(DELAY, 42, Timing::default(), 0);
+        let mut sim = Sim {
+            job,
+            now: 0,
+            connected: None,
+            next_sid: 0,
+            webhooks: Vec::new(),
+            listings: Vec::new(),
+            outstanding: None,
+            sent: false,
+            finished: false,
+            last_bound: None,
+            room_instance: 1,
+        };
+        sim.apply(actions);
+        sim
+    }
+
+    fn new_session(&mut self) -> Session {
+        self.next_sid += 1;
+        Session {
+            identity: "id".into(),
+            sid: format!("PA_{}", self.next_sid),
+            joined_at: self.next_sid as i64,
+            room_sid: format!("RM_{}", self.room_instance),
+        }
+    }
+
+    /// Records the job's actions and checks the safety invariant on every send.
+    fn apply(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send { call } => {
+                    if let Some(c) = &self.connected {
+                        // The sacred rule: never send while the session the job is bound to (or,
+                        // if it is Sending, was bound to) is connected.
+                        assert!(
+                            self.last_bound.as_deref() != Some(c.sid.as_str()),
+                            "sent a leave for connected session {}",
+                            c.sid
+                        );
+                    }
+                    self.outstanding = Some((call, true));
+                }
+                Action::Restart { call } => self.outstanding = Some((call, false)),
+                // Expiry means the homeserver's own timer sent the leave (after it failed us).
+                Action::Finish(Outcome::Sent { .. } | Outcome::Expired) => {
+                    self.sent = true;
+                    self.finished = true
+                }
+                Action::Finish(_) => self.finished = true,
+                Action::Probe => self.listings.push((self.now, self.connected.clone())),
+                Action::Persist => {}
+            }
+        }
+        if let Some(b) = self.job.binding() {
+            self.last_bound = Some(b.sid.clone());
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        let mut out = Vec::new();
+        self.job.handle(e, self.now, &mut out);
+        self.apply(out);
+    }
+
+    fn advance(&mut self, to: Millis) {
+        while let Some(due) = self.job.poll_timeout().filter(|d| *d <= to) {
+            self.now = self.now.max(due);
+            let mut out = Vec::new();
+            self.job.handle_timeout(self.now, &mut out);
+            self.apply(out);
+        }
+        self.now = to;
+    }
+
+    fn step(&mut self, op: Op) {
+        match op {
+            Op::Connect if self.connected.is_none() => {
+                let s = self.new_session();
+                self.connected = Some(s.clone());
+                self.webhooks.push(Event::Joined(s));
+            }
+            Op::Replace => {
+                if let Some(old) = self.connected.take() {
+                    let s = self.new_session();
+                    self.connected = Some(s.clone());
+                    self.webhooks.push(Event::Joined(s));
+                    self.webhooks.push(Event::Left { session: old, reason: LeaveReason::MayReturn });
+                }
+            }
+            Op::Disconnect => {
+                if let Some(old) = self.connected.take() {
+                    self.webhooks.push(Event::Left { session: old, reason: LeaveReason::Final });
+                }
+            }
+            Op::Migrate => {
+                if let Some(s) = self.connected.clone() {
+                    self.webhooks.push(Event::Left { session: s, reason: LeaveReason::MayReturn });
+                }
+            }
+            Op::Deliver(i) if !self.webhooks.is_empty() => {
+                let e = self.webhooks.remove(i % self.webhooks.len());
+                self.event(e);
+            }
+            Op::Duplicate(i) if !self.webhooks.is_empty() => {
+                let e = self.webhooks[i % self.webhooks.len()].clone();
+                self.event(e);
+            }
+            Op::Lose(i) if !self.webhooks.is_empty() => {
+                self.webhooks.remove(i % self.webhooks.len());
+            }
+            Op::StartListing => self.listings.push((self.now, self.connected.clone())),
+            Op::FinishListing(i, ok) if !self.listings.is_empty() => {
+                let (at, present) = self.listings.remove(i % self.listings.len());
+                self.event(if ok { Event::Observed { at, present } } else { Event::ObservationFailed });
+            }
+            Op::Answer(kind) => {
+                if let Some((call, is_send)) = self.outstanding.take() {
+                    let answer = match kind % 8 {
+                        0 => HsAnswer::Failed,
+                        1 => HsAnswer::RetryAfter(kind as Millis * 10),
+                        _ => HsAnswer::Ok,
+                    };
+                    self.event(if is_send {
+                        Event::SendAnswered { call, answer }
+                    } else {
+                        Event::Restarted { call, answer }
+                    });
+                }
+            }
+            Op::Advance(ms) => {
+                // The homeserver answers promptly when time passes, so the event stays alive.
+                if let Some((call, false)) = self.outstanding {
+                    self.outstanding = None;
+                    self.event(Event::Restarted { call, answer: HsAnswer::Ok });
+                }
+                let to = self.now + ms as Millis;
+                self.advance(to);
+            }
+            Op::RoomFinished if self.connected.is_none() => {
+                let room_sid = format!("RM_{}", self.room_instance);
+                self.room_instance += 1;
+                self.webhooks.push(Event::RoomFinished { room_sid })
+            }
+            _ => {}
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+    /// Whatever LiveKit and the homeserver do, no leave goes out while the bound session is
+    /// connected (checked on every send by `Sim::apply`), and a member who is really gone gets
+    /// its leave sent within a bounded time once LiveKit and the homeserver answer.
+    #[test]
+    fn never_removes_a_connected_member_and_always_removes_a_gone_one(
+        ops in proptest::collection::vec(op(), 0..120),
+        tail_reachable in any::<bool>(),
+    ) {
+        let mut sim = Sim::new();
+        for op in ops {
+            sim.step(op);
+            if sim.finished { break; }
+        }
+        if sim.finished { return Ok(()); }
+
+        // The member goes away for good; some webhooks are never delivered.
+        if let Some(s) = sim.connected.take() {
+            if tail_reachable {
+                sim.webhooks.push(Event::Left { session: s, reason: LeaveReason::Final });
+            }
+        }
+        let gone_at = sim.now;
+        let pending: Vec<Event> = std::mem::take(&mut sim.webhooks);
+        for e in pending { sim.event(e); }
+        // Outstanding listings return now (they saw an older truth, started earlier).
+        let listings = std::mem::take(&mut sim.listings);
+        for (at, present) in listings { sim.event(Event::Observed { at, present }); }
+
+        // From here LiveKit answers listings every 30 s (and probes at once), the homeserver
+        // answers every call with 200.
+        let timing = Timing::default();
+        let bound = gone_at + timing.join_timeout.max(timing.grace) + 4 * 30_000;
+        let mut next_reconcile = sim.now + 30_000;
+        while !sim.finished && sim.now <= bound + DELAY {
+            if let Some((call, is_send)) = sim.outstanding.take() {
+                sim.event(if is_send {
+                    Event::SendAnswered { call, answer: HsAnswer::Ok }
+                } else {
+                    Event::Restarted { call, answer: HsAnswer::Ok }
+                });
+                continue;
+            }
+            if let Some((at, present)) = sim.listings.pop() {
+                sim.event(Event::Observed { at, present });
+                continue;
+            }
+            let due = sim.job.poll_timeout().unwrap_or(Millis::MAX).min(next_reconcile);
+            sim.advance(due);
+            if sim.now >= next_reconcile {
+                sim.listings.push((sim.now, None));
+                next_reconcile += 30_000;
+            }
+        }
+        prop_assert!(sim.sent, "gone member not sent within {} ms (phase {:?})", bound - gone_at, sim.job.kind());
+        prop_assert!(sim.now <= bound, "sent only at {} > {}", sim.now, bound);
+    }
+
+    /// Once superseded, nothing a job is told makes it send or restart again.
+    #[test]
+    fn a_superseded_job_stays_silent(ops in proptest::collection::vec(op(), 0..60), at in 0usize..60) {
+        let mut sim = Sim::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            if i == at {
+                let out = sim.job.supersede();
+                sim.apply(out);
+                sim.outstanding = None;
+                sim.webhooks.push(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+            }
+            let before = sim.sent;
+            let calls_before = sim.outstanding;
+            sim.step(op);
+            if i >= at {
+                prop_assert_eq!(sim.sent, before);
+                prop_assert!(sim.outstanding.is_none() || sim.outstanding == calls_before);
+                prop_assert_eq!(sim.job.poll_timeout(), None);
+            }
+        }
+    }
+}
