@@ -3,3 +3,8 @@
 
 pub mod identity;
 pub mod lifecycle;
+pub mod delegation;
+pub mod scheduler;
+pub mod store;
+pub mod livekit;
+pub mod homeserver;

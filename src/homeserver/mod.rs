@@ -1,0 +1,53 @@
+//! Everything about the members' homeservers: where to reach them ([`discovery`], with the SSRF
+//! guard), checking a member's OpenID token ([`openid`]), and restarting / sending delayed events
+//! ([`delayed_events`]).
+//!
+//! Requests go to addresses the operator configured (overrides: trusted) or that we discovered
+//! from a server name (well-known: guarded, so that a client naming a server cannot make us call
+//! into loopback, private or link-local networks unless the operator allows it).
+
+pub mod delayed_events;
+pub mod discovery;
+pub mod openid;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use discovery::Discovery;
+
+/// `server=url,server=url` as in `LIVEKIT_CS_API_URL_OVERRIDES`.
+pub type Overrides = HashMap<String, url::Url>;
+
+/// The HTTP clients used towards homeservers.
+#[derive(Clone)]
+pub struct Clients {
+    /// For operator-configured URLs.
+    pub trusted: reqwest::Client,
+    /// For discovered URLs: resolves names through the SSRF guard.
+    pub guarded: reqwest::Client,
+}
+
+impl Clients {
+    pub fn new(timeout: Duration, skip_tls_verify: bool, allow_private: bool) -> Result<Self, String> {
+        install_crypto_provider();
+        let build = |guard: bool| {
+            let mut b = reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(5)))
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("rtc-leave-bridge/", env!("CARGO_PKG_VERSION")))
+                .tls_danger_accept_invalid_certs(skip_tls_verify);
+            if guard && !allow_private {
+                b = b.dns_resolver(Arc::new(discovery::GuardedResolver));
+            }
+            b.build().map_err(|e| e.to_string())
+        };
+        Ok(Clients { trusted: build(false)?, guarded: build(true)? })
+    }
+}
+
+/// reqwest is built without a default rustls crypto provider; install ring once per process.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

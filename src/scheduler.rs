@@ -1,0 +1,93 @@
+//! The one ordered set of deadlines every job shares.
+//!
+//! Each job has at most one entry: the earliest time its state machine wants
+//! [`crate::lifecycle::Job::handle_timeout`]. The engine's single task sleeps until
+//! [`Scheduler::next_deadline`] and then drains [`Scheduler::pop_due`]; there is no timer or task
+//! per member, so 100k members cost one `BTreeSet` entry each.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
+
+use crate::lifecycle::Millis;
+
+#[derive(Debug)]
+pub struct Scheduler<K> {
+    queue: BTreeSet<(Millis, K)>,
+    current: HashMap<K, Millis>,
+}
+
+impl<K: Ord + Hash + Copy> Default for Scheduler<K> {
+    fn default() -> Self {
+        Scheduler { queue: BTreeSet::new(), current: HashMap::new() }
+    }
+}
+
+impl<K: Ord + Hash + Copy> Scheduler<K> {
+    /// Sets (or clears, with `None`) the deadline of `key`, replacing any earlier one.
+    pub fn set(&mut self, key: K, at: Option<Millis>) {
+        match at {
+            Some(at) => {
+                if let Some(old) = self.current.insert(key, at) {
+                    if old == at {
+                        return;
+                    }
+                    self.queue.remove(&(old, key));
+                }
+                self.queue.insert((at, key));
+            }
+            None => {
+                if let Some(old) = self.current.remove(&key) {
+                    self.queue.remove(&(old, key));
+                }
+            }
+        }
+    }
+
+    /// The earliest deadline, if any.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.queue.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns every key whose deadline is at or before `now`, earliest first.
+    pub fn pop_due(&mut self, now: Millis) -> Vec<K> {
+        let mut due = Vec::new();
+        while let Some(&(at, key)) = self.queue.first() {
+            if at > now {
+                break;
+            }
+            self.queue.pop_first();
+            self.current.remove(&key);
+            due.push(key);
+        }
+        due
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_one_deadline_per_key_in_order() {
+        let mut s = Scheduler::default();
+        s.set(1u64, Some(30));
+        s.set(2, Some(10));
+        s.set(1, Some(5)); // replaces 30
+        s.set(3, Some(20));
+        s.set(3, None);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.next_deadline(), Some(5));
+        assert_eq!(s.pop_due(9), vec![1]);
+        assert_eq!(s.pop_due(9), Vec::<u64>::new());
+        assert_eq!(s.pop_due(100), vec![2]);
+        assert!(s.is_empty());
+    }
+}

@@ -1,0 +1,43 @@
+//! Durable job state behind one trait, so that the engine does not care where it lives.
+//!
+//! The engine writes a job when it is created (the delegation and its phase), whenever its durable
+//! phase changes, and deletes it when the job ends. On start it loads every job and resumes it.
+//! A commit is atomic: a delegation that supersedes another is stored in the same transaction that
+//! deletes the old one, so a crash can never resurrect a superseded delay id.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::delegation::{Delegation, JobId};
+use crate::lifecycle::Durable;
+
+/// One stored job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub delegation: Delegation,
+    pub state: Durable,
+}
+
+/// One change, applied atomically with the others of the same commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreOp {
+    Insert(JobRecord),
+    SetState(JobId, Durable),
+    Delete(JobId),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Every stored job.
+    async fn load(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Applies all `ops` atomically and durably, or none of them.
+    async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError>;
+    /// Whether the store can be used right now.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
