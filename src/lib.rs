@@ -8,3 +8,6 @@ pub mod scheduler;
 pub mod store;
 pub mod livekit;
 pub mod homeserver;
+pub mod metrics;
+pub mod api;
+pub mod engine;

@@ -1,0 +1,175 @@
+//! `POST /delegate_delayed_leave` (OpenID mode, wire-compatible with lk-jwt-service).
+//!
+//! The member proves who it is with an OpenID token, which its own homeserver vouches for
+//! (federation `openid/userinfo`); the homeserver must be allowed to delegate; the client-server
+//! URL we will call is resolved by us — `delay_cs_api_url` from the client is ignored. The answer
+//! `200 {}` is given only once the delegation is durably stored.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use super::{AppState, MatrixError, empty_ok};
+use crate::delegation::Delegation;
+use crate::engine::now_unix_ms;
+use crate::homeserver::discovery::DiscoveryError;
+use crate::homeserver::openid::{self, OpenIdError};
+use crate::metrics::OutcomeLabel;
+
+#[derive(Deserialize)]
+struct Request {
+    room_id: String,
+    slot_id: String,
+    openid_token: OpenIdToken,
+    member: Member,
+    delay_id: String,
+    delay_timeout: i64,
+    /// Accepted for compatibility and ignored: clients must not choose where we send requests.
+    #[serde(default)]
+    #[allow(dead_code)]
+    delay_cs_api_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OpenIdToken {
+    access_token: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    token_type: Option<String>,
+    matrix_server_name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    expires_in: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct Member {
+    id: String,
+    claimed_user_id: String,
+    claimed_device_id: String,
+}
+
+/// Identifier fields are capped well above anything real.
+const MAX_ID_LEN: usize = 255;
+
+fn invalid(msg: impl Into<String>) -> MatrixError {
+    MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", msg)
+}
+
+fn check_text(name: &str, value: &str) -> Result<(), MatrixError> {
+    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
+        return Err(invalid(format!("{name} must be 1 to {MAX_ID_LEN} printable characters")));
+    }
+    Ok(())
+}
+
+pub async fn delegate(State(state): State<AppState>, body: Bytes) -> Result<Response, MatrixError> {
+    let result = handle(&state, &body).await;
+    let outcome = match &result {
+        Ok(()) => None, // counted by the engine (accepted / replaced / repeated)
+        Err(e) if e.status == StatusCode::BAD_REQUEST => Some("invalid"),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => Some("unauthorized"),
+        Err(e) if e.status == StatusCode::FORBIDDEN => Some("forbidden"),
+        Err(_) => Some("unavailable"),
+    };
+    if let Some(outcome) = outcome {
+        state.metrics.delegations.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+    result.map(|()| empty_ok())
+}
+
+async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
+    let req: Request = serde_json::from_slice(body).map_err(|e| {
+        let kind = if serde_json::from_slice::<serde_json::Value>(body).is_ok() { "invalid request" } else { "not JSON" };
+        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{kind}: {e}"))
+    })?;
+
+    // Shape and syntax.
+    let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str())
+        .map_err(|e| invalid(format!("room_id: {e}")))?;
+    let user_id = ruma::OwnedUserId::try_from(req.member.claimed_user_id.as_str())
+        .map_err(|e| invalid(format!("member.claimed_user_id: {e}")))?;
+    check_text("slot_id", &req.slot_id)?;
+    check_text("member.id", &req.member.id)?;
+    check_text("member.claimed_device_id", &req.member.claimed_device_id)?;
+    check_text("delay_id", &req.delay_id)?;
+    if req.delay_timeout <= 0 || req.delay_timeout as u64 > state.max_delay_ms {
+        return Err(invalid(format!("delay_timeout must be between 1 and {} ms", state.max_delay_ms)));
+    }
+    let server = req.openid_token.matrix_server_name.as_str();
+    ruma::ServerName::parse(server).map_err(|e| invalid(format!("openid_token.matrix_server_name: {e}")))?;
+    if req.openid_token.access_token.is_empty() {
+        return Err(invalid("openid_token.access_token is empty"));
+    }
+
+    // Who may delegate.
+    if !state.allowed.allows(server) {
+        warn!(server, user = %user_id, "delegation refused: homeserver not allowed");
+        return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "this homeserver may not delegate here"));
+    }
+    if user_id.server_name().as_str() != server {
+        return Err(MatrixError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_UNAUTHORIZED",
+            "member.claimed_user_id does not belong to openid_token.matrix_server_name",
+        ));
+    }
+    let sub = openid::userinfo(&state.discovery, server, &req.openid_token.access_token)
+        .await
+        .map_err(|e| upstream_error(server, e))?;
+    if sub != user_id.as_str() {
+        warn!(server, claimed = %user_id, "delegation refused: OpenID token belongs to another user");
+        return Err(MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "OpenID token does not belong to the member"));
+    }
+
+    // Where its homeserver is, by our own means.
+    let cs = state
+        .discovery
+        .client_server_api(server)
+        .await
+        .map_err(|e| upstream_error(server, OpenIdError::Discovery(e)))?;
+
+    let delegation = Delegation {
+        room_id: room_id.to_string(),
+        slot_id: req.slot_id,
+        user_id: user_id.to_string(),
+        device_id: req.member.claimed_device_id,
+        member_id: req.member.id,
+        delay_id: req.delay_id,
+        delay_ms: req.delay_timeout as u64,
+        cs_api_url: cs.base.to_string(),
+        created_at_ms: now_unix_ms(),
+    };
+    let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
+    match state.engine.delegate(delegation).await {
+        Ok(job) => {
+            info!(job = %job, user = %user, room = %room, delay_id = %delay_id, "delegation stored");
+            Ok(())
+        }
+        Err(e) => {
+            warn!(user = %user, room = %room, delay_id = %delay_id, error = %e, "delegation not stored");
+            Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot store the delegation now"))
+        }
+    }
+}
+
+fn upstream_error(server: &str, e: OpenIdError) -> MatrixError {
+    match e {
+        OpenIdError::Rejected(_) => {
+            warn!(server, "delegation refused: OpenID token rejected by its homeserver");
+            MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "OpenID token rejected by the homeserver")
+        }
+        OpenIdError::Discovery(DiscoveryError::InvalidServerName(s)) => invalid(format!("invalid server name {s:?}")),
+        OpenIdError::Discovery(e @ DiscoveryError::Forbidden { .. }) => {
+            warn!(server, error = %e, "delegation refused: homeserver address not allowed");
+            MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "the homeserver's address is not allowed")
+        }
+        e => {
+            warn!(server, error = %e, "delegation failed: homeserver unreachable");
+            MatrixError::new(StatusCode::BAD_GATEWAY, "M_UNKNOWN", format!("cannot reach homeserver {server}"))
+        }
+    }
+}

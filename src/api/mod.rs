@@ -1,0 +1,105 @@
+//! The HTTP surface: LiveKit's webhook endpoint, the delegation endpoint clients call, and the
+//! operator endpoints (health, readiness, metrics). Handlers validate and authenticate, then hand
+//! over to the engine; errors are Matrix-style `{"errcode", "error"}` bodies.
+
+mod delegation;
+mod operator;
+mod webhook;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::engine::EngineHandle;
+use crate::homeserver::Discovery;
+use crate::livekit::webhook::WebhookVerifier;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Largest webhook body accepted (LiveKit's are a few KiB).
+pub const WEBHOOK_BODY_LIMIT: usize = 1 << 20;
+/// Largest delegation body accepted.
+pub const DELEGATION_BODY_LIMIT: usize = 64 << 10;
+
+/// Which homeservers' users may delegate (`LIVEKIT_FULL_ACCESS_HOMESERVERS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedHomeservers {
+    Any,
+    Only(HashSet<String>),
+}
+
+impl AllowedHomeservers {
+    pub fn allows(&self, server: &str) -> bool {
+        match self {
+            AllowedHomeservers::Any => true,
+            AllowedHomeservers::Only(set) => set.contains(server),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub verifier: WebhookVerifier,
+    pub discovery: Arc<Discovery>,
+    pub allowed: Arc<AllowedHomeservers>,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn Store>,
+    /// Largest `delay_timeout` accepted, in milliseconds.
+    pub max_delay_ms: u64,
+}
+
+pub fn router(state: AppState) -> Router {
+    // Browsers call the delegation endpoint directly, as they do lk-jwt-service's.
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([axum::http::Method::POST, axum::http::Method::OPTIONS])
+        .allow_headers(Any);
+    let delegation = Router::new()
+        .route("/delegate_delayed_leave", post(delegation::delegate))
+        .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT))
+        .layer(cors);
+    let webhook = Router::new()
+        .route("/sfu_webhook", post(webhook::receive))
+        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
+    Router::new()
+        .merge(delegation)
+        .merge(webhook)
+        .route("/healthz", get(operator::healthz))
+        .route("/readyz", get(operator::readyz))
+        .route("/metrics", get(operator::metrics))
+        .fallback(|| async { MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request") })
+        .with_state(state)
+}
+
+/// A Matrix-style error answer.
+#[derive(Debug)]
+pub struct MatrixError {
+    pub status: StatusCode,
+    pub errcode: &'static str,
+    pub error: String,
+}
+
+impl MatrixError {
+    pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
+        MatrixError { status, errcode, error: error.into() }
+    }
+}
+
+impl IntoResponse for MatrixError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "errcode": self.errcode, "error": self.error }))).into_response()
+    }
+}
+
+/// `200 {}`
+pub fn empty_ok() -> Response {
+    (StatusCode::OK, Json(serde_json::json!({}))).into_response()
+}

@@ -1,0 +1,62 @@
+//! `POST /sfu_webhook`: LiveKit's webhooks. 401 unless signed with our key; 400 for a signed body
+//! we cannot read; 413 over the size cap; 503 when the store cannot take the change (LiveKit
+//! retries 5xx); 200 once applied durably, or ignored as not ours.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use tracing::{debug, warn};
+
+use super::{AppState, MatrixError, empty_ok};
+use crate::livekit::webhook::RejectedWebhook;
+use crate::metrics::WebhookLabels;
+
+pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, MatrixError> {
+    let count = |event: &'static str, outcome: &'static str| {
+        state.metrics.webhooks.get_or_create(&WebhookLabels { event, outcome }).inc();
+    };
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let Ok(text) = std::str::from_utf8(&body) else {
+        // Cannot be hashed as LiveKit would have; verify as is so a forgery still gets 401.
+        count("unknown", "malformed");
+        return Err(MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "webhook body is not UTF-8"));
+    };
+    let event = match state.verifier.verify(text, auth) {
+        Ok(event) => event,
+        Err(RejectedWebhook::Unauthenticated(reason)) => {
+            count("unknown", "forged");
+            warn!(reason = %reason, bytes = body.len(), "webhook refused: signature invalid");
+            return Err(MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "invalid webhook signature"));
+        }
+        Err(RejectedWebhook::Malformed(reason)) => {
+            count("unknown", "malformed");
+            warn!(reason = %reason, "signed webhook could not be read");
+            return Err(MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", reason));
+        }
+    };
+    let name = event_label(event.kind.name());
+    let id = event.id.clone();
+    match state.engine.webhook(event).await {
+        Ok(outcome) => {
+            count(name, outcome.as_str());
+            debug!(webhook = %id, event = name, outcome = outcome.as_str(), "webhook handled");
+            Ok(empty_ok())
+        }
+        Err(e) => {
+            count(name, "unavailable");
+            warn!(webhook = %id, event = name, error = %e, "webhook not applied; LiveKit will retry");
+            Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "state store unavailable"))
+        }
+    }
+}
+
+fn event_label(name: &str) -> &'static str {
+    match name {
+        "participant_joined" => "participant_joined",
+        "participant_left" => "participant_left",
+        "participant_connection_aborted" => "participant_connection_aborted",
+        "room_finished" => "room_finished",
+        _ => "other",
+    }
+}

@@ -1,0 +1,783 @@
+//! The async shell around the lifecycle: one task that owns every job, the deadline scheduler and
+//! the indexes from LiveKit identities to jobs.
+//!
+//! HTTP handlers talk to it through an [`EngineHandle`]. Webhooks are routed to the jobs watching
+//! the participant's identity, applied, and acknowledged only after the resulting state is
+//! committed to the store (several webhooks share one commit when they arrive together).
+//! Delegations are committed before they take effect. Homeserver and RoomService calls run as
+//! spawned tasks whose answers come back to this task as events; the task itself never waits on
+//! anything but the store.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::delegation::{Delegation, JobId};
+use crate::homeserver::Discovery;
+use crate::homeserver::delayed_events::{self, DelayedAction};
+use crate::lifecycle::{Action, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, PhaseKind, Session, Timing};
+use crate::livekit::room_service::RoomService;
+use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
+use crate::metrics::{ActionLabel, CallLabels, Metrics, OutcomeLabel, StateLabel, TriggerLabel};
+use crate::scheduler::Scheduler;
+use crate::store::{JobRecord, Store, StoreError, StoreOp};
+
+/// Webhook ids remembered to drop LiveKit's duplicate deliveries.
+const SEEN_WEBHOOKS: usize = 16_384;
+/// Commands handled before the results of one store commit are awaited.
+const BATCH: usize = 256;
+
+/// Engine settings that are not lifecycle timing.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub timing: Timing,
+    /// How often every room with jobs is listed through RoomService.
+    pub reconcile_interval: Duration,
+    /// Timeout of each homeserver request.
+    pub request_timeout: Duration,
+}
+
+/// How a webhook was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// It concerned at least one job and was applied.
+    Applied,
+    /// No job watches this participant or room, or the event is of a kind we do not act on.
+    Ignored,
+    /// Delivered before (LiveKit retries); nothing done.
+    Duplicate,
+}
+
+impl WebhookOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookOutcome::Applied => "applied",
+            WebhookOutcome::Ignored => "ignored",
+            WebhookOutcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// One tracked job, as listed by [`EngineHandle::jobs`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub room_id: String,
+    pub livekit_room: String,
+    pub user_id: String,
+    pub device_id: String,
+    pub delay_id: String,
+    pub state: &'static str,
+    pub identity: Option<String>,
+    /// Milliseconds until the next planned restart or send (negative: overdue), if planned.
+    pub next_call_in_ms: Option<i64>,
+    pub created_at_ms: u64,
+}
+
+enum Command {
+    Delegate(Delegation, oneshot::Sender<Result<JobId, EngineError>>),
+    Webhook(SfuEvent, oneshot::Sender<Result<WebhookOutcome, EngineError>>),
+    Jobs(oneshot::Sender<Vec<JobSummary>>),
+    Shutdown(Duration, oneshot::Sender<()>),
+}
+
+/// Answers of spawned calls.
+enum Report {
+    Homeserver { job: JobId, call: u64, action: DelayedAction, answer: HsAnswer },
+    Listing { room: Arc<str>, at: Millis, result: Result<Vec<Participant>, ()> },
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Stores the delegation (replacing an older one of the same member) and starts its job.
+    pub async fn delegate(&self, delegation: Delegation) -> Result<JobId, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Delegate(delegation, tx)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Applies a verified webhook; returns once its effects are durable.
+    pub async fn webhook(&self, event: SfuEvent) -> Result<WebhookOutcome, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Webhook(event, tx)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobSummary>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Jobs(tx)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stops issuing calls, waits up to `drain` for those in flight, commits, and stops.
+    pub async fn shutdown(&self, drain: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(drain, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Monotonic milliseconds since the engine started.
+#[derive(Clone, Copy)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> Millis {
+        self.0.elapsed().as_millis() as Millis
+    }
+    fn instant(&self, at: Millis) -> tokio::time::Instant {
+        (self.0 + Duration::from_millis(at)).into()
+    }
+}
+
+/// Unix milliseconds now, for delegation records.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+struct Entry {
+    job: Job,
+    delegation: Arc<Delegation>,
+    room: Arc<str>,
+    identities: Vec<String>,
+}
+
+/// What the engine calls out to.
+pub struct Outside {
+    pub store: Arc<dyn Store>,
+    pub discovery: Arc<Discovery>,
+    pub room_service: RoomService,
+    pub metrics: Arc<Metrics>,
+}
+
+struct Engine {
+    config: EngineConfig,
+    out: Outside,
+    clock: Clock,
+    jobs: HashMap<JobId, Entry>,
+    by_identity: HashMap<(Arc<str>, String), Vec<JobId>>,
+    by_room: HashMap<Arc<str>, HashSet<JobId>>,
+    by_member: HashMap<(String, String, String), JobId>,
+    by_delay: HashMap<(String, String), JobId>,
+    scheduler: Scheduler<JobId>,
+    listings_in_flight: HashSet<Arc<str>>,
+    listings_wanted: HashSet<Arc<str>>,
+    seen: HashSet<String>,
+    seen_order: VecDeque<String>,
+    /// Store changes not yet committed, in order.
+    pending: Vec<StoreOp>,
+    /// Webhooks waiting for `pending` to be committed.
+    waiting: Vec<(String, WebhookOutcome, oneshot::Sender<Result<WebhookOutcome, EngineError>>)>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    calls_in_flight: usize,
+    draining: bool,
+}
+
+/// Loads every stored job, resumes it, and starts the engine task.
+pub async fn start(config: EngineConfig, out: Outside) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
+    let records = out.store.load().await?;
+    let (tx, rx) = mpsc::channel(4_096);
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let mut engine = Engine {
+        config,
+        out,
+        clock: Clock(Instant::now()),
+        jobs: HashMap::new(),
+        by_identity: HashMap::new(),
+        by_room: HashMap::new(),
+        by_member: HashMap::new(),
+        by_delay: HashMap::new(),
+        scheduler: Scheduler::default(),
+        listings_in_flight: HashSet::new(),
+        listings_wanted: HashSet::new(),
+        seen: HashSet::new(),
+        seen_order: VecDeque::new(),
+        pending: Vec::new(),
+        waiting: Vec::new(),
+        reports_tx,
+        calls_in_flight: 0,
+        draining: false,
+    };
+    let count = records.len();
+    let now = engine.clock.now();
+    for record in records {
+        let delegation = Arc::new(record.delegation);
+        let (job, actions) =
+            Job::resume(delegation.delay_ms, record.id.0, engine.config.timing.clone(), record.state, now);
+        engine.insert(record.id, job, delegation);
+        engine.run(record.id, actions);
+    }
+    if count > 0 {
+        info!(jobs = count, "resumed stored jobs; reconciling them with LiveKit");
+    }
+    engine.update_gauges();
+    let task = tokio::spawn(engine.main_loop(rx, reports_rx));
+    Ok((EngineHandle { tx }, task))
+}
+
+impl Engine {
+    async fn main_loop(mut self, mut rx: mpsc::Receiver<Command>, mut reports: mpsc::UnboundedReceiver<Report>) {
+        let mut reconcile = tokio::time::interval(self.config.reconcile_interval);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reconcile.tick().await; // the first tick is immediate; resumed jobs probe by themselves
+        let mut shutdown: Option<(tokio::time::Instant, oneshot::Sender<()>)> = None;
+        loop {
+            let next = self.scheduler.next_deadline().map(|at| self.clock.instant(at));
+            let retry_store = !self.pending.is_empty();
+            tokio::select! {
+                biased;
+                Some(report) = reports.recv() => {
+                    self.on_report(report);
+                    while let Ok(report) = reports.try_recv() {
+                        self.on_report(report);
+                    }
+                }
+                cmd = rx.recv(), if shutdown.is_none() => {
+                    let Some(cmd) = cmd else { break };
+                    if let Some(stop) = self.on_command(cmd).await {
+                        shutdown = Some(stop);
+                    }
+                    for _ in 0..BATCH {
+                        match rx.try_recv() {
+                            Ok(cmd) => if let Some(stop) = self.on_command(cmd).await {
+                                shutdown = Some(stop);
+                                break;
+                            },
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600))), if next.is_some() => {
+                    self.on_timeouts();
+                }
+                _ = reconcile.tick(), if !self.draining => self.reconcile_all(),
+                _ = tokio::time::sleep(Duration::from_millis(500)), if retry_store => {}
+                _ = tokio::time::sleep_until(shutdown.as_ref().map(|s| s.0).unwrap_or_else(tokio::time::Instant::now)), if shutdown.is_some() => {
+                    warn!(calls = self.calls_in_flight, "shutdown: drain time is up, calls still in flight");
+                    break;
+                }
+            }
+            self.flush().await;
+            if shutdown.is_some() && self.calls_in_flight == 0 {
+                break;
+            }
+        }
+        self.flush().await;
+        if !self.pending.is_empty() {
+            error!(changes = self.pending.len(), "stopping with uncommitted changes; they are redone on start");
+        }
+        if let Some((_, done)) = shutdown {
+            let _ = done.send(());
+        }
+        info!("engine stopped");
+    }
+
+    async fn on_command(&mut self, cmd: Command) -> Option<(tokio::time::Instant, oneshot::Sender<()>)> {
+        match cmd {
+            Command::Delegate(d, reply) => {
+                let r = self.delegate(d).await;
+                let _ = reply.send(r);
+            }
+            Command::Webhook(event, reply) => self.webhook(event, reply),
+            Command::Jobs(reply) => {
+                let _ = reply.send(self.summaries());
+            }
+            Command::Shutdown(drain, done) => {
+                info!(calls = self.calls_in_flight, "shutdown: draining homeserver calls");
+                self.draining = true;
+                return Some((tokio::time::Instant::now() + drain, done));
+            }
+        }
+        None
+    }
+
+    // ---- delegations ------------------------------------------------------------------------
+
+    async fn delegate(&mut self, d: Delegation) -> Result<JobId, EngineError> {
+        let delay_key = (d.server_name().to_owned(), d.delay_id.clone());
+        if let Some(&id) = self.by_delay.get(&delay_key) {
+            debug!(job = %id, delay_id = %d.delay_id, "delegation repeated; already tracked");
+            self.out.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
+            return Ok(id);
+        }
+        let id = JobId::random();
+        let old = self.by_member.get(&d.member_key()).copied();
+        let mut ops = std::mem::take(&mut self.pending);
+        let committed_before = ops.len();
+        ops.push(StoreOp::Insert(JobRecord { id, delegation: d.clone(), state: crate::lifecycle::Durable::Waiting }));
+        if let Some(old) = old {
+            ops.push(StoreOp::Delete(old));
+        }
+        if let Err(e) = self.commit(ops.clone()).await {
+            // Nothing of this delegation took effect; earlier changes stay pending.
+            ops.truncate(committed_before);
+            self.pending = ops;
+            error!(user = %d.user_id, room = %d.room_id, delay_id = %d.delay_id, error = %e, "delegation not stored");
+            return Err(e.into());
+        }
+        self.reply_waiting(Ok(()));
+        if let Some(old) = old {
+            if let Some(entry) = self.jobs.get_mut(&old) {
+                let actions = entry.job.supersede();
+                info!(job = %old, new_job = %id, delay_id = %entry.delegation.delay_id, "superseded by a newer delegation; its delay id will not be sent");
+                self.run_committed(old, actions);
+            }
+        }
+        let delegation = Arc::new(d);
+        let (job, actions) = Job::new(delegation.delay_ms, id.0, self.config.timing.clone(), self.clock.now());
+        info!(
+            job = %id, room = %delegation.room_id, livekit_room = %delegation.livekit_room(),
+            user = %delegation.user_id, device = %delegation.device_id, delay_id = %delegation.delay_id,
+            delay_ms = delegation.delay_ms, "delegation accepted"
+        );
+        self.out
+            .metrics
+            .delegations
+            .get_or_create(&OutcomeLabel { outcome: if old.is_some() { "replaced" } else { "accepted" } })
+            .inc();
+        self.insert(id, job, delegation);
+        self.run_committed(id, actions);
+        self.update_gauges();
+        Ok(id)
+    }
+
+    /// Runs actions whose durable effects are already committed (the job's insert, or the
+    /// delete of the job it superseded).
+    fn run_committed(&mut self, id: JobId, actions: Vec<Action>) {
+        let actions = actions.into_iter().filter(|a| !matches!(a, Action::Persist)).collect::<Vec<_>>();
+        let finishes = actions.iter().any(|a| matches!(a, Action::Finish(_)));
+        self.run(id, actions);
+        if finishes && matches!(self.pending.last(), Some(StoreOp::Delete(d)) if *d == id) {
+            self.pending.pop();
+        }
+    }
+
+    fn insert(&mut self, id: JobId, job: Job, delegation: Arc<Delegation>) {
+        let room: Arc<str> = delegation.livekit_room().into();
+        let identities = delegation.identities();
+        for identity in &identities {
+            self.by_identity.entry((room.clone(), identity.clone())).or_default().push(id);
+        }
+        self.by_room.entry(room.clone()).or_default().insert(id);
+        self.by_member.insert(delegation.member_key(), id);
+        self.by_delay.insert((delegation.server_name().to_owned(), delegation.delay_id.clone()), id);
+        self.jobs.insert(id, Entry { job, delegation, room, identities });
+    }
+
+    fn remove(&mut self, id: JobId) -> Option<Entry> {
+        let entry = self.jobs.remove(&id)?;
+        for identity in &entry.identities {
+            let key = (entry.room.clone(), identity.clone());
+            if let Some(ids) = self.by_identity.get_mut(&key) {
+                ids.retain(|j| *j != id);
+                if ids.is_empty() {
+                    self.by_identity.remove(&key);
+                }
+            }
+        }
+        if let Some(ids) = self.by_room.get_mut(&entry.room) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_room.remove(&entry.room);
+            }
+        }
+        let member = entry.delegation.member_key();
+        if self.by_member.get(&member) == Some(&id) {
+            self.by_member.remove(&member);
+        }
+        let delay = (entry.delegation.server_name().to_owned(), entry.delegation.delay_id.clone());
+        if self.by_delay.get(&delay) == Some(&id) {
+            self.by_delay.remove(&delay);
+        }
+        self.scheduler.set(id, None);
+        Some(entry)
+    }
+
+    // ---- webhooks ---------------------------------------------------------------------------
+
+    fn webhook(&mut self, event: SfuEvent, reply: oneshot::Sender<Result<WebhookOutcome, EngineError>>) {
+        if !event.id.is_empty() && self.seen.contains(&event.id) {
+            let _ = reply.send(Ok(WebhookOutcome::Duplicate));
+            return;
+        }
+        let room: Arc<str> = event.room.as_str().into();
+        let now = self.clock.now();
+        let mut targets: Vec<(JobId, Event)> = Vec::new();
+        match &event.kind {
+            SfuEventKind::ParticipantJoined(p) => {
+                for id in self.watching(&room, &p.identity) {
+                    targets.push((id, Event::Joined(session(p, &event.room_sid))));
+                }
+            }
+            SfuEventKind::ParticipantLeft { participant: p, departure, .. } => {
+                let reason = match departure {
+                    Departure::MayReturn(_) => LeaveReason::MayReturn,
+                    Departure::Final(_) => LeaveReason::Final,
+                };
+                for id in self.watching(&room, &p.identity) {
+                    targets.push((id, Event::Left { session: session(p, &event.room_sid), reason }));
+                }
+            }
+            SfuEventKind::RoomFinished => {
+                for &id in self.by_room.get(&room).into_iter().flatten() {
+                    targets.push((id, Event::RoomFinished { room_sid: event.room_sid.clone() }));
+                }
+            }
+            SfuEventKind::Other(_) => {}
+        }
+        let outcome = if targets.is_empty() { WebhookOutcome::Ignored } else { WebhookOutcome::Applied };
+        for (id, ev) in targets {
+            if let Some(entry) = self.jobs.get(&id) {
+                info!(
+                    job = %id, event = event.kind.name(), webhook = %event.id, livekit_room = %entry.room,
+                    user = %entry.delegation.user_id, sid = participant_sid(&event.kind),
+                    reason = departure_reason(&event.kind), "webhook for a tracked member"
+                );
+            }
+            self.apply(id, ev, now);
+        }
+        self.waiting.push((event.id, outcome, reply));
+        self.update_gauges();
+    }
+
+    fn watching(&self, room: &Arc<str>, identity: &str) -> Vec<JobId> {
+        self.by_identity.get(&(room.clone(), identity.to_owned())).cloned().unwrap_or_default()
+    }
+
+    fn remember_webhook(&mut self, id: String) {
+        if id.is_empty() || !self.seen.insert(id.clone()) {
+            return;
+        }
+        self.seen_order.push_back(id);
+        if self.seen_order.len() > SEEN_WEBHOOKS {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    // ---- reports of spawned calls -----------------------------------------------------------
+
+    fn on_report(&mut self, report: Report) {
+        let now = self.clock.now();
+        match report {
+            Report::Homeserver { job, call, action, answer } => {
+                self.calls_in_flight -= 1;
+                let event = match action {
+                    DelayedAction::Restart => Event::Restarted { call, answer },
+                    DelayedAction::Send => Event::SendAnswered { call, answer },
+                };
+                self.apply(job, event, now);
+            }
+            Report::Listing { room, at, result } => {
+                self.listings_in_flight.remove(&room);
+                let ids: Vec<JobId> = self.by_room.get(&room).into_iter().flatten().copied().collect();
+                for id in ids {
+                    let Some(entry) = self.jobs.get(&id) else { continue };
+                    let event = match &result {
+                        Ok(participants) => Event::Observed {
+                            at,
+                            present: participants
+                                .iter()
+                                .filter(|p| entry.identities.contains(&p.identity))
+                                .max_by_key(|p| p.joined_at)
+                                .map(|p| session(p, "")),
+                        },
+                        Err(()) => Event::ObservationFailed,
+                    };
+                    self.apply(id, event, now);
+                }
+                if self.listings_wanted.remove(&room) {
+                    self.list(room);
+                }
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn on_timeouts(&mut self) {
+        let now = self.clock.now();
+        for id in self.scheduler.pop_due(now) {
+            let Some(entry) = self.jobs.get_mut(&id) else { continue };
+            let mut actions = Vec::new();
+            entry.job.handle_timeout(now, &mut actions);
+            self.run(id, actions);
+        }
+        self.update_gauges();
+    }
+
+    fn reconcile_all(&mut self) {
+        self.out.metrics.reconciliations.inc();
+        let rooms: Vec<Arc<str>> = self.by_room.keys().cloned().collect();
+        debug!(rooms = rooms.len(), "reconciling with LiveKit");
+        for room in rooms {
+            self.list(room);
+        }
+    }
+
+    // ---- driving jobs -----------------------------------------------------------------------
+
+    fn apply(&mut self, id: JobId, event: Event, now: Millis) {
+        let Some(entry) = self.jobs.get_mut(&id) else {
+            return; // the job ended; a late answer or a listing for it is moot
+        };
+        let mut actions = Vec::new();
+        entry.job.handle(event, now, &mut actions);
+        self.run(id, actions);
+    }
+
+    /// Carries out a job's actions, then reschedules it.
+    fn run(&mut self, id: JobId, actions: Vec<Action>) {
+        for action in actions {
+            let Some(entry) = self.jobs.get(&id) else { return };
+            match action {
+                Action::Restart { call } => self.call(id, call, DelayedAction::Restart),
+                Action::Send { call } => self.call(id, call, DelayedAction::Send),
+                Action::Probe => {
+                    let room = entry.room.clone();
+                    self.list(room);
+                }
+                Action::Persist => {
+                    if let Some(state) = entry.job.durable() {
+                        self.pending.push(StoreOp::SetState(id, state));
+                    }
+                }
+                Action::Finish(outcome) => self.finish(id, outcome),
+            }
+        }
+        if let Some(entry) = self.jobs.get(&id) {
+            self.scheduler.set(id, entry.job.poll_timeout());
+        }
+    }
+
+    fn finish(&mut self, id: JobId, outcome: Outcome) {
+        let Some(entry) = self.remove(id) else { return };
+        let d = &entry.delegation;
+        let m = &self.out.metrics;
+        m.jobs_finished.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+        match outcome {
+            Outcome::Sent { trigger, latency } => {
+                m.leave_latency
+                    .get_or_create(&TriggerLabel { trigger: trigger.as_str() })
+                    .observe(latency as f64 / 1000.0);
+                info!(job = %id, livekit_room = %entry.room, user = %d.user_id, device = %d.device_id,
+                    delay_id = %d.delay_id, trigger = trigger.as_str(), latency_ms = latency, "leave sent");
+            }
+            Outcome::Expired => {
+                warn!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
+                    "homeserver unreachable past the event's deadline; its own timer has fired the leave");
+            }
+            Outcome::Gone => {
+                info!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
+                    "delayed event no longer exists on the homeserver; job ended without sending");
+            }
+            Outcome::Superseded => {}
+        }
+        self.pending.push(StoreOp::Delete(id));
+    }
+
+    /// Spawns a restart or send of job `id`'s delayed event.
+    fn call(&mut self, id: JobId, call: u64, action: DelayedAction) {
+        let Some(entry) = self.jobs.get(&id) else { return };
+        if self.draining {
+            // Not started during shutdown: a resumed job restarts (or sends) at once on start.
+            return;
+        }
+        let d = entry.delegation.clone();
+        if action == DelayedAction::Restart && self.clock.now() > entry.job.deadline() {
+            self.out.metrics.late_restarts.inc();
+            warn!(job = %id, user = %d.user_id, delay_id = %d.delay_id, "restart issued after the event's estimated deadline");
+        }
+        let endpoint = match self.out.discovery.cs_endpoint_for_stored(d.server_name(), &d.cs_api_url) {
+            Ok(e) => e,
+            Err(e) => {
+                error!(job = %id, user = %d.user_id, error = %e, "cannot reach the member's homeserver");
+                let _ = self.reports_tx.send(Report::Homeserver { job: id, call, action, answer: HsAnswer::Failed });
+                self.calls_in_flight += 1;
+                return;
+            }
+        };
+        self.calls_in_flight += 1;
+        let http = endpoint.client(self.out.discovery.clients()).clone();
+        let timeout = self.config.request_timeout;
+        let metrics = self.out.metrics.clone();
+        let reports = self.reports_tx.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = delayed_events::call(&http, &endpoint.base, &d.delay_id, action, timeout).await;
+            metrics
+                .homeserver_request_duration
+                .get_or_create(&ActionLabel { action: action.as_str() })
+                .observe(started.elapsed().as_secs_f64());
+            metrics.homeserver_requests.get_or_create(&CallLabels { action: action.as_str(), outcome: answer.outcome }).inc();
+            if let Some(detail) = &answer.detail {
+                let msg = "homeserver call did not succeed";
+                match answer.outcome {
+                    "auth" | "unrecognized" => error!(job = %id, user = %d.user_id, delay_id = %d.delay_id,
+                        action = action.as_str(), outcome = answer.outcome, detail = %detail,
+                        "{msg}: configuration error (delayed events disabled or access refused)"),
+                    _ => warn!(job = %id, user = %d.user_id, delay_id = %d.delay_id,
+                        action = action.as_str(), outcome = answer.outcome, detail = %detail, "{msg}"),
+                }
+            } else {
+                debug!(job = %id, action = action.as_str(), outcome = answer.outcome, "homeserver call done");
+            }
+            let _ = reports.send(Report::Homeserver { job: id, call, action, answer: answer.answer });
+        });
+    }
+
+    /// Lists `room` through RoomService, unless a listing of it is already running (then once
+    /// more after it, so that whoever asked gets an answer that started after asking).
+    fn list(&mut self, room: Arc<str>) {
+        if self.draining {
+            return;
+        }
+        if self.listings_in_flight.contains(&room) {
+            self.listings_wanted.insert(room);
+            return;
+        }
+        self.listings_in_flight.insert(room.clone());
+        let at = self.clock.now();
+        let rs = self.out.room_service.clone();
+        let reports = self.reports_tx.clone();
+        let metrics = self.out.metrics.clone();
+        tokio::spawn(async move {
+            let result = match rs.list_participants(&room).await {
+                Ok(list) => {
+                    metrics.livekit_requests.get_or_create(&OutcomeLabel { outcome: "ok" }).inc();
+                    Ok(list)
+                }
+                Err(e) => {
+                    metrics.livekit_requests.get_or_create(&OutcomeLabel { outcome: "error" }).inc();
+                    warn!(livekit_room = %room, error = %e, "cannot ask LiveKit who is connected; keeping members alive");
+                    Err(())
+                }
+            };
+            let _ = reports.send(Report::Listing { room, at, result });
+        });
+    }
+
+    // ---- store ------------------------------------------------------------------------------
+
+    async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let r = self.out.store.commit(ops).await;
+        self.out.metrics.store_commit_duration.observe(started.elapsed().as_secs_f64());
+        if r.is_err() {
+            self.out.metrics.store_errors.inc();
+        }
+        r
+    }
+
+    /// Commits pending changes, then answers the webhooks that waited for them.
+    async fn flush(&mut self) {
+        if self.pending.is_empty() {
+            self.reply_waiting(Ok(()));
+            return;
+        }
+        let ops = std::mem::take(&mut self.pending);
+        match self.commit(ops.clone()).await {
+            Ok(()) => self.reply_waiting(Ok(())),
+            Err(e) => {
+                error!(changes = ops.len(), error = %e, "store commit failed; webhooks answered 503 and changes retried");
+                // Keep them first, in order, ahead of anything newer.
+                let newer = std::mem::replace(&mut self.pending, ops);
+                self.pending.extend(newer);
+                self.reply_waiting(Err(e));
+            }
+        }
+    }
+
+    fn reply_waiting(&mut self, result: Result<(), StoreError>) {
+        let waiting = std::mem::take(&mut self.waiting);
+        match result {
+            Ok(()) => {
+                for (id, outcome, reply) in waiting {
+                    self.remember_webhook(id);
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for (_, _, reply) in waiting {
+                    let _ = reply.send(Err(EngineError::Store(StoreError(e.0.clone()))));
+                }
+            }
+        }
+    }
+
+    // ---- views ------------------------------------------------------------------------------
+
+    fn update_gauges(&self) {
+        let mut counts: HashMap<PhaseKind, i64> = HashMap::new();
+        for entry in self.jobs.values() {
+            *counts.entry(entry.job.kind()).or_default() += 1;
+        }
+        for kind in PhaseKind::LIVE {
+            self.out
+                .metrics
+                .jobs
+                .get_or_create(&StateLabel { state: kind.as_str() })
+                .set(counts.get(&kind).copied().unwrap_or_default());
+        }
+    }
+
+    fn summaries(&self) -> Vec<JobSummary> {
+        let now = self.clock.now() as i64;
+        let mut list: Vec<JobSummary> = self
+            .jobs
+            .iter()
+            .map(|(id, e)| JobSummary {
+                id: id.to_string(),
+                room_id: e.delegation.room_id.clone(),
+                livekit_room: e.room.to_string(),
+                user_id: e.delegation.user_id.clone(),
+                device_id: e.delegation.device_id.clone(),
+                delay_id: e.delegation.delay_id.clone(),
+                state: e.job.kind().as_str(),
+                identity: e.job.binding().map(|b| b.identity.clone()),
+                next_call_in_ms: e.job.next_call().map(|t| t as i64 - now),
+                created_at_ms: e.delegation.created_at_ms,
+            })
+            .collect();
+        list.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms));
+        list
+    }
+}
+
+fn session(p: &Participant, room_sid: &str) -> Session {
+    Session { identity: p.identity.clone(), sid: p.sid.clone(), joined_at: p.joined_at, room_sid: room_sid.to_owned() }
+}
+
+fn participant_sid(kind: &SfuEventKind) -> &str {
+    match kind {
+        SfuEventKind::ParticipantJoined(p) | SfuEventKind::ParticipantLeft { participant: p, .. } => &p.sid,
+        _ => "",
+    }
+}
+
+fn departure_reason(kind: &SfuEventKind) -> &str {
+    match kind {
+        SfuEventKind::ParticipantLeft { departure, .. } => departure.reason(),
+        _ => "",
+    }
+}
+
