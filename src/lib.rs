@@ -11,3 +11,5 @@ pub mod homeserver;
 pub mod metrics;
 pub mod api;
 pub mod engine;
+pub mod config;
+pub mod service;

@@ -1,1 +1,57 @@
-fn main() {}
+//! The `rtc-leave-bridge` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rtc_leave_bridge::config::{Config, LogFormat, Source};
+
+#[derive(Parser)]
+#[command(version, about = "Sends MatrixRTC delegated delayed leave events the moment LiveKit says a member is gone")]
+struct Cli {
+    /// TOML file with settings named like the environment variables (the environment wins).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Source::load(cli.config.as_deref()).and_then(|s| Config::from_source(&s)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rtc-leave-bridge: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = match cli.command {
+        Command::Serve => runtime.block_on(rtc_leave_bridge::service::serve(config)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "rtc-leave-bridge failed");
+            eprintln!("rtc-leave-bridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(format!("warn,rtc_leave_bridge={}", config.log_level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

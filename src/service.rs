@@ -1,0 +1,93 @@
+//! Wiring of a running service: store, outside parties, engine and HTTP server, and the order in
+//! which they stop on SIGTERM (stop accepting requests, drain homeserver calls, commit, exit).
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::engine::{self, EngineConfig, Outside};
+use crate::homeserver::{Clients, Discovery};
+use crate::livekit::room_service::RoomService;
+use crate::livekit::webhook::WebhookVerifier;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    crate::homeserver::install_crypto_provider();
+    if matches!(config.allowed, api::AllowedHomeservers::Any) {
+        warn!("LIVEKIT_FULL_ACCESS_HOMESERVERS is '*': users of any homeserver may delegate");
+    }
+    if config.insecure_skip_verify_tls {
+        warn!("TLS certificate verification is disabled (LIVEKIT_INSECURE_SKIP_VERIFY_TLS)");
+    }
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.data_dir)
+            .with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", config.data_dir.display()))?,
+    );
+    let clients = Clients::new(config.request_timeout, config.insecure_skip_verify_tls, config.allow_private_homeservers)
+        .map_err(anyhow::Error::msg)?;
+    let discovery = Arc::new(Discovery::new(
+        clients.clone(),
+        config.cs_overrides.clone(),
+        config.federation_overrides.clone(),
+        config.allow_private_homeservers,
+    ));
+    let room_service = RoomService::new(
+        clients.trusted.clone(),
+        &config.livekit_url,
+        &config.livekit_key,
+        &config.livekit_secret,
+        config.request_timeout,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("LIVEKIT_URL")?;
+    let metrics = Arc::new(Metrics::new());
+    let (engine, engine_task) = engine::start(
+        EngineConfig {
+            timing: config.timing.clone(),
+            reconcile_interval: config.reconcile_interval,
+            request_timeout: config.request_timeout,
+        },
+        Outside { store: store.clone(), discovery: discovery.clone(), room_service, metrics: metrics.clone() },
+    )
+    .await
+    .context("loading stored jobs")?;
+
+    let state = AppState {
+        engine: engine.clone(),
+        verifier: WebhookVerifier::new(&config.livekit_key, &config.livekit_secret),
+        discovery,
+        allowed: Arc::new(config.allowed.clone()),
+        metrics,
+        store,
+        max_delay_ms: config.max_delay.as_millis() as u64,
+    };
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("LIVEKIT_JWT_BIND: cannot listen on {}", config.bind))?;
+    info!(addr = %listener.local_addr()?, livekit = %config.livekit_url, "rtc-leave-bridge listening");
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(termination()).await?;
+    info!("no longer accepting requests; draining");
+    engine.shutdown(config.shutdown_timeout).await;
+    let _ = engine_task.await;
+    Ok(())
+}
+
+async fn termination() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
