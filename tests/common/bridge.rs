@@ -1,0 +1,184 @@
+//! The built `rtc-leave-bridge` binary, run as an operator would: configured by environment,
+//! logs to a file, killed with SIGKILL or SIGTERM, restarted on the same data directory.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::livekit::{API_KEY, API_SECRET, LiveKit};
+use super::synapse::{MatrixUser, SERVER_NAME, Synapse};
+
+pub struct Bridge {
+    pub url: String,
+    pub data: tempfile::TempDir,
+    pub env: HashMap<String, String>,
+    child: Option<Child>,
+    log: std::path::PathBuf,
+    http: reqwest::Client,
+}
+
+impl Bridge {
+    /// Settings pointing at `synapse` and `livekit`, with short timings for tests.
+    pub fn env_for(synapse: &Synapse, livekit: &LiveKit) -> HashMap<String, String> {
+        let hs = format!("{SERVER_NAME}={}", synapse.url);
+        [
+            ("LIVEKIT_URL", livekit.url.as_str()),
+            ("LIVEKIT_KEY", API_KEY),
+            ("LIVEKIT_SECRET", API_SECRET),
+            ("LIVEKIT_FULL_ACCESS_HOMESERVERS", SERVER_NAME),
+            ("LIVEKIT_CS_API_URL_OVERRIDES", hs.as_str()),
+            ("LIVEKIT_FEDERATION_URL_OVERRIDES", hs.as_str()),
+            ("LIVEKIT_LOG_LEVEL", "debug"),
+            ("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT", "3s"),
+            ("RTC_LEAVE_BRIDGE_GRACE", "2s"),
+            ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "2s"),
+            ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "2s"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    pub async fn start(env: HashMap<String, String>) -> Bridge {
+        rtc_leave_bridge::homeserver::install_crypto_provider();
+        let data = tempfile::tempdir().unwrap();
+        let port = super::free_port();
+        let log = data.path().join("bridge.log");
+        let mut b = Bridge {
+            url: format!("http://127.0.0.1:{port}"),
+            data,
+            env,
+            child: None,
+            log,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        };
+        b.env.insert("LIVEKIT_JWT_BIND".into(), format!("127.0.0.1:{port}"));
+        b.env.insert("RTC_LEAVE_BRIDGE_DATA_DIR".into(), b.data.path().join("state").display().to_string());
+        b.spawn().await;
+        b
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rtc-leave-bridge"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&self.env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("bridge exited with {status}:\n{}", self.logs());
+            }
+            assert!(Instant::now() < deadline, "bridge not ready:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same data directory and port.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        self.spawn().await;
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        sigterm(c.id());
+        c.wait().unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one sample line of `/metrics` (0 if absent).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (up to 5 s) until the sample reaches `value`; returns the last value seen.
+    pub async fn metric_reaches(&self, sample: &str, value: f64) -> f64 {
+        let mut last = 0.0;
+        for _ in 0..250 {
+            last = self.metric(sample).await;
+            if last >= value {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        last
+    }
+
+    /// POSTs a delegation body; returns status and JSON answer.
+    pub async fn delegate_raw(&self, body: &Value) -> (u16, Value) {
+        let resp = self.http.post(format!("{}/delegate_delayed_leave", self.url)).json(body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Delegates `delay_id` of `user`'s membership in `room`, authenticated by `user`'s own OpenID
+    /// token, as Element Call does. Returns the body it sent.
+    pub async fn delegate(&self, synapse: &Synapse, user: &MatrixUser, room: &str, member_id: &str, delay_id: &str, delay_ms: u64) -> Value {
+        let body = delegation_body(&synapse.openid_token(user).await, user, room, member_id, delay_id, delay_ms);
+        let (status, v) = self.delegate_raw(&body).await;
+        assert_eq!(status, 200, "delegation refused: {v}\n{}", self.logs());
+        assert_eq!(v, json!({}));
+        body
+    }
+}
+
+pub const SLOT: &str = "m.call#ROOM";
+
+pub fn delegation_body(openid: &Value, user: &MatrixUser, room: &str, member_id: &str, delay_id: &str, delay_ms: u64) -> Value {
+    json!({
+        "room_id": room,
+        "slot_id": SLOT,
+        "openid_token": openid,
+        "member": {"id": member_id, "claimed_user_id": user.user_id, "claimed_device_id": user.device_id},
+        "delay_id": delay_id,
+        "delay_timeout": delay_ms,
+        "delay_cs_api_url": "http://169.254.169.254/latest/meta-data",
+    })
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- bridge log ----\n{}", self.logs());
+        }
+    }
+}
+
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}

@@ -1,0 +1,262 @@
+//! The one LiveKit emulator of the test suite. No LiveKit server can be installed here, so this
+//! plays LiveKit's two roles towards the bridge, following LiveKit's protocol:
+//!
+//! * **Webhook sender**: bodies are Go-protojson shaped (lowerCamelCase, int64 as strings, enums
+//!   by name, zero values left out), sent with `Content-Type: application/webhook+json`,
+//!   `User-Agent: LiveKit` and an `Authorization` header holding (without `Bearer`) an HS256 JWT
+//!   whose claims are `iss` = API key, `nbf`, `exp` = now + 5 min and `sha256` = padded standard
+//!   base64 of the SHA-256 of the raw body — signed here with `jsonwebtoken`, not with the
+//!   bridge's own verifier crate.
+//! * **RoomService** (Twirp): `ListParticipants` accepting protobuf or JSON, requiring a Bearer
+//!   JWT signed with the API secret whose `video` grant has `roomAdmin: true` and `room` equal to
+//!   the requested room; `not_found` for a room that does not exist; participants of a room in
+//!   protobuf (or JSON) as LiveKit answers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use livekit_protocol as proto;
+use prost::Message as _;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+pub const API_KEY: &str = "devkey";
+pub const API_SECRET: &str = "devsecret-that-is-long-enough-for-hs256";
+
+#[derive(Clone, Debug)]
+pub struct Participant {
+    pub identity: String,
+    pub sid: String,
+    pub joined_at: i64,
+}
+
+#[derive(Default)]
+struct Room {
+    sid: String,
+    participants: Vec<Participant>,
+}
+
+#[derive(Default)]
+struct Inner {
+    rooms: Mutex<HashMap<String, Room>>,
+    /// When set, RoomService answers 503 (LiveKit down).
+    unavailable: AtomicBool,
+    list_calls: AtomicU64,
+    counter: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct LiveKit {
+    inner: Arc<Inner>,
+    pub url: String,
+    http: reqwest::Client,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+impl LiveKit {
+    pub async fn start() -> LiveKit {
+        rtc_leave_bridge::homeserver::install_crypto_provider();
+        let inner = Arc::new(Inner::default());
+        let app = axum::Router::new()
+            .route("/twirp/livekit.RoomService/ListParticipants", axum::routing::post(list_participants))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        LiveKit { inner, url: format!("ws://{addr}"), http: reqwest::Client::new() }
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
+        format!("{prefix}_{:012}", self.inner.counter.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// Makes LiveKit's RoomService unreachable (503) or reachable again.
+    pub fn set_unavailable(&self, down: bool) {
+        self.inner.unavailable.store(down, Ordering::SeqCst);
+    }
+
+    pub fn list_calls(&self) -> u64 {
+        self.inner.list_calls.load(Ordering::SeqCst)
+    }
+
+    /// The SID of `room`, creating the room if needed.
+    pub fn room_sid(&self, room: &str) -> String {
+        let mut rooms = self.inner.rooms.lock().unwrap();
+        let r = rooms.entry(room.to_owned()).or_default();
+        if r.sid.is_empty() {
+            r.sid = format!("RM_{:012}", self.inner.counter.fetch_add(1, Ordering::SeqCst));
+        }
+        r.sid.clone()
+    }
+
+    /// A participant connects (shows up in RoomService); no webhook is sent by this alone.
+    pub fn connect(&self, room: &str, identity: &str) -> Participant {
+        self.room_sid(room);
+        let p = Participant { identity: identity.to_owned(), sid: self.next_id("PA"), joined_at: unix_now() };
+        self.inner.rooms.lock().unwrap().get_mut(room).unwrap().participants.push(p.clone());
+        p
+    }
+
+    /// A participant disconnects (disappears from RoomService); no webhook is sent by this alone.
+    pub fn disconnect(&self, room: &str, sid: &str) {
+        if let Some(r) = self.inner.rooms.lock().unwrap().get_mut(room) {
+            r.participants.retain(|p| p.sid != sid);
+        }
+    }
+
+    /// The room ends: everybody is gone and the room no longer exists.
+    pub fn finish_room(&self, room: &str) -> String {
+        self.inner.rooms.lock().unwrap().remove(room).map(|r| r.sid).unwrap_or_default()
+    }
+
+    fn room_json(&self, room: &str) -> Value {
+        json!({ "sid": self.room_sid(room), "name": room, "emptyTimeout": 300, "departureTimeout": 20,
+                "creationTime": unix_now().to_string(), "enabledCodecs": [{"mime": "audio/opus"}] })
+    }
+
+    fn participant_json(p: &Participant, state: &str, reason: Option<&str>) -> Value {
+        let mut v = json!({ "sid": p.sid, "identity": p.identity, "state": state,
+            "joinedAt": p.joined_at.to_string(), "joinedAtMs": (p.joined_at * 1000).to_string(),
+            "version": 3, "permission": {"canSubscribe": true, "canPublish": true, "canPublishData": true},
+            "isPublisher": true });
+        if let Some(reason) = reason {
+            v["disconnectReason"] = json!(reason);
+        }
+        v
+    }
+
+    /// Body of a participant event, Go-protojson style.
+    pub fn participant_event(&self, event: &str, room: &str, p: &Participant, reason: Option<&str>) -> String {
+        let state = if event == "participant_joined" { "ACTIVE" } else { "DISCONNECTED" };
+        let body = json!({ "event": event, "room": self.room_json(room),
+            "participant": Self::participant_json(p, state, reason),
+            "id": self.next_id("EV"), "createdAt": unix_now().to_string() });
+        // Go's encoder puts arbitrary whitespace; the hash is over these exact bytes.
+        serde_json::to_string_pretty(&body).unwrap()
+    }
+
+    pub fn room_finished_event(&self, room: &str, room_sid: &str) -> String {
+        let body = json!({ "event": "room_finished",
+            "room": { "sid": room_sid, "name": room, "emptyTimeout": 300, "creationTime": unix_now().to_string() },
+            "id": self.next_id("EV"), "createdAt": unix_now().to_string() });
+        serde_json::to_string(&body).unwrap()
+    }
+
+    /// The `Authorization` value LiveKit sends with `body`.
+    pub fn sign(body: &str, secret: &str) -> String {
+        let sha = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body.as_bytes()));
+        let now = unix_now();
+        let claims = json!({ "iss": API_KEY, "nbf": now, "exp": now + 300, "sha256": sha });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    /// POSTs `body` to the bridge's webhook endpoint with `authorization`; returns the status.
+    pub async fn post_webhook(&self, bridge: &str, body: &str, authorization: Option<&str>) -> u16 {
+        let mut req = self
+            .http
+            .post(format!("{bridge}/sfu_webhook"))
+            .header(header::CONTENT_TYPE, "application/webhook+json")
+            .header(header::USER_AGENT, "LiveKit")
+            .body(body.to_owned());
+        if let Some(a) = authorization {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+
+    /// Sends `body` signed as LiveKit does; asserts the bridge accepted it.
+    pub async fn deliver(&self, bridge: &str, body: &str) {
+        let status = self.post_webhook(bridge, body, Some(&Self::sign(body, API_SECRET))).await;
+        assert_eq!(status, 200, "webhook refused: {body}");
+    }
+
+    /// Connects `identity` and sends `participant_joined`.
+    pub async fn join(&self, bridge: &str, room: &str, identity: &str) -> Participant {
+        let p = self.connect(room, identity);
+        self.deliver(bridge, &self.participant_event("participant_joined", room, &p, None)).await;
+        p
+    }
+
+    /// Disconnects `p` and sends `participant_left` with `reason`.
+    pub async fn leave(&self, bridge: &str, room: &str, p: &Participant, reason: &str) {
+        self.disconnect(room, &p.sid);
+        self.deliver(bridge, &self.participant_event("participant_left", room, p, Some(reason))).await;
+    }
+}
+
+fn twirp_error(status: StatusCode, code: &str, msg: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], json!({"code": code, "msg": msg}).to_string()).into_response()
+}
+
+async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    inner.list_calls.fetch_add(1, Ordering::SeqCst);
+    if inner.unavailable.load(Ordering::SeqCst) {
+        return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "service unavailable");
+    }
+    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    let room = if is_json {
+        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["room"].as_str().map(str::to_owned))
+    } else {
+        proto::ListParticipantsRequest::decode(body.as_ref()).ok().map(|r| r.room)
+    };
+    let Some(room) = room else {
+        return twirp_error(StatusCode::BAD_REQUEST, "malformed", "cannot decode request");
+    };
+    // Authorization: Bearer <JWT> with video.roomAdmin and video.room == room.
+    let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_issuer(&[API_KEY]);
+    validation.set_required_spec_claims(&["exp", "iss"]);
+    let claims = token.and_then(|t| {
+        jsonwebtoken::decode::<Value>(t, &jsonwebtoken::DecodingKey::from_secret(API_SECRET.as_bytes()), &validation).ok()
+    });
+    let Some(claims) = claims else {
+        return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid token");
+    };
+    let video = &claims.claims["video"];
+    if video["roomAdmin"] != json!(true) || video["room"] != json!(room) {
+        return twirp_error(StatusCode::FORBIDDEN, "permission_denied", "requires roomAdmin for this room");
+    }
+    let rooms = inner.rooms.lock().unwrap();
+    let Some(r) = rooms.get(&room) else {
+        return twirp_error(StatusCode::NOT_FOUND, "not_found", "requested room does not exist");
+    };
+    let participants: Vec<proto::ParticipantInfo> = r
+        .participants
+        .iter()
+        .map(|p| proto::ParticipantInfo {
+            sid: p.sid.clone(),
+            identity: p.identity.clone(),
+            state: proto::participant_info::State::Active as i32,
+            joined_at: p.joined_at,
+            ..Default::default()
+        })
+        .collect();
+    let resp = proto::ListParticipantsResponse { participants };
+    if is_json {
+        let list: Vec<Value> = resp
+            .participants
+            .iter()
+            .map(|p| json!({"sid": p.sid, "identity": p.identity, "state": "ACTIVE", "joinedAt": p.joined_at.to_string()}))
+            .collect();
+        ([(header::CONTENT_TYPE, "application/json")], json!({"participants": list}).to_string()).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "application/protobuf")], resp.encode_to_vec()).into_response()
+    }
+}

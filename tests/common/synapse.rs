@@ -1,0 +1,293 @@
+//! A real Synapse (PyPI `matrix-synapse`) in a throwaway directory, with delayed events on, and
+//! the Matrix client calls the tests make as a MatrixRTC client would.
+//!
+//! The Python interpreter is `$RTC_LEAVE_BRIDGE_PYTHON`, else `.venv/bin/python` of the checkout
+//! (the README's test command creates it).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const SERVER_NAME: &str = "hs1.test";
+
+pub struct Synapse {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub url: String,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+/// Settings that differ between tests.
+#[derive(Clone)]
+pub struct SynapseOptions {
+    /// `rc_delayed_event_mgmt`: (per_second, burst_count).
+    pub delayed_event_rate: (f64, u32),
+}
+
+impl Default for SynapseOptions {
+    fn default() -> Self {
+        SynapseOptions { delayed_event_rate: (1000.0, 1000) }
+    }
+}
+
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("RTC_LEAVE_BRIDGE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Synapse venv at {}: run the README's test command (scripts/test.sh) first",
+        venv.display()
+    );
+    venv
+}
+
+impl Synapse {
+    pub async fn start(options: SynapseOptions) -> Synapse {
+        rtc_leave_bridge::homeserver::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let port = super::free_port();
+        let d = dir.path().display();
+        let (rate, burst) = options.delayed_event_rate;
+        let config = format!(
+            r#"server_name: "{SERVER_NAME}"
+pid_file: {d}/homeserver.pid
+listeners:
+  - port: {port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    tls: false
+    x_forwarded: false
+    resources:
+      - names: [client, federation, openid]
+        compress: false
+database:
+  name: sqlite3
+  args:
+    database: {d}/homeserver.db
+log_config: {d}/log.config
+media_store_path: {d}/media_store
+signing_key_path: {d}/signing.key
+registration_shared_secret: "test-shared-secret"
+macaroon_secret_key: "test-macaroon-secret"
+form_secret: "test-form-secret"
+report_stats: false
+trusted_key_servers: []
+suppress_key_server_warning: true
+enable_registration: true
+enable_registration_without_verification: true
+max_event_delay_duration: 24h
+rc_delayed_event_mgmt:
+  per_second: {rate}
+  burst_count: {burst}
+rc_message: {{per_second: 1000, burst_count: 1000}}
+rc_registration: {{per_second: 1000, burst_count: 1000}}
+rc_login:
+  address: {{per_second: 1000, burst_count: 1000}}
+  account: {{per_second: 1000, burst_count: 1000}}
+rc_joins:
+  local: {{per_second: 1000, burst_count: 1000}}
+"#
+        );
+        std::fs::write(dir.path().join("homeserver.yaml"), config).unwrap();
+        let log = format!(
+            "version: 1\nformatters:\n  f:\n    format: '%(asctime)s %(levelname)s %(name)s %(message)s'\nhandlers:\n  file:\n    class: logging.FileHandler\n    filename: {d}/homeserver.log\n    formatter: f\nroot:\n  level: WARNING\n  handlers: [file]\ndisable_existing_loggers: false\n"
+        );
+        std::fs::write(dir.path().join("log.config"), log).unwrap();
+        let status = Command::new(python())
+            .args(["-m", "synapse.app.homeserver", "-c", "homeserver.yaml", "--generate-keys"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "synapse --generate-keys failed");
+        let mut s = Synapse {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: None,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        };
+        s.resume().await;
+        s
+    }
+
+    /// Starts (again) the homeserver on the same directory and port.
+    pub async fn resume(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new(python())
+            .args(["-m", "synapse.app.homeserver", "-c", "homeserver.yaml"])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/_matrix/client/versions", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let err = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+                panic!("synapse exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "synapse did not start within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the homeserver abruptly (it is "down" until [`Synapse::resume`]).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers `name` and returns a logged-in client.
+    pub async fn register(&self, name: &str) -> MatrixUser {
+        let (status, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/register",
+                None,
+                json!({"username": name, "password": "correct horse battery staple", "auth": {"type": "m.login.dummy"}, "device_id": format!("{}DEV", name.to_uppercase())}),
+            )
+            .await;
+        assert_eq!(status, 200, "register {name}: {v}");
+        MatrixUser {
+            user_id: v["user_id"].as_str().unwrap().to_owned(),
+            device_id: v["device_id"].as_str().unwrap().to_owned(),
+            token: v["access_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn create_room(&self, user: &MatrixUser) -> String {
+        let (status, v) = self
+            .call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&user.token), json!({"preset": "public_chat", "power_level_content_override": {"events": {"org.matrix.msc3401.call.member": 0}}}))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        v["room_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn join_room(&self, user: &MatrixUser, room: &str) {
+        let (status, v) = self
+            .call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room)), Some(&user.token), json!({}))
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    /// Publishes a legacy call membership and schedules its delayed leave; returns the delay id.
+    pub async fn join_call(&self, user: &MatrixUser, room: &str, delay_ms: u64) -> String {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/org.matrix.msc3401.call.member/{}",
+            enc(room),
+            enc(&user.state_key())
+        );
+        // As MatrixRTC clients do: schedule the leave first, then publish the membership.
+        let (status, v) = self
+            .call(reqwest::Method::PUT, &format!("{path}?org.matrix.msc4140.delay={delay_ms}"), Some(&user.token), json!({}))
+            .await;
+        assert_eq!(status, 200, "schedule delayed leave: {v}");
+        let delay_id = v["delay_id"].as_str().unwrap().to_owned();
+        let membership = json!({
+            "application": "m.call", "call_id": "", "scope": "m.room", "device_id": user.device_id,
+            "expires": 14_400_000, "focus_active": {"type": "livekit", "focus_selection": "oldest_membership"},
+            "foci_preferred": [{"type": "livekit", "livekit_service_url": "https://lk-jwt.example"}]
+        });
+        let (status, v) = self.call(reqwest::Method::PUT, &path, Some(&user.token), membership).await;
+        assert_eq!(status, 200, "publish membership: {v}");
+        delay_id
+    }
+
+    /// Whether `user`'s call membership in `room` is present (a leave leaves `{}`).
+    pub async fn is_member(&self, user: &MatrixUser, room: &str) -> bool {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/org.matrix.msc3401.call.member/{}",
+            enc(room),
+            enc(&user.state_key())
+        );
+        let (status, v) = self.call(reqwest::Method::GET, &path, Some(&user.token), Value::Null).await;
+        status == 200 && v.as_object().is_some_and(|o| !o.is_empty())
+    }
+
+    /// Polls until the membership is gone; returns how long that took, or `None` after `within`.
+    pub async fn wait_left(&self, user: &MatrixUser, room: &str, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if !self.is_member(user, room).await {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// An OpenID token for `user`, as a client requests it before delegating.
+    pub async fn openid_token(&self, user: &MatrixUser) -> Value {
+        let (status, v) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&user.user_id)),
+                Some(&user.token),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// Cancels a delayed event as its owner would.
+    pub async fn cancel_delayed(&self, user: &MatrixUser, delay_id: &str) {
+        let (status, v) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{}/cancel", enc(delay_id)),
+                Some(&user.token),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct MatrixUser {
+    pub user_id: String,
+    pub device_id: String,
+    pub token: String,
+}
+
+impl MatrixUser {
+    /// The legacy membership state key.
+    pub fn state_key(&self) -> String {
+        format!("_{}_{}_m.call", self.user_id, self.device_id)
+    }
+}
+
+pub fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+}

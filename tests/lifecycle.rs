@@ -1,0 +1,347 @@
+//! End-to-end lifecycle against a real Synapse and the LiveKit emulator: delegations are made with
+//! real OpenID tokens, leaves are checked in Synapse's room state.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::bridge::{Bridge, SLOT, delegation_body};
+use common::livekit::{API_SECRET, LiveKit};
+use common::synapse::{MatrixUser, Synapse, SynapseOptions};
+use common::eventually;
+use rtc_leave_bridge::identity;
+
+const DELAY_MS: u64 = 3_000;
+
+struct World {
+    synapse: Synapse,
+    livekit: LiveKit,
+    bridge: Bridge,
+    alice: MatrixUser,
+    room: String,
+    lk_room: String,
+}
+
+impl World {
+    async fn new() -> World {
+        World::with(SynapseOptions::default(), &[]).await
+    }
+
+    async fn with(options: SynapseOptions, env: &[(&str, &str)]) -> World {
+        let synapse = Synapse::start(options).await;
+        let livekit = LiveKit::start().await;
+        let mut bridge_env = Bridge::env_for(&synapse, &livekit);
+        for (k, v) in env {
+            bridge_env.insert((*k).into(), (*v).into());
+        }
+        let bridge = Bridge::start(bridge_env).await;
+        let alice = synapse.register("alice").await;
+        let room = synapse.create_room(&alice).await;
+        let lk_room = identity::livekit_room(&room, SLOT);
+        World { synapse, livekit, bridge, alice, room, lk_room }
+    }
+
+    fn identity(&self, member_id: &str) -> String {
+        identity::identity_three_part(&self.alice.user_id, &self.alice.device_id, member_id)
+    }
+
+    /// Alice joins the call (membership + delayed leave) and delegates the leave.
+    async fn alice_joins_call(&self, member_id: &str, delay_ms: u64) -> String {
+        let delay_id = self.synapse.join_call(&self.alice, &self.room, delay_ms).await;
+        self.bridge.delegate(&self.synapse, &self.alice, &self.room, member_id, &delay_id, delay_ms).await;
+        delay_id
+    }
+
+    async fn still_member_after(&self, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if !self.synapse.is_member(&self.alice, &self.room).await {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_member_survives_and_leave_lands_within_a_second_of_participant_left() {
+    let w = World::new().await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS + 1_000)).await, "connected member removed:\n{}", w.bridge.logs());
+
+    let sent = Instant::now();
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
+    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(5)).await.expect("leave not sent");
+    let total = sent.elapsed();
+    assert!(total < Duration::from_secs(1), "leave visible after {total:?} (poll {took:?})");
+    assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_jobs_finished_total{outcome=\"sent\"}", 1.0).await, 1.0);
+    assert!(w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"ok\"}").await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_who_never_joins_is_left_after_the_join_timeout() {
+    let w = World::new().await;
+    // A delay much longer than the test, so only the bridge can have sent the leave.
+    w.alice_joins_call("m1", 60_000).await;
+    assert!(w.still_member_after(Duration::from_millis(2_500)).await, "left before the join timeout");
+    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(8)).await;
+    assert!(took.is_some(), "never-joined member not removed:\n{}", w.bridge.logs());
+    assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"never_joined\"}", 1.0).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_webhooks_are_refused_and_change_nothing() {
+    let w = World::new().await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    let left = w.livekit.participant_event("participant_left", &w.lk_room, &p, Some("CLIENT_INITIATED"));
+    // Wrong secret, no signature, a signature of another body, a garbage token.
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&LiveKit::sign(&left, "wrong-secret"))).await, 401);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, None).await, 401);
+    let other = w.livekit.participant_event("participant_joined", &w.lk_room, &p, None);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&LiveKit::sign(&other, API_SECRET))).await, 401);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some("Bearer not.a.jwt")).await, 401);
+    // Oversized bodies are cut off before anything is read.
+    let huge = "x".repeat(2 << 20);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &huge, Some(&LiveKit::sign(&huge, API_SECRET))).await, 413);
+    // Signed but not a webhook.
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, "[1,2", Some(&LiveKit::sign("[1,2", API_SECRET))).await, 400);
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "a forged webhook removed the member");
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_webhooks_total{event=\"unknown\",outcome=\"forged\"}").await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_duplicate_and_reordered_webhooks_do_not_send() {
+    let w = World::new().await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    let ident = w.identity("m1");
+    // An old session of the same identity, seen before the current one.
+    let old = w.livekit.connect(&w.lk_room, &ident);
+    let old_left = w.livekit.participant_event("participant_left", &w.lk_room, &old, Some("CLIENT_INITIATED"));
+    let old_joined = w.livekit.participant_event("participant_joined", &w.lk_room, &old, None);
+    w.livekit.disconnect(&w.lk_room, &old.sid);
+    let current = w.livekit.join(&w.bridge.url, &w.lk_room, &ident).await;
+    let joined = w.livekit.participant_event("participant_joined", &w.lk_room, &current, None);
+    // Late departure of the old session, delivered twice; its join arriving after its departure;
+    // the current session's join duplicated.
+    w.livekit.deliver(&w.bridge.url, &old_left).await;
+    w.livekit.deliver(&w.bridge.url, &old_left).await;
+    w.livekit.deliver(&w.bridge.url, &old_joined).await;
+    w.livekit.deliver(&w.bridge.url, &joined).await;
+    w.livekit.deliver(&w.bridge.url, &joined).await;
+    // A departure of the current session that is not the member's: a duplicate identity kick.
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS + 500)).await, "stale webhook sent the leave:\n{}", w.bridge.logs());
+    assert!(w.bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_left\",outcome=\"duplicate\"}").await >= 1.0);
+    // The real departure still works.
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &current, "CLIENT_INITIATED").await;
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_replaces_the_job_and_the_old_delay_id_is_never_sent() {
+    let w = World::new().await;
+    // The old delayed leave's own timer must not fire during the test: only a send of it by the
+    // bridge could remove the new membership.
+    let old_delay = w.alice_joins_call("m1", 60_000).await;
+    let first = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    // The client reconnects as a new member: new membership, new delayed leave, new delegation.
+    w.alice_joins_call("m2", DELAY_MS).await;
+    let second = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m2")).await;
+    // The old session's departure arrives after the rejoin: it must not send anything.
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &first, "CLIENT_INITIATED").await;
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS + 500)).await, "old delay id sent:\n{}", w.bridge.logs());
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs_finished_total{outcome=\"superseded\"}").await, 1.0);
+    assert!(!w.bridge.logs().contains(&format!("delay_id={old_delay} trigger")), "old delay id was sent");
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &second, "CLIENT_INITIATED").await;
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_answered_404_stops_the_job_without_sending() {
+    let w = World::new().await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
+    w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    // The client cancels its own delayed leave (e.g. it left cleanly by itself).
+    w.synapse.cancel_delayed(&w.alice, &delay_id).await;
+    let done = eventually(Duration::from_secs(6), || async {
+        w.bridge.metric("rtc_leave_bridge_jobs_finished_total{outcome=\"gone\"}").await == 1.0
+    })
+    .await;
+    assert!(done, "job not ended on 404:\n{}", w.bridge.logs());
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"ok\"}").await, 0.0);
+    assert!(w.synapse.is_member(&w.alice, &w.room).await, "nothing may be sent for a cancelled event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_honoured_and_members_kept_alive() {
+    // Synapse's delayed-event management limit at one call per second (burst 2), shared by every
+    // unauthenticated caller from this address: three members' restarts hit it.
+    let w = World::with(SynapseOptions { delayed_event_rate: (1.0, 2) }, &[]).await;
+    let mut others = Vec::new();
+    for name in ["bob", "carol"] {
+        let u = w.synapse.register(name).await;
+        w.synapse.join_room(&u, &w.room).await;
+        others.push(u);
+    }
+    w.alice_joins_call("m1", 6_000).await;
+    w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    for u in &others {
+        let delay = w.synapse.join_call(u, &w.room, 6_000).await;
+        w.bridge.delegate(&w.synapse, u, &w.room, "x1", &delay, 6_000).await;
+        w.livekit.join(&w.bridge.url, &w.lk_room, &identity::identity_three_part(&u.user_id, &u.device_id, "x1")).await;
+    }
+    assert!(w.still_member_after(Duration::from_secs(14)).await, "rate-limited member removed:\n{}", w.bridge.logs());
+    for u in &others {
+        assert!(w.synapse.is_member(u, &w.room).await, "{} removed:\n{}", u.user_id, w.bridge.logs());
+    }
+    assert!(
+        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}").await >= 1.0,
+        "the test did not hit the rate limit:\n{}", w.bridge.metrics().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn homeserver_down_then_back_gets_the_leave_once_it_returns() {
+    let mut w = World::new().await;
+    // A long delay: the homeserver's own timer cannot be what removes the member here.
+    w.alice_joins_call("m1", 60_000).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    w.synapse.stop();
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"network\"}").await >= 1.0);
+    w.synapse.resume().await;
+    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(15)).await;
+    assert!(took.is_some(), "leave not delivered after the homeserver came back:\n{}", w.bridge.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_keeps_every_job() {
+    let mut w = World::new().await;
+    let bob = w.synapse.register("bob").await;
+    w.synapse.join_room(&bob, &w.room).await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    let bob_delay = w.synapse.join_call(&bob, &w.room, DELAY_MS).await;
+    w.bridge.delegate(&w.synapse, &bob, &w.room, "b1", &bob_delay, DELAY_MS).await;
+    let a = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    let bob_identity = identity::identity_three_part(&bob.user_id, &bob.device_id, "b1");
+    w.livekit.join(&w.bridge.url, &w.lk_room, &bob_identity).await;
+
+    w.bridge.kill9();
+    w.bridge.restart().await;
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs{state=\"connected\"}").await, 2.0, "{}", w.bridge.logs());
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "member lost across kill -9:\n{}", w.bridge.logs());
+    assert!(w.synapse.is_member(&bob, &w.room).await);
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &a, "CLIENT_INITIATED").await;
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+    assert!(w.synapse.is_member(&bob, &w.room).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_catches_a_lost_participant_left() {
+    let w = World::new().await;
+    w.alice_joins_call("m1", 60_000).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The member disconnects; LiveKit's webhook is lost.
+    w.livekit.disconnect(&w.lk_room, &p.sid);
+    // Two listings 2 s apart prove it gone.
+    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(10)).await;
+    assert!(took.is_some(), "lost departure not caught:\n{}", w.bridge.logs());
+    assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"reconciled\"}", 1.0).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn livekit_unreachable_keeps_members_alive() {
+    let w = World::new().await;
+    w.livekit.set_unavailable(true);
+    w.alice_joins_call("m1", DELAY_MS).await;
+    // Never joined as far as webhooks go, and LiveKit cannot be asked: no guessing.
+    assert!(w.still_member_after(Duration::from_secs(8)).await, "sent on a guess:\n{}", w.bridge.logs());
+    assert!(w.bridge.metric("rtc_leave_bridge_livekit_requests_total{outcome=\"error\"}").await >= 2.0);
+    // Once LiveKit answers (nobody there), the leave goes out.
+    w.livekit.set_unavailable(false);
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(10)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_waits_for_reappearance_and_room_finished_sends() {
+    let w = World::new().await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    // LiveKit says it left for a migration, but the session is still listed: stay.
+    let migrated = w.livekit.participant_event("participant_left", &w.lk_room, &p, Some("MIGRATION"));
+    w.livekit.deliver(&w.bridge.url, &migrated).await;
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "migration sent the leave:\n{}", w.bridge.logs());
+    // The room ends: everybody is gone.
+    let sid = w.livekit.finish_room(&w.lk_room);
+    w.livekit.deliver(&w.bridge.url, &w.livekit.room_finished_event(&w.lk_room, &sid)).await;
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(1)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_exits_cleanly_and_resumes() {
+    let mut w = World::new().await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    let status = w.bridge.terminate();
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", w.bridge.logs());
+    assert!(w.bridge.logs().contains("engine stopped"));
+    w.bridge.restart().await;
+    assert!(w.still_member_after(Duration::from_millis(DELAY_MS + 1_000)).await);
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegations_are_authenticated() {
+    let w = World::new().await;
+    let bob = w.synapse.register("bob").await;
+    let delay_id = w.synapse.join_call(&w.alice, &w.room, DELAY_MS).await;
+    let alice_token = w.synapse.openid_token(&w.alice).await;
+    let bob_token = w.synapse.openid_token(&bob).await;
+
+    // Bob's token claiming to be Alice.
+    let body = delegation_body(&bob_token, &w.alice, &w.room, "m1", &delay_id, DELAY_MS);
+    let (status, v) = w.bridge.delegate_raw(&body).await;
+    assert_eq!((status, v["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{v}");
+
+    // A revoked / made-up token.
+    let mut fake = alice_token.clone();
+    fake["access_token"] = "not-a-token".into();
+    let (status, _) = w.bridge.delegate_raw(&delegation_body(&fake, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
+    assert_eq!(status, 401);
+
+    // Alice's token presented as coming from a foreign server.
+    let mut foreign = alice_token.clone();
+    foreign["matrix_server_name"] = "other.test".into();
+    let (status, v) = w.bridge.delegate_raw(&delegation_body(&foreign, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
+    assert!(status == 403 || status == 401, "{status} {v}");
+
+    // Malformed requests.
+    let mut bad = delegation_body(&alice_token, &w.alice, &w.room, "m1", &delay_id, DELAY_MS);
+    bad["delay_timeout"] = 0.into();
+    assert_eq!(w.bridge.delegate_raw(&bad).await.1["errcode"], "M_INVALID_PARAM");
+    bad["delay_timeout"] = DELAY_MS.into();
+    bad["room_id"] = "not-a-room".into();
+    assert_eq!(w.bridge.delegate_raw(&bad).await.1["errcode"], "M_INVALID_PARAM");
+    let (status, v) = w.bridge.delegate_raw(&serde_json::json!({"room_id": w.room})).await;
+    assert_eq!((status, v["errcode"].as_str()), (400, Some("M_BAD_JSON")));
+
+    // Nothing of the refused requests is tracked, and the member stays (its own timer aside).
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs{state=\"waiting\"}").await, 0.0);
+    // The genuine request works.
+    w.bridge.delegate(&w.synapse, &w.alice, &w.room, "m1", &delay_id, DELAY_MS).await;
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs{state=\"waiting\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disallowed_homeserver_is_forbidden() {
+    let w = World::with(SynapseOptions::default(), &[("LIVEKIT_FULL_ACCESS_HOMESERVERS", "somewhere-else.test")]).await;
+    let delay_id = w.synapse.join_call(&w.alice, &w.room, DELAY_MS).await;
+    let token = w.synapse.openid_token(&w.alice).await;
+    let (status, v) = w.bridge.delegate_raw(&delegation_body(&token, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
+    assert_eq!((status, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{v}");
+}
