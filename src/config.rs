@@ -16,7 +16,11 @@ use crate::lifecycle::Timing;
 
 /// Every setting we read, with its default (if any) and meaning; the README's table mirrors it.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
-    ("LIVEKIT_URL", "(required)", "LiveKit SFU URL (ws/wss/http/https); RoomService is called on its http(s) form, path kept"),
+    (
+        "LIVEKIT_URL",
+        "(required)",
+        "LiveKit SFU URL (ws/wss/http/https); RoomService is called on its http(s) form, path kept",
+    ),
     ("LIVEKIT_KEY", "", "LiveKit API key (webhook verification, RoomService)"),
     ("LIVEKIT_SECRET", "", "LiveKit API secret"),
     ("LIVEKIT_KEY_FILE", "", "file holding `key: secret` (instead of LIVEKIT_KEY/LIVEKIT_SECRET)"),
@@ -31,14 +35,22 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("LIVEKIT_LOG_LEVEL", "info", "error, warn, info, debug or trace"),
     ("RTC_LEAVE_BRIDGE_LOG_FORMAT", "text", "`text` or `json`"),
     ("RTC_LEAVE_BRIDGE_DATA_DIR", "./data", "directory of the SQLite database"),
-    ("RTC_LEAVE_BRIDGE_RESTART_AT", "0.8", "restart the delayed event when this fraction of its delay has elapsed (0.1–0.95)"),
+    (
+        "RTC_LEAVE_BRIDGE_RESTART_AT",
+        "0.8",
+        "restart the delayed event when this fraction of its delay has elapsed (0.1–0.95)",
+    ),
     ("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT", "30s", "how long a delegated member may take to connect before LiveKit is asked"),
     ("RTC_LEAVE_BRIDGE_GRACE", "10s", "how long a migrating / shut-down session may take to reappear"),
     ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "30s", "how often rooms with jobs are listed through RoomService"),
     ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "10s", "timeout of each homeserver and LiveKit request"),
     ("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT", "10s", "how long SIGTERM waits for in-flight homeserver calls"),
     ("RTC_LEAVE_BRIDGE_MAX_DELAY", "24h", "largest delay_timeout accepted from a client"),
-    ("RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS", "false", "allow discovered homeserver addresses in loopback/private/link-local ranges"),
+    (
+        "RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS",
+        "false",
+        "allow discovered homeserver addresses in loopback/private/link-local ranges",
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +115,8 @@ impl Source {
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut values = HashMap::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| bad("--config", format!("{}: {e}", path.display())))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| bad("--config", format!("{}: {e}", path.display())))?;
             let table: toml::Table = text.parse().map_err(|e| bad("--config", format!("{}: {e}", path.display())))?;
             for (key, value) in table {
                 let key = key.to_ascii_uppercase();
@@ -140,9 +153,8 @@ impl Source {
     }
 
     fn get_or_default<'a>(&'a self, name: &str) -> &'a str {
-        self.get(name).unwrap_or_else(|| {
-            SETTINGS.iter().find(|(n, ..)| *n == name).map(|(_, d, _)| *d).unwrap_or_default()
-        })
+        self.get(name)
+            .unwrap_or_else(|| SETTINGS.iter().find(|(n, ..)| *n == name).map(|(_, d, _)| *d).unwrap_or_default())
     }
 
     fn duration(&self, name: &str) -> Result<Duration, ConfigError> {
@@ -262,7 +274,10 @@ impl Config {
             None => false,
             Some("YES_I_KNOW_WHAT_I_AM_DOING") => true,
             Some(other) => {
-                return Err(bad("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", format!("{other:?}: only YES_I_KNOW_WHAT_I_AM_DOING enables it")));
+                return Err(bad(
+                    "LIVEKIT_INSECURE_SKIP_VERIFY_TLS",
+                    format!("{other:?}: only YES_I_KNOW_WHAT_I_AM_DOING enables it"),
+                ));
             }
         };
 
@@ -393,6 +408,14 @@ mod tests {
         assert_eq!((c.livekit_key.as_str(), c.livekit_secret.as_str()), ("lkkey", "lksecret"));
         assert_eq!(c.cs_overrides["hs2.test"].as_str(), "https://matrix.hs2.test/");
         assert!(c.allowed.allows("hs1.test") && !c.allowed.allows("evil.test"));
+    }
+
+    #[test]
+    fn every_setting_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        for (name, ..) in SETTINGS {
+            assert!(readme.contains(&format!("`{name}`")), "{name} missing from the README's table");
+        }
     }
 
     #[test]

@@ -148,10 +148,7 @@ impl Clock {
 
 /// Unix milliseconds now, for delegation records.
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
 struct Entry {
@@ -193,7 +190,10 @@ struct Engine {
 }
 
 /// Loads every stored job, resumes it, and starts the engine task.
-pub async fn start(config: EngineConfig, out: Outside) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
+pub async fn start(
+    config: EngineConfig,
+    out: Outside,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
     let records = out.store.load().await?;
     let (tx, rx) = mpsc::channel(4_096);
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
@@ -628,7 +628,10 @@ impl Engine {
                 .homeserver_request_duration
                 .get_or_create(&ActionLabel { action: action.as_str() })
                 .observe(started.elapsed().as_secs_f64());
-            metrics.homeserver_requests.get_or_create(&CallLabels { action: action.as_str(), outcome: answer.outcome }).inc();
+            metrics
+                .homeserver_requests
+                .get_or_create(&CallLabels { action: action.as_str(), outcome: answer.outcome })
+                .inc();
             if let Some(detail) = &answer.detail {
                 let msg = "homeserver call did not succeed";
                 match answer.outcome {
@@ -780,4 +783,3 @@ fn departure_reason(kind: &SfuEventKind) -> &str {
         _ => "",
     }
 }
-

@@ -50,10 +50,7 @@ mod tests {
 
     #[test]
     fn room_name_matches_the_reference_vector() {
-        assert_eq!(
-            livekit_room("!roomid:example.com", "slot1234"),
-            "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"
-        );
+        assert_eq!(livekit_room("!roomid:example.com", "slot1234"), "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc");
     }
 
     #[test]

@@ -144,8 +144,7 @@ pub enum PhaseKind {
 }
 
 impl PhaseKind {
-    pub const LIVE: [PhaseKind; 4] =
-        [PhaseKind::Waiting, PhaseKind::Connected, PhaseKind::Grace, PhaseKind::Sending];
+    pub const LIVE: [PhaseKind; 4] = [PhaseKind::Waiting, PhaseKind::Connected, PhaseKind::Grace, PhaseKind::Sending];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -250,13 +249,26 @@ impl Calls {
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
     /// Delegated; the member has not been seen connected yet.
-    Waiting { join_deadline: Millis },
+    Waiting {
+        join_deadline: Millis,
+    },
     /// Bound to a connected session.
-    Connected { binding: Binding, bound_at: Millis, absences: u8 },
+    Connected {
+        binding: Binding,
+        bound_at: Millis,
+        absences: u8,
+    },
     /// The bound session left at `since` with a reason it may come back from.
-    Grace { binding: Binding, since: Millis, until: Millis },
+    Grace {
+        binding: Binding,
+        since: Millis,
+        until: Millis,
+    },
     /// The member is gone; the leave is being sent.
-    Sending { trigger: Trigger, since: Millis },
+    Sending {
+        trigger: Trigger,
+        since: Millis,
+    },
     Done(Outcome),
 }
 
@@ -308,13 +320,7 @@ impl Job {
     /// A job loaded from the store after a restart of the service. Its durable phase is trusted
     /// only as far as it is safe: the event is restarted (or sent) at once and LiveKit is asked
     /// again before any absence can lead to a send.
-    pub fn resume(
-        delay: Millis,
-        seed: u64,
-        timing: Timing,
-        durable: Durable,
-        now: Millis,
-    ) -> (Job, Vec<Action>) {
+    pub fn resume(delay: Millis, seed: u64, timing: Timing, durable: Durable, now: Millis) -> (Job, Vec<Action>) {
         let phase = match durable {
             Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
             Durable::Connected { binding } => Phase::Connected { binding, bound_at: now, absences: 0 },
@@ -612,7 +618,7 @@ impl Job {
                 self.calls.failures = 0;
                 let interval = (self.delay as f64
                     * (self.timing.restart_fraction - self.timing.restart_jitter * self.jitter()))
-                    .max(1.0) as Millis;
+                .max(1.0) as Millis;
                 self.calls.next_at = issued + interval;
             }
             HsAnswer::Gone => self.finish(Outcome::Gone, out),

@@ -28,8 +28,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         SqliteStore::open(&config.data_dir)
             .with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", config.data_dir.display()))?,
     );
-    let clients = Clients::new(config.request_timeout, config.insecure_skip_verify_tls, config.allow_private_homeservers)
-        .map_err(anyhow::Error::msg)?;
+    let clients =
+        Clients::new(config.request_timeout, config.insecure_skip_verify_tls, config.allow_private_homeservers)
+            .map_err(anyhow::Error::msg)?;
     let discovery = Arc::new(Discovery::new(
         clients.clone(),
         config.cs_overrides.clone(),

@@ -6,9 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::bridge::{Bridge, SLOT, delegation_body};
+use common::eventually;
 use common::livekit::{API_SECRET, LiveKit};
 use common::synapse::{MatrixUser, Synapse, SynapseOptions};
-use common::eventually;
 use rtc_leave_bridge::identity;
 
 const DELAY_MS: u64 = 3_000;
@@ -69,7 +69,11 @@ async fn connected_member_survives_and_leave_lands_within_a_second_of_participan
     let w = World::new().await;
     w.alice_joins_call("m1", DELAY_MS).await;
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
-    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS + 1_000)).await, "connected member removed:\n{}", w.bridge.logs());
+    assert!(
+        w.still_member_after(Duration::from_millis(2 * DELAY_MS + 1_000)).await,
+        "connected member removed:\n{}",
+        w.bridge.logs()
+    );
 
     let sent = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
@@ -77,7 +81,9 @@ async fn connected_member_survives_and_leave_lands_within_a_second_of_participan
     let total = sent.elapsed();
     assert!(total < Duration::from_secs(1), "leave visible after {total:?} (poll {took:?})");
     assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_jobs_finished_total{outcome=\"sent\"}", 1.0).await, 1.0);
-    assert!(w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"ok\"}").await >= 3.0);
+    assert!(
+        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"ok\"}").await >= 3.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +94,10 @@ async fn member_who_never_joins_is_left_after_the_join_timeout() {
     assert!(w.still_member_after(Duration::from_millis(2_500)).await, "left before the join timeout");
     let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(8)).await;
     assert!(took.is_some(), "never-joined member not removed:\n{}", w.bridge.logs());
-    assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"never_joined\"}", 1.0).await, 1.0);
+    assert_eq!(
+        w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"never_joined\"}", 1.0).await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,8 +141,15 @@ async fn stale_duplicate_and_reordered_webhooks_do_not_send() {
     w.livekit.deliver(&w.bridge.url, &joined).await;
     w.livekit.deliver(&w.bridge.url, &joined).await;
     // A departure of the current session that is not the member's: a duplicate identity kick.
-    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS + 500)).await, "stale webhook sent the leave:\n{}", w.bridge.logs());
-    assert!(w.bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_left\",outcome=\"duplicate\"}").await >= 1.0);
+    assert!(
+        w.still_member_after(Duration::from_millis(2 * DELAY_MS + 500)).await,
+        "stale webhook sent the leave:\n{}",
+        w.bridge.logs()
+    );
+    assert!(
+        w.bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_left\",outcome=\"duplicate\"}").await
+            >= 1.0
+    );
     // The real departure still works.
     w.livekit.leave(&w.bridge.url, &w.lk_room, &current, "CLIENT_INITIATED").await;
     assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
@@ -151,7 +167,11 @@ async fn rejoin_replaces_the_job_and_the_old_delay_id_is_never_sent() {
     let second = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m2")).await;
     // The old session's departure arrives after the rejoin: it must not send anything.
     w.livekit.leave(&w.bridge.url, &w.lk_room, &first, "CLIENT_INITIATED").await;
-    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS + 500)).await, "old delay id sent:\n{}", w.bridge.logs());
+    assert!(
+        w.still_member_after(Duration::from_millis(2 * DELAY_MS + 500)).await,
+        "old delay id sent:\n{}",
+        w.bridge.logs()
+    );
     assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs_finished_total{outcome=\"superseded\"}").await, 1.0);
     assert!(!w.bridge.logs().contains(&format!("delay_id={old_delay} trigger")), "old delay id was sent");
     w.livekit.leave(&w.bridge.url, &w.lk_room, &second, "CLIENT_INITIATED").await;
@@ -170,7 +190,10 @@ async fn restart_answered_404_stops_the_job_without_sending() {
     })
     .await;
     assert!(done, "job not ended on 404:\n{}", w.bridge.logs());
-    assert_eq!(w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"ok\"}").await, 0.0);
+    assert_eq!(
+        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"ok\"}").await,
+        0.0
+    );
     assert!(w.synapse.is_member(&w.alice, &w.room).await, "nothing may be sent for a cancelled event");
 }
 
@@ -197,8 +220,12 @@ async fn rate_limits_are_honoured_and_members_kept_alive() {
         assert!(w.synapse.is_member(u, &w.room).await, "{} removed:\n{}", u.user_id, w.bridge.logs());
     }
     assert!(
-        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}").await >= 1.0,
-        "the test did not hit the rate limit:\n{}", w.bridge.metrics().await
+        w.bridge
+            .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}")
+            .await
+            >= 1.0,
+        "the test did not hit the rate limit:\n{}",
+        w.bridge.metrics().await
     );
 }
 
@@ -211,7 +238,9 @@ async fn homeserver_down_then_back_gets_the_leave_once_it_returns() {
     w.synapse.stop();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"network\"}").await >= 1.0);
+    assert!(
+        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"network\"}").await >= 1.0
+    );
     w.synapse.resume().await;
     let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(15)).await;
     assert!(took.is_some(), "leave not delivered after the homeserver came back:\n{}", w.bridge.logs());
@@ -232,7 +261,11 @@ async fn kill_9_and_restart_keeps_every_job() {
     w.bridge.kill9();
     w.bridge.restart().await;
     assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs{state=\"connected\"}").await, 2.0, "{}", w.bridge.logs());
-    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "member lost across kill -9:\n{}", w.bridge.logs());
+    assert!(
+        w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await,
+        "member lost across kill -9:\n{}",
+        w.bridge.logs()
+    );
     assert!(w.synapse.is_member(&bob, &w.room).await);
     w.livekit.leave(&w.bridge.url, &w.lk_room, &a, "CLIENT_INITIATED").await;
     assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
@@ -250,7 +283,10 @@ async fn reconciliation_catches_a_lost_participant_left() {
     // Two listings 2 s apart prove it gone.
     let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(10)).await;
     assert!(took.is_some(), "lost departure not caught:\n{}", w.bridge.logs());
-    assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"reconciled\"}", 1.0).await, 1.0);
+    assert_eq!(
+        w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"reconciled\"}", 1.0).await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +310,11 @@ async fn migration_waits_for_reappearance_and_room_finished_sends() {
     // LiveKit says it left for a migration, but the session is still listed: stay.
     let migrated = w.livekit.participant_event("participant_left", &w.lk_room, &p, Some("MIGRATION"));
     w.livekit.deliver(&w.bridge.url, &migrated).await;
-    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "migration sent the leave:\n{}", w.bridge.logs());
+    assert!(
+        w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await,
+        "migration sent the leave:\n{}",
+        w.bridge.logs()
+    );
     // The room ends: everybody is gone.
     let sid = w.livekit.finish_room(&w.lk_room);
     w.livekit.deliver(&w.bridge.url, &w.livekit.room_finished_event(&w.lk_room, &sid)).await;
@@ -311,13 +351,15 @@ async fn delegations_are_authenticated() {
     // A revoked / made-up token.
     let mut fake = alice_token.clone();
     fake["access_token"] = "not-a-token".into();
-    let (status, _) = w.bridge.delegate_raw(&delegation_body(&fake, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
+    let (status, _) =
+        w.bridge.delegate_raw(&delegation_body(&fake, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
     assert_eq!(status, 401);
 
     // Alice's token presented as coming from a foreign server.
     let mut foreign = alice_token.clone();
     foreign["matrix_server_name"] = "other.test".into();
-    let (status, v) = w.bridge.delegate_raw(&delegation_body(&foreign, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
+    let (status, v) =
+        w.bridge.delegate_raw(&delegation_body(&foreign, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
     assert!(status == 403 || status == 401, "{status} {v}");
 
     // Malformed requests.
@@ -342,6 +384,37 @@ async fn disallowed_homeserver_is_forbidden() {
     let w = World::with(SynapseOptions::default(), &[("LIVEKIT_FULL_ACCESS_HOMESERVERS", "somewhere-else.test")]).await;
     let delay_id = w.synapse.join_call(&w.alice, &w.room, DELAY_MS).await;
     let token = w.synapse.openid_token(&w.alice).await;
-    let (status, v) = w.bridge.delegate_raw(&delegation_body(&token, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
+    let (status, v) =
+        w.bridge.delegate_raw(&delegation_body(&token, &w.alice, &w.room, "m1", &delay_id, DELAY_MS)).await;
     assert_eq!((status, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_signed_by_livekits_own_sdk_are_verified_and_applied() {
+    let w = World::new().await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    let ident = w.identity("m1");
+    let p = w.livekit.connect(&w.lk_room, &ident);
+    let room_sid = w.livekit.room_sid(&w.lk_room);
+    let sdk = |event: &str, reason: Option<&str>| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_webhook.py");
+        let joined = p.joined_at.to_string();
+        let mut args =
+            vec![script, common::livekit::API_KEY, API_SECRET, event, &w.lk_room, &room_sid, &ident, &p.sid, &joined];
+        args.extend(reason);
+        let out = std::process::Command::new(common::synapse::python()).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["body"].as_str().unwrap().to_owned(), v["authorization"].as_str().unwrap().to_owned())
+    };
+    let (body, auth) = sdk("participant_joined", None);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &body, Some(&auth)).await, 200);
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs{state=\"connected\"}").await, 1.0);
+    // The SDK's signature over one body does not verify another.
+    let (left, left_auth) = sdk("participant_left", Some("CLIENT_INITIATED"));
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&auth)).await, 401);
+    assert!(w.synapse.is_member(&w.alice, &w.room).await);
+    w.livekit.disconnect(&w.lk_room, &p.sid);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&left_auth)).await, 200);
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(1)).await.is_some());
 }

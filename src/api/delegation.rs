@@ -83,13 +83,13 @@ pub async fn delegate(State(state): State<AppState>, body: Bytes) -> Result<Resp
 
 async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
     let req: Request = serde_json::from_slice(body).map_err(|e| {
-        let kind = if serde_json::from_slice::<serde_json::Value>(body).is_ok() { "invalid request" } else { "not JSON" };
+        let kind =
+            if serde_json::from_slice::<serde_json::Value>(body).is_ok() { "invalid request" } else { "not JSON" };
         MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{kind}: {e}"))
     })?;
 
     // Shape and syntax.
-    let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str())
-        .map_err(|e| invalid(format!("room_id: {e}")))?;
+    let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
     let user_id = ruma::OwnedUserId::try_from(req.member.claimed_user_id.as_str())
         .map_err(|e| invalid(format!("member.claimed_user_id: {e}")))?;
     check_text("slot_id", &req.slot_id)?;
@@ -122,7 +122,11 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         .map_err(|e| upstream_error(server, e))?;
     if sub != user_id.as_str() {
         warn!(server, claimed = %user_id, "delegation refused: OpenID token belongs to another user");
-        return Err(MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "OpenID token does not belong to the member"));
+        return Err(MatrixError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_UNAUTHORIZED",
+            "OpenID token does not belong to the member",
+        ));
     }
 
     // Where its homeserver is, by our own means.

@@ -66,9 +66,8 @@ pub fn router(state: AppState) -> Router {
         .route("/delegate_delayed_leave", post(delegation::delegate))
         .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT))
         .layer(cors);
-    let webhook = Router::new()
-        .route("/sfu_webhook", post(webhook::receive))
-        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
+    let webhook =
+        Router::new().route("/sfu_webhook", post(webhook::receive)).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
     Router::new()
         .merge(delegation)
         .merge(webhook)

@@ -52,7 +52,13 @@ pub fn action_url(base: &Url, delay_id: &str, action: DelayedAction) -> Url {
 }
 
 /// Issues `action` on `delay_id` (unauthenticated: the delay id is the capability).
-pub async fn call(http: &reqwest::Client, base: &Url, delay_id: &str, action: DelayedAction, timeout: Duration) -> Answer {
+pub async fn call(
+    http: &reqwest::Client,
+    base: &Url,
+    delay_id: &str,
+    action: DelayedAction,
+    timeout: Duration,
+) -> Answer {
     let url = action_url(base, delay_id, action);
     let resp = http.post(url).json(&serde_json::json!({})).timeout(timeout).send().await;
     let resp = match resp {

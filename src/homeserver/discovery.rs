@@ -53,7 +53,12 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    pub fn new(clients: Clients, cs_overrides: Overrides, federation_overrides: Overrides, allow_private: bool) -> Self {
+    pub fn new(
+        clients: Clients,
+        cs_overrides: Overrides,
+        federation_overrides: Overrides,
+        allow_private: bool,
+    ) -> Self {
         Discovery { clients, cs_overrides, federation_overrides, allow_private, cs_cache: Mutex::default() }
     }
 
@@ -249,7 +254,19 @@ mod tests {
 
     #[test]
     fn classifies_addresses() {
-        for private in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1"] {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
         for public in ["8.8.8.8", "1.1.1.1", "2a00:1450::1"] {

@@ -96,10 +96,7 @@ fn departure_of_the_bound_session_sends_at_once() {
     assert!(out.contains(&Action::Send { call: 2 }), "{out:?}");
     h.now = 3_050;
     let out = h.answer_send(HsAnswer::Ok);
-    assert_eq!(
-        out,
-        vec![Action::Finish(Outcome::Sent { trigger: Trigger::Departed, latency: 50 })]
-    );
+    assert_eq!(out, vec![Action::Finish(Outcome::Sent { trigger: Trigger::Departed, latency: 50 })]);
 }
 
 #[test]
@@ -271,15 +268,13 @@ fn superseded_job_never_sends() {
 #[test]
 fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
     let binding = Binding { identity: "id".into(), sid: "PA_a".into(), joined_at: 1, room_sid: String::new() };
-    let (mut job, actions) =
-        Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding }, 1_000);
+    let (mut job, actions) = Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding }, 1_000);
     assert!(actions.contains(&Action::Restart { call: 1 }));
     assert!(actions.contains(&Action::Probe));
     let mut out = Vec::new();
     job.handle(Event::Observed { at: 1_000, present: None }, 1_010, &mut out);
     assert_eq!(job.kind(), PhaseKind::Connected, "a listing from the resume instant is not proof");
-    let (_, actions) =
-        Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed }, 0);
+    let (_, actions) = Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed }, 0);
     assert!(actions.contains(&Action::Send { call: 1 }));
 }
 

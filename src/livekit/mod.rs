@@ -56,7 +56,11 @@ pub struct SfuEvent {
 pub enum SfuEventKind {
     ParticipantJoined(Participant),
     /// `participant_left`, or `participant_connection_aborted` (`aborted`).
-    ParticipantLeft { participant: Participant, departure: Departure, aborted: bool },
+    ParticipantLeft {
+        participant: Participant,
+        departure: Departure,
+        aborted: bool,
+    },
     RoomFinished,
     /// Any other event (track_published, egress_*, …), by name.
     Other(String),

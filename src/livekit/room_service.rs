@@ -60,18 +60,10 @@ impl RoomService {
         timeout: Duration,
     ) -> Result<Self, String> {
         let base = http_base(livekit_url)?;
-        let list_url = Url::parse(&format!(
-            "{}/twirp/livekit.RoomService/ListParticipants",
-            base.as_str().trim_end_matches('/')
-        ))
-        .map_err(|e| e.to_string())?;
-        Ok(RoomService {
-            http,
-            list_url,
-            api_key: api_key.to_owned(),
-            api_secret: api_secret.to_owned(),
-            timeout,
-        })
+        let list_url =
+            Url::parse(&format!("{}/twirp/livekit.RoomService/ListParticipants", base.as_str().trim_end_matches('/')))
+                .map_err(|e| e.to_string())?;
+        Ok(RoomService { http, list_url, api_key: api_key.to_owned(), api_secret: api_secret.to_owned(), timeout })
     }
 
     /// The connected participants of `room`; an empty list if the room does not exist.

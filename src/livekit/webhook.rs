@@ -45,8 +45,8 @@ impl WebhookVerifier {
             Ok(event) => from_proto(event),
             Err(WebhookError::InvalidData(e)) => {
                 // The signature and body hash verified; only the typed decoding failed.
-                let value: Value = serde_json::from_str(body)
-                    .map_err(|_| RejectedWebhook::Malformed(format!("not JSON: {e}")))?;
+                let value: Value =
+                    serde_json::from_str(body).map_err(|_| RejectedWebhook::Malformed(format!("not JSON: {e}")))?;
                 from_json(&value)
             }
             Err(e) => Err(RejectedWebhook::Unauthenticated(e.to_string())),
@@ -57,9 +57,10 @@ impl WebhookVerifier {
 fn from_proto(event: proto::WebhookEvent) -> Result<SfuEvent, RejectedWebhook> {
     let room = event.room.unwrap_or_default();
     let participant = || -> Result<Participant, RejectedWebhook> {
-        let p = event.participant.clone().ok_or_else(|| {
-            RejectedWebhook::Malformed(format!("{} without participant", event.event))
-        })?;
+        let p = event
+            .participant
+            .clone()
+            .ok_or_else(|| RejectedWebhook::Malformed(format!("{} without participant", event.event)))?;
         Ok(Participant { identity: p.identity, sid: p.sid, joined_at: p.joined_at })
     };
     let departure = || {
@@ -101,9 +102,8 @@ fn from_json(v: &Value) -> Result<SfuEvent, RejectedWebhook> {
     let name = text(v.get("event"));
     let room = v.get("room").cloned().unwrap_or(Value::Null);
     let participant = || -> Result<Participant, RejectedWebhook> {
-        let p = v
-            .get("participant")
-            .ok_or_else(|| RejectedWebhook::Malformed(format!("{name} without participant")))?;
+        let p =
+            v.get("participant").ok_or_else(|| RejectedWebhook::Malformed(format!("{name} without participant")))?;
         Ok(Participant {
             identity: text(p.get("identity")),
             sid: text(p.get("sid")),
@@ -136,12 +136,7 @@ fn from_json(v: &Value) -> Result<SfuEvent, RejectedWebhook> {
     };
     let room_name = text(room.get("name"));
     check_room(&kind, &room_name)?;
-    Ok(SfuEvent {
-        id: text(v.get("id")),
-        room: room_name,
-        room_sid: text(room.get("sid")),
-        kind,
-    })
+    Ok(SfuEvent { id: text(v.get("id")), room: room_name, room_sid: text(room.get("sid")), kind })
 }
 
 fn check_room(kind: &SfuEventKind, room: &str) -> Result<(), RejectedWebhook> {
@@ -165,10 +160,7 @@ mod tests {
 
     fn sign(body: &str, secret: &str) -> String {
         let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
-        livekit_api::access_token::AccessToken::with_api_key("key", secret)
-            .with_sha256(&hash)
-            .to_jwt()
-            .unwrap()
+        livekit_api::access_token::AccessToken::with_api_key("key", secret).with_sha256(&hash).to_jwt().unwrap()
     }
 
     const LEFT: &str = r#"{"event":"participant_left","room":{"sid":"RM_1","name":"room"},
@@ -191,15 +183,9 @@ mod tests {
     fn rejects_forged_missing_and_tampered() {
         let v = WebhookVerifier::new("key", "secret");
         assert!(matches!(v.verify(LEFT, None), Err(RejectedWebhook::Unauthenticated(_))));
-        assert!(matches!(
-            v.verify(LEFT, Some(&sign(LEFT, "other"))),
-            Err(RejectedWebhook::Unauthenticated(_))
-        ));
+        assert!(matches!(v.verify(LEFT, Some(&sign(LEFT, "other"))), Err(RejectedWebhook::Unauthenticated(_))));
         let tampered = LEFT.replace("PA_1", "PA_2");
-        assert!(matches!(
-            v.verify(&tampered, Some(&sign(LEFT, "secret"))),
-            Err(RejectedWebhook::Unauthenticated(_))
-        ));
+        assert!(matches!(v.verify(&tampered, Some(&sign(LEFT, "secret"))), Err(RejectedWebhook::Unauthenticated(_))));
     }
 
     #[test]

@@ -27,8 +27,7 @@ impl SqliteStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("cannot create data dir {}: {e}", dir.display())))?;
         let path = dir.join("jobs.sqlite3");
-        let conn = Connection::open(&path)
-            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        let conn = Connection::open(&path).map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
@@ -59,10 +58,7 @@ impl SqliteStore {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
 #[async_trait]
@@ -71,9 +67,7 @@ impl Store for SqliteStore {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare("SELECT id, delegation, state FROM jobs").map_err(err)?;
             let rows = stmt
-                .query_map([], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-                })
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?)))
                 .map_err(err)?;
             let mut jobs = Vec::new();
             for row in rows {
@@ -124,8 +118,7 @@ impl Store for SqliteStore {
                         .map_err(err)?;
                     }
                     StoreOp::Delete(id) => {
-                        tx.execute("DELETE FROM jobs WHERE id = ?1", params![id.to_string()])
-                            .map_err(err)?;
+                        tx.execute("DELETE FROM jobs WHERE id = ?1", params![id.to_string()]).map_err(err)?;
                     }
                 }
             }
@@ -173,13 +166,9 @@ mod tests {
         {
             let store = SqliteStore::open(dir.path()).unwrap();
             store.commit(vec![StoreOp::Insert(record(1)), StoreOp::Insert(record(2))]).await.unwrap();
-            let binding =
-                Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, room_sid: "RM".into() };
+            let binding = Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, room_sid: "RM".into() };
             store
-                .commit(vec![
-                    StoreOp::SetState(JobId(1), Durable::Connected { binding }),
-                    StoreOp::Delete(JobId(2)),
-                ])
+                .commit(vec![StoreOp::SetState(JobId(1), Durable::Connected { binding }), StoreOp::Delete(JobId(2))])
                 .await
                 .unwrap();
         }

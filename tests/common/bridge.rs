@@ -121,7 +121,9 @@ impl Bridge {
         self.metrics()
             .await
             .lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap())
+            })
             .unwrap_or(0.0)
     }
 
@@ -147,7 +149,15 @@ impl Bridge {
 
     /// Delegates `delay_id` of `user`'s membership in `room`, authenticated by `user`'s own OpenID
     /// token, as Element Call does. Returns the body it sent.
-    pub async fn delegate(&self, synapse: &Synapse, user: &MatrixUser, room: &str, member_id: &str, delay_id: &str, delay_ms: u64) -> Value {
+    pub async fn delegate(
+        &self,
+        synapse: &Synapse,
+        user: &MatrixUser,
+        room: &str,
+        member_id: &str,
+        delay_id: &str,
+        delay_ms: u64,
+    ) -> Value {
         let body = delegation_body(&synapse.openid_token(user).await, user, room, member_id, delay_id, delay_ms);
         let (status, v) = self.delegate_raw(&body).await;
         assert_eq!(status, 200, "delegation refused: {v}\n{}", self.logs());
@@ -158,7 +168,14 @@ impl Bridge {
 
 pub const SLOT: &str = "m.call#ROOM";
 
-pub fn delegation_body(openid: &Value, user: &MatrixUser, room: &str, member_id: &str, delay_id: &str, delay_ms: u64) -> Value {
+pub fn delegation_body(
+    openid: &Value,
+    user: &MatrixUser,
+    room: &str,
+    member_id: &str,
+    delay_id: &str,
+    delay_ms: u64,
+) -> Value {
     json!({
         "room_id": room,
         "slot_id": SLOT,

@@ -201,7 +201,8 @@ impl LiveKit {
 }
 
 fn twirp_error(status: StatusCode, code: &str, msg: &str) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], json!({"code": code, "msg": msg}).to_string()).into_response()
+    (status, [(header::CONTENT_TYPE, "application/json")], json!({"code": code, "msg": msg}).to_string())
+        .into_response()
 }
 
 async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -209,7 +210,10 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
     if inner.unavailable.load(Ordering::SeqCst) {
         return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "service unavailable");
     }
-    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
     let room = if is_json {
         serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["room"].as_str().map(str::to_owned))
     } else {
@@ -219,12 +223,14 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
         return twirp_error(StatusCode::BAD_REQUEST, "malformed", "cannot decode request");
     };
     // Authorization: Bearer <JWT> with video.roomAdmin and video.room == room.
-    let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let token =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     validation.set_issuer(&[API_KEY]);
     validation.set_required_spec_claims(&["exp", "iss"]);
     let claims = token.and_then(|t| {
-        jsonwebtoken::decode::<Value>(t, &jsonwebtoken::DecodingKey::from_secret(API_SECRET.as_bytes()), &validation).ok()
+        jsonwebtoken::decode::<Value>(t, &jsonwebtoken::DecodingKey::from_secret(API_SECRET.as_bytes()), &validation)
+            .ok()
     });
     let Some(claims) = claims else {
         return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid token");

@@ -190,7 +190,12 @@ rc_joins:
 
     pub async fn join_room(&self, user: &MatrixUser, room: &str) {
         let (status, v) = self
-            .call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room)), Some(&user.token), json!({}))
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/join/{}", enc(room)),
+                Some(&user.token),
+                json!({}),
+            )
             .await;
         assert_eq!(status, 200, "{v}");
     }
@@ -204,7 +209,12 @@ rc_joins:
         );
         // As MatrixRTC clients do: schedule the leave first, then publish the membership.
         let (status, v) = self
-            .call(reqwest::Method::PUT, &format!("{path}?org.matrix.msc4140.delay={delay_ms}"), Some(&user.token), json!({}))
+            .call(
+                reqwest::Method::PUT,
+                &format!("{path}?org.matrix.msc4140.delay={delay_ms}"),
+                Some(&user.token),
+                json!({}),
+            )
             .await;
         assert_eq!(status, 200, "schedule delayed leave: {v}");
         let delay_id = v["delay_id"].as_str().unwrap().to_owned();
