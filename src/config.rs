@@ -42,6 +42,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     ("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT", "30s", "how long a delegated member may take to connect before LiveKit is asked"),
     ("RTC_LEAVE_BRIDGE_GRACE", "10s", "how long a migrating / shut-down session may take to reappear"),
+    (
+        "RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT",
+        "5m",
+        "how long a member LiveKit must confirm is kept alive while LiveKit cannot be asked; then the homeserver's timer decides",
+    ),
     ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "30s", "how often rooms with jobs are listed through RoomService"),
     ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "10s", "timeout of each homeserver and LiveKit request"),
     ("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT", "10s", "how long SIGTERM waits for in-flight homeserver calls"),
@@ -300,6 +305,7 @@ impl Config {
         }
         let join_timeout = src.duration("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT")?;
         let grace = src.duration("RTC_LEAVE_BRIDGE_GRACE")?;
+        let unconfirmed_limit = src.duration("RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT")?;
         let reconcile_interval = src.duration("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL")?;
         if reconcile_interval < Duration::from_millis(100) {
             return Err(bad("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "must be at least 100ms"));
@@ -314,6 +320,7 @@ impl Config {
             restart_jitter: (0.1f64).min(restart_fraction / 2.0),
             join_timeout: join_timeout.as_millis() as u64,
             grace: grace.as_millis() as u64,
+            unconfirmed_limit: unconfirmed_limit.as_millis() as u64,
             ..Timing::default()
         };
 

@@ -69,26 +69,9 @@ pub enum EngineError {
     Stopped,
 }
 
-/// One tracked job, as listed by [`EngineHandle::jobs`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct JobSummary {
-    pub id: String,
-    pub room_id: String,
-    pub livekit_room: String,
-    pub user_id: String,
-    pub device_id: String,
-    pub delay_id: String,
-    pub state: &'static str,
-    pub identity: Option<String>,
-    /// Milliseconds until the next planned restart or send (negative: overdue), if planned.
-    pub next_call_in_ms: Option<i64>,
-    pub created_at_ms: u64,
-}
-
 enum Command {
     Delegate(Delegation, oneshot::Sender<Result<JobId, EngineError>>),
     Webhook(SfuEvent, oneshot::Sender<Result<WebhookOutcome, EngineError>>),
-    Jobs(oneshot::Sender<Vec<JobSummary>>),
     Shutdown(Duration, oneshot::Sender<()>),
 }
 
@@ -116,12 +99,6 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Webhook(event, tx)).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
-    }
-
-    pub async fn jobs(&self) -> Result<Vec<JobSummary>, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Jobs(tx)).await.map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
     }
 
     /// Stops issuing calls, waits up to `drain` for those in flight, commits, and stops.
@@ -229,7 +206,6 @@ pub async fn start(
     if count > 0 {
         info!(jobs = count, "resumed stored jobs; reconciling them with LiveKit");
     }
-    engine.update_gauges();
     let task = tokio::spawn(engine.main_loop(rx, reports_rx));
     Ok((EngineHandle { tx }, task))
 }
@@ -298,9 +274,6 @@ impl Engine {
                 let _ = reply.send(r);
             }
             Command::Webhook(event, reply) => self.webhook(event, reply),
-            Command::Jobs(reply) => {
-                let _ = reply.send(self.summaries());
-            }
             Command::Shutdown(drain, done) => {
                 info!(calls = self.calls_in_flight, "shutdown: draining homeserver calls");
                 self.draining = true;
@@ -336,11 +309,11 @@ impl Engine {
         }
         self.reply_waiting(Ok(()));
         if let Some(old) = old {
-            if let Some(entry) = self.jobs.get_mut(&old) {
-                let actions = entry.job.supersede();
+            if let Some(entry) = self.jobs.get(&old) {
                 info!(job = %old, new_job = %id, delay_id = %entry.delegation.delay_id, "superseded by a newer delegation; its delay id will not be sent");
-                self.run_committed(old, actions);
             }
+            let actions = self.step(old, |job, out| out.extend(job.supersede()));
+            self.run_committed(old, actions);
         }
         let delegation = Arc::new(d);
         let (job, actions) = Job::new(delegation.delay_ms, id.0, self.config.timing.clone(), self.clock.now());
@@ -356,7 +329,6 @@ impl Engine {
             .inc();
         self.insert(id, job, delegation);
         self.run_committed(id, actions);
-        self.update_gauges();
         Ok(id)
     }
 
@@ -380,6 +352,7 @@ impl Engine {
         self.by_room.entry(room.clone()).or_default().insert(id);
         self.by_member.insert(delegation.member_key(), id);
         self.by_delay.insert((delegation.server_name().to_owned(), delegation.delay_id.clone()), id);
+        self.gauge_move(None, Some(job.kind()));
         self.jobs.insert(id, Entry { job, delegation, room, identities });
     }
 
@@ -456,7 +429,6 @@ impl Engine {
             self.apply(id, ev, now);
         }
         self.waiting.push((event.id, outcome, reply));
-        self.update_gauges();
     }
 
     fn watching(&self, room: &Arc<str>, identity: &str) -> Vec<JobId> {
@@ -511,18 +483,14 @@ impl Engine {
                 }
             }
         }
-        self.update_gauges();
     }
 
     fn on_timeouts(&mut self) {
         let now = self.clock.now();
         for id in self.scheduler.pop_due(now) {
-            let Some(entry) = self.jobs.get_mut(&id) else { continue };
-            let mut actions = Vec::new();
-            entry.job.handle_timeout(now, &mut actions);
+            let actions = self.step(id, |job, out| job.handle_timeout(now, out));
             self.run(id, actions);
         }
-        self.update_gauges();
     }
 
     fn reconcile_all(&mut self) {
@@ -537,12 +505,20 @@ impl Engine {
     // ---- driving jobs -----------------------------------------------------------------------
 
     fn apply(&mut self, id: JobId, event: Event, now: Millis) {
-        let Some(entry) = self.jobs.get_mut(&id) else {
-            return; // the job ended; a late answer or a listing for it is moot
-        };
-        let mut actions = Vec::new();
-        entry.job.handle(event, now, &mut actions);
+        // A job that ended may still get a late answer or a listing: it is moot.
+        let actions = self.step(id, |job, out| job.handle(event, now, out));
         self.run(id, actions);
+    }
+
+    /// Lets job `id` (if it still exists) take one step, keeping the state gauges in step.
+    fn step(&mut self, id: JobId, f: impl FnOnce(&mut Job, &mut Vec<Action>)) -> Vec<Action> {
+        let Some(entry) = self.jobs.get_mut(&id) else { return Vec::new() };
+        let before = entry.job.kind();
+        let mut actions = Vec::new();
+        f(&mut entry.job, &mut actions);
+        let after = entry.job.kind();
+        self.gauge_move(Some(before), Some(after));
+        actions
     }
 
     /// Carries out a job's actions, then reschedules it.
@@ -585,6 +561,10 @@ impl Engine {
             Outcome::Expired => {
                 warn!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
                     "homeserver unreachable past the event's deadline; its own timer has fired the leave");
+            }
+            Outcome::Unconfirmed => {
+                warn!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
+                    "LiveKit could not confirm the member's presence for too long; restarts stopped, the homeserver's timer decides");
             }
             Outcome::Gone => {
                 info!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
@@ -729,40 +709,18 @@ impl Engine {
 
     // ---- views ------------------------------------------------------------------------------
 
-    fn update_gauges(&self) {
-        let mut counts: HashMap<PhaseKind, i64> = HashMap::new();
-        for entry in self.jobs.values() {
-            *counts.entry(entry.job.kind()).or_default() += 1;
+    /// Moves one job between the `jobs{state}` gauges (`Done` is not a gauge).
+    fn gauge_move(&self, from: Option<PhaseKind>, to: Option<PhaseKind>) {
+        if from == to {
+            return;
         }
-        for kind in PhaseKind::LIVE {
-            self.out
-                .metrics
-                .jobs
-                .get_or_create(&StateLabel { state: kind.as_str() })
-                .set(counts.get(&kind).copied().unwrap_or_default());
+        let gauge = |k: PhaseKind| self.out.metrics.jobs.get_or_create(&StateLabel { state: k.as_str() }).clone();
+        if let Some(k) = from.filter(|k| *k != PhaseKind::Done) {
+            gauge(k).dec();
         }
-    }
-
-    fn summaries(&self) -> Vec<JobSummary> {
-        let now = self.clock.now() as i64;
-        let mut list: Vec<JobSummary> = self
-            .jobs
-            .iter()
-            .map(|(id, e)| JobSummary {
-                id: id.to_string(),
-                room_id: e.delegation.room_id.clone(),
-                livekit_room: e.room.to_string(),
-                user_id: e.delegation.user_id.clone(),
-                device_id: e.delegation.device_id.clone(),
-                delay_id: e.delegation.delay_id.clone(),
-                state: e.job.kind().as_str(),
-                identity: e.job.binding().map(|b| b.identity.clone()),
-                next_call_in_ms: e.job.next_call().map(|t| t as i64 - now),
-                created_at_ms: e.delegation.created_at_ms,
-            })
-            .collect();
-        list.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms));
-        list
+        if let Some(k) = to.filter(|k| *k != PhaseKind::Done) {
+            gauge(k).inc();
+        }
     }
 }
 

@@ -40,6 +40,10 @@ pub struct Timing {
     pub backoff_max: Millis,
     /// Consecutive RoomService listings without the bound member that prove it gone.
     pub absences_to_leave: u8,
+    /// How long a member whose presence must be confirmed (never joined, or gone for a migration)
+    /// is kept alive while LiveKit cannot be asked. After that the job stops restarting and the
+    /// homeserver's own timer decides: the last safety net against ghosts.
+    pub unconfirmed_limit: Millis,
 }
 
 impl Default for Timing {
@@ -53,6 +57,7 @@ impl Default for Timing {
             backoff_initial: 1_000,
             backoff_max: 30_000,
             absences_to_leave: 2,
+            unconfirmed_limit: 300_000,
         }
     }
 }
@@ -108,6 +113,9 @@ pub enum Outcome {
     Gone,
     /// The event's deadline passed while the homeserver could not be reached: it fired by itself.
     Expired,
+    /// LiveKit could not confirm for `unconfirmed_limit` whether a member that had to be confirmed
+    /// is there; restarts stopped, and the homeserver's own timer sends the leave.
+    Unconfirmed,
     /// A newer delegation for the same member replaced this one; its delay id is never sent.
     Superseded,
 }
@@ -118,6 +126,7 @@ impl Outcome {
             Outcome::Sent { .. } => "sent",
             Outcome::Gone => "gone",
             Outcome::Expired => "expired",
+            Outcome::Unconfirmed => "unconfirmed",
             Outcome::Superseded => "superseded",
         }
     }
@@ -398,7 +407,18 @@ impl Job {
         }
         let call = (!self.calls.in_flight).then_some(self.calls.next_at);
         let probe = if self.probe_in_flight { None } else { self.probe_at };
-        [call, probe].into_iter().flatten().min()
+        [call, probe, self.unconfirmed_deadline()].into_iter().flatten().min()
+    }
+
+    /// When to give up on a confirmation LiveKit cannot give (see [`Timing::unconfirmed_limit`]).
+    /// Any answer after the confirmation became due ends the phase, so a job still in it then has
+    /// had none.
+    fn unconfirmed_deadline(&self) -> Option<Millis> {
+        match self.phase {
+            Phase::Waiting { join_deadline } => Some(join_deadline + self.timing.unconfirmed_limit),
+            Phase::Grace { until, .. } => Some(until + self.timing.unconfirmed_limit),
+            _ => None,
+        }
     }
 
     /// Ends the job because a newer delegation replaced it. Nothing of it is ever sent again.
@@ -413,6 +433,10 @@ impl Job {
     /// Issues whatever is due at `now`.
     pub fn handle_timeout(&mut self, now: Millis, out: &mut Vec<Action>) {
         if matches!(self.phase, Phase::Done(_)) {
+            return;
+        }
+        if self.unconfirmed_deadline().is_some_and(|t| t <= now) {
+            self.finish(Outcome::Unconfirmed, out);
             return;
         }
         if !self.probe_in_flight && self.probe_at.is_some_and(|t| t <= now) {

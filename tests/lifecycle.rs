@@ -113,8 +113,13 @@ async fn forged_webhooks_are_refused_and_change_nothing() {
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&LiveKit::sign(&other, API_SECRET))).await, 401);
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some("Bearer not.a.jwt")).await, 401);
     // Oversized bodies are cut off before anything is read.
+    // (The bridge answers 413 as soon as it sees the length; the client may still be writing and
+    // see the connection closed instead of the answer.)
     let huge = "x".repeat(2 << 20);
-    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &huge, Some(&LiveKit::sign(&huge, API_SECRET))).await, 413);
+    match w.livekit.try_post_webhook(&w.bridge.url, &huge, Some(&LiveKit::sign(&huge, API_SECRET))).await {
+        Ok(status) => assert_eq!(status, 413),
+        Err(e) => assert!(!e.is_timeout(), "{e}"),
+    }
     // Signed but not a webhook.
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, "[1,2", Some(&LiveKit::sign("[1,2", API_SECRET))).await, 400);
     assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "a forged webhook removed the member");

@@ -169,6 +169,34 @@ fn never_joined_member_is_sent_only_after_livekit_confirms() {
 }
 
 #[test]
+fn the_homeserver_timer_decides_when_livekit_cannot_confirm_for_too_long() {
+    let mut h = Harness::new();
+    h.ev(Event::Observed { at: 0, present: None });
+    let t = Timing::default();
+    let limit = t.join_timeout + t.unconfirmed_limit;
+    let mut last = 0;
+    while h.job.kind() != PhaseKind::Done {
+        let next = h.job.poll_timeout().unwrap();
+        let out = h.advance_to(next);
+        for a in out {
+            match a {
+                Action::Restart { .. } => {
+                    h.answer_restart(HsAnswer::Ok);
+                }
+                Action::Probe => {
+                    h.ev(Event::ObservationFailed);
+                }
+                _ => {}
+            }
+        }
+        last = h.now;
+    }
+    assert_eq!(last, limit);
+    assert!(h.log.contains(&Action::Finish(Outcome::Unconfirmed)));
+    assert_eq!(h.sends(), 0, "never sent on a guess");
+}
+
+#[test]
 fn a_listing_started_before_the_join_deadline_does_not_prove_absence() {
     let mut h = Harness::new();
     h.ev(Event::Observed { at: 0, present: None });
@@ -393,7 +421,8 @@ impl Sim {
                 }
                 Action::Restart { call } => self.outstanding = Some((call, false)),
                 // Expiry means the homeserver's own timer sent the leave (after it failed us).
-                Action::Finish(Outcome::Sent { .. } | Outcome::Expired) => {
+                // So does giving up on a confirmation LiveKit could not give.
+                Action::Finish(Outcome::Sent { .. } | Outcome::Expired | Outcome::Unconfirmed) => {
                     self.sent = true;
                     self.finished = true
                 }

@@ -168,6 +168,16 @@ impl LiveKit {
 
     /// POSTs `body` to the bridge's webhook endpoint with `authorization`; returns the status.
     pub async fn post_webhook(&self, bridge: &str, body: &str, authorization: Option<&str>) -> u16 {
+        self.try_post_webhook(bridge, body, authorization).await.unwrap()
+    }
+
+    /// As [`LiveKit::post_webhook`], but a connection the bridge closed is an error, not a panic.
+    pub async fn try_post_webhook(
+        &self,
+        bridge: &str,
+        body: &str,
+        authorization: Option<&str>,
+    ) -> reqwest::Result<u16> {
         let mut req = self
             .http
             .post(format!("{bridge}/sfu_webhook"))
@@ -177,7 +187,7 @@ impl LiveKit {
         if let Some(a) = authorization {
             req = req.header(header::AUTHORIZATION, a);
         }
-        req.send().await.unwrap().status().as_u16()
+        Ok(req.send().await?.status().as_u16())
     }
 
     /// Sends `body` signed as LiveKit does; asserts the bridge accepted it.
