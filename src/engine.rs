@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::delegation::{Delegation, JobId};
 use crate::homeserver::Discovery;
 use crate::homeserver::delayed_events::{self, DelayedAction};
+use crate::homeserver::discovery::Endpoint;
 use crate::lifecycle::{Action, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, PhaseKind, Session, Timing};
 use crate::livekit::room_service::RoomService;
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
@@ -29,6 +30,8 @@ use crate::store::{JobRecord, Store, StoreError, StoreOp};
 const SEEN_WEBHOOKS: usize = 16_384;
 /// Commands handled before the results of one store commit are awaited.
 const BATCH: usize = 256;
+/// Restart requests in flight at most, across homeservers.
+const MAX_CONCURRENT_RESTARTS: usize = 512;
 
 /// Engine settings that are not lifecycle timing.
 #[derive(Debug, Clone)]
@@ -133,6 +136,8 @@ struct Entry {
     delegation: Arc<Delegation>,
     room: Arc<str>,
     identities: Vec<String>,
+    /// Where the member's homeserver is (`None`: the stored address is no longer acceptable).
+    endpoint: Option<Arc<Endpoint>>,
 }
 
 /// What the engine calls out to.
@@ -163,6 +168,8 @@ struct Engine {
     waiting: Vec<(String, WebhookOutcome, oneshot::Sender<Result<WebhookOutcome, EngineError>>)>,
     reports_tx: mpsc::UnboundedSender<Report>,
     calls_in_flight: usize,
+    /// Bounds concurrent restarts (a cold start with many jobs restarts them all at once).
+    restart_permits: Arc<tokio::sync::Semaphore>,
     draining: bool,
 }
 
@@ -192,6 +199,7 @@ pub async fn start(
         waiting: Vec::new(),
         reports_tx,
         calls_in_flight: 0,
+        restart_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_RESTARTS)),
         draining: false,
     };
     let count = records.len();
@@ -353,7 +361,15 @@ impl Engine {
         self.by_member.insert(delegation.member_key(), id);
         self.by_delay.insert((delegation.server_name().to_owned(), delegation.delay_id.clone()), id);
         self.gauge_move(None, Some(job.kind()));
-        self.jobs.insert(id, Entry { job, delegation, room, identities });
+        let endpoint = match self.out.discovery.cs_endpoint_for_stored(delegation.server_name(), &delegation.cs_api_url)
+        {
+            Ok(e) => Some(Arc::new(e)),
+            Err(e) => {
+                error!(job = %id, user = %delegation.user_id, error = %e, "cannot call the member's homeserver; its delayed leave is left to the homeserver's timer");
+                None
+            }
+        };
+        self.jobs.insert(id, Entry { job, delegation, room, identities, endpoint });
     }
 
     fn remove(&mut self, id: JobId) -> Option<Entry> {
@@ -587,21 +603,22 @@ impl Engine {
             self.out.metrics.late_restarts.inc();
             warn!(job = %id, user = %d.user_id, delay_id = %d.delay_id, "restart issued after the event's estimated deadline");
         }
-        let endpoint = match self.out.discovery.cs_endpoint_for_stored(d.server_name(), &d.cs_api_url) {
-            Ok(e) => e,
-            Err(e) => {
-                error!(job = %id, user = %d.user_id, error = %e, "cannot reach the member's homeserver");
-                let _ = self.reports_tx.send(Report::Homeserver { job: id, call, action, answer: HsAnswer::Failed });
-                self.calls_in_flight += 1;
-                return;
-            }
-        };
         self.calls_in_flight += 1;
+        let Some(endpoint) = entry.endpoint.clone() else {
+            let _ = self.reports_tx.send(Report::Homeserver { job: id, call, action, answer: HsAnswer::Failed });
+            return;
+        };
         let http = endpoint.client(self.out.discovery.clients()).clone();
+        // Restarts are many and have headroom; sends are few and urgent, so only restarts queue.
+        let permits = (action == DelayedAction::Restart).then(|| self.restart_permits.clone());
         let timeout = self.config.request_timeout;
         let metrics = self.out.metrics.clone();
         let reports = self.reports_tx.clone();
         tokio::spawn(async move {
+            let _permit = match permits {
+                Some(p) => Some(p.acquire_owned().await.expect("never closed")),
+                None => None,
+            };
             let started = Instant::now();
             let answer = delayed_events::call(&http, &endpoint.base, &d.delay_id, action, timeout).await;
             metrics

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use rtc_leave_bridge::config::{Config, LogFormat, Source};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use rtc_leave_bridge::config::{Config, LogFormat, SETTINGS, Source};
 
 #[derive(Parser)]
 #[command(version, about = "Sends MatrixRTC delegated delayed leave events the moment LiveKit says a member is gone")]
@@ -23,7 +23,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut help = String::from("Configuration (environment variables; --config takes the same names):\n");
+    for (name, default, meaning) in SETTINGS {
+        let default = if default.is_empty() { String::new() } else { format!(" [default: {default}]") };
+        help.push_str(&format!("  {name}{default}\n      {meaning}\n"));
+    }
+    let matches = Cli::command().after_long_help(help).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let config = match Source::load(cli.config.as_deref()).and_then(|s| Config::from_source(&s)) {
         Ok(c) => c,
         Err(e) => {

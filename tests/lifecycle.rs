@@ -423,3 +423,16 @@ async fn webhooks_signed_by_livekits_own_sdk_are_verified_and_applied() {
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&left_auth)).await, 200);
     assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(1)).await.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_connected_before_delegating_is_found_through_roomservice() {
+    let w = World::new().await;
+    // The client connects to LiveKit first (its participant_joined went by before any delegation
+    // existed), then publishes its membership and delegates.
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    w.alice_joins_call("m1", DELAY_MS).await;
+    assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_jobs{state=\"connected\"}", 1.0).await, 1.0);
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "{}", w.bridge.logs());
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(1)).await.is_some());
+}

@@ -66,7 +66,8 @@ impl Discovery {
         &self.clients
     }
 
-    /// Whether URLs for `server` are operator-configured.
+    /// The client-server endpoint of a stored delegation: the operator's override if there is
+    /// one now, else the URL discovered when it was delegated (re-checked against the SSRF guard).
     pub fn cs_endpoint_for_stored(&self, server: &str, stored: &str) -> Result<Endpoint, DiscoveryError> {
         if let Some(url) = self.cs_overrides.get(server) {
             return Ok(Endpoint { base: url.clone(), trusted: true });

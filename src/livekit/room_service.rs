@@ -30,7 +30,12 @@ pub struct RoomService {
     api_key: String,
     api_secret: String,
     timeout: Duration,
+    /// Bounds concurrent listings, so a reconciliation pass over many rooms does not flood LiveKit.
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// RoomService requests in flight at most.
+const MAX_CONCURRENT_LISTINGS: usize = 16;
 
 /// The HTTP(S) base of a LiveKit URL given as ws(s) or http(s), path kept, no trailing slash.
 pub fn http_base(livekit_url: &str) -> Result<Url, String> {
@@ -63,12 +68,20 @@ impl RoomService {
         let list_url =
             Url::parse(&format!("{}/twirp/livekit.RoomService/ListParticipants", base.as_str().trim_end_matches('/')))
                 .map_err(|e| e.to_string())?;
-        Ok(RoomService { http, list_url, api_key: api_key.to_owned(), api_secret: api_secret.to_owned(), timeout })
+        Ok(RoomService {
+            http,
+            list_url,
+            api_key: api_key.to_owned(),
+            api_secret: api_secret.to_owned(),
+            timeout,
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LISTINGS)),
+        })
     }
 
     /// The connected participants of `room`; an empty list if the room does not exist.
     /// Participants already disconnected are left out.
     pub async fn list_participants(&self, room: &str) -> Result<Vec<Participant>, RoomServiceError> {
+        let _permit = self.permits.acquire().await.expect("never closed");
         let token = AccessToken::with_api_key(&self.api_key, &self.api_secret)
             .with_ttl(Duration::from_secs(60))
             .with_grants(VideoGrants { room_admin: true, room: room.to_owned(), ..Default::default() })
