@@ -758,3 +758,161 @@ fn departure_reason(kind: &SfuEventKind) -> &str {
         _ => "",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::homeserver::{Clients, Overrides};
+    use crate::livekit::Participant;
+    use crate::store::JobRecord;
+
+    /// An in-memory store that can be made to fail.
+    #[derive(Default)]
+    struct FlakyStore {
+        jobs: Mutex<HashMap<JobId, JobRecord>>,
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for FlakyStore {
+        async fn load(&self) -> Result<Vec<JobRecord>, StoreError> {
+            Ok(self.jobs.lock().unwrap().values().cloned().collect())
+        }
+        async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError("disk on fire".into()));
+            }
+            let mut jobs = self.jobs.lock().unwrap();
+            for op in ops {
+                match op {
+                    StoreOp::Insert(r) => {
+                        jobs.insert(r.id, r);
+                    }
+                    StoreOp::SetState(id, state) => {
+                        if let Some(r) = jobs.get_mut(&id) {
+                            r.state = state;
+                        }
+                    }
+                    StoreOp::Delete(id) => {
+                        jobs.remove(&id);
+                    }
+                }
+            }
+            Ok(())
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn delegation(delay_id: &str, device: &str) -> Delegation {
+        Delegation {
+            room_id: "!r:hs.test".into(),
+            slot_id: "m.call#ROOM".into(),
+            user_id: "@a:hs.test".into(),
+            device_id: device.into(),
+            member_id: "m".into(),
+            delay_id: delay_id.into(),
+            delay_ms: 60_000,
+            // Nothing listens here: calls fail, which these tests do not look at.
+            cs_api_url: "http://127.0.0.1:9/".into(),
+            created_at_ms: 0,
+        }
+    }
+
+    async fn engine(store: Arc<FlakyStore>) -> EngineHandle {
+        let clients = Clients::new(Duration::from_millis(200), false, true).unwrap();
+        let mut overrides = Overrides::new();
+        overrides.insert("hs.test".into(), url::Url::parse("http://127.0.0.1:9/").unwrap());
+        let discovery = Arc::new(Discovery::new(clients.clone(), overrides, Overrides::new(), true));
+        let room_service =
+            RoomService::new(clients.trusted.clone(), "http://127.0.0.1:9", "k", "s", Duration::from_millis(200))
+                .unwrap();
+        let config = EngineConfig {
+            timing: Timing::default(),
+            reconcile_interval: Duration::from_secs(3600),
+            request_timeout: Duration::from_millis(200),
+        };
+        let out = Outside { store, discovery, room_service, metrics: Arc::new(Metrics::new()) };
+        start(config, out).await.unwrap().0
+    }
+
+    fn joined(d: &Delegation, sid: &str, id: &str) -> SfuEvent {
+        SfuEvent {
+            id: id.into(),
+            room: d.livekit_room(),
+            room_sid: "RM_1".into(),
+            kind: SfuEventKind::ParticipantJoined(Participant {
+                identity: d.identities()[0].clone(),
+                sid: sid.into(),
+                joined_at: 1,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn webhooks_are_acknowledged_only_once_durable_and_retries_are_not_lost() {
+        let store = Arc::new(FlakyStore::default());
+        let engine = engine(store.clone()).await;
+        let d = delegation("syd_1", "DEV");
+        let id = engine.delegate(d.clone()).await.unwrap();
+        assert_eq!(store.jobs.lock().unwrap()[&id].state, crate::lifecycle::Durable::Waiting);
+
+        store.down.store(true, Ordering::SeqCst);
+        let e = joined(&d, "PA_1", "EV_1");
+        assert!(matches!(engine.webhook(e.clone()).await, Err(EngineError::Store(_))), "503 for LiveKit to retry");
+        // A delegation while the store is down changes nothing.
+        assert!(engine.delegate(delegation("syd_2", "DEV2")).await.is_err());
+
+        store.down.store(false, Ordering::SeqCst);
+        // LiveKit's retry of the same event: applied (not a duplicate), and now durable.
+        assert_eq!(engine.webhook(e.clone()).await.unwrap(), WebhookOutcome::Applied);
+        assert!(matches!(store.jobs.lock().unwrap()[&id].state, crate::lifecycle::Durable::Connected { .. }));
+        assert_eq!(store.jobs.lock().unwrap().len(), 1, "the refused delegation was not stored");
+        // Once acknowledged, a further delivery is a duplicate.
+        assert_eq!(engine.webhook(e).await.unwrap(), WebhookOutcome::Duplicate);
+    }
+
+    #[tokio::test]
+    async fn a_newer_delegation_replaces_the_older_in_one_commit_and_repeats_are_idempotent() {
+        let store = Arc::new(FlakyStore::default());
+        let engine = engine(store.clone()).await;
+        let old = engine.delegate(delegation("syd_old", "DEV")).await.unwrap();
+        assert_eq!(engine.delegate(delegation("syd_old", "DEV")).await.unwrap(), old, "repeat is idempotent");
+        let new = engine.delegate(delegation("syd_new", "DEV")).await.unwrap();
+        let jobs = store.jobs.lock().unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[&new].delegation.delay_id, "syd_new");
+        assert!(!jobs.contains_key(&old));
+    }
+
+    #[tokio::test]
+    async fn stored_jobs_are_resumed() {
+        let store = Arc::new(FlakyStore::default());
+        let d = delegation("syd_1", "DEV");
+        let id = {
+            let engine = engine(store.clone()).await;
+            let id = engine.delegate(d.clone()).await.unwrap();
+            engine.webhook(joined(&d, "PA_1", "EV_1")).await.unwrap();
+            engine.shutdown(Duration::from_millis(500)).await;
+            id
+        };
+        let engine = engine(store.clone()).await;
+        // The resumed job is bound: a departure of its session sends (moves it to Sending).
+        let left = SfuEvent {
+            kind: SfuEventKind::ParticipantLeft {
+                participant: Participant { identity: d.identities()[0].clone(), sid: "PA_1".into(), joined_at: 1 },
+                departure: Departure::Final("CLIENT_INITIATED".into()),
+                aborted: false,
+            },
+            ..joined(&d, "PA_1", "EV_2")
+        };
+        assert_eq!(engine.webhook(left).await.unwrap(), WebhookOutcome::Applied);
+        assert!(matches!(store.jobs.lock().unwrap()[&id].state, crate::lifecycle::Durable::Sending { .. }));
+    }
+}
