@@ -31,6 +31,10 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "*", "comma-separated server names whose users may delegate; `*` = any"),
     ("LIVEKIT_CS_API_URL_OVERRIDES", "", "`server=url,…`: client-server API base per homeserver (else well-known)"),
     ("LIVEKIT_FEDERATION_URL_OVERRIDES", "", "`server=url,…`: federation API base per homeserver, for OpenID checks"),
+    ("LIVEKIT_AS_REGISTRATION_FILE", "", "appservice mode: the registration YAML (source of as_token and hs_token)"),
+    ("LIVEKIT_AS_TOKEN", "", "appservice mode: as_token (instead of the registration file)"),
+    ("LIVEKIT_HS_TOKEN", "", "appservice mode: hs_token (instead of the registration file)"),
+    ("LIVEKIT_HS_SERVER_NAME", "", "appservice mode: server name of the one homeserver this appservice belongs to"),
     ("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "", "`YES_I_KNOW_WHAT_I_AM_DOING` disables TLS certificate checks"),
     ("LIVEKIT_LOG_LEVEL", "info", "error, warn, info, debug or trace"),
     ("RTC_LEAVE_BRIDGE_LOG_FORMAT", "text", "`text` or `json`"),
@@ -75,6 +79,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// Appservice (homeserver-proxied) mode: the tokens shared with the one homeserver it serves.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Appservice {
+    /// What we present to the homeserver.
+    pub as_token: String,
+    /// What the homeserver presents to us.
+    pub hs_token: String,
+    pub server_name: String,
+}
+
+impl fmt::Debug for Appservice {
+    /// Never prints the tokens.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Appservice").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
 /// The validated configuration.
 #[derive(Clone)]
 pub struct Config {
@@ -95,6 +116,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_delay: Duration,
     pub allow_private_homeservers: bool,
+    /// Set when the appservice settings are.
+    pub appservice: Option<Appservice>,
 }
 
 impl fmt::Debug for Config {
@@ -106,6 +129,7 @@ impl fmt::Debug for Config {
             .field("bind", &self.bind)
             .field("allowed", &self.allowed)
             .field("data_dir", &self.data_dir)
+            .field("appservice", &self.appservice)
             .finish_non_exhaustive()
     }
 }
@@ -209,6 +233,52 @@ fn parse_bind(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     }
     Err(bad(setting, format!("{text:?} is not :port, ip:port or [ipv6]:port")))
+}
+
+/// The appservice settings: all of them or none.
+fn parse_appservice(src: &Source) -> Result<Option<Appservice>, ConfigError> {
+    let file = src.get("LIVEKIT_AS_REGISTRATION_FILE");
+    let (as_token, hs_token) = (src.get("LIVEKIT_AS_TOKEN"), src.get("LIVEKIT_HS_TOKEN"));
+    let server = src.get("LIVEKIT_HS_SERVER_NAME");
+    if file.is_none() && as_token.is_none() && hs_token.is_none() && server.is_none() {
+        return Ok(None);
+    }
+    let (as_token, hs_token) = match (file, as_token, hs_token) {
+        (Some(path), None, None) => {
+            #[derive(serde::Deserialize)]
+            struct Registration {
+                as_token: String,
+                hs_token: String,
+            }
+            let text = read_file("LIVEKIT_AS_REGISTRATION_FILE", path)?;
+            let r: Registration = serde_yaml_ng::from_str(&text)
+                .map_err(|e| bad("LIVEKIT_AS_REGISTRATION_FILE", format!("{path}: {e}")))?;
+            (r.as_token, r.hs_token)
+        }
+        (Some(_), _, _) => {
+            return Err(bad(
+                "LIVEKIT_AS_REGISTRATION_FILE",
+                "set either the registration file or LIVEKIT_AS_TOKEN + LIVEKIT_HS_TOKEN, not both",
+            ));
+        }
+        (None, Some(a), Some(h)) => (a.to_owned(), h.to_owned()),
+        (None, None, _) => {
+            return Err(bad("LIVEKIT_AS_TOKEN", "required in appservice mode (or LIVEKIT_AS_REGISTRATION_FILE)"));
+        }
+        (None, _, None) => {
+            return Err(bad("LIVEKIT_HS_TOKEN", "required in appservice mode (or LIVEKIT_AS_REGISTRATION_FILE)"));
+        }
+    };
+    if as_token.is_empty() || hs_token.is_empty() {
+        return Err(bad("LIVEKIT_AS_REGISTRATION_FILE", "as_token and hs_token must not be empty"));
+    }
+    if as_token == hs_token {
+        return Err(bad("LIVEKIT_HS_TOKEN", "must differ from the as_token"));
+    }
+    let server = server.ok_or_else(|| bad("LIVEKIT_HS_SERVER_NAME", "required in appservice mode"))?;
+    crate::homeserver::discovery::validate_server_name(server)
+        .map_err(|e| bad("LIVEKIT_HS_SERVER_NAME", e.to_string()))?;
+    Ok(Some(Appservice { as_token, hs_token, server_name: server.to_owned() }))
 }
 
 fn parse_overrides(setting: &str, text: Option<&str>) -> Result<Overrides, ConfigError> {
@@ -345,6 +415,7 @@ impl Config {
             shutdown_timeout: src.duration("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT")?,
             max_delay: src.duration("RTC_LEAVE_BRIDGE_MAX_DELAY")?,
             allow_private_homeservers: src.flag("RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS")?,
+            appservice: parse_appservice(src)?,
         })
     }
 }
@@ -357,7 +428,7 @@ mod tests {
         vec![("LIVEKIT_URL", "wss://sfu.example.com"), ("LIVEKIT_KEY", "k"), ("LIVEKIT_SECRET", "s")]
     }
 
-    fn with(extra: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+    fn with<'a>(extra: &[(&'a str, &'a str)]) -> Result<Config, ConfigError> {
         let mut pairs = base();
         pairs.extend_from_slice(extra);
         Config::from_source(&Source::from_pairs(pairs))
@@ -423,6 +494,47 @@ mod tests {
         for (name, ..) in SETTINGS {
             assert!(readme.contains(&format!("`{name}`")), "{name} missing from the README's table");
         }
+    }
+
+    #[test]
+    fn appservice_settings_are_all_or_nothing() {
+        assert_eq!(with(&[]).unwrap().appservice, None);
+        let a = with(&[("LIVEKIT_AS_TOKEN", "as"), ("LIVEKIT_HS_TOKEN", "hs"), ("LIVEKIT_HS_SERVER_NAME", "hs.test")])
+            .unwrap()
+            .appservice
+            .unwrap();
+        assert_eq!((a.as_token.as_str(), a.hs_token.as_str(), a.server_name.as_str()), ("as", "hs", "hs.test"));
+        assert!(!format!("{a:?}").contains("\"as\""), "tokens never printed");
+        for (partial, setting) in [
+            (&[("LIVEKIT_AS_TOKEN", "as")][..], "LIVEKIT_HS_TOKEN"),
+            (&[("LIVEKIT_HS_SERVER_NAME", "hs.test")][..], "LIVEKIT_AS_TOKEN"),
+            (&[("LIVEKIT_AS_TOKEN", "as"), ("LIVEKIT_HS_TOKEN", "hs")][..], "LIVEKIT_HS_SERVER_NAME"),
+            (
+                &[("LIVEKIT_AS_TOKEN", "t"), ("LIVEKIT_HS_TOKEN", "t"), ("LIVEKIT_HS_SERVER_NAME", "hs.test")][..],
+                "LIVEKIT_HS_TOKEN",
+            ),
+        ] {
+            assert_eq!(with(partial).unwrap_err().setting, setting, "{partial:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("registration.yaml");
+        std::fs::write(
+            &file,
+            "id: rtc\nas_token: fromfile-as\nhs_token: fromfile-hs\nurl: null\nrate_limited: false\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let a = with(&[("LIVEKIT_AS_REGISTRATION_FILE", path), ("LIVEKIT_HS_SERVER_NAME", "hs.test")])
+            .unwrap()
+            .appservice
+            .unwrap();
+        assert_eq!((a.as_token.as_str(), a.hs_token.as_str()), ("fromfile-as", "fromfile-hs"));
+        let both = with(&[
+            ("LIVEKIT_AS_REGISTRATION_FILE", path),
+            ("LIVEKIT_AS_TOKEN", "x"),
+            ("LIVEKIT_HS_SERVER_NAME", "hs.test"),
+        ]);
+        assert_eq!(both.unwrap_err().setting, "LIVEKIT_AS_REGISTRATION_FILE");
     }
 
     #[test]

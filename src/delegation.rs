@@ -32,6 +32,19 @@ impl std::str::FromStr for JobId {
     }
 }
 
+/// How a delegation was made, which decides how its delayed event is managed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// MSC4195 OpenID mode: the member proved itself with an OpenID token; the delayed event is
+    /// managed without authentication (the delay id is the capability).
+    #[default]
+    OpenId,
+    /// Homeserver-proxied (MSC4512) mode: the member's own homeserver vouched for it; the delayed
+    /// event is managed as its owner through the appservice (`as_token` + `user_id`).
+    Appservice,
+}
+
 /// A validated delegation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delegation {
@@ -41,6 +54,7 @@ pub struct Delegation {
     pub slot_id: String,
     /// The member's Matrix user id (authenticated).
     pub user_id: String,
+    /// Empty when the client named only its member id (homeserver-proxied form).
     pub device_id: String,
     /// The MatrixRTC member id (`member.id`).
     pub member_id: String,
@@ -53,6 +67,8 @@ pub struct Delegation {
     pub cs_api_url: String,
     /// When we accepted the delegation (Unix milliseconds).
     pub created_at_ms: u64,
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 impl Delegation {
@@ -61,8 +77,12 @@ impl Delegation {
         identity::livekit_room(&self.room_id, &self.slot_id)
     }
 
-    /// Every LiveKit identity the member may connect under.
+    /// Every LiveKit identity the member may connect under (without a device id, only the one
+    /// that does not need it).
     pub fn identities(&self) -> Vec<String> {
+        if self.device_id.is_empty() {
+            return vec![identity::identity_two_part(&self.user_id, &self.member_id)];
+        }
         identity::member_identities(&self.user_id, &self.device_id, &self.member_id)
     }
 
@@ -73,7 +93,9 @@ impl Delegation {
 
     /// A newer delegation with the same key replaces this one: the same device of the same user
     /// in the same Matrix room writes the same membership, which a stale leave would overwrite.
+    /// Without a device id, the member id is what the membership (and its leave) is keyed by.
     pub fn member_key(&self) -> (String, String, String) {
-        (self.room_id.clone(), self.user_id.clone(), self.device_id.clone())
+        let who = if self.device_id.is_empty() { format!("member:{}", self.member_id) } else { self.device_id.clone() };
+        (self.room_id.clone(), self.user_id.clone(), who)
     }
 }

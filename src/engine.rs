@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use crate::delegation::Mode;
 use crate::delegation::{Delegation, JobId};
 use crate::homeserver::Discovery;
-use crate::homeserver::delayed_events::{self, DelayedAction};
+use crate::homeserver::delayed_events::{self, Caller, DelayedAction, PathStyles};
 use crate::homeserver::discovery::Endpoint;
 use crate::lifecycle::{Action, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, PhaseKind, Session, Timing};
 use crate::livekit::room_service::RoomService;
@@ -144,6 +145,9 @@ struct Entry {
 pub struct Outside {
     pub store: Arc<dyn Store>,
     pub discovery: Arc<Discovery>,
+    pub path_styles: Arc<PathStyles>,
+    /// The appservice's token, for jobs delegated through the homeserver.
+    pub as_token: Option<Arc<str>>,
     pub room_service: RoomService,
     pub metrics: Arc<Metrics>,
 }
@@ -614,13 +618,24 @@ impl Engine {
         let timeout = self.config.request_timeout;
         let metrics = self.out.metrics.clone();
         let reports = self.reports_tx.clone();
+        let styles = self.out.path_styles.clone();
+        let as_token = self.out.as_token.clone();
         tokio::spawn(async move {
             let _permit = match permits {
                 Some(p) => Some(p.acquire_owned().await.expect("never closed")),
                 None => None,
             };
             let started = Instant::now();
-            let answer = delayed_events::call(&http, &endpoint.base, &d.delay_id, action, timeout).await;
+            let style = styles.get(&http, &endpoint.base, timeout).await;
+            let caller = match (d.mode, as_token.as_deref()) {
+                (Mode::OpenId, _) => Caller::Anonymous,
+                (Mode::Appservice, Some(as_token)) => Caller::Appservice { as_token, user_id: &d.user_id },
+                (Mode::Appservice, None) => {
+                    error!(job = %id, user = %d.user_id, "delegated through the appservice, but no appservice is configured now");
+                    Caller::Anonymous
+                }
+            };
+            let answer = delayed_events::call(&http, &endpoint.base, style, &d.delay_id, action, caller, timeout).await;
             metrics
                 .homeserver_request_duration
                 .get_or_create(&ActionLabel { action: action.as_str() })
@@ -822,6 +837,7 @@ mod tests {
             // Nothing listens here: calls fail, which these tests do not look at.
             cs_api_url: "http://127.0.0.1:9/".into(),
             created_at_ms: 0,
+            mode: crate::delegation::Mode::OpenId,
         }
     }
 
@@ -838,7 +854,14 @@ mod tests {
             reconcile_interval: Duration::from_secs(3600),
             request_timeout: Duration::from_millis(200),
         };
-        let out = Outside { store, discovery, room_service, metrics: Arc::new(Metrics::new()) };
+        let out = Outside {
+            store,
+            discovery,
+            path_styles: Arc::default(),
+            as_token: None,
+            room_service,
+            metrics: Arc::new(Metrics::new()),
+        };
         start(config, out).await.unwrap().0
     }
 

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::engine::{self, EngineConfig, Outside};
+use crate::homeserver::delayed_events::PathStyles;
 use crate::homeserver::{Clients, Discovery};
 use crate::livekit::room_service::RoomService;
 use crate::livekit::webhook::WebhookVerifier;
@@ -20,6 +21,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     crate::homeserver::install_crypto_provider();
     if matches!(config.allowed, api::AllowedHomeservers::Any) {
         warn!("LIVEKIT_FULL_ACCESS_HOMESERVERS is '*': users of any homeserver may delegate");
+    }
+    if let Some(a) = &config.appservice {
+        info!(server = %a.server_name, "appservice mode on: delegations proxied by this homeserver are accepted");
     }
     if config.insecure_skip_verify_tls {
         warn!("TLS certificate verification is disabled (LIVEKIT_INSECURE_SKIP_VERIFY_TLS)");
@@ -47,13 +51,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)
     .context("LIVEKIT_URL")?;
     let metrics = Arc::new(Metrics::new());
+    let path_styles = Arc::new(PathStyles::default());
     let (engine, engine_task) = engine::start(
         EngineConfig {
             timing: config.timing.clone(),
             reconcile_interval: config.reconcile_interval,
             request_timeout: config.request_timeout,
         },
-        Outside { store: store.clone(), discovery: discovery.clone(), room_service, metrics: metrics.clone() },
+        Outside {
+            store: store.clone(),
+            discovery: discovery.clone(),
+            path_styles: path_styles.clone(),
+            as_token: config.appservice.as_ref().map(|a| Arc::from(a.as_token.as_str())),
+            room_service,
+            metrics: metrics.clone(),
+        },
     )
     .await
     .context("loading stored jobs")?;
@@ -66,6 +78,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         store,
         max_delay_ms: config.max_delay.as_millis() as u64,
+        appservice: config.appservice.clone().map(|a| {
+            Arc::new(api::appservice::AppserviceState {
+                config: a,
+                livekit_url: config.livekit_url.clone(),
+                path_styles: path_styles.clone(),
+                request_timeout: config.request_timeout,
+            })
+        }),
     };
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await

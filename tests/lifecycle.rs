@@ -206,7 +206,7 @@ async fn restart_answered_404_stops_the_job_without_sending() {
 async fn rate_limits_are_honoured_and_members_kept_alive() {
     // Synapse's delayed-event management limit at one call per second (burst 2), shared by every
     // unauthenticated caller from this address: three members' restarts hit it.
-    let w = World::with(SynapseOptions { delayed_event_rate: (1.0, 2) }, &[]).await;
+    let w = World::with(SynapseOptions { delayed_event_rate: Some((1.0, 2)), ..SynapseOptions::default() }, &[]).await;
     let mut others = Vec::new();
     for name in ["bob", "carol"] {
         let u = w.synapse.register(name).await;

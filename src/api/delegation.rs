@@ -12,7 +12,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::{AppState, MatrixError, empty_ok};
+use super::{AppState, MatrixError, check_text, empty_ok, invalid};
 use crate::delegation::Delegation;
 use crate::engine::now_unix_ms;
 use crate::homeserver::discovery::DiscoveryError;
@@ -50,20 +50,6 @@ struct Member {
     id: String,
     claimed_user_id: String,
     claimed_device_id: String,
-}
-
-/// Identifier fields are capped well above anything real.
-const MAX_ID_LEN: usize = 255;
-
-fn invalid(msg: impl Into<String>) -> MatrixError {
-    MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", msg)
-}
-
-fn check_text(name: &str, value: &str) -> Result<(), MatrixError> {
-    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
-        return Err(invalid(format!("{name} must be 1 to {MAX_ID_LEN} printable characters")));
-    }
-    Ok(())
 }
 
 pub async fn delegate(State(state): State<AppState>, body: Bytes) -> Result<Response, MatrixError> {
@@ -146,6 +132,7 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         delay_ms: req.delay_timeout as u64,
         cs_api_url: cs.base.to_string(),
         created_at_ms: now_unix_ms(),
+        mode: crate::delegation::Mode::OpenId,
     };
     let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
     match state.engine.delegate(delegation).await {

@@ -2,6 +2,7 @@
 //! operator endpoints (health, readiness, metrics). Handlers validate and authenticate, then hand
 //! over to the engine; errors are Matrix-style `{"errcode", "error"}` bodies.
 
+pub mod appservice;
 mod delegation;
 mod operator;
 mod webhook;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Largest `delay_timeout` accepted, in milliseconds.
     pub max_delay_ms: u64,
+    /// Set in appservice mode.
+    pub appservice: Option<Arc<appservice::AppserviceState>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -66,10 +69,21 @@ pub fn router(state: AppState) -> Router {
         .route("/delegate_delayed_leave", post(delegation::delegate))
         .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT))
         .layer(cors);
+    // Reached through the member's homeserver (MSC4512), which authenticates the member.
+    let proxied = Router::new()
+        .route(
+            "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave",
+            post(appservice::delegate),
+        )
+        .route("/_matrix/client/v1/rtc/livekit/delegate_delayed_leave", post(appservice::delegate))
+        .route("/_matrix/app/v1/ping", get(appservice::ping).put(appservice::ping).post(appservice::ping))
+        .route("/_matrix/app/v1/transactions/{txn}", axum::routing::put(appservice::transactions))
+        .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT));
     let webhook =
         Router::new().route("/sfu_webhook", post(webhook::receive)).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
     Router::new()
         .merge(delegation)
+        .merge(proxied)
         .merge(webhook)
         .route("/healthz", get(operator::healthz))
         .route("/readyz", get(operator::readyz))
@@ -96,6 +110,22 @@ impl IntoResponse for MatrixError {
     fn into_response(self) -> Response {
         (self.status, Json(serde_json::json!({ "errcode": self.errcode, "error": self.error }))).into_response()
     }
+}
+
+/// Identifier fields are capped well above anything real.
+const MAX_ID_LEN: usize = 255;
+
+/// `400 M_INVALID_PARAM`
+pub fn invalid(msg: impl Into<String>) -> MatrixError {
+    MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", msg)
+}
+
+/// A free-form identifier from a client: non-empty, bounded, printable.
+pub fn check_text(name: &str, value: &str) -> Result<(), MatrixError> {
+    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
+        return Err(invalid(format!("{name} must be 1 to {MAX_ID_LEN} printable characters")));
+    }
+    Ok(())
 }
 
 /// `200 {}`

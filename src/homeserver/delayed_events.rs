@@ -1,15 +1,97 @@
-//! Restarting and sending delayed events (MSC4140) on the member's homeserver, and classifying the
-//! answers for the lifecycle: 200 → done; 404 `M_NOT_FOUND` / 409 → the event no longer exists;
-//! 429 → wait as told; anything else → retry later (401/403 and an unknown endpoint are logged as
-//! configuration errors, since retrying will not fix them by itself).
+//! Managing delayed events (MSC4140) on the member's homeserver: restarting and sending them,
+//! looking one up as its owner, and classifying the answers for the lifecycle: 200 → done;
+//! 404 `M_NOT_FOUND` / 409 → the event no longer exists; 429 → wait as told; anything else → retry
+//! later (401/403 and an unknown endpoint are logged as configuration errors, since retrying will
+//! not fix them by itself).
+//!
+//! Requests go to the stable paths (`/_matrix/client/v1/delayed_events/…`) when the homeserver
+//! advertises them (`org.matrix.msc4140.stable` in `/versions`), else to the unstable ones; the
+//! answer is cached per homeserver for an hour.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use url::Url;
 
 use crate::lifecycle::{HsAnswer, Millis};
 
 const UNSTABLE_PREFIX: &str = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events";
+const STABLE_PREFIX: &str = "/_matrix/client/v1/delayed_events";
+const STYLE_TTL: Duration = Duration::from_secs(3600);
+const STYLE_CACHE_MAX: usize = 1_000;
+
+/// Which management paths a homeserver serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathStyle {
+    Unstable,
+    Stable,
+}
+
+impl PathStyle {
+    fn prefix(self) -> &'static str {
+        match self {
+            PathStyle::Unstable => UNSTABLE_PREFIX,
+            PathStyle::Stable => STABLE_PREFIX,
+        }
+    }
+}
+
+/// Who the request is made as.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// No access token: the delay id is the capability (OpenID mode).
+    Anonymous,
+    /// The appservice, masquerading as the event's owner.
+    Appservice { as_token: &'a str, user_id: &'a str },
+}
+
+/// Remembers, per homeserver, which paths it serves.
+#[derive(Default)]
+pub struct PathStyles {
+    cache: Mutex<HashMap<String, (Instant, PathStyle)>>,
+}
+
+impl PathStyles {
+    /// The paths `base` serves, asking its `/versions` when not known (unstable if that fails).
+    pub async fn get(&self, http: &reqwest::Client, base: &Url, timeout: Duration) -> PathStyle {
+        let key = base.as_str().to_owned();
+        if let Some((at, style)) = self.cache.lock().unwrap().get(&key).copied() {
+            if at.elapsed() < STYLE_TTL {
+                return style;
+            }
+        }
+        let url = join_path(base, "/_matrix/client/versions");
+        let versions: Option<serde_json::Value> = match http.get(url).timeout(timeout).send().await {
+            Ok(r) if r.status().is_success() => r.json().await.ok(),
+            _ => None,
+        };
+        let Some(versions) = versions else {
+            return PathStyle::Unstable; // not cached: ask again next time
+        };
+        let stable = versions.pointer("/unstable_features/org.matrix.msc4140.stable").and_then(|v| v.as_bool());
+        let style = if stable == Some(true) { PathStyle::Stable } else { PathStyle::Unstable };
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= STYLE_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (Instant::now(), style));
+        style
+    }
+}
+
+/// `base` with `path` appended to its path.
+fn join_path(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    {
+        let mut segments = url.path_segments_mut().expect("http(s) base URLs have paths");
+        segments.pop_if_empty();
+        for s in path.trim_start_matches('/').split('/') {
+            segments.push(s);
+        }
+    }
+    url
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DelayedAction {
@@ -36,31 +118,41 @@ pub struct Answer {
     pub detail: Option<String>,
 }
 
-/// The URL of `action` on `delay_id` under `base` (the client-server API base URL).
-pub fn action_url(base: &Url, delay_id: &str, action: DelayedAction) -> Url {
-    let mut url = base.clone();
+/// The URL of `delay_id` (and `action` on it, if any) under `base`, the client-server API base.
+pub fn event_url(base: &Url, style: PathStyle, delay_id: &str, action: Option<DelayedAction>, caller: Caller) -> Url {
+    let mut url = join_path(base, style.prefix());
     {
         let mut segments = url.path_segments_mut().expect("http(s) base URLs have paths");
-        segments.pop_if_empty();
-        for s in UNSTABLE_PREFIX.trim_start_matches('/').split('/') {
-            segments.push(s);
-        }
         segments.push(delay_id); // percent-encoded: a delay id cannot change the path
-        segments.push(action.as_str());
+        if let Some(action) = action {
+            segments.push(action.as_str());
+        }
+    }
+    if let Caller::Appservice { user_id, .. } = caller {
+        url.query_pairs_mut().append_pair("user_id", user_id);
     }
     url
 }
 
-/// Issues `action` on `delay_id` (unauthenticated: the delay id is the capability).
+fn authorize(req: reqwest::RequestBuilder, caller: Caller) -> reqwest::RequestBuilder {
+    match caller {
+        Caller::Anonymous => req,
+        Caller::Appservice { as_token, .. } => req.bearer_auth(as_token),
+    }
+}
+
+/// Issues `action` on `delay_id` as `caller`.
 pub async fn call(
     http: &reqwest::Client,
     base: &Url,
+    style: PathStyle,
     delay_id: &str,
     action: DelayedAction,
+    caller: Caller<'_>,
     timeout: Duration,
 ) -> Answer {
-    let url = action_url(base, delay_id, action);
-    let resp = http.post(url).json(&serde_json::json!({})).timeout(timeout).send().await;
+    let url = event_url(base, style, delay_id, Some(action), caller);
+    let resp = authorize(http.post(url), caller).json(&serde_json::json!({})).timeout(timeout).send().await;
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
@@ -77,6 +169,55 @@ pub async fn call(
         .map(|secs| secs * 1000);
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     classify(status, retry_after_header, &body)
+}
+
+/// A delayed event as its owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayedEvent {
+    pub room_id: String,
+    pub delay_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// The homeserver knows no such delayed event of this user (or it was sent or cancelled).
+    #[error("no such delayed event")]
+    NotFound,
+    /// The homeserver refused us (401/403: the as_token or the user namespace is wrong).
+    #[error("homeserver refused the appservice: {0}")]
+    Refused(String),
+    #[error("homeserver unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Looks `delay_id` up as its owner, through the appservice.
+pub async fn lookup(
+    http: &reqwest::Client,
+    base: &Url,
+    style: PathStyle,
+    delay_id: &str,
+    caller: Caller<'_>,
+    timeout: Duration,
+) -> Result<DelayedEvent, LookupError> {
+    let url = event_url(base, style, delay_id, None, caller);
+    let resp = authorize(http.get(url), caller)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| LookupError::Unavailable(e.without_url().to_string()))?;
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    match status {
+        200 => {
+            let room_id = body.get("room_id").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            // `delay` is the field's name in earlier revisions of MSC4140.
+            let delay_ms = body.get("delay_ms").or_else(|| body.get("delay")).and_then(|v| v.as_i64()).unwrap_or(0);
+            Ok(DelayedEvent { room_id, delay_ms })
+        }
+        404 if body.get("errcode").and_then(|e| e.as_str()) != Some("M_UNRECOGNIZED") => Err(LookupError::NotFound),
+        401 | 403 => Err(LookupError::Refused(format!("{status} {body}"))),
+        _ => Err(LookupError::Unavailable(format!("{status} {body}"))),
+    }
 }
 
 /// Classifies a homeserver answer (pure, for tests).
@@ -110,8 +251,18 @@ mod tests {
     fn builds_escaped_urls_under_the_base_path() {
         let base = Url::parse("https://hs.example/prefix/").unwrap();
         assert_eq!(
-            action_url(&base, "syd_a/../b?c", DelayedAction::Restart).as_str(),
+            event_url(&base, PathStyle::Unstable, "syd_a/../b?c", Some(DelayedAction::Restart), Caller::Anonymous)
+                .as_str(),
             "https://hs.example/prefix/_matrix/client/unstable/org.matrix.msc4140/delayed_events/syd_a%2F..%2Fb%3Fc/restart"
+        );
+        let owner = Caller::Appservice { as_token: "secret", user_id: "@a:hs.example" };
+        assert_eq!(
+            event_url(&base, PathStyle::Stable, "syd_1", Some(DelayedAction::Send), owner).as_str(),
+            "https://hs.example/prefix/_matrix/client/v1/delayed_events/syd_1/send?user_id=%40a%3Ahs.example"
+        );
+        assert_eq!(
+            event_url(&base, PathStyle::Unstable, "syd_1", None, owner).as_str(),
+            "https://hs.example/prefix/_matrix/client/unstable/org.matrix.msc4140/delayed_events/syd_1?user_id=%40a%3Ahs.example"
         );
     }
 

@@ -155,6 +155,7 @@ mod tests {
                 delay_ms: 8_000,
                 cs_api_url: "https://hs".into(),
                 created_at_ms: 1,
+                mode: crate::delegation::Mode::Appservice,
             },
             state: Durable::Waiting,
         }

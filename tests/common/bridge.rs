@@ -42,9 +42,13 @@ impl Bridge {
     }
 
     pub async fn start(env: HashMap<String, String>) -> Bridge {
+        Bridge::start_on(super::free_port(), env).await
+    }
+
+    /// As [`Bridge::start`], on a port chosen beforehand (one a homeserver was told about).
+    pub async fn start_on(port: u16, env: HashMap<String, String>) -> Bridge {
         rtc_leave_bridge::homeserver::install_crypto_provider();
         let data = tempfile::tempdir().unwrap();
-        let port = super::free_port();
         let log = data.path().join("bridge.log");
         let mut b = Bridge {
             url: format!("http://127.0.0.1:{port}"),

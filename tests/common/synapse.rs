@@ -23,13 +23,15 @@ pub struct Synapse {
 /// Settings that differ between tests.
 #[derive(Clone)]
 pub struct SynapseOptions {
-    /// `rc_delayed_event_mgmt`: (per_second, burst_count).
-    pub delayed_event_rate: (f64, u32),
+    /// `rc_delayed_event_mgmt`: (per_second, burst_count); `None` keeps Synapse's default (1/s, 5).
+    pub delayed_event_rate: Option<(f64, u32)>,
+    /// An appservice registration (YAML) to load, with MSC4512 proxying enabled.
+    pub appservice_registration: Option<String>,
 }
 
 impl Default for SynapseOptions {
     fn default() -> Self {
-        SynapseOptions { delayed_event_rate: (1000.0, 1000) }
+        SynapseOptions { delayed_event_rate: Some((1000.0, 1000)), appservice_registration: None }
     }
 }
 
@@ -52,7 +54,16 @@ impl Synapse {
         let dir = tempfile::tempdir().unwrap();
         let port = super::free_port();
         let d = dir.path().display();
-        let (rate, burst) = options.delayed_event_rate;
+        let mut extra = String::new();
+        if let Some((rate, burst)) = options.delayed_event_rate {
+            extra += &format!("rc_delayed_event_mgmt:\n  per_second: {rate}\n  burst_count: {burst}\n");
+        }
+        if let Some(registration) = &options.appservice_registration {
+            std::fs::write(dir.path().join("registration.yaml"), registration).unwrap();
+            extra += &format!(
+                "app_service_config_files: [{d}/registration.yaml]\nexperimental_features:\n  msc4512_enabled: true\n"
+            );
+        }
         let config = format!(
             r#"server_name: "{SERVER_NAME}"
 pid_file: {d}/homeserver.pid
@@ -81,16 +92,14 @@ suppress_key_server_warning: true
 enable_registration: true
 enable_registration_without_verification: true
 max_event_delay_duration: 24h
-rc_delayed_event_mgmt:
-  per_second: {rate}
-  burst_count: {burst}
-rc_message: {{per_second: 1000, burst_count: 1000}}
+{extra}rc_message: {{per_second: 1000, burst_count: 1000}}
 rc_registration: {{per_second: 1000, burst_count: 1000}}
 rc_login:
   address: {{per_second: 1000, burst_count: 1000}}
   account: {{per_second: 1000, burst_count: 1000}}
 rc_joins:
   local: {{per_second: 1000, burst_count: 1000}}
+rc_joins_per_room: {{per_second: 1000, burst_count: 1000}}
 "#
         );
         std::fs::write(dir.path().join("homeserver.yaml"), config).unwrap();
@@ -263,6 +272,16 @@ rc_joins:
             .await;
         assert_eq!(status, 200, "{v}");
         v
+    }
+
+    /// Calls the homeserver-proxied delegation endpoint (MSC4512) as `user`, with its own token.
+    pub async fn proxied_delegate(&self, user: &MatrixUser, body: &Value, stable: bool) -> (u16, Value) {
+        let path = if stable {
+            "/_matrix/client/v1/rtc/livekit/delegate_delayed_leave"
+        } else {
+            "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave"
+        };
+        self.call(reqwest::Method::POST, path, Some(&user.token), body.clone()).await
     }
 
     /// Cancels a delayed event as its owner would.

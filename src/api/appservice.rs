@@ -1,0 +1,232 @@
+//! Appservice mode (MSC4512 / MSC4195's homeserver-proxied flow): the member calls its **own**
+//! homeserver, which authenticates it and forwards the request to us with the appservice's
+//! `hs_token` and the member's user id in `X-Matrix-User-Identifier`.
+//!
+//! Nothing the body claims about the member is trusted: the user comes from the homeserver, and
+//! the delayed event is looked up on the homeserver as its owner (which proves the delay id is
+//! this user's, in this room) with the delay the homeserver knows. Jobs made here manage their
+//! event through the appservice (`as_token` + `user_id`), so they work where delayed-event
+//! management needs authentication and are not throttled like anonymous callers.
+//!
+//! Also here: the homeserver's appservice `ping` and `transactions` (answered, events ignored).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use serde::Deserialize;
+use subtle::ConstantTimeEq as _;
+use tracing::{error, info, warn};
+
+use super::{AppState, MatrixError, empty_ok, invalid};
+use crate::config::Appservice;
+use crate::delegation::{Delegation, Mode};
+use crate::engine::now_unix_ms;
+use crate::homeserver::delayed_events::{self, Caller, LookupError, PathStyles};
+use crate::metrics::OutcomeLabel;
+
+/// What appservice mode needs besides the shared state.
+pub struct AppserviceState {
+    pub config: Appservice,
+    /// Our LiveKit URL: a request naming another SFU is not for us.
+    pub livekit_url: String,
+    pub path_styles: Arc<PathStyles>,
+    pub request_timeout: Duration,
+}
+
+#[derive(Deserialize)]
+pub struct TokenQuery {
+    access_token: Option<String>,
+}
+
+/// Checks the homeserver's `hs_token` (header, or the legacy `access_token` query parameter).
+fn check_hs_token(state: &AppserviceState, headers: &HeaderMap, query: &TokenQuery) -> Result<(), MatrixError> {
+    let header_token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = header_token.or(query.access_token.as_deref()) else {
+        return Err(MatrixError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing hs_token"));
+    };
+    if !bool::from(token.as_bytes().ct_eq(state.config.hs_token.as_bytes())) {
+        warn!("appservice request with a wrong hs_token refused");
+        return Err(MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "unknown hs_token"));
+    }
+    Ok(())
+}
+
+fn appservice(state: &AppState) -> Result<&AppserviceState, MatrixError> {
+    state
+        .appservice
+        .as_deref()
+        .ok_or_else(|| MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "appservice mode is not configured"))
+}
+
+/// `GET`/`PUT`/`POST /_matrix/app/v1/ping`: the homeserver checking it can reach us.
+pub async fn ping(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Query<TokenQuery>,
+) -> Result<Response, MatrixError> {
+    check_hs_token(appservice(&state)?, &headers, &query)?;
+    Ok(empty_ok())
+}
+
+/// `PUT /_matrix/app/v1/transactions/{txn}`: room events the homeserver pushes; we need none.
+pub async fn transactions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Query<TokenQuery>,
+) -> Result<Response, MatrixError> {
+    check_hs_token(appservice(&state)?, &headers, &query)?;
+    Ok(empty_ok())
+}
+
+#[derive(Deserialize)]
+struct Request {
+    url: String,
+    room_id: String,
+    slot_id: String,
+    #[serde(default)]
+    member_id: Option<String>,
+    #[serde(default)]
+    member: Option<Member>,
+    delay_id: String,
+    /// Informative: the delay that counts is the homeserver's.
+    #[serde(default)]
+    delay_timeout: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct Member {
+    id: String,
+    #[serde(default)]
+    claimed_device_id: Option<String>,
+    #[serde(default)]
+    claimed_user_id: Option<String>,
+}
+
+/// `POST …/rtc/livekit/delegate_delayed_leave`, unstable and stable paths.
+pub async fn delegate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Query<TokenQuery>,
+    body: Bytes,
+) -> Result<Response, MatrixError> {
+    let result = handle(&state, &headers, &query, &body).await;
+    if let Err(e) = &result {
+        let outcome = match e.status {
+            StatusCode::BAD_REQUEST => "invalid",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "invalid",
+            _ => "unavailable",
+        };
+        state.metrics.delegations.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+    result.map(|()| empty_ok())
+}
+
+fn trim_url(url: &str) -> &str {
+    url.trim().trim_end_matches('/')
+}
+
+async fn handle(state: &AppState, headers: &HeaderMap, query: &TokenQuery, body: &[u8]) -> Result<(), MatrixError> {
+    let a = appservice(state)?;
+    check_hs_token(a, headers, query)?;
+    let server = a.config.server_name.as_str();
+
+    // The member, as its homeserver authenticated it.
+    let user_header = headers
+        .get("x-matrix-user-identifier")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| MatrixError::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", "no X-Matrix-User-Identifier"))?;
+    let user_id =
+        ruma::OwnedUserId::try_from(user_header).map_err(|e| invalid(format!("X-Matrix-User-Identifier: {e}")))?;
+    if user_id.server_name().as_str() != server {
+        warn!(user = %user_id, "appservice delegation refused: user of another homeserver");
+        return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "user does not belong to this homeserver"));
+    }
+
+    let req: Request = serde_json::from_slice(body)
+        .map_err(|e| MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("invalid request: {e}")))?;
+    if trim_url(&req.url) != trim_url(&a.livekit_url) {
+        return Err(invalid(format!("url: this service serves {}", a.livekit_url)));
+    }
+    let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
+    super::check_text("slot_id", &req.slot_id)?;
+    super::check_text("delay_id", &req.delay_id)?;
+    let (member_id, device_id) = match (&req.member, &req.member_id) {
+        (Some(m), _) => {
+            if m.claimed_user_id.as_deref().is_some_and(|c| c != user_id.as_str()) {
+                return Err(invalid("member.claimed_user_id is not the authenticated user"));
+            }
+            (m.id.clone(), m.claimed_device_id.clone().unwrap_or_default())
+        }
+        (None, Some(id)) => (id.clone(), String::new()),
+        (None, None) => return Err(invalid("member_id or member is required")),
+    };
+    super::check_text("member id", &member_id)?;
+    if !device_id.is_empty() {
+        super::check_text("member.claimed_device_id", &device_id)?;
+    }
+    if req.delay_timeout.is_some_and(|t| t <= 0) {
+        return Err(invalid("delay_timeout must be positive"));
+    }
+
+    // The delayed event, as its owner sees it on the homeserver.
+    let endpoint = state.discovery.client_server_api(server).await.map_err(|e| {
+        error!(server, error = %e, "cannot locate our homeserver's client-server API");
+        MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "homeserver unreachable")
+    })?;
+    let http = endpoint.client(state.discovery.clients());
+    let style = a.path_styles.get(http, &endpoint.base, a.request_timeout).await;
+    let caller = Caller::Appservice { as_token: &a.config.as_token, user_id: user_id.as_str() };
+    let event = delayed_events::lookup(http, &endpoint.base, style, &req.delay_id, caller, a.request_timeout)
+        .await
+        .map_err(|e| match e {
+            LookupError::NotFound => invalid("delay_id: no such delayed event of this user"),
+            LookupError::Refused(detail) => {
+                error!(server, detail = %detail, "homeserver refused the appservice: check as_token and the users namespace");
+                MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "homeserver refused the bridge")
+            }
+            LookupError::Unavailable(detail) => {
+                warn!(server, detail = %detail, "homeserver unreachable for a delegation");
+                MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "homeserver unreachable")
+            }
+        })?;
+    if event.room_id != room_id.as_str() {
+        return Err(invalid("delay_id: the delayed event belongs to another room"));
+    }
+    if event.delay_ms <= 0 || event.delay_ms as u64 > state.max_delay_ms {
+        return Err(invalid(format!("the delayed event's delay ({} ms) is not usable", event.delay_ms)));
+    }
+
+    let delegation = Delegation {
+        room_id: room_id.to_string(),
+        slot_id: req.slot_id,
+        user_id: user_id.to_string(),
+        device_id,
+        member_id,
+        delay_id: req.delay_id,
+        delay_ms: event.delay_ms as u64,
+        cs_api_url: endpoint.base.to_string(),
+        created_at_ms: now_unix_ms(),
+        mode: Mode::Appservice,
+    };
+    let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
+    match state.engine.delegate(delegation).await {
+        Ok(job) => {
+            info!(job = %job, user = %user, room = %room, delay_id = %delay_id, "appservice delegation stored");
+            Ok(())
+        }
+        Err(e) => {
+            warn!(user = %user, room = %room, delay_id = %delay_id, error = %e, "delegation not stored");
+            Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot store the delegation now"))
+        }
+    }
+}

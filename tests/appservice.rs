@@ -1,0 +1,263 @@
+//! Appservice mode end to end: a real Synapse with the bridge registered as an appservice and
+//! MSC4512 proxying on; members call **Synapse** with their own access tokens, Synapse forwards to
+//! the bridge, and the bridge manages the delayed events as their owner through the appservice.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::bridge::{Bridge, SLOT};
+use common::livekit::LiveKit;
+use common::synapse::{MatrixUser, SERVER_NAME, Synapse, SynapseOptions};
+use rtc_leave_bridge::identity;
+use serde_json::{Value, json};
+
+const AS_TOKEN: &str = "as-token-for-tests-0123456789";
+const HS_TOKEN: &str = "hs-token-for-tests-9876543210";
+
+fn registration(bridge_port: u16) -> String {
+    format!(
+        r#"id: rtc-leave-bridge
+url: "http://127.0.0.1:{bridge_port}"
+as_token: "{AS_TOKEN}"
+hs_token: "{HS_TOKEN}"
+sender_localpart: rtc-leave-bridge
+rate_limited: false
+namespaces:
+  users:
+    - exclusive: false
+      regex: "@.*:{server}"
+  aliases: []
+  rooms: []
+io.element.msc4512.proxy_prefix: "rtc/livekit"
+io.element.msc4512.proxy_url: "http://127.0.0.1:{bridge_port}"
+"#,
+        server = SERVER_NAME.replace('.', "\\\\.")
+    )
+}
+
+struct World {
+    synapse: Synapse,
+    livekit: LiveKit,
+    bridge: Bridge,
+    alice: MatrixUser,
+    room: String,
+    lk_room: String,
+}
+
+impl World {
+    /// `appservice`: register the bridge with Synapse and configure it for appservice mode.
+    /// `rate`: Synapse's `rc_delayed_event_mgmt` (`None`: Synapse's default).
+    async fn new(appservice: bool, rate: Option<(f64, u32)>) -> World {
+        let port = common::free_port();
+        let options = SynapseOptions {
+            delayed_event_rate: rate,
+            appservice_registration: appservice.then(|| registration(port)),
+        };
+        let synapse = Synapse::start(options).await;
+        let livekit = LiveKit::start().await;
+        let mut env = Bridge::env_for(&synapse, &livekit);
+        if appservice {
+            env.insert("LIVEKIT_AS_TOKEN".into(), AS_TOKEN.into());
+            env.insert("LIVEKIT_HS_TOKEN".into(), HS_TOKEN.into());
+            env.insert("LIVEKIT_HS_SERVER_NAME".into(), SERVER_NAME.into());
+        }
+        let bridge = Bridge::start_on(port, env).await;
+        let alice = synapse.register("alice").await;
+        let room = synapse.create_room(&alice).await;
+        let lk_room = identity::livekit_room(&room, SLOT);
+        World { synapse, livekit, bridge, alice, room, lk_room }
+    }
+
+    fn body(&self, user: &MatrixUser, member_id: &str, delay_id: &str) -> Value {
+        json!({
+            "url": self.livekit.url,
+            "room_id": self.room,
+            "slot_id": SLOT,
+            "member": {"id": member_id, "claimed_device_id": user.device_id},
+            "delay_id": delay_id,
+            "delay_timeout": 8000,
+        })
+    }
+
+    /// Calls the bridge directly, as Synapse's proxy would, with the given headers.
+    async fn direct(&self, hs_token: Option<&str>, user: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/_matrix/client/v1/rtc/livekit/delegate_delayed_leave", self.bridge.url))
+            .json(body);
+        if let Some(t) = hs_token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(u) = user {
+            req = req.header("X-Matrix-User-Identifier", u);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn still_members_after(&self, users: &[&MatrixUser], wait: Duration) -> Result<(), String> {
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            for u in users {
+                if !self.synapse.is_member(u, &self.room).await {
+                    return Err(u.user_id.clone());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegation_through_the_homeserver_runs_the_whole_lifecycle() {
+    let w = World::new(true, None).await;
+    let delay_id = w.synapse.join_call(&w.alice, &w.room, 3_000).await;
+    // Alice asks her own homeserver; it authenticates her and forwards to the bridge.
+    let (status, v) = w.synapse.proxied_delegate(&w.alice, &w.body(&w.alice, "m1", &delay_id), false).await;
+    assert_eq!((status, &v), (200, &json!({})), "{}", w.bridge.logs());
+    // The identity of this flow: the 2-part hash.
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &identity::identity_two_part(&w.alice.user_id, "m1")).await;
+    w.still_members_after(&[&w.alice], Duration::from_secs(7)).await.expect("connected member removed");
+    let restarts = "rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"ok\"}";
+    assert!(w.bridge.metric(restarts).await >= 3.0);
+
+    let left = Instant::now();
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
+    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(3)).await.is_some());
+    assert!(left.elapsed() < Duration::from_secs(1), "leave after {:?}", left.elapsed());
+
+    // The stable path works too, and a member that connected before delegating is found
+    // through RoomService.
+    let bob = w.synapse.register("bob").await;
+    w.synapse.join_room(&bob, &w.room).await;
+    let bp = w.livekit.join(&w.bridge.url, &w.lk_room, &identity::identity_two_part(&bob.user_id, "b1")).await;
+    let bob_delay = w.synapse.join_call(&bob, &w.room, 3_000).await;
+    let (status, v) = w.synapse.proxied_delegate(&bob, &w.body(&bob, "b1", &bob_delay), true).await;
+    assert_eq!(status, 200, "{v}");
+    w.still_members_after(&[&bob], Duration::from_secs(7)).await.expect("bob removed");
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &bp, "CLIENT_INITIATED").await;
+    assert!(w.synapse.wait_left(&bob, &w.room, Duration::from_secs(1)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appservice_requests_are_authenticated_and_checked() {
+    let w = World::new(true, None).await;
+    let bob = w.synapse.register("bob").await;
+    w.synapse.join_room(&bob, &w.room).await;
+    let delay_id = w.synapse.join_call(&w.alice, &w.room, 60_000).await;
+    let bob_delay = w.synapse.join_call(&bob, &w.room, 60_000).await;
+    let other_room = w.synapse.create_room(&w.alice).await;
+    let other_delay = w.synapse.join_call(&w.alice, &other_room, 60_000).await;
+    let alice = Some(w.alice.user_id.as_str());
+    let body = w.body(&w.alice, "m1", &delay_id);
+
+    let (s, v) = w.direct(None, alice, &body).await;
+    assert_eq!((s, v["errcode"].as_str()), (401, Some("M_MISSING_TOKEN")));
+    let (s, v) = w.direct(Some("wrong-token"), alice, &body).await;
+    assert_eq!((s, v["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
+    let (s, v) = w.direct(Some(AS_TOKEN), alice, &body).await;
+    assert_eq!((s, v["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")), "the as_token is not the hs_token");
+    let (s, v) = w.direct(Some(HS_TOKEN), Some("@alice:elsewhere.test"), &body).await;
+    assert_eq!((s, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "user of another homeserver");
+
+    // Delay ids that are not this user's in this room, or not at all.
+    for (what, delay) in
+        [("bob's", bob_delay.as_str()), ("another room's", other_delay.as_str()), ("unknown", "syd_nope")]
+    {
+        let (s, v) = w.direct(Some(HS_TOKEN), alice, &w.body(&w.alice, "m1", delay)).await;
+        assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{what} delay id: {v}");
+    }
+    let mut wrong_url = body.clone();
+    wrong_url["url"] = "wss://another-sfu.example".into();
+    let (s, v) = w.direct(Some(HS_TOKEN), alice, &wrong_url).await;
+    assert_eq!((s, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")));
+    let mut claims_bob = body.clone();
+    claims_bob["member"]["claimed_user_id"] = bob.user_id.clone().into();
+    assert_eq!(w.direct(Some(HS_TOKEN), alice, &claims_bob).await.0, 400, "body claims are not trusted");
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs{state=\"waiting\"}").await, 0.0, "nothing refused was kept");
+
+    // Through Synapse, Bob cannot delegate Alice's event: Synapse says who he is.
+    let (s, _) = w.synapse.proxied_delegate(&bob, &body, false).await;
+    assert_eq!(s, 400);
+    // The genuine request, and the homeserver's ping.
+    let (s, v) = w.direct(Some(HS_TOKEN), alice, &body).await;
+    assert_eq!((s, &v), (200, &json!({})));
+    let ping = |token: Option<&'static str>| {
+        let mut req = reqwest::Client::new().post(format!("{}/_matrix/app/v1/ping", w.bridge.url)).json(&json!({}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(ping(Some(HS_TOKEN)).await, 200);
+    assert_eq!(ping(None).await, 401);
+    // Synapse's own appservice ping (MSC2659) reaches the bridge and gets its answer.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/_matrix/client/v1/appservice/rtc-leave-bridge/ping", w.synapse.url))
+        .bearer_auth(AS_TOKEN)
+        .json(&json!({"transaction_id": "t1"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["duration_ms"].is_number(), "{v}");
+}
+
+/// Twenty connected members on 8 s delays, under Synapse's default delayed-event rate limits.
+async fn twenty_members(appservice: bool) -> (World, Vec<MatrixUser>) {
+    let w = World::new(appservice, None).await;
+    let mut users = Vec::new();
+    for i in 0..20 {
+        let u = w.synapse.register(&format!("member{i}")).await;
+        w.synapse.join_room(&u, &w.room).await;
+        let delay_id = w.synapse.join_call(&u, &w.room, 8_000).await;
+        let member = format!("m{i}");
+        if appservice {
+            let (status, v) = w.synapse.proxied_delegate(&u, &w.body(&u, &member, &delay_id), false).await;
+            assert_eq!(status, 200, "{v}");
+        } else {
+            w.bridge.delegate(&w.synapse, &u, &w.room, &member, &delay_id, 8_000).await;
+        }
+        // Each mode's own identity: 2-part for homeserver-proxied members, 3-part for OpenID.
+        let ident = if appservice {
+            identity::identity_two_part(&u.user_id, &member)
+        } else {
+            identity::identity_three_part(&u.user_id, &u.device_id, &member)
+        };
+        w.livekit.join(&w.bridge.url, &w.lk_room, &ident).await;
+        users.push(u);
+    }
+    (w, users)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appservice_mode_keeps_twenty_members_alive_under_default_rate_limits() {
+    let (w, users) = twenty_members(true).await;
+    let refs: Vec<&MatrixUser> = users.iter().collect();
+    let result = w.still_members_after(&refs, Duration::from_secs(18)).await;
+    assert!(result.is_ok(), "{} removed while connected:\n{}", result.unwrap_err(), w.bridge.metrics().await);
+    let limited = w
+        .bridge
+        .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}")
+        .await;
+    assert_eq!(limited, 0.0);
+}
+
+/// Why appservice mode matters: the same load in OpenID mode, where every restart is an anonymous
+/// call from the bridge's address, exceeds Synapse's default limit and connected members are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openid_mode_loses_connected_members_under_default_rate_limits() {
+    let (w, users) = twenty_members(false).await;
+    let refs: Vec<&MatrixUser> = users.iter().collect();
+    let result = w.still_members_after(&refs, Duration::from_secs(18)).await;
+    assert!(result.is_err(), "expected Synapse's default rate limit to cost OpenID-mode members");
+    let limited = w
+        .bridge
+        .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}")
+        .await;
+    assert!(limited > 0.0);
+}
