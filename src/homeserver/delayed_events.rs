@@ -266,6 +266,42 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn stable_paths_are_used_only_when_advertised_and_the_answer_is_cached() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let serve = |stable: bool, asked: Arc<AtomicUsize>| async move {
+            let app = axum::Router::new().route(
+                "/_matrix/client/versions",
+                axum::routing::get(move || {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        axum::Json(
+                            json!({"versions": ["v1.11"], "unstable_features": {"org.matrix.msc4140.stable": stable}}),
+                        )
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            url
+        };
+        crate::homeserver::install_crypto_provider();
+        let http = reqwest::Client::new();
+        let styles = PathStyles::default();
+        let t = Duration::from_secs(2);
+        let stable = serve(true, asked.clone()).await;
+        let unstable = serve(false, asked.clone()).await;
+        assert_eq!(styles.get(&http, &stable, t).await, PathStyle::Stable);
+        assert_eq!(styles.get(&http, &stable, t).await, PathStyle::Stable);
+        assert_eq!(styles.get(&http, &unstable, t).await, PathStyle::Unstable);
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "one /versions per homeserver");
+        let nowhere = Url::parse("http://127.0.0.1:9/").unwrap();
+        assert_eq!(styles.get(&http, &nowhere, t).await, PathStyle::Unstable, "unknown: unstable");
+    }
+
     #[test]
     fn classifies_answers() {
         assert_eq!(classify(200, None, &json!({})).answer, HsAnswer::Ok);
