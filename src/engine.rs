@@ -73,7 +73,27 @@ pub enum EngineError {
     Stopped,
 }
 
+/// One tracked job, for operators (`rtc-leave-bridge jobs`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub room_id: String,
+    pub livekit_room: String,
+    pub user_id: String,
+    pub device_id: String,
+    pub member_id: String,
+    pub delay_id: String,
+    pub mode: Mode,
+    pub state: String,
+    /// The LiveKit identity the job is bound to, once connected.
+    pub identity: Option<String>,
+    /// Milliseconds until the next restart (or send), if one is planned and not in flight.
+    pub next_call_in_ms: Option<i64>,
+    pub created_at_ms: u64,
+}
+
 enum Command {
+    Jobs(oneshot::Sender<Vec<JobSummary>>),
     Delegate(Delegation, oneshot::Sender<Result<JobId, EngineError>>),
     Webhook(SfuEvent, oneshot::Sender<Result<WebhookOutcome, EngineError>>),
     Shutdown(Duration, oneshot::Sender<()>),
@@ -103,6 +123,13 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Webhook(event, tx)).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Every tracked job, oldest first.
+    pub async fn jobs(&self) -> Result<Vec<JobSummary>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Jobs(tx)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
     }
 
     /// Stops issuing calls, waits up to `drain` for those in flight, commits, and stops.
@@ -286,6 +313,9 @@ impl Engine {
                 let _ = reply.send(r);
             }
             Command::Webhook(event, reply) => self.webhook(event, reply),
+            Command::Jobs(reply) => {
+                let _ = reply.send(self.summaries());
+            }
             Command::Shutdown(drain, done) => {
                 info!(calls = self.calls_in_flight, "shutdown: draining homeserver calls");
                 self.draining = true;
@@ -740,6 +770,33 @@ impl Engine {
     }
 
     // ---- views ------------------------------------------------------------------------------
+
+    fn summaries(&self) -> Vec<JobSummary> {
+        let now = self.clock.now() as i64;
+        let mut list: Vec<JobSummary> = self
+            .jobs
+            .iter()
+            .map(|(id, e)| {
+                let d = &e.delegation;
+                JobSummary {
+                    id: id.to_string(),
+                    room_id: d.room_id.clone(),
+                    livekit_room: e.room.to_string(),
+                    user_id: d.user_id.clone(),
+                    device_id: d.device_id.clone(),
+                    member_id: d.member_id.clone(),
+                    delay_id: d.delay_id.clone(),
+                    mode: d.mode,
+                    state: e.job.kind().as_str().to_owned(),
+                    identity: e.job.binding().map(|b| b.identity.clone()),
+                    next_call_in_ms: e.job.next_call().map(|t| t as i64 - now),
+                    created_at_ms: d.created_at_ms,
+                }
+            })
+            .collect();
+        list.sort_by_key(|j| j.created_at_ms);
+        list
+    }
 
     /// Moves one job between the `jobs{state}` gauges (`Done` is not a gauge).
     fn gauge_move(&self, from: Option<PhaseKind>, to: Option<PhaseKind>) {

@@ -2,6 +2,7 @@
 //! connected to LiveKit, and sends them the moment LiveKit says the member is gone.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod delegation;
 pub mod engine;

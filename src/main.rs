@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use rtc_leave_bridge::cli;
 use rtc_leave_bridge::config::{Config, LogFormat, SETTINGS, Source};
 
 #[derive(Parser)]
@@ -20,6 +21,18 @@ struct Cli {
 enum Command {
     /// Run the service.
     Serve,
+    /// Check the configuration: settings, data directory, LiveKit (reachable, accepts our key)
+    /// and every configured homeserver. Exits non-zero if anything is wrong.
+    CheckConfig,
+    /// List the delegations the running service tracks (room, member, identity, state, next
+    /// restart, age).
+    Jobs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 if the service configured here answers on its listen address (for HEALTHCHECK).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -37,10 +50,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = match cli.command {
-        Command::Serve => runtime.block_on(rtc_leave_bridge::service::serve(config)),
+        Command::Serve => {
+            init_tracing(&config);
+            runtime.block_on(rtc_leave_bridge::service::serve(config))
+        }
+        Command::CheckConfig => return runtime.block_on(cli::check_config(&config)),
+        Command::Jobs { json } => return runtime.block_on(cli::jobs(&config, json)),
+        Command::Healthcheck => return runtime.block_on(cli::healthcheck(&config)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -73,6 +73,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let state = AppState {
         engine: engine.clone(),
         verifier: WebhookVerifier::new(&config.livekit_key, &config.livekit_secret),
+        admin_verifier: livekit_api::access_token::TokenVerifier::with_api_key(
+            &config.livekit_key,
+            &config.livekit_secret,
+        ),
         discovery,
         allowed: Arc::new(config.allowed.clone()),
         metrics,

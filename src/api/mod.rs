@@ -49,6 +49,8 @@ impl AllowedHomeservers {
 pub struct AppState {
     pub engine: EngineHandle,
     pub verifier: WebhookVerifier,
+    /// Checks operator tokens (signed with the LiveKit API secret).
+    pub admin_verifier: livekit_api::access_token::TokenVerifier,
     pub discovery: Arc<Discovery>,
     pub allowed: Arc<AllowedHomeservers>,
     pub metrics: Arc<Metrics>,
@@ -88,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(operator::healthz))
         .route("/readyz", get(operator::readyz))
         .route("/metrics", get(operator::metrics))
+        .route("/admin/jobs", get(operator::jobs))
         .fallback(|| async { MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request") })
         .with_state(state)
 }

@@ -1,8 +1,11 @@
-//! Operator endpoints: `/healthz` (the process serves), `/readyz` (the store is usable), and
-//! `/metrics` (Prometheus text).
+//! Operator endpoints: `/healthz` (the process serves), `/readyz` (the store is usable),
+//! `/metrics` (Prometheus text), and `/admin/jobs` (tracked delegations, for
+//! `rtc-leave-bridge jobs`; it names users, so it requires a token signed with the LiveKit API
+//! secret carrying the `roomAdmin` and `roomList` grants — webhook tokens carry neither).
 
+use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{AppState, MatrixError, empty_ok};
@@ -21,4 +24,25 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, MatrixErr
 pub async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
+}
+
+pub async fn jobs(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, MatrixError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| MatrixError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing token"))?;
+    let claims = state
+        .admin_verifier
+        .verify(token)
+        .map_err(|_| MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "invalid token"))?;
+    if !(claims.video.room_admin && claims.video.room_list) {
+        return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "requires roomAdmin and roomList grants"));
+    }
+    let jobs = state
+        .engine
+        .jobs()
+        .await
+        .map_err(|e| MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", e.to_string()))?;
+    Ok(Json(jobs).into_response())
 }

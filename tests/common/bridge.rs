@@ -112,6 +112,21 @@ impl Bridge {
         c.wait().unwrap()
     }
 
+    /// Runs `rtc-leave-bridge <args>` with this bridge's settings, `overrides` on top.
+    pub fn cli(&self, args: &[&str], overrides: &[(&str, &str)]) -> std::process::Output {
+        let mut env = self.env.clone();
+        for (k, v) in overrides {
+            env.insert((*k).into(), (*v).into());
+        }
+        Command::new(env!("CARGO_BIN_EXE_rtc-leave-bridge"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&env)
+            .output()
+            .unwrap()
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

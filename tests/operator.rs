@@ -1,0 +1,74 @@
+//! The operator commands against a running bridge, a real Synapse and the LiveKit emulator.
+
+mod common;
+
+use std::time::Duration;
+
+use common::bridge::{Bridge, SLOT};
+use common::livekit::LiveKit;
+use common::synapse::{Synapse, SynapseOptions};
+use rtc_leave_bridge::identity;
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_check_config_and_jobs() {
+    let mut synapse = Synapse::start(SynapseOptions::default()).await;
+    let livekit = LiveKit::start().await;
+    let bridge = Bridge::start(Bridge::env_for(&synapse, &livekit)).await;
+    let port = bridge.url.rsplit(':').next().unwrap().to_owned();
+
+    // healthcheck honours every form of LIVEKIT_JWT_BIND, `:port` included.
+    for bind in
+        [format!(":{port}"), format!("0.0.0.0:{port}"), format!("127.0.0.1:{port}"), format!("localhost:{port}")]
+    {
+        let out = bridge.cli(&["healthcheck"], &[("LIVEKIT_JWT_BIND", &bind)]);
+        assert!(out.status.success(), "{bind}: {}", text(&out));
+    }
+    let free = common::free_port().to_string();
+    assert!(!bridge.cli(&["healthcheck"], &[("LIVEKIT_JWT_BIND", &format!(":{free}"))]).status.success());
+
+    // check-config: everything reachable and accepted.
+    let out = bridge.cli(&["check-config"], &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("ok       livekit: RoomService") && t.contains("ok       homeserver hs1.test"), "{t}");
+    // A wrong secret, an unreachable homeserver, an unwritable data dir: each named, exit 1.
+    let out = bridge.cli(&["check-config"], &[("LIVEKIT_SECRET", "wrong-secret-wrong-secret-wrong")]);
+    assert!(
+        !out.status.success() && text(&out).contains("PROBLEM  livekit: RoomService refused key"),
+        "{}",
+        text(&out)
+    );
+    let out = bridge.cli(&["check-config"], &[("RTC_LEAVE_BRIDGE_DATA_DIR", "/proc/no-such-dir")]);
+    assert!(!out.status.success() && text(&out).contains("PROBLEM  data dir"), "{}", text(&out));
+    let out = bridge.cli(&["check-config"], &[("LIVEKIT_URL", "")]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("LIVEKIT_URL: required"));
+
+    // jobs: what the running service tracks.
+    let alice = synapse.register("alice").await;
+    let room = synapse.create_room(&alice).await;
+    let delay_id = synapse.join_call(&alice, &room, 60_000).await;
+    bridge.delegate(&synapse, &alice, &room, "m1", &delay_id, 60_000).await;
+    let ident = identity::identity_three_part(&alice.user_id, &alice.device_id, "m1");
+    livekit.join(&bridge.url, &identity::livekit_room(&room, SLOT), &ident).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = bridge.cli(&["jobs"], &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(&room) && t.contains(&alice.user_id) && t.contains(&ident) && t.contains("connected"), "{t}");
+    assert!(t.contains("1 job(s)"));
+    let out = bridge.cli(&["jobs", "--json"], &[]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["delay_id"], delay_id);
+    // The listing names users: a webhook-style token (no admin grants) or none is refused.
+    let status = reqwest::get(format!("{}/admin/jobs", bridge.url)).await.unwrap().status().as_u16();
+    assert_eq!(status, 401);
+
+    synapse.stop();
+    let out = bridge.cli(&["check-config"], &[]);
+    assert!(!out.status.success() && text(&out).contains("PROBLEM  homeserver hs1.test"), "{}", text(&out));
+}
