@@ -23,7 +23,7 @@ use crate::homeserver::discovery::Endpoint;
 use crate::lifecycle::{Action, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, PhaseKind, Session, Timing};
 use crate::livekit::room_service::RoomService;
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
-use crate::metrics::{ActionLabel, CallLabels, Metrics, OutcomeLabel, StateLabel, TriggerLabel};
+use crate::metrics::{ActionLabels, CallLabels, Metrics, OutcomeLabel, StateLabel, TriggerLabel};
 use crate::scheduler::Scheduler;
 use crate::store::{JobRecord, Store, StoreError, StoreOp};
 
@@ -58,7 +58,7 @@ pub enum WebhookOutcome {
 impl WebhookOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
-            WebhookOutcome::Applied => "applied",
+            WebhookOutcome::Applied => "accepted",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::Duplicate => "duplicate",
         }
@@ -166,6 +166,13 @@ struct Entry {
     identities: Vec<String>,
     /// Where the member's homeserver is (`None`: the stored address is no longer acceptable).
     endpoint: Option<Arc<Endpoint>>,
+}
+
+impl Entry {
+    /// The LiveKit identity to name in logs: the bound one, else the first one watched.
+    fn identity(&self) -> &str {
+        self.job.binding().map(|b| b.identity.as_str()).unwrap_or_else(|| &self.identities[0])
+    }
 }
 
 /// What the engine calls out to.
@@ -352,7 +359,9 @@ impl Engine {
         self.reply_waiting(Ok(()));
         if let Some(old) = old {
             if let Some(entry) = self.jobs.get(&old) {
-                info!(job = %old, new_job = %id, delay_id = %entry.delegation.delay_id, "superseded by a newer delegation; its delay id will not be sent");
+                info!(job = %old, room = %entry.delegation.room_id, identity = entry.identity(),
+                    user = %entry.delegation.user_id, delay_id = %entry.delegation.delay_id, new_job = %id,
+                    "superseded by a newer delegation; its delay id will not be sent");
             }
             let actions = self.step(old, |job, out| out.extend(job.supersede()));
             self.run_committed(old, actions);
@@ -360,9 +369,10 @@ impl Engine {
         let delegation = Arc::new(d);
         let (job, actions) = Job::new(delegation.delay_ms, id.0, self.config.timing.clone(), self.clock.now());
         info!(
-            job = %id, room = %delegation.room_id, livekit_room = %delegation.livekit_room(),
-            user = %delegation.user_id, device = %delegation.device_id, delay_id = %delegation.delay_id,
-            delay_ms = delegation.delay_ms, "delegation accepted"
+            job = %id, room = %delegation.room_id, identity = %delegation.identities()[0],
+            livekit_room = %delegation.livekit_room(), user = %delegation.user_id, device = %delegation.device_id,
+            delay_id = %delegation.delay_id, delay_ms = delegation.delay_ms, mode = ?delegation.mode,
+            "delegation accepted"
         );
         self.out
             .metrics
@@ -399,7 +409,8 @@ impl Engine {
         {
             Ok(e) => Some(Arc::new(e)),
             Err(e) => {
-                error!(job = %id, user = %delegation.user_id, error = %e, "cannot call the member's homeserver; its delayed leave is left to the homeserver's timer");
+                error!(job = %id, room = %delegation.room_id, identity = %identities[0], user = %delegation.user_id,
+                    error = %e, "cannot call the member's homeserver; its delayed leave is left to the homeserver's timer");
                 None
             }
         };
@@ -471,8 +482,9 @@ impl Engine {
         for (id, ev) in targets {
             if let Some(entry) = self.jobs.get(&id) {
                 info!(
-                    job = %id, event = event.kind.name(), webhook = %event.id, livekit_room = %entry.room,
-                    user = %entry.delegation.user_id, sid = participant_sid(&event.kind),
+                    job = %id, room = %entry.delegation.room_id, identity = participant_identity(&event.kind),
+                    sid = participant_sid(&event.kind), event = event.kind.name(), webhook = %event.id,
+                    livekit_room = %entry.room, user = %entry.delegation.user_id,
                     reason = departure_reason(&event.kind), "webhook for a tracked member"
                 );
             }
@@ -598,26 +610,30 @@ impl Engine {
     fn finish(&mut self, id: JobId, outcome: Outcome) {
         let Some(entry) = self.remove(id) else { return };
         let d = &entry.delegation;
+        let (room, identity) = (&d.room_id, entry.identity());
         let m = &self.out.metrics;
         m.jobs_finished.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
         match outcome {
             Outcome::Sent { trigger, latency } => {
+                if trigger == crate::lifecycle::Trigger::Reconciled {
+                    m.reconciliation_departures.inc();
+                }
                 m.leave_latency
                     .get_or_create(&TriggerLabel { trigger: trigger.as_str() })
                     .observe(latency as f64 / 1000.0);
-                info!(job = %id, livekit_room = %entry.room, user = %d.user_id, device = %d.device_id,
+                info!(job = %id, room = %room, identity, user = %d.user_id, device = %d.device_id,
                     delay_id = %d.delay_id, trigger = trigger.as_str(), latency_ms = latency, "leave sent");
             }
             Outcome::Expired => {
-                warn!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
+                warn!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %d.delay_id,
                     "homeserver unreachable past the event's deadline; its own timer has fired the leave");
             }
             Outcome::Unconfirmed => {
-                warn!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
+                warn!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %d.delay_id,
                     "LiveKit could not confirm the member's presence for too long; restarts stopped, the homeserver's timer decides");
             }
             Outcome::Gone => {
-                info!(job = %id, livekit_room = %entry.room, user = %d.user_id, delay_id = %d.delay_id,
+                info!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %d.delay_id,
                     "delayed event no longer exists on the homeserver; job ended without sending");
             }
             Outcome::Superseded => {}
@@ -633,9 +649,11 @@ impl Engine {
             return;
         }
         let d = entry.delegation.clone();
+        // Every line logged about this call names the job, the room and the member's identity.
+        let span = tracing::info_span!("call", job = %id, room = %d.room_id, identity = entry.identity());
         if action == DelayedAction::Restart && self.clock.now() > entry.job.deadline() {
             self.out.metrics.late_restarts.inc();
-            warn!(job = %id, user = %d.user_id, delay_id = %d.delay_id, "restart issued after the event's estimated deadline");
+            span.in_scope(|| warn!(user = %d.user_id, delay_id = %d.delay_id, "restart issued after the event's estimated deadline"));
         }
         self.calls_in_flight += 1;
         let Some(endpoint) = entry.endpoint.clone() else {
@@ -650,7 +668,7 @@ impl Engine {
         let reports = self.reports_tx.clone();
         let styles = self.out.path_styles.clone();
         let as_token = self.out.as_token.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let _permit = match permits {
                 Some(p) => Some(p.acquire_owned().await.expect("never closed")),
                 None => None,
@@ -661,33 +679,38 @@ impl Engine {
                 (Mode::OpenId, _) => Caller::Anonymous,
                 (Mode::Appservice, Some(as_token)) => Caller::Appservice { as_token, user_id: &d.user_id },
                 (Mode::Appservice, None) => {
-                    error!(job = %id, user = %d.user_id, "delegated through the appservice, but no appservice is configured now");
+                    error!(user = %d.user_id, "delegated through the appservice, but no appservice is configured now");
                     Caller::Anonymous
                 }
             };
             let answer = delayed_events::call(&http, &endpoint.base, style, &d.delay_id, action, caller, timeout).await;
             metrics
                 .homeserver_request_duration
-                .get_or_create(&ActionLabel { action: action.as_str() })
+                .get_or_create(&ActionLabels { action: action.as_str(), homeserver: d.server_name().to_owned() })
                 .observe(started.elapsed().as_secs_f64());
             metrics
                 .homeserver_requests
-                .get_or_create(&CallLabels { action: action.as_str(), outcome: answer.outcome })
+                .get_or_create(&CallLabels {
+                    action: action.as_str(),
+                    homeserver: d.server_name().to_owned(),
+                    outcome: answer.outcome,
+                })
                 .inc();
             if let Some(detail) = &answer.detail {
                 let msg = "homeserver call did not succeed";
                 match answer.outcome {
-                    "auth" | "unrecognized" => error!(job = %id, user = %d.user_id, delay_id = %d.delay_id,
+                    "auth" | "unrecognized" => error!(user = %d.user_id, delay_id = %d.delay_id,
                         action = action.as_str(), outcome = answer.outcome, detail = %detail,
                         "{msg}: configuration error (delayed events disabled or access refused)"),
-                    _ => warn!(job = %id, user = %d.user_id, delay_id = %d.delay_id,
+                    _ => warn!(user = %d.user_id, delay_id = %d.delay_id,
                         action = action.as_str(), outcome = answer.outcome, detail = %detail, "{msg}"),
                 }
             } else {
-                debug!(job = %id, action = action.as_str(), outcome = answer.outcome, "homeserver call done");
+                debug!(action = action.as_str(), outcome = answer.outcome, "homeserver call done");
             }
             let _ = reports.send(Report::Homeserver { job: id, call, action, answer: answer.answer });
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
     }
 
     /// Lists `room` through RoomService, unless a listing of it is already running (then once
@@ -820,6 +843,13 @@ fn session(p: &Participant, room_sid: &str) -> Session {
 fn participant_sid(kind: &SfuEventKind) -> &str {
     match kind {
         SfuEventKind::ParticipantJoined(p) | SfuEventKind::ParticipantLeft { participant: p, .. } => &p.sid,
+        _ => "",
+    }
+}
+
+fn participant_identity(kind: &SfuEventKind) -> &str {
+    match kind {
+        SfuEventKind::ParticipantJoined(p) | SfuEventKind::ParticipantLeft { participant: p, .. } => &p.identity,
         _ => "",
     }
 }

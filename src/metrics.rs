@@ -24,15 +24,18 @@ pub struct WebhookLabels {
     pub outcome: &'static str,
 }
 
+/// `homeserver` is a server name: bounded by the homeservers whose users delegate here.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub action: &'static str,
+    pub homeserver: String,
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ActionLabel {
+pub struct ActionLabels {
     pub action: &'static str,
+    pub homeserver: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,11 +57,12 @@ pub struct Metrics {
     pub delegations: Family<OutcomeLabel, Counter>,
     pub webhooks: Family<WebhookLabels, Counter>,
     pub homeserver_requests: Family<CallLabels, Counter>,
-    pub homeserver_request_duration: HistogramFamily<ActionLabel>,
+    pub homeserver_request_duration: HistogramFamily<ActionLabels>,
     pub leave_latency: HistogramFamily<TriggerLabel>,
     pub late_restarts: Counter,
     pub livekit_requests: Family<OutcomeLabel, Counter>,
     pub reconciliations: Counter,
+    pub reconciliation_departures: Counter,
     pub store_commit_duration: Histogram,
     pub store_errors: Counter,
 }
@@ -83,6 +87,7 @@ impl Metrics {
             late_restarts: Counter::default(),
             livekit_requests: Family::default(),
             reconciliations: Counter::default(),
+            reconciliation_departures: Counter::default(),
             store_commit_duration: latency_histogram(),
             store_errors: Counter::default(),
             registry: Registry::default(),
@@ -114,6 +119,11 @@ impl Metrics {
         registry.register("livekit_requests", "RoomService calls by outcome", m.livekit_requests.clone());
         registry.register("reconciliations", "Reconciliation passes against RoomService", m.reconciliations.clone());
         registry.register(
+            "reconciliation_departures",
+            "Members found gone only by reconciliation (their departure webhook was lost)",
+            m.reconciliation_departures.clone(),
+        );
+        registry.register(
             "store_commit_duration_seconds",
             "Duration of durable store commits",
             m.store_commit_duration.clone(),
@@ -141,12 +151,12 @@ mod tests {
     #[test]
     fn exports_the_documented_names() {
         let m = Metrics::new();
-        m.webhooks.get_or_create(&WebhookLabels { event: "participant_left", outcome: "applied" }).inc();
+        m.webhooks.get_or_create(&WebhookLabels { event: "participant_left", outcome: "accepted" }).inc();
         m.leave_latency.get_or_create(&TriggerLabel { trigger: "departed" }).observe(0.05);
         let text = m.encode();
         for name in [
             "rtc_leave_bridge_jobs{state=\"connected\"} 0",
-            "rtc_leave_bridge_webhooks_total{event=\"participant_left\",outcome=\"applied\"} 1",
+            "rtc_leave_bridge_webhooks_total{event=\"participant_left\",outcome=\"accepted\"} 1",
             "rtc_leave_bridge_leave_latency_seconds_bucket",
             "rtc_leave_bridge_late_restarts_total 0",
         ] {

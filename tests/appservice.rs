@@ -120,7 +120,8 @@ async fn delegation_through_the_homeserver_runs_the_whole_lifecycle() {
     // The identity of this flow: the 2-part hash.
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &identity::identity_two_part(&w.alice.user_id, "m1")).await;
     w.still_members_after(&[&w.alice], Duration::from_secs(7)).await.expect("connected member removed");
-    let restarts = "rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"ok\"}";
+    let restarts =
+        "rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"ok\"}";
     assert!(w.bridge.metric(restarts).await >= 3.0);
 
     let left = Instant::now();
@@ -242,7 +243,7 @@ async fn appservice_mode_keeps_twenty_members_alive_under_default_rate_limits() 
     assert!(result.is_ok(), "{} removed while connected:\n{}", result.unwrap_err(), w.bridge.metrics().await);
     let limited = w
         .bridge
-        .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}")
+        .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"rate_limited\"}")
         .await;
     assert_eq!(limited, 0.0);
 }
@@ -257,7 +258,7 @@ async fn openid_mode_loses_connected_members_under_default_rate_limits() {
     assert!(result.is_err(), "expected Synapse's default rate limit to cost OpenID-mode members");
     let limited = w
         .bridge
-        .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}")
+        .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"rate_limited\"}")
         .await;
     assert!(limited > 0.0);
 }

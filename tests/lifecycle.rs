@@ -82,7 +82,12 @@ async fn connected_member_survives_and_leave_lands_within_a_second_of_participan
     assert!(total < Duration::from_secs(1), "leave visible after {total:?} (poll {took:?})");
     assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_jobs_finished_total{outcome=\"sent\"}", 1.0).await, 1.0);
     assert!(
-        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"ok\"}").await >= 3.0
+        w.bridge
+            .metric(
+                "rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"ok\"}"
+            )
+            .await
+            >= 3.0
     );
 }
 
@@ -196,7 +201,11 @@ async fn restart_answered_404_stops_the_job_without_sending() {
     .await;
     assert!(done, "job not ended on 404:\n{}", w.bridge.logs());
     assert_eq!(
-        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"ok\"}").await,
+        w.bridge
+            .metric(
+                "rtc_leave_bridge_homeserver_requests_total{action=\"send\",homeserver=\"hs1.test\",outcome=\"ok\"}"
+            )
+            .await,
         0.0
     );
     assert!(w.synapse.is_member(&w.alice, &w.room).await, "nothing may be sent for a cancelled event");
@@ -226,7 +235,7 @@ async fn rate_limits_are_honoured_and_members_kept_alive() {
     }
     assert!(
         w.bridge
-            .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",outcome=\"rate_limited\"}")
+            .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"rate_limited\"}")
             .await
             >= 1.0,
         "the test did not hit the rate limit:\n{}",
@@ -244,7 +253,7 @@ async fn homeserver_down_then_back_gets_the_leave_once_it_returns() {
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",outcome=\"network\"}").await >= 1.0
+        w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",homeserver=\"hs1.test\",outcome=\"network\"}").await >= 1.0
     );
     w.synapse.resume().await;
     let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(15)).await;
