@@ -159,6 +159,16 @@ pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
+/// A delegation waiting for the commit that makes it durable.
+struct Staged {
+    id: JobId,
+    delegation: Delegation,
+    /// The job of the same member it replaces (tracked, or staged earlier in the same batch).
+    replaces: Option<JobId>,
+    /// Everyone who asked for it (a client may repeat itself within one batch).
+    replies: Vec<oneshot::Sender<Result<JobId, EngineError>>>,
+}
+
 struct Entry {
     job: Job,
     delegation: Arc<Delegation>,
@@ -202,6 +212,8 @@ struct Engine {
     seen_order: VecDeque<String>,
     /// Store changes not yet committed, in order.
     pending: Vec<StoreOp>,
+    /// Delegations to store in the next commit, in arrival order.
+    staged: Vec<Staged>,
     /// Webhooks waiting for `pending` to be committed.
     waiting: Vec<(String, WebhookOutcome, oneshot::Sender<Result<WebhookOutcome, EngineError>>)>,
     reports_tx: mpsc::UnboundedSender<Report>,
@@ -234,6 +246,7 @@ pub async fn start(
         seen: HashSet::new(),
         seen_order: VecDeque::new(),
         pending: Vec::new(),
+        staged: Vec::new(),
         waiting: Vec::new(),
         reports_tx,
         calls_in_flight: 0,
@@ -315,10 +328,7 @@ impl Engine {
 
     async fn on_command(&mut self, cmd: Command) -> Option<(tokio::time::Instant, oneshot::Sender<()>)> {
         match cmd {
-            Command::Delegate(d, reply) => {
-                let r = self.delegate(d).await;
-                let _ = reply.send(r);
-            }
+            Command::Delegate(d, reply) => self.stage_delegation(d, reply),
             Command::Webhook(event, reply) => self.webhook(event, reply),
             Command::Jobs(reply) => {
                 let _ = reply.send(self.summaries());
@@ -334,30 +344,37 @@ impl Engine {
 
     // ---- delegations ------------------------------------------------------------------------
 
-    async fn delegate(&mut self, d: Delegation) -> Result<JobId, EngineError> {
-        let delay_key = (d.server_name().to_owned(), d.delay_id.clone());
-        if let Some(&id) = self.by_delay.get(&delay_key) {
-            debug!(job = %id, delay_id = %d.delay_id, "delegation repeated; already tracked");
+    /// Stages a delegation for the next commit: it takes effect (and is answered) only once
+    /// durable, together with the other delegations and webhooks of the same batch.
+    fn stage_delegation(&mut self, d: Delegation, reply: oneshot::Sender<Result<JobId, EngineError>>) {
+        let server = d.server_name().to_owned();
+        if let Some(&id) = self.by_delay.get(&(server.clone(), d.delay_id.clone())) {
+            debug!(job = %id, room = %d.room_id, delay_id = %d.delay_id, "delegation repeated; already tracked");
             self.out.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
-            return Ok(id);
+            let _ = reply.send(Ok(id));
+            return;
         }
-        let id = JobId::random();
-        let old = self.by_member.get(&d.member_key()).copied();
-        let mut ops = std::mem::take(&mut self.pending);
-        let committed_before = ops.len();
-        ops.push(StoreOp::Insert(JobRecord { id, delegation: d.clone(), state: crate::lifecycle::Durable::Waiting }));
-        if let Some(old) = old {
-            ops.push(StoreOp::Delete(old));
+        if let Some(s) =
+            self.staged.iter_mut().find(|s| s.delegation.server_name() == server && s.delegation.delay_id == d.delay_id)
+        {
+            s.replies.push(reply); // repeated within the batch
+            return;
         }
-        if let Err(e) = self.commit(ops.clone()).await {
-            // Nothing of this delegation took effect; earlier changes stay pending.
-            ops.truncate(committed_before);
-            self.pending = ops;
-            error!(user = %d.user_id, room = %d.room_id, delay_id = %d.delay_id, error = %e, "delegation not stored");
-            return Err(e.into());
-        }
-        self.reply_waiting(Ok(()));
-        if let Some(old) = old {
+        let key = d.member_key();
+        let replaces = self
+            .staged
+            .iter()
+            .rev()
+            .find(|s| s.delegation.member_key() == key)
+            .map(|s| s.id)
+            .or_else(|| self.by_member.get(&key).copied());
+        self.staged.push(Staged { id: JobId::random(), delegation: d, replaces, replies: vec![reply] });
+    }
+
+    /// Starts a delegation whose record (and its predecessor's deletion) is committed.
+    fn apply_delegation(&mut self, staged: Staged) {
+        let Staged { id, delegation: d, replaces, replies } = staged;
+        if let Some(old) = replaces {
             if let Some(entry) = self.jobs.get(&old) {
                 info!(job = %old, room = %entry.delegation.room_id, identity = entry.identity(),
                     user = %entry.delegation.user_id, delay_id = %entry.delegation.delay_id, new_job = %id,
@@ -377,11 +394,13 @@ impl Engine {
         self.out
             .metrics
             .delegations
-            .get_or_create(&OutcomeLabel { outcome: if old.is_some() { "replaced" } else { "accepted" } })
+            .get_or_create(&OutcomeLabel { outcome: if replaces.is_some() { "replaced" } else { "accepted" } })
             .inc();
         self.insert(id, job, delegation);
         self.run_committed(id, actions);
-        Ok(id)
+        for reply in replies {
+            let _ = reply.send(Ok(id));
+        }
     }
 
     /// Runs actions whose durable effects are already committed (the job's insert, or the
@@ -756,20 +775,42 @@ impl Engine {
         r
     }
 
-    /// Commits pending changes, then answers the webhooks that waited for them.
+    /// Commits pending changes and staged delegations in one transaction, then answers the
+    /// webhooks that waited for them and starts the delegations.
     async fn flush(&mut self) {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.staged.is_empty() {
             self.reply_waiting(Ok(()));
             return;
         }
-        let ops = std::mem::take(&mut self.pending);
-        match self.commit(ops.clone()).await {
-            Ok(()) => self.reply_waiting(Ok(())),
+        let job_ops = std::mem::take(&mut self.pending);
+        let staged = std::mem::take(&mut self.staged);
+        let mut ops = job_ops.clone();
+        for s in &staged {
+            ops.push(StoreOp::Insert(JobRecord {
+                id: s.id,
+                delegation: s.delegation.clone(),
+                state: crate::lifecycle::Durable::Waiting,
+            }));
+            ops.extend(s.replaces.map(StoreOp::Delete));
+        }
+        match self.commit(ops).await {
+            Ok(()) => {
+                self.reply_waiting(Ok(()));
+                for s in staged {
+                    self.apply_delegation(s);
+                }
+            }
             Err(e) => {
-                error!(changes = ops.len(), error = %e, "store commit failed; webhooks answered 503 and changes retried");
-                // Keep them first, in order, ahead of anything newer.
-                let newer = std::mem::replace(&mut self.pending, ops);
-                self.pending.extend(newer);
+                error!(changes = job_ops.len(), delegations = staged.len(), error = %e,
+                    "store commit failed; webhooks answered 503, delegations refused, changes retried");
+                self.pending = job_ops;
+                for s in staged {
+                    error!(room = %s.delegation.room_id, user = %s.delegation.user_id, delay_id = %s.delegation.delay_id,
+                        "delegation not stored");
+                    for reply in s.replies {
+                        let _ = reply.send(Err(EngineError::Store(StoreError(e.0.clone()))));
+                    }
+                }
                 self.reply_waiting(Err(e));
             }
         }

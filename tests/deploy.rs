@@ -109,7 +109,9 @@ fn url_parts(url: &str) -> (String, u16, String) {
 #[test]
 fn compose_file_is_valid_against_the_compose_specification() {
     let checker = common::synapse::python().with_file_name("check-jsonschema");
-    let run = |file: &Path| Command::new(&checker).args(["--builtin-schema", "vendor.compose-spec"]).arg(file).output().unwrap();
+    let run = |file: &Path| {
+        Command::new(&checker).args(["--builtin-schema", "vendor.compose-spec"]).arg(file).output().unwrap()
+    };
     let out = run(&root().join("docker-compose.yml"));
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // The check is real: a broken copy is refused.
@@ -140,9 +142,16 @@ fn every_mounted_file_exists_and_every_required_variable_is_documented() {
 fn services_agree_on_addresses_ports_and_keys() {
     let stack = Stack::load();
     let bridge_port = stack.bridge_port();
-    let bridge_ports: Vec<String> =
-        stack.service("rtc-leave-bridge")["ports"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
-    assert!(bridge_ports.iter().any(|p| p.ends_with(&format!(":{bridge_port}"))), "bridge port published: {bridge_ports:?}");
+    let bridge_ports: Vec<String> = stack.service("rtc-leave-bridge")["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        bridge_ports.iter().any(|p| p.ends_with(&format!(":{bridge_port}"))),
+        "bridge port published: {bridge_ports:?}"
+    );
 
     // LiveKit → bridge: webhook URL and the key it signs with.
     let livekit = yaml(&stack.host_file("livekit", "/etc/livekit.yaml"));
@@ -189,7 +198,10 @@ fn services_agree_on_addresses_ports_and_keys() {
     let prometheus = yaml(&stack.host_file("prometheus", "/etc/prometheus/prometheus.yml"));
     let job = &prometheus["scrape_configs"][0];
     assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
-    assert_eq!(job["static_configs"][0]["targets"][0].as_str(), Some(format!("rtc-leave-bridge:{bridge_port}").as_str()));
+    assert_eq!(
+        job["static_configs"][0]["targets"][0].as_str(),
+        Some(format!("rtc-leave-bridge:{bridge_port}").as_str())
+    );
     for rules in prometheus["rule_files"].as_sequence().unwrap() {
         assert!(root().join(stack.host_file("prometheus", rules.as_str().unwrap())).exists());
     }
@@ -217,9 +229,10 @@ fn queried_metrics(exprs: &[String]) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_alerts_query_only_metrics_the_bridge_exports() {
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("deploy/grafana/dashboards/rtc-leave-bridge.json")).unwrap())
-            .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/dashboards/rtc-leave-bridge.json")).unwrap(),
+    )
+    .unwrap();
     let mut exprs: Vec<String> = dashboard["panels"]
         .as_array()
         .unwrap()
