@@ -94,8 +94,8 @@ impl Delegation {
     /// A newer delegation with the same key replaces this one: the same device of the same user
     /// in the same Matrix room writes the same membership, which a stale leave would overwrite.
     /// Without a device id, the member id is what the membership (and its leave) is keyed by.
-    pub fn member_key(&self) -> (String, String, String) {
-        let who = if self.device_id.is_empty() { format!("member:{}", self.member_id) } else { self.device_id.clone() };
-        (self.room_id.clone(), self.user_id.clone(), who)
+    pub fn member_key(&self) -> (&str, &str, &str, &str) {
+        let member = if self.device_id.is_empty() { self.member_id.as_str() } else { "" };
+        (&self.room_id, &self.user_id, &self.device_id, member)
     }
 }

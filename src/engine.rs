@@ -25,7 +25,10 @@ use crate::livekit::room_service::RoomService;
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
 use crate::metrics::{ActionLabels, CallLabels, Metrics, OutcomeLabel, StateLabel, TriggerLabel};
 use crate::scheduler::Scheduler;
+
+mod index;
 use crate::store::{JobRecord, Store, StoreError, StoreOp};
+use index::HashIndex;
 
 /// Webhook ids remembered to drop LiveKit's duplicate deliveries.
 const SEEN_WEBHOOKS: usize = 16_384;
@@ -173,7 +176,7 @@ struct Entry {
     job: Job,
     delegation: Arc<Delegation>,
     room: Arc<str>,
-    identities: Vec<String>,
+    identities: Box<[Box<str>]>,
     /// Where the member's homeserver is (`None`: the stored address is no longer acceptable).
     endpoint: Option<Arc<Endpoint>>,
 }
@@ -198,13 +201,20 @@ pub struct Outside {
 
 struct Engine {
     config: EngineConfig,
+    /// The lifecycle timing, shared by every job.
+    timing: Arc<Timing>,
     out: Outside,
     clock: Clock,
     jobs: HashMap<JobId, Entry>,
-    by_identity: HashMap<(Arc<str>, String), Vec<JobId>>,
+    /// (LiveKit room, identity) → the jobs watching it.
+    by_identity: HashIndex,
     by_room: HashMap<Arc<str>, HashSet<JobId>>,
-    by_member: HashMap<(String, String, String), JobId>,
-    by_delay: HashMap<(String, String), JobId>,
+    /// [`Delegation::member_key`] → the member's job.
+    by_member: HashIndex,
+    /// (server name, delay id) → its job.
+    by_delay: HashIndex,
+    /// One endpoint per homeserver URL, shared by its jobs.
+    endpoints: HashMap<String, Option<Arc<Endpoint>>>,
     scheduler: Scheduler<JobId>,
     listings_in_flight: HashSet<Arc<str>>,
     listings_wanted: HashSet<Arc<str>>,
@@ -232,14 +242,16 @@ pub async fn start(
     let (tx, rx) = mpsc::channel(4_096);
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let mut engine = Engine {
+        timing: Arc::new(config.timing.clone()),
         config,
         out,
         clock: Clock(Instant::now()),
         jobs: HashMap::new(),
-        by_identity: HashMap::new(),
+        by_identity: HashIndex::default(),
         by_room: HashMap::new(),
-        by_member: HashMap::new(),
-        by_delay: HashMap::new(),
+        by_member: HashIndex::default(),
+        by_delay: HashIndex::default(),
+        endpoints: HashMap::new(),
         scheduler: Scheduler::default(),
         listings_in_flight: HashSet::new(),
         listings_wanted: HashSet::new(),
@@ -257,8 +269,7 @@ pub async fn start(
     let now = engine.clock.now();
     for record in records {
         let delegation = Arc::new(record.delegation);
-        let (job, actions) =
-            Job::resume(delegation.delay_ms, record.id.0, engine.config.timing.clone(), record.state, now);
+        let (job, actions) = Job::resume(delegation.delay_ms, record.id.0, engine.timing.clone(), record.state, now);
         engine.insert(record.id, job, delegation);
         engine.run(record.id, actions);
     }
@@ -348,7 +359,7 @@ impl Engine {
     /// durable, together with the other delegations and webhooks of the same batch.
     fn stage_delegation(&mut self, d: Delegation, reply: oneshot::Sender<Result<JobId, EngineError>>) {
         let server = d.server_name().to_owned();
-        if let Some(&id) = self.by_delay.get(&(server.clone(), d.delay_id.clone())) {
+        if let Some(id) = self.tracked_delay(&server, &d.delay_id) {
             debug!(job = %id, room = %d.room_id, delay_id = %d.delay_id, "delegation repeated; already tracked");
             self.out.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
             let _ = reply.send(Ok(id));
@@ -367,7 +378,7 @@ impl Engine {
             .rev()
             .find(|s| s.delegation.member_key() == key)
             .map(|s| s.id)
-            .or_else(|| self.by_member.get(&key).copied());
+            .or_else(|| self.tracked_member(&d));
         self.staged.push(Staged { id: JobId::random(), delegation: d, replaces, replies: vec![reply] });
     }
 
@@ -384,7 +395,7 @@ impl Engine {
             self.run_committed(old, actions);
         }
         let delegation = Arc::new(d);
-        let (job, actions) = Job::new(delegation.delay_ms, id.0, self.config.timing.clone(), self.clock.now());
+        let (job, actions) = Job::new(delegation.delay_ms, id.0, self.timing.clone(), self.clock.now());
         info!(
             job = %id, room = %delegation.room_id, identity = %delegation.identities()[0],
             livekit_room = %delegation.livekit_room(), user = %delegation.user_id, device = %delegation.device_id,
@@ -415,22 +426,34 @@ impl Engine {
     }
 
     fn insert(&mut self, id: JobId, job: Job, delegation: Arc<Delegation>) {
-        let room: Arc<str> = delegation.livekit_room().into();
-        let identities = delegation.identities();
+        // One allocation per LiveKit room, shared by its jobs.
+        let name = delegation.livekit_room();
+        let room = self.by_room.get_key_value(name.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| name.into());
+        let identities: Box<[Box<str>]> = delegation.identities().into_iter().map(String::into_boxed_str).collect();
         for identity in &identities {
-            self.by_identity.entry((room.clone(), identity.clone())).or_default().push(id);
+            self.by_identity.insert(&(&*room, &**identity), id);
         }
         self.by_room.entry(room.clone()).or_default().insert(id);
-        self.by_member.insert(delegation.member_key(), id);
-        self.by_delay.insert((delegation.server_name().to_owned(), delegation.delay_id.clone()), id);
+        self.by_member.insert(&delegation.member_key(), id);
+        self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
         self.gauge_move(None, Some(job.kind()));
-        let endpoint = match self.out.discovery.cs_endpoint_for_stored(delegation.server_name(), &delegation.cs_api_url)
-        {
-            Ok(e) => Some(Arc::new(e)),
-            Err(e) => {
-                error!(job = %id, room = %delegation.room_id, identity = %identities[0], user = %delegation.user_id,
-                    error = %e, "cannot call the member's homeserver; its delayed leave is left to the homeserver's timer");
-                None
+        let endpoint = match self.endpoints.get(&delegation.cs_api_url) {
+            Some(e) => e.clone(),
+            None => {
+                let e = match self
+                    .out
+                    .discovery
+                    .cs_endpoint_for_stored(delegation.server_name(), &delegation.cs_api_url)
+                {
+                    Ok(e) => Some(Arc::new(e)),
+                    Err(e) => {
+                        error!(job = %id, room = %delegation.room_id, identity = %identities[0], user = %delegation.user_id,
+                            error = %e, "cannot call the member's homeserver; its delayed leave is left to the homeserver's timer");
+                        None
+                    }
+                };
+                self.endpoints.insert(delegation.cs_api_url.clone(), e.clone());
+                e
             }
         };
         self.jobs.insert(id, Entry { job, delegation, room, identities, endpoint });
@@ -439,13 +462,7 @@ impl Engine {
     fn remove(&mut self, id: JobId) -> Option<Entry> {
         let entry = self.jobs.remove(&id)?;
         for identity in &entry.identities {
-            let key = (entry.room.clone(), identity.clone());
-            if let Some(ids) = self.by_identity.get_mut(&key) {
-                ids.retain(|j| *j != id);
-                if ids.is_empty() {
-                    self.by_identity.remove(&key);
-                }
-            }
+            self.by_identity.remove(&(&*entry.room, &**identity), id);
         }
         if let Some(ids) = self.by_room.get_mut(&entry.room) {
             ids.remove(&id);
@@ -453,16 +470,28 @@ impl Engine {
                 self.by_room.remove(&entry.room);
             }
         }
-        let member = entry.delegation.member_key();
-        if self.by_member.get(&member) == Some(&id) {
-            self.by_member.remove(&member);
-        }
-        let delay = (entry.delegation.server_name().to_owned(), entry.delegation.delay_id.clone());
-        if self.by_delay.get(&delay) == Some(&id) {
-            self.by_delay.remove(&delay);
-        }
+        let d = &entry.delegation;
+        self.by_member.remove(&d.member_key(), id);
+        self.by_delay.remove(&(d.server_name(), d.delay_id.as_str()), id);
         self.scheduler.set(id, None);
         Some(entry)
+    }
+
+    /// The tracked job of `delay_id` on `server`, if any.
+    fn tracked_delay(&self, server: &str, delay_id: &str) -> Option<JobId> {
+        self.by_delay.candidates(&(server, delay_id)).iter().copied().find(|id| {
+            self.jobs.get(id).is_some_and(|e| e.delegation.server_name() == server && e.delegation.delay_id == delay_id)
+        })
+    }
+
+    /// The tracked job of the same member as `d`, if any.
+    fn tracked_member(&self, d: &Delegation) -> Option<JobId> {
+        let key = d.member_key();
+        self.by_member
+            .candidates(&key)
+            .iter()
+            .copied()
+            .find(|id| self.jobs.get(id).is_some_and(|e| e.delegation.member_key() == key))
     }
 
     // ---- webhooks ---------------------------------------------------------------------------
@@ -513,7 +542,14 @@ impl Engine {
     }
 
     fn watching(&self, room: &Arc<str>, identity: &str) -> Vec<JobId> {
-        self.by_identity.get(&(room.clone(), identity.to_owned())).cloned().unwrap_or_default()
+        self.by_identity
+            .candidates(&(&**room, identity))
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.jobs.get(id).is_some_and(|e| e.room == *room && e.identities.iter().any(|i| &**i == identity))
+            })
+            .collect()
     }
 
     fn remember_webhook(&mut self, id: String) {
@@ -551,7 +587,7 @@ impl Engine {
                             at,
                             present: participants
                                 .iter()
-                                .filter(|p| entry.identities.contains(&p.identity))
+                                .filter(|p| entry.identities.iter().any(|i| **i == *p.identity))
                                 .max_by_key(|p| p.joined_at)
                                 .map(|p| session(p, "")),
                         },

@@ -15,6 +15,8 @@
 //! When unsure (LiveKit unreachable, a migration in progress) the job keeps the delayed event alive
 //! and asks again; the homeserver's own timer remains the last safety net.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds on the shell's monotonic clock. Only differences matter; never persisted.
@@ -288,7 +290,8 @@ pub struct Job {
     delay: Millis,
     /// Seed of this job's jitter, so that jitter is deterministic (and the machine pure).
     seed: u64,
-    timing: Timing,
+    /// Shared by every job of a process.
+    timing: Arc<Timing>,
     phase: Phase,
     /// Keeps the delayed event alive while the phase is Waiting / Connected / Grace, and sends it
     /// while Sending.
@@ -307,7 +310,8 @@ const DEAD_SIDS_KEPT: usize = 4;
 impl Job {
     /// A new delegation. We do not know how much of the delay has elapsed, so the event is
     /// restarted at once; LiveKit is asked at once whether the member is already connected.
-    pub fn new(delay: Millis, seed: u64, timing: Timing, now: Millis) -> (Job, Vec<Action>) {
+    pub fn new(delay: Millis, seed: u64, timing: impl Into<Arc<Timing>>, now: Millis) -> (Job, Vec<Action>) {
+        let timing = timing.into();
         let join_deadline = now + timing.join_timeout;
         let mut job = Job {
             delay,
@@ -329,7 +333,14 @@ impl Job {
     /// A job loaded from the store after a restart of the service. Its durable phase is trusted
     /// only as far as it is safe: the event is restarted (or sent) at once and LiveKit is asked
     /// again before any absence can lead to a send.
-    pub fn resume(delay: Millis, seed: u64, timing: Timing, durable: Durable, now: Millis) -> (Job, Vec<Action>) {
+    pub fn resume(
+        delay: Millis,
+        seed: u64,
+        timing: impl Into<Arc<Timing>>,
+        durable: Durable,
+        now: Millis,
+    ) -> (Job, Vec<Action>) {
+        let timing = timing.into();
         let phase = match durable {
             Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
             Durable::Connected { binding } => Phase::Connected { binding, bound_at: now, absences: 0 },

@@ -1,8 +1,16 @@
 //! The embedded default store: one SQLite database in WAL mode under the data directory.
 //!
-//! Commits are `synchronous = FULL`: once a commit returns, the change survives a crash of the
-//! process or of the machine. Calls run on tokio's blocking pool; one connection is shared, so
-//! commits are serialised in the order the engine issues them.
+//! Durability per kind of change:
+//! * a commit that stores a delegation is `synchronous = FULL`: once `200 {}` is answered, the
+//!   delegation survives a crash of the process *or of the machine*;
+//! * a commit of phase changes only (webhook effects) is `synchronous = NORMAL`: it survives a
+//!   crash of the process (`kill -9`), and the next FULL commit or checkpoint makes it durable
+//!   against power loss too. A power loss may forget the last moments of phase changes; resuming
+//!   reconciles every job with LiveKit before trusting its phase, which re-derives them.
+//!
+//! This keeps an fsync off the webhook path, where LiveKit waits for our answer with one request
+//! in flight per room. Calls run on tokio's blocking pool; one connection is shared, so commits
+//! are serialised in the order the engine issues them.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -29,7 +37,7 @@ impl SqliteStore {
         let path = dir.join("jobs.sqlite3");
         let conn = Connection::open(&path).map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS jobs (
@@ -40,7 +48,18 @@ impl SqliteStore {
             );",
         )
         .map_err(err)?;
-        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)) })
+        // Checkpoints (copying the WAL into the database, with fsyncs) run on their own thread
+        // and connection, never in a commit the engine waits for.
+        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(err)?;
+        let checkpointer = Connection::open(&path).map_err(err)?;
+        checkpointer.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        let conn = Arc::new(Mutex::new(conn));
+        let alive = Arc::downgrade(&conn);
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, alive))
+            .map_err(err)?;
+        Ok(SqliteStore { conn })
     }
 
     async fn with_conn<T: Send + 'static>(
@@ -48,12 +67,31 @@ impl SqliteStore {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
+        let run = move || {
             let mut conn = conn.lock().map_err(|_| StoreError("store lock poisoned".into()))?;
             f(&mut conn)
-        })
-        .await
-        .map_err(err)?
+        };
+        // On the multi-threaded runtime, run in place (tokio moves this worker's other tasks
+        // elsewhere meanwhile): no hop to the blocking pool and back on every commit.
+        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            tokio::task::block_in_place(run)
+        } else {
+            tokio::task::spawn_blocking(run).await.map_err(err)?
+        }
+    }
+}
+
+/// Once a second, a passive checkpoint (it never blocks the writer), for as long as the store
+/// (`alive`) exists.
+fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<Mutex<Connection>>) {
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        if alive.strong_count() == 0 {
+            return;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+        }
     }
 }
 
@@ -94,7 +132,10 @@ impl Store for SqliteStore {
         if ops.is_empty() {
             return Ok(());
         }
+        let stores_delegation = ops.iter().any(|op| matches!(op, StoreOp::Insert(_)));
         self.with_conn(move |conn| {
+            let sync = if stores_delegation { "FULL" } else { "NORMAL" };
+            conn.pragma_update(None, "synchronous", sync).map_err(err)?;
             let tx = conn.transaction().map_err(err)?;
             let now = now_ms();
             for op in ops {
@@ -102,23 +143,26 @@ impl Store for SqliteStore {
                     StoreOp::Insert(r) => {
                         let delegation = serde_json::to_string(&r.delegation).map_err(err)?;
                         let state = serde_json::to_string(&r.state).map_err(err)?;
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT OR REPLACE INTO jobs (id, delegation, state, updated_at_ms)
                              VALUES (?1, ?2, ?3, ?4)",
-                            params![r.id.to_string(), delegation, state, now],
                         )
+                        .map_err(err)?
+                        .execute(params![r.id.to_string(), delegation, state, now])
                         .map_err(err)?;
                     }
                     StoreOp::SetState(id, state) => {
                         let state = serde_json::to_string(&state).map_err(err)?;
-                        tx.execute(
-                            "UPDATE jobs SET state = ?2, updated_at_ms = ?3 WHERE id = ?1",
-                            params![id.to_string(), state, now],
-                        )
-                        .map_err(err)?;
+                        tx.prepare_cached("UPDATE jobs SET state = ?2, updated_at_ms = ?3 WHERE id = ?1")
+                            .map_err(err)?
+                            .execute(params![id.to_string(), state, now])
+                            .map_err(err)?;
                     }
                     StoreOp::Delete(id) => {
-                        tx.execute("DELETE FROM jobs WHERE id = ?1", params![id.to_string()]).map_err(err)?;
+                        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")
+                            .map_err(err)?
+                            .execute(params![id.to_string()])
+                            .map_err(err)?;
                     }
                 }
             }

@@ -58,11 +58,12 @@ impl Synapse {
         if let Some((rate, burst)) = options.delayed_event_rate {
             extra += &format!("rc_delayed_event_mgmt:\n  per_second: {rate}\n  burst_count: {burst}\n");
         }
+        // Benchmarks schedule hundreds of delayed events for one user (Synapse's default cap: 100).
+        extra += "experimental_features:\n  msc4140_max_delayed_events_per_user: 10000\n";
         if let Some(registration) = &options.appservice_registration {
             std::fs::write(dir.path().join("registration.yaml"), registration).unwrap();
-            extra += &format!(
-                "app_service_config_files: [{d}/registration.yaml]\nexperimental_features:\n  msc4512_enabled: true\n"
-            );
+            extra += "  msc4512_enabled: true\n";
+            extra += &format!("app_service_config_files: [{d}/registration.yaml]\n");
         }
         let config = format!(
             r#"server_name: "{SERVER_NAME}"
