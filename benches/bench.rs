@@ -47,19 +47,15 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-/// Resident memory of `pid`, bytes.
-fn rss(pid: u32) -> u64 {
+/// Resident memory of `pid`, bytes: (all, anonymous i.e. heap and stacks, file-backed i.e. the
+/// binary's code pages as they get used).
+fn rss(pid: u32) -> (u64, u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kb * 1024
+    let field = |name: &str| -> u64 {
+        let kb = status.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+        kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+    };
+    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
 }
 
 /// CPU time (user + system) of `pid`, seconds.
@@ -505,11 +501,30 @@ async fn scale() {
     let livekit = LiveKit::start().await;
     let mut bridge = Bridge::start(fake_env(&livekit, &hs, "30s")).await;
     let pid = bridge.pid().unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!("scale ({}):", machine());
+    // Every member is connected to LiveKit: the bridge finds them through RoomService when their
+    // delegation arrives, and keeps them alive.
+    for i in 0..101_000 {
+        let (ident, room) = member(i);
+        livekit.connect(&room, &ident);
+    }
+    // The baseline is a warmed-up idle bridge: it has served 1000 delegations that have ended
+    // (rooms finished), so one-time costs (code pages, pools, caches) are not counted per member.
+    delegate_many(&bridge.url, 100_000..101_000, DELAY_MS, 64).await;
+    settle(&bridge, 1_000).await;
+    for r in 1_000..1_010 {
+        let room = identity::livekit_room(&format!("!room{r}:{FAKE_SERVER}"), SLOT);
+        let sid = livekit.room_sid(&room);
+        livekit.deliver(&bridge.url, &livekit.room_finished_event(&room, &sid)).await;
+    }
+    while bridge.metric("rtc_leave_bridge_jobs_finished_total{outcome=\"sent\"}").await < 1_000.0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss(pid);
-    let raw_bytes = |n: usize| -> usize {
+    let raw_bytes = |n: usize| -> f64 {
         // What a member's delegation is made of: its ids and the identities derived from them.
-        (0..n)
+        let total: usize = (0..n)
             .map(|i| {
                 let (ident, room) = member(i);
                 let user = format!("@u{i}:{FAKE_SERVER}");
@@ -520,37 +535,30 @@ async fn scale() {
                     + ident.len()
                     + room.len()
             })
-            .sum()
+            .sum();
+        total as f64 / n as f64
     };
-    println!("scale ({}):", machine());
-    // Every member is connected to LiveKit: the bridge finds them through RoomService when their
-    // delegation arrives, and keeps them alive.
-    for i in 0..100_000 {
-        let (ident, room) = member(i);
-        livekit.connect(&room, &ident);
-    }
+    let report = |label: &str, n: usize, now: (u64, u64, u64)| {
+        println!(
+            "  memory at {label} members: {:5.0} B/member (goal <= 2048; RSS {} -> {} MiB, of which heap {:+.0} B/member, code pages {:+.0} B/member; raw delegation data {:.0} B/member)",
+            (now.0 as f64 - idle.0 as f64) / n as f64,
+            idle.0 >> 20,
+            now.0 >> 20,
+            (now.1 as f64 - idle.1 as f64) / n as f64,
+            (now.2 as f64 - idle.2 as f64) / n as f64,
+            raw_bytes(n)
+        );
+    };
     let started = Instant::now();
     delegate_many(&bridge.url, 0..10_000, DELAY_MS, 64).await;
     settle(&bridge, 10_000).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let at10k = rss(pid);
-    println!(
-        "  memory at 10k members:  {:6.0} B/member (RSS {} MiB -> {} MiB; raw delegation data {:.0} B/member)",
-        (at10k - idle) as f64 / 10_000.0,
-        idle >> 20,
-        at10k >> 20,
-        raw_bytes(10_000) as f64 / 10_000.0
-    );
+    report("10k", 10_000, rss(pid));
     delegate_many(&bridge.url, 10_000..100_000, DELAY_MS, 64).await;
     settle(&bridge, 100_000).await;
     println!("  100k delegations stored in {:.1} s", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let at100k = rss(pid);
-    println!(
-        "  memory at 100k members: {:6.0} B/member (RSS {} MiB; goal <= 2048 B/member)",
-        (at100k - idle) as f64 / 100_000.0,
-        at100k >> 20
-    );
+    report("100k", 100_000, rss(pid));
 
     // Punctuality: two full restart cycles at 100k members.
     let late0 = bridge.metric("rtc_leave_bridge_late_restarts_total").await;

@@ -20,6 +20,7 @@ use crate::delegation::{Delegation, JobId};
 use crate::homeserver::Discovery;
 use crate::homeserver::delayed_events::{self, Caller, DelayedAction, PathStyles};
 use crate::homeserver::discovery::Endpoint;
+use crate::identity::Watch;
 use crate::lifecycle::{Action, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, PhaseKind, Session, Timing};
 use crate::livekit::room_service::RoomService;
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
@@ -176,15 +177,24 @@ struct Entry {
     job: Job,
     delegation: Arc<Delegation>,
     room: Arc<str>,
-    identities: Box<[Box<str>]>,
+    /// The LiveKit identities the member may connect under.
+    watch: Watch,
     /// Where the member's homeserver is (`None`: the stored address is no longer acceptable).
     endpoint: Option<Arc<Endpoint>>,
 }
 
 impl Entry {
     /// The LiveKit identity to name in logs: the bound one, else the first one watched.
-    fn identity(&self) -> &str {
-        self.job.binding().map(|b| b.identity.as_str()).unwrap_or_else(|| &self.identities[0])
+    fn identity(&self) -> String {
+        match self.job.binding() {
+            Some(b) => b.identity.clone(),
+            None => self.watch.primary(),
+        }
+    }
+
+    /// Whether `identity` is one of the member's.
+    fn watches(&self, identity: &str) -> bool {
+        self.watch.matches(identity, &self.delegation.user_id, &self.delegation.device_id)
     }
 }
 
@@ -205,7 +215,8 @@ struct Engine {
     timing: Arc<Timing>,
     out: Outside,
     clock: Clock,
-    jobs: HashMap<JobId, Entry>,
+    /// Boxed: the table's slack then costs a pointer per slot, not a whole entry.
+    jobs: HashMap<JobId, Box<Entry>>,
     /// (LiveKit room, identity) → the jobs watching it.
     by_identity: HashIndex,
     by_room: HashMap<Arc<str>, HashSet<JobId>>,
@@ -429,10 +440,11 @@ impl Engine {
         // One allocation per LiveKit room, shared by its jobs.
         let name = delegation.livekit_room();
         let room = self.by_room.get_key_value(name.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| name.into());
-        let identities: Box<[Box<str>]> = delegation.identities().into_iter().map(String::into_boxed_str).collect();
+        let identities = delegation.identities();
         for identity in &identities {
-            self.by_identity.insert(&(&*room, &**identity), id);
+            self.by_identity.insert(&(&*room, identity.as_str()), id);
         }
+        let watch = Watch::new(&delegation.user_id, &delegation.device_id, &delegation.member_id);
         self.by_room.entry(room.clone()).or_default().insert(id);
         self.by_member.insert(&delegation.member_key(), id);
         self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
@@ -456,13 +468,13 @@ impl Engine {
                 e
             }
         };
-        self.jobs.insert(id, Entry { job, delegation, room, identities, endpoint });
+        self.jobs.insert(id, Box::new(Entry { job, delegation, room, watch, endpoint }));
     }
 
-    fn remove(&mut self, id: JobId) -> Option<Entry> {
+    fn remove(&mut self, id: JobId) -> Option<Box<Entry>> {
         let entry = self.jobs.remove(&id)?;
-        for identity in &entry.identities {
-            self.by_identity.remove(&(&*entry.room, &**identity), id);
+        for identity in entry.delegation.identities() {
+            self.by_identity.remove(&(&*entry.room, identity.as_str()), id);
         }
         if let Some(ids) = self.by_room.get_mut(&entry.room) {
             ids.remove(&id);
@@ -546,9 +558,7 @@ impl Engine {
             .candidates(&(&**room, identity))
             .iter()
             .copied()
-            .filter(|id| {
-                self.jobs.get(id).is_some_and(|e| e.room == *room && e.identities.iter().any(|i| &**i == identity))
-            })
+            .filter(|id| self.jobs.get(id).is_some_and(|e| e.room == *room && e.watches(identity)))
             .collect()
     }
 
@@ -587,7 +597,7 @@ impl Engine {
                             at,
                             present: participants
                                 .iter()
-                                .filter(|p| entry.identities.iter().any(|i| **i == *p.identity))
+                                .filter(|p| entry.watches(&p.identity))
                                 .max_by_key(|p| p.joined_at)
                                 .map(|p| session(p, "")),
                         },

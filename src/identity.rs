@@ -6,11 +6,16 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use sha2::{Digest, Sha256};
 
-/// `b64(sha256(json(parts)))`: standard alphabet, no padding, compact JSON array of strings.
-fn hash_parts(parts: &[&str]) -> String {
+/// `sha256(json(parts))` of a compact JSON array of strings.
+fn digest_parts(parts: &[&str]) -> [u8; 32] {
     // serde_json never fails on a slice of strings.
     let json = serde_json::to_vec(parts).expect("a string array serialises");
-    STANDARD_NO_PAD.encode(Sha256::digest(&json))
+    Sha256::digest(&json).into()
+}
+
+/// `b64(sha256(json(parts)))`: standard alphabet, no padding.
+fn hash_parts(parts: &[&str]) -> String {
+    STANDARD_NO_PAD.encode(digest_parts(parts))
 }
 
 /// The LiveKit room a MatrixRTC slot of a Matrix room is hosted in.
@@ -44,6 +49,39 @@ pub fn member_identities(user_id: &str, device_id: &str, member_id: &str) -> Vec
     all
 }
 
+/// The identities of one member, kept compactly for matching: the two hashed forms as their raw
+/// digests (64 bytes, no allocation), the legacy form not at all (it is the member's user and
+/// device ids, which the caller has).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// The 3-part digest; `None` without a device id.
+    three: Option<[u8; 32]>,
+    two: [u8; 32],
+}
+
+impl Watch {
+    pub fn new(user_id: &str, device_id: &str, member_id: &str) -> Self {
+        let three = (!device_id.is_empty()).then(|| digest_parts(&[user_id, device_id, member_id]));
+        Watch { three, two: digest_parts(&[user_id, member_id]) }
+    }
+
+    /// The member's most specific hashed identity (for logs).
+    pub fn primary(&self) -> String {
+        STANDARD_NO_PAD.encode(self.three.unwrap_or(self.two))
+    }
+
+    /// Whether `identity` is one the member may connect under.
+    pub fn matches(&self, identity: &str, user_id: &str, device_id: &str) -> bool {
+        let mut digest = [0u8; 32];
+        if identity.len() == 43 && STANDARD_NO_PAD.decode_slice(identity, &mut digest) == Ok(32) {
+            return digest == self.two || Some(digest) == self.three;
+        }
+        // Legacy `@user:server:DEVICE`.
+        !device_id.is_empty()
+            && identity.strip_prefix(user_id).and_then(|rest| rest.strip_prefix(':')) == Some(device_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +97,22 @@ mod tests {
             identity_three_part("@alice:example.com", "DEVICE123", "memberABC"),
             "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"
         );
+    }
+
+    #[test]
+    fn a_watch_matches_exactly_the_member_identities() {
+        let watch = Watch::new("@alice:example.com", "DEVICE123", "memberABC");
+        for identity in member_identities("@alice:example.com", "DEVICE123", "memberABC") {
+            assert!(watch.matches(&identity, "@alice:example.com", "DEVICE123"), "{identity}");
+        }
+        for other in member_identities("@alice:example.com", "DEVICE124", "memberABD") {
+            assert!(!watch.matches(&other, "@alice:example.com", "DEVICE123"), "{other}");
+        }
+        assert!(!watch.matches("@alice:example.com:DEVICE12", "@alice:example.com", "DEVICE123"));
+        assert!(!watch.matches("garbage", "@alice:example.com", "DEVICE123"));
+        let no_device = Watch::new("@alice:example.com", "", "memberABC");
+        assert!(no_device.matches(&identity_two_part("@alice:example.com", "memberABC"), "@alice:example.com", ""));
+        assert!(!no_device.matches("@alice:example.com:", "@alice:example.com", ""));
     }
 
     #[test]
