@@ -7,6 +7,8 @@ RUN apk add --no-cache musl-dev gcc ca-certificates
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Declared in Cargo.toml, so the manifest needs it even though the image does not build it.
+COPY benches ./benches
 RUN cargo build --release --locked --bin rtc-leave-bridge \
     && strip target/release/rtc-leave-bridge \
     && mkdir -p /out/data \
