@@ -3,7 +3,7 @@
 # running as an unprivileged user. Build: docker build -t rtc-leave-bridge .
 
 FROM rust:1.95-alpine AS build
-RUN apk add --no-cache musl-dev gcc ca-certificates
+RUN apk add --no-cache musl-dev gcc binutils ca-certificates
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -448,6 +448,7 @@ async fn ingest() {
     // The same open loop against the bare endpoint: what the load generator itself adds.
     let half_bare = sorted(open_loop(&bare_url, half.clone(), bridge_rps * 0.5).await);
     let _ = bare.kill();
+    let _ = bare.wait();
 
     let (bl, al) = (sorted(bridge_lat), sorted(bare_lat));
     println!(

@@ -163,6 +163,9 @@ pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
+/// Where a webhook's outcome goes once its effects are durable.
+type WebhookReply = oneshot::Sender<Result<WebhookOutcome, EngineError>>;
+
 /// A delegation waiting for the commit that makes it durable.
 struct Staged {
     id: JobId,
@@ -236,7 +239,7 @@ struct Engine {
     /// Delegations to store in the next commit, in arrival order.
     staged: Vec<Staged>,
     /// Webhooks waiting for `pending` to be committed.
-    waiting: Vec<(String, WebhookOutcome, oneshot::Sender<Result<WebhookOutcome, EngineError>>)>,
+    waiting: Vec<(String, WebhookOutcome, WebhookReply)>,
     reports_tx: mpsc::UnboundedSender<Report>,
     calls_in_flight: usize,
     /// Bounds concurrent restarts (a cold start with many jobs restarts them all at once).
@@ -542,7 +545,7 @@ impl Engine {
         for (id, ev) in targets {
             if let Some(entry) = self.jobs.get(&id) {
                 info!(
-                    job = %id, room = %entry.delegation.room_id, identity = participant_identity(&event.kind),
+                    job = %id, room = %entry.delegation.room_id, identity = participant_identity(&event.kind).unwrap_or_else(|| entry.identity()),
                     sid = participant_sid(&event.kind), event = event.kind.name(), webhook = %event.id,
                     livekit_room = %entry.room, user = %entry.delegation.user_id,
                     reason = departure_reason(&event.kind), "webhook for a tracked member"
@@ -934,10 +937,12 @@ fn participant_sid(kind: &SfuEventKind) -> &str {
     }
 }
 
-fn participant_identity(kind: &SfuEventKind) -> &str {
+fn participant_identity(kind: &SfuEventKind) -> Option<String> {
     match kind {
-        SfuEventKind::ParticipantJoined(p) | SfuEventKind::ParticipantLeft { participant: p, .. } => &p.identity,
-        _ => "",
+        SfuEventKind::ParticipantJoined(p) | SfuEventKind::ParticipantLeft { participant: p, .. } => {
+            Some(p.identity.clone())
+        }
+        _ => None,
     }
 }
 

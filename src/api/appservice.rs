@@ -19,14 +19,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde::Deserialize;
 use subtle::ConstantTimeEq as _;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use super::{AppState, MatrixError, empty_ok, invalid};
 use crate::config::Appservice;
 use crate::delegation::{Delegation, Mode};
 use crate::engine::now_unix_ms;
 use crate::homeserver::delayed_events::{self, Caller, LookupError, PathStyles};
-use crate::metrics::OutcomeLabel;
 
 /// What appservice mode needs besides the shared state.
 pub struct AppserviceState {
@@ -66,18 +65,10 @@ fn appservice(state: &AppState) -> Result<&AppserviceState, MatrixError> {
         .ok_or_else(|| MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "appservice mode is not configured"))
 }
 
-/// `GET`/`PUT`/`POST /_matrix/app/v1/ping`: the homeserver checking it can reach us.
-pub async fn ping(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    query: Query<TokenQuery>,
-) -> Result<Response, MatrixError> {
-    check_hs_token(appservice(&state)?, &headers, &query)?;
-    Ok(empty_ok())
-}
-
-/// `PUT /_matrix/app/v1/transactions/{txn}`: room events the homeserver pushes; we need none.
-pub async fn transactions(
+/// `GET`/`PUT`/`POST /_matrix/app/v1/ping` (the homeserver checking it can reach us) and
+/// `PUT /_matrix/app/v1/transactions/{txn}` (room events it pushes; we need none): answered once
+/// the hs_token checks out.
+pub async fn acknowledge(
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Query<TokenQuery>,
@@ -117,18 +108,7 @@ pub async fn delegate(
     query: Query<TokenQuery>,
     body: Bytes,
 ) -> Result<Response, MatrixError> {
-    let result = handle(&state, &headers, &query, &body).await;
-    if let Err(e) = &result {
-        let outcome = match e.status {
-            StatusCode::BAD_REQUEST => "invalid",
-            StatusCode::UNAUTHORIZED => "unauthorized",
-            StatusCode::FORBIDDEN => "forbidden",
-            StatusCode::NOT_FOUND => "invalid",
-            _ => "unavailable",
-        };
-        state.metrics.delegations.get_or_create(&OutcomeLabel { outcome }).inc();
-    }
-    result.map(|()| empty_ok())
+    super::delegation_answer(&state, handle(&state, &headers, &query, &body).await)
 }
 
 fn trim_url(url: &str) -> &str {
@@ -218,15 +198,5 @@ async fn handle(state: &AppState, headers: &HeaderMap, query: &TokenQuery, body:
         created_at_ms: now_unix_ms(),
         mode: Mode::Appservice,
     };
-    let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
-    match state.engine.delegate(delegation).await {
-        Ok(job) => {
-            info!(job = %job, user = %user, room = %room, delay_id = %delay_id, "appservice delegation stored");
-            Ok(())
-        }
-        Err(e) => {
-            warn!(user = %user, room = %room, delay_id = %delay_id, error = %e, "delegation not stored");
-            Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot store the delegation now"))
-        }
-    }
+    super::store_delegation(state, delegation).await
 }

@@ -10,14 +10,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::{AppState, MatrixError, check_text, empty_ok, invalid};
+use super::{AppState, MatrixError, check_text, invalid};
 use crate::delegation::Delegation;
 use crate::engine::now_unix_ms;
 use crate::homeserver::discovery::DiscoveryError;
 use crate::homeserver::openid::{self, OpenIdError};
-use crate::metrics::OutcomeLabel;
 
 #[derive(Deserialize)]
 struct Request {
@@ -53,18 +52,7 @@ struct Member {
 }
 
 pub async fn delegate(State(state): State<AppState>, body: Bytes) -> Result<Response, MatrixError> {
-    let result = handle(&state, &body).await;
-    let outcome = match &result {
-        Ok(()) => None, // counted by the engine (accepted / replaced / repeated)
-        Err(e) if e.status == StatusCode::BAD_REQUEST => Some("invalid"),
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => Some("unauthorized"),
-        Err(e) if e.status == StatusCode::FORBIDDEN => Some("forbidden"),
-        Err(_) => Some("unavailable"),
-    };
-    if let Some(outcome) = outcome {
-        state.metrics.delegations.get_or_create(&OutcomeLabel { outcome }).inc();
-    }
-    result.map(|()| empty_ok())
+    super::delegation_answer(&state, handle(&state, &body).await)
 }
 
 async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
@@ -134,17 +122,7 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         created_at_ms: now_unix_ms(),
         mode: crate::delegation::Mode::OpenId,
     };
-    let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
-    match state.engine.delegate(delegation).await {
-        Ok(job) => {
-            info!(job = %job, user = %user, room = %room, delay_id = %delay_id, "delegation stored");
-            Ok(())
-        }
-        Err(e) => {
-            warn!(user = %user, room = %room, delay_id = %delay_id, error = %e, "delegation not stored");
-            Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot store the delegation now"))
-        }
-    }
+    super::store_delegation(state, delegation).await
 }
 
 fn upstream_error(server: &str, e: OpenIdError) -> MatrixError {

@@ -78,8 +78,11 @@ pub fn router(state: AppState) -> Router {
             post(appservice::delegate),
         )
         .route("/_matrix/client/v1/rtc/livekit/delegate_delayed_leave", post(appservice::delegate))
-        .route("/_matrix/app/v1/ping", get(appservice::ping).put(appservice::ping).post(appservice::ping))
-        .route("/_matrix/app/v1/transactions/{txn}", axum::routing::put(appservice::transactions))
+        .route(
+            "/_matrix/app/v1/ping",
+            get(appservice::acknowledge).put(appservice::acknowledge).post(appservice::acknowledge),
+        )
+        .route("/_matrix/app/v1/transactions/{txn}", axum::routing::put(appservice::acknowledge))
         .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT));
     let webhook =
         Router::new().route("/sfu_webhook", post(webhook::receive)).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
@@ -129,6 +132,37 @@ pub fn check_text(name: &str, value: &str) -> Result<(), MatrixError> {
         return Err(invalid(format!("{name} must be 1 to {MAX_ID_LEN} printable characters")));
     }
     Ok(())
+}
+
+/// Hands a validated delegation to the engine: `Ok` once it is durably stored.
+pub async fn store_delegation(state: &AppState, delegation: crate::delegation::Delegation) -> Result<(), MatrixError> {
+    let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
+    let mode = delegation.mode;
+    match state.engine.delegate(delegation).await {
+        Ok(job) => {
+            tracing::info!(job = %job, user = %user, room = %room, delay_id = %delay_id, mode = ?mode, "delegation stored");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(user = %user, room = %room, delay_id = %delay_id, error = %e, "delegation not stored");
+            Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot store the delegation now"))
+        }
+    }
+}
+
+/// Counts a refused delegation by why it was refused (accepted ones are counted by the engine),
+/// and answers `200 {}` or the error.
+pub fn delegation_answer(state: &AppState, result: Result<(), MatrixError>) -> Result<Response, MatrixError> {
+    if let Err(e) = &result {
+        let outcome = match e.status {
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND => "invalid",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            _ => "unavailable",
+        };
+        state.metrics.delegations.get_or_create(&crate::metrics::OutcomeLabel { outcome }).inc();
+    }
+    result.map(|()| empty_ok())
 }
 
 /// `200 {}`
