@@ -303,12 +303,16 @@ impl Engine {
         loop {
             let next = self.scheduler.next_deadline().map(|at| self.clock.instant(at));
             let retry_store = !self.pending.is_empty();
+            // Unbiased: neither a stream of homeserver answers nor one of webhooks starves the
+            // other; each branch handles a bounded batch before the commit.
             tokio::select! {
-                biased;
                 Some(report) = reports.recv() => {
                     self.on_report(report);
-                    while let Ok(report) = reports.try_recv() {
-                        self.on_report(report);
+                    for _ in 0..BATCH {
+                        match reports.try_recv() {
+                            Ok(report) => self.on_report(report),
+                            Err(_) => break,
+                        }
                     }
                 }
                 cmd = rx.recv(), if shutdown.is_none() => {
