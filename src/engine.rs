@@ -378,7 +378,8 @@ impl Engine {
     fn stage_delegation(&mut self, d: Delegation, reply: oneshot::Sender<Result<JobId, EngineError>>) {
         let server = d.server_name().to_owned();
         if let Some(id) = self.tracked_delay(&server, &d.delay_id) {
-            debug!(job = %id, room = %d.room_id, delay_id = %d.delay_id, "delegation repeated; already tracked");
+            debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %d.delay_id,
+                "delegation repeated; already tracked");
             self.out.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
             let _ = reply.send(Ok(id));
             return;

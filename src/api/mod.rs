@@ -137,10 +137,11 @@ pub fn check_text(name: &str, value: &str) -> Result<(), MatrixError> {
 /// Hands a validated delegation to the engine: `Ok` once it is durably stored.
 pub async fn store_delegation(state: &AppState, delegation: crate::delegation::Delegation) -> Result<(), MatrixError> {
     let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
-    let mode = delegation.mode;
+    let (mode, identity) = (delegation.mode, delegation.identities().swap_remove(0));
     match state.engine.delegate(delegation).await {
         Ok(job) => {
-            tracing::info!(job = %job, user = %user, room = %room, delay_id = %delay_id, mode = ?mode, "delegation stored");
+            tracing::info!(job = %job, room = %room, identity = %identity, user = %user, delay_id = %delay_id,
+                mode = ?mode, "delegation stored");
             Ok(())
         }
         Err(e) => {
