@@ -32,6 +32,19 @@ impl std::str::FromStr for JobId {
     }
 }
 
+/// A delay id as logs show it. In OpenID mode the delay id is the capability to send or cancel
+/// the member's leave, so logs carry only a fingerprint: enough to follow a job across lines and
+/// to match a client's own record, useless to act on.
+pub struct DelayRef<'a>(pub &'a str);
+
+impl fmt::Display for DelayRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.0.as_bytes());
+        write!(f, "#{:02x}{:02x}{:02x}{:02x}", digest[0], digest[1], digest[2], digest[3])
+    }
+}
+
 /// How a delegation was made, which decides how its delayed event is managed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -97,5 +110,18 @@ impl Delegation {
     pub fn member_key(&self) -> (&str, &str, &str, &str) {
         let member = if self.device_id.is_empty() { self.member_id.as_str() } else { "" };
         (&self.room_id, &self.user_id, &self.device_id, member)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_show_a_fingerprint_of_the_delay_id_not_the_id() {
+        let shown = DelayRef("syd_secretcapability").to_string();
+        assert!(!shown.contains("secret") && shown.starts_with('#') && shown.len() == 9, "{shown}");
+        assert_eq!(shown, DelayRef("syd_secretcapability").to_string());
+        assert_ne!(shown, DelayRef("syd_other").to_string());
     }
 }

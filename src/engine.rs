@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::delegation::Mode;
-use crate::delegation::{Delegation, JobId};
+use crate::delegation::{DelayRef, Delegation, JobId};
 use crate::homeserver::Discovery;
 use crate::homeserver::delayed_events::{self, Caller, DelayedAction, PathStyles};
 use crate::homeserver::discovery::Endpoint;
@@ -378,7 +378,7 @@ impl Engine {
     fn stage_delegation(&mut self, d: Delegation, reply: oneshot::Sender<Result<JobId, EngineError>>) {
         let server = d.server_name().to_owned();
         if let Some(id) = self.tracked_delay(&server, &d.delay_id) {
-            debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %d.delay_id,
+            debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %DelayRef(&d.delay_id),
                 "delegation repeated; already tracked");
             self.out.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
             let _ = reply.send(Ok(id));
@@ -407,7 +407,7 @@ impl Engine {
         if let Some(old) = replaces {
             if let Some(entry) = self.jobs.get(&old) {
                 info!(job = %old, room = %entry.delegation.room_id, identity = entry.identity(),
-                    user = %entry.delegation.user_id, delay_id = %entry.delegation.delay_id, new_job = %id,
+                    user = %entry.delegation.user_id, delay_id = %DelayRef(&entry.delegation.delay_id), new_job = %id,
                     "superseded by a newer delegation; its delay id will not be sent");
             }
             let actions = self.step(old, |job, out| out.extend(job.supersede()));
@@ -418,7 +418,7 @@ impl Engine {
         info!(
             job = %id, room = %delegation.room_id, identity = %delegation.identities()[0],
             livekit_room = %delegation.livekit_room(), user = %delegation.user_id, device = %delegation.device_id,
-            delay_id = %delegation.delay_id, delay_ms = delegation.delay_ms, mode = ?delegation.mode,
+            delay_id = %DelayRef(&delegation.delay_id), delay_ms = delegation.delay_ms, mode = ?delegation.mode,
             "delegation accepted"
         );
         self.out
@@ -695,18 +695,18 @@ impl Engine {
                     .get_or_create(&TriggerLabel { trigger: trigger.as_str() })
                     .observe(latency as f64 / 1000.0);
                 info!(job = %id, room = %room, identity, user = %d.user_id, device = %d.device_id,
-                    delay_id = %d.delay_id, trigger = trigger.as_str(), latency_ms = latency, "leave sent");
+                    delay_id = %DelayRef(&d.delay_id), trigger = trigger.as_str(), latency_ms = latency, "leave sent");
             }
             Outcome::Expired => {
-                warn!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %d.delay_id,
+                warn!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
                     "homeserver unreachable past the event's deadline; its own timer has fired the leave");
             }
             Outcome::Unconfirmed => {
-                warn!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %d.delay_id,
+                warn!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
                     "LiveKit could not confirm the member's presence for too long; restarts stopped, the homeserver's timer decides");
             }
             Outcome::Gone => {
-                info!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %d.delay_id,
+                info!(job = %id, room = %room, identity, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
                     "delayed event no longer exists on the homeserver; job ended without sending");
             }
             Outcome::Superseded => {}
@@ -726,7 +726,7 @@ impl Engine {
         let span = tracing::info_span!("call", job = %id, room = %d.room_id, identity = entry.identity());
         if action == DelayedAction::Restart && self.clock.now() > entry.job.deadline() {
             self.out.metrics.late_restarts.inc();
-            span.in_scope(|| warn!(user = %d.user_id, delay_id = %d.delay_id, "restart issued after the event's estimated deadline"));
+            span.in_scope(|| warn!(user = %d.user_id, delay_id = %DelayRef(&d.delay_id), "restart issued after the event's estimated deadline"));
         }
         self.calls_in_flight += 1;
         let Some(endpoint) = entry.endpoint.clone() else {
@@ -772,10 +772,12 @@ impl Engine {
             if let Some(detail) = &answer.detail {
                 let msg = "homeserver call did not succeed";
                 match answer.outcome {
-                    "auth" | "unrecognized" => error!(user = %d.user_id, delay_id = %d.delay_id,
+                    "auth" | "unrecognized" => {
+                        error!(user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
                         action = action.as_str(), outcome = answer.outcome, detail = %detail,
-                        "{msg}: configuration error (delayed events disabled or access refused)"),
-                    _ => warn!(user = %d.user_id, delay_id = %d.delay_id,
+                        "{msg}: configuration error (delayed events disabled or access refused)")
+                    }
+                    _ => warn!(user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
                         action = action.as_str(), outcome = answer.outcome, detail = %detail, "{msg}"),
                 }
             } else {
@@ -859,7 +861,7 @@ impl Engine {
                     "store commit failed; webhooks answered 503, delegations refused, changes retried");
                 self.pending = job_ops;
                 for s in staged {
-                    error!(room = %s.delegation.room_id, user = %s.delegation.user_id, delay_id = %s.delegation.delay_id,
+                    error!(room = %s.delegation.room_id, user = %s.delegation.user_id, delay_id = %DelayRef(&s.delegation.delay_id),
                         "delegation not stored");
                     for reply in s.replies {
                         let _ = reply.send(Err(EngineError::Store(StoreError(e.0.clone()))));

@@ -206,6 +206,9 @@ async fn appservice_requests_are_authenticated_and_checked() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(status, 200, "{v}");
     assert!(v["duration_ms"].is_number(), "{v}");
+    let logs = w.bridge.logs();
+    assert!(!logs.contains(AS_TOKEN) && !logs.contains(HS_TOKEN) && !logs.contains("wrong-token"), "token in the logs");
+    assert!(!logs.contains(&delay_id), "delay id in the logs");
 }
 
 /// Twenty connected members on 8 s delays, under Synapse's default delayed-event rate limits.

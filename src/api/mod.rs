@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
+use crate::delegation::DelayRef;
 use crate::engine::EngineHandle;
 use crate::homeserver::Discovery;
 use crate::livekit::webhook::WebhookVerifier;
@@ -140,12 +141,12 @@ pub async fn store_delegation(state: &AppState, delegation: crate::delegation::D
     let (mode, identity) = (delegation.mode, delegation.identities().swap_remove(0));
     match state.engine.delegate(delegation).await {
         Ok(job) => {
-            tracing::info!(job = %job, room = %room, identity = %identity, user = %user, delay_id = %delay_id,
+            tracing::info!(job = %job, room = %room, identity = %identity, user = %user, delay_id = %DelayRef(&delay_id),
                 mode = ?mode, "delegation stored");
             Ok(())
         }
         Err(e) => {
-            tracing::warn!(user = %user, room = %room, delay_id = %delay_id, error = %e, "delegation not stored");
+            tracing::warn!(user = %user, room = %room, delay_id = %DelayRef(&delay_id), error = %e, "delegation not stored");
             Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot store the delegation now"))
         }
     }
