@@ -10,7 +10,7 @@ use livekit_api::access_token::{AccessToken, VideoGrants};
 
 use crate::config::Config;
 use crate::engine::JobSummary;
-use crate::homeserver::{Clients, Discovery};
+use crate::homeserver::{Clients, Discovery, api_url};
 use crate::livekit::room_service::{RoomService, RoomServiceError};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -63,6 +63,17 @@ impl Report {
     fn problem(&mut self, what: &str, detail: impl std::fmt::Display) {
         self.problems += 1;
         println!("PROBLEM  {what}: {detail}");
+    }
+    /// Sends `request`: a success is `ok` with `detail`, anything else a problem naming the URL.
+    async fn answers(&mut self, what: &str, request: reqwest::RequestBuilder, detail: String) {
+        let url = request.try_clone().and_then(|r| r.build().ok()).map(|r| r.url().clone());
+        let shown =
+            url.as_ref().map(|u| format!("{}{}", u.origin().ascii_serialization(), u.path())).unwrap_or_default();
+        match request.send().await {
+            Ok(resp) if resp.status().is_success() => self.ok(what, detail),
+            Ok(resp) => self.problem(what, format!("{shown} answered {}", resp.status())),
+            Err(e) => self.problem(what, format!("{shown}: {}", e.without_url())),
+        }
     }
 }
 
@@ -142,23 +153,12 @@ pub async fn check_config(config: &Config) -> ExitCode {
         let what = format!("homeserver {server}");
         match discovery.client_server_api(server).await {
             Ok(endpoint) => {
-                let url = endpoint.base.join("/_matrix/client/versions").expect("static path");
-                match endpoint.client(discovery.clients()).get(url).send().await {
-                    Ok(resp) if resp.status().is_success() => {
-                        r.ok(&what, format!("client-server API at {}", endpoint.base))
-                    }
-                    Ok(resp) => {
-                        r.problem(&what, format!("{} answered /versions with {}", endpoint.base, resp.status()))
-                    }
-                    Err(e) => r.problem(&what, format!("{}: {}", endpoint.base, e.without_url())),
-                }
+                let client = endpoint.client(discovery.clients());
+                let versions = client.get(api_url(&endpoint.base, "/_matrix/client/versions"));
+                r.answers(&what, versions, format!("client-server API at {}", endpoint.base)).await;
                 if let Some(a) = config.appservice.as_ref().filter(|a| &a.server_name == server) {
-                    let url = endpoint.base.join("/_matrix/client/v3/account/whoami").expect("static path");
-                    match endpoint.client(discovery.clients()).get(url).bearer_auth(&a.as_token).send().await {
-                        Ok(resp) if resp.status().is_success() => r.ok(&what, "accepts our as_token"),
-                        Ok(resp) => r.problem(&what, format!("refused our as_token ({})", resp.status())),
-                        Err(e) => r.problem(&what, e.without_url()),
-                    }
+                    let whoami = client.get(api_url(&endpoint.base, "/_matrix/client/v3/account/whoami"));
+                    r.answers(&what, whoami.bearer_auth(&a.as_token), "accepts our as_token".to_owned()).await;
                 }
             }
             Err(e) => r.problem(&what, e),
@@ -166,16 +166,10 @@ pub async fn check_config(config: &Config) -> ExitCode {
         if config.appservice.as_ref().is_none_or(|a| &a.server_name != server) {
             match discovery.federation_api(server).await {
                 Ok(endpoint) => {
-                    let url = endpoint.base.join("/_matrix/federation/v1/version").expect("static path");
-                    match endpoint.client(discovery.clients()).get(url).send().await {
-                        Ok(resp) if resp.status().is_success() => {
-                            r.ok(&what, format!("federation API (OpenID checks) at {}", endpoint.base))
-                        }
-                        Ok(resp) => {
-                            r.problem(&what, format!("federation API {} answered {}", endpoint.base, resp.status()))
-                        }
-                        Err(e) => r.problem(&what, format!("federation API {}: {}", endpoint.base, e.without_url())),
-                    }
+                    let version = endpoint
+                        .client(discovery.clients())
+                        .get(api_url(&endpoint.base, "/_matrix/federation/v1/version"));
+                    r.answers(&what, version, format!("federation API (OpenID checks) at {}", endpoint.base)).await;
                 }
                 Err(e) => r.problem(&what, e),
             }

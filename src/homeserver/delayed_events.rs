@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use url::Url;
 
+use super::api_url;
 use crate::lifecycle::{HsAnswer, Millis};
 
 const UNSTABLE_PREFIX: &str = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events";
@@ -61,7 +62,7 @@ impl PathStyles {
                 return style;
             }
         }
-        let url = join_path(base, "/_matrix/client/versions");
+        let url = api_url(base, "/_matrix/client/versions");
         let versions: Option<serde_json::Value> = match http.get(url).timeout(timeout).send().await {
             Ok(r) if r.status().is_success() => r.json().await.ok(),
             _ => None,
@@ -78,19 +79,6 @@ impl PathStyles {
         cache.insert(key, (Instant::now(), style));
         style
     }
-}
-
-/// `base` with `path` appended to its path.
-fn join_path(base: &Url, path: &str) -> Url {
-    let mut url = base.clone();
-    {
-        let mut segments = url.path_segments_mut().expect("http(s) base URLs have paths");
-        segments.pop_if_empty();
-        for s in path.trim_start_matches('/').split('/') {
-            segments.push(s);
-        }
-    }
-    url
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +108,7 @@ pub struct Answer {
 
 /// The URL of `delay_id` (and `action` on it, if any) under `base`, the client-server API base.
 pub fn event_url(base: &Url, style: PathStyle, delay_id: &str, action: Option<DelayedAction>, caller: Caller) -> Url {
-    let mut url = join_path(base, style.prefix());
+    let mut url = api_url(base, style.prefix());
     {
         let mut segments = url.path_segments_mut().expect("http(s) base URLs have paths");
         segments.push(delay_id); // percent-encoded: a delay id cannot change the path

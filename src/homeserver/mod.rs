@@ -51,3 +51,37 @@ impl Clients {
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// The URL of API `path` (`/_matrix/…`) under a homeserver's `base` URL. A base may carry a path
+/// prefix (`https://example.org/matrix`), which is kept — unlike `Url::join` with an absolute
+/// path, which would drop it.
+pub fn api_url(base: &url::Url, path: &str) -> url::Url {
+    let mut url = base.clone();
+    {
+        let mut segments = url.path_segments_mut().expect("http(s) base URLs have paths");
+        segments.pop_if_empty();
+        for s in path.trim_start_matches('/').split('/') {
+            segments.push(s);
+        }
+    }
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_urls_keep_the_base_path() {
+        let prefixed = url::Url::parse("https://example.org/matrix/").unwrap();
+        assert_eq!(
+            api_url(&prefixed, "/_matrix/client/versions").as_str(),
+            "https://example.org/matrix/_matrix/client/versions"
+        );
+        let bare = url::Url::parse("http://127.0.0.1:8008").unwrap();
+        assert_eq!(
+            api_url(&bare, "/_matrix/client/versions").as_str(),
+            "http://127.0.0.1:8008/_matrix/client/versions"
+        );
+    }
+}

@@ -18,7 +18,7 @@ pub enum OpenIdError {
 /// Returns the Matrix user id (`sub`) the token belongs to.
 pub async fn userinfo(discovery: &Discovery, server: &str, access_token: &str) -> Result<String, OpenIdError> {
     let endpoint = discovery.federation_api(server).await?;
-    let mut url = endpoint.base.join("/_matrix/federation/v1/openid/userinfo").expect("static path");
+    let mut url = super::api_url(&endpoint.base, "/_matrix/federation/v1/openid/userinfo");
     url.query_pairs_mut().append_pair("access_token", access_token);
     let unavailable = |reason: String| OpenIdError::Unavailable { server: server.into(), reason };
     let resp = endpoint
