@@ -222,7 +222,7 @@ pub async fn jobs(config: &Config, json: bool) -> ExitCode {
         println!("{}", serde_json::to_string_pretty(&jobs).expect("serialisable"));
         return ExitCode::SUCCESS;
     }
-    print!("{}", table(&jobs, crate::engine::now_unix_ms()));
+    print!("{}", table(&jobs, crate::delegation::now_unix_ms()));
     ExitCode::SUCCESS
 }
 

@@ -32,6 +32,11 @@ impl std::str::FromStr for JobId {
     }
 }
 
+/// Unix milliseconds now: delegation records' `created_at_ms`, the store's `updated_at_ms`.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
+}
+
 /// A delay id as logs show it. In OpenID mode the delay id is the capability to send or cancel
 /// the member's leave, so logs carry only a fingerprint: enough to follow a job across lines and
 /// to match a client's own record, useless to act on.
@@ -93,10 +98,12 @@ impl Delegation {
     /// Every LiveKit identity the member may connect under (without a device id, only the one
     /// that does not need it).
     pub fn identities(&self) -> Vec<String> {
-        if self.device_id.is_empty() {
-            return vec![identity::identity_two_part(&self.user_id, &self.member_id)];
-        }
-        identity::member_identities(&self.user_id, &self.device_id, &self.member_id)
+        self.watch().identities(&self.user_id, &self.device_id)
+    }
+
+    /// The member's identities in compact form, for matching.
+    pub fn watch(&self) -> identity::Watch {
+        identity::Watch::new(&self.user_id, &self.device_id, &self.member_id)
     }
 
     /// The server name of the member's homeserver.

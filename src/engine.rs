@@ -158,11 +158,6 @@ impl Clock {
     }
 }
 
-/// Unix milliseconds now, for delegation records.
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
-}
-
 /// Where a webhook's outcome goes once its effects are durable.
 type WebhookReply = oneshot::Sender<Result<WebhookOutcome, EngineError>>;
 
@@ -448,11 +443,11 @@ impl Engine {
         // One allocation per LiveKit room, shared by its jobs.
         let name = delegation.livekit_room();
         let room = self.by_room.get_key_value(name.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| name.into());
-        let identities = delegation.identities();
+        let watch = delegation.watch();
+        let identities = watch.identities(&delegation.user_id, &delegation.device_id);
         for identity in &identities {
             self.by_identity.insert(&(&*room, identity.as_str()), id);
         }
-        let watch = Watch::new(&delegation.user_id, &delegation.device_id, &delegation.member_id);
         self.by_room.entry(room.clone()).or_default().insert(id);
         self.by_member.insert(&delegation.member_key(), id);
         self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
@@ -481,7 +476,7 @@ impl Engine {
 
     fn remove(&mut self, id: JobId) -> Option<Box<Entry>> {
         let entry = self.jobs.remove(&id)?;
-        for identity in entry.delegation.identities() {
+        for identity in entry.watch.identities(&entry.delegation.user_id, &entry.delegation.device_id) {
             self.by_identity.remove(&(&*entry.room, identity.as_str()), id);
         }
         if let Some(ids) = self.by_room.get_mut(&entry.room) {

@@ -70,6 +70,16 @@ impl Watch {
         STANDARD_NO_PAD.encode(self.three.unwrap_or(self.two))
     }
 
+    /// Every identity the member may connect under, most specific first (the strings of
+    /// [`member_identities`], without re-hashing).
+    pub fn identities(&self, user_id: &str, device_id: &str) -> Vec<String> {
+        let mut all: Vec<String> = self.three.iter().chain([&self.two]).map(|d| STANDARD_NO_PAD.encode(d)).collect();
+        if !device_id.is_empty() {
+            all.push(identity_legacy(user_id, device_id));
+        }
+        all
+    }
+
     /// Whether `identity` is one the member may connect under.
     pub fn matches(&self, identity: &str, user_id: &str, device_id: &str) -> bool {
         let mut digest = [0u8; 32];
@@ -110,7 +120,15 @@ mod tests {
         }
         assert!(!watch.matches("@alice:example.com:DEVICE12", "@alice:example.com", "DEVICE123"));
         assert!(!watch.matches("garbage", "@alice:example.com", "DEVICE123"));
+        assert_eq!(
+            watch.identities("@alice:example.com", "DEVICE123"),
+            member_identities("@alice:example.com", "DEVICE123", "memberABC")
+        );
         let no_device = Watch::new("@alice:example.com", "", "memberABC");
+        assert_eq!(
+            no_device.identities("@alice:example.com", ""),
+            vec![identity_two_part("@alice:example.com", "memberABC")]
+        );
         assert!(no_device.matches(&identity_two_part("@alice:example.com", "memberABC"), "@alice:example.com", ""));
         assert!(!no_device.matches("@alice:example.com:", "@alice:example.com", ""));
     }

@@ -23,8 +23,7 @@ use tracing::{error, warn};
 
 use super::{AppState, MatrixError, empty_ok, invalid};
 use crate::config::Appservice;
-use crate::delegation::{Delegation, Mode};
-use crate::engine::now_unix_ms;
+use crate::delegation::{Delegation, Mode, now_unix_ms};
 use crate::homeserver::delayed_events::{self, Caller, LookupError, PathStyles};
 
 /// What appservice mode needs besides the shared state.

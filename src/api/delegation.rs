@@ -13,8 +13,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use super::{AppState, MatrixError, check_text, invalid};
-use crate::delegation::Delegation;
-use crate::engine::now_unix_ms;
+use crate::delegation::{Delegation, now_unix_ms};
 use crate::homeserver::discovery::DiscoveryError;
 use crate::homeserver::openid::{self, OpenIdError};
 

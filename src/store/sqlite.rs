@@ -95,10 +95,6 @@ fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<Mutex<Connection>>) 
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self) -> Result<Vec<JobRecord>, StoreError> {
@@ -137,7 +133,7 @@ impl Store for SqliteStore {
             let sync = if stores_delegation { "FULL" } else { "NORMAL" };
             conn.pragma_update(None, "synchronous", sync).map_err(err)?;
             let tx = conn.transaction().map_err(err)?;
-            let now = now_ms();
+            let now = crate::delegation::now_unix_ms() as i64;
             for op in ops {
                 match op {
                     StoreOp::Insert(r) => {
