@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -76,19 +76,11 @@ impl Bridge {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("bridge exited with {status}:\n{}", self.logs());
-            }
-            assert!(Instant::now() < deadline, "bridge not ready:\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let url = format!("{}/readyz", self.url);
+        let log = self.log.clone();
+        let logs = move || std::fs::read_to_string(&log).unwrap_or_default();
+        let child = self.child.as_mut().unwrap();
+        super::wait_serving(&self.http, &url, child, Duration::from_secs(20), "bridge", logs).await;
     }
 
     /// The process id, while running.

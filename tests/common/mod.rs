@@ -26,3 +26,27 @@ where
     }
     false
 }
+
+/// Waits until `url` answers 2xx. Panics, with `log()`, if `child` exits first or `within` passes.
+pub async fn wait_serving(
+    http: &reqwest::Client,
+    url: &str,
+    child: &mut std::process::Child,
+    within: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited with {status}:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "{what} not serving within {within:?}:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -138,20 +138,11 @@ rc_joins_per_room: {{per_second: 1000, burst_count: 1000}}
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/_matrix/client/versions", self.url)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let err = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
-                panic!("synapse exited with {status}: {err}");
-            }
-            assert!(Instant::now() < deadline, "synapse did not start within 60 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let url = format!("{}/_matrix/client/versions", self.url);
+        let stderr = self.dir.path().join("stderr.log");
+        let logs = move || std::fs::read_to_string(&stderr).unwrap_or_default();
+        let child = self.child.as_mut().unwrap();
+        super::wait_serving(&self.http, &url, child, Duration::from_secs(60), "synapse", logs).await;
     }
 
     /// Stops the homeserver abruptly (it is "down" until [`Synapse::resume`]).
