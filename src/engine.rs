@@ -601,8 +601,8 @@ impl Engine {
                             present: participants
                                 .iter()
                                 .filter(|p| entry.watches(&p.identity))
-                                .max_by_key(|p| p.joined_at)
-                                .map(|p| session(p, "")),
+                                .map(|p| session(p, ""))
+                                .collect(),
                         },
                         Err(()) => Event::ObservationFailed,
                     };
@@ -967,10 +967,11 @@ mod tests {
     use crate::livekit::Participant;
     use crate::store::JobRecord;
 
-    /// An in-memory store that can be made to fail.
+    /// An in-memory store that can be made to fail, and keeps every commit it applied.
     #[derive(Default)]
     struct FlakyStore {
         jobs: Mutex<HashMap<JobId, JobRecord>>,
+        commits: Mutex<Vec<Vec<StoreOp>>>,
         down: AtomicBool,
     }
 
@@ -983,6 +984,7 @@ mod tests {
             if self.down.load(Ordering::SeqCst) {
                 return Err(StoreError("disk on fire".into()));
             }
+            self.commits.lock().unwrap().push(ops.clone());
             let mut jobs = self.jobs.lock().unwrap();
             for op in ops {
                 match op {
@@ -1093,6 +1095,15 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[&new].delegation.delay_id, "syd_new");
         assert!(!jobs.contains_key(&old));
+        // The new delegation and the deletion of the old one are in the same commit: no crash
+        // can leave both (the old delay id would be resumed and could be sent) or neither.
+        let commits = store.commits.lock().unwrap();
+        let stored_new: Vec<&Vec<StoreOp>> =
+            commits.iter().filter(|ops| ops.iter().any(|op| matches!(op, StoreOp::Insert(r) if r.id == new))).collect();
+        assert_eq!(stored_new.len(), 1, "{commits:?}");
+        assert!(stored_new[0].contains(&StoreOp::Delete(old)), "{commits:?}");
+        let deleting_old = commits.iter().filter(|ops| ops.contains(&StoreOp::Delete(old))).count();
+        assert_eq!(deleting_old, 1, "{commits:?}");
     }
 
     #[tokio::test]

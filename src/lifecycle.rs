@@ -7,8 +7,11 @@
 //! [`Job::handle_timeout`]. This is what the property tests in this module exercise.
 //!
 //! The two sacred rules live here:
-//! * a member whose bound LiveKit session is connected is never sent a leave: only a departure of
-//!   *that* session, a finished room, or LiveKit confirming the member absent leads to a send;
+//! * a member with a LiveKit session the job knows to be connected is never sent a leave. A job
+//!   tracks every live session of its member (a reconnection or a second device under the same
+//!   identity overlaps the old session, and webhooks may arrive in any order); only the final
+//!   departure of the *last* of them, a finished room, or LiveKit confirming the member absent
+//!   leads to a send;
 //! * a member who is gone is sent a leave at once: the send is issued in the same step as the
 //!   event that proved the departure.
 //!
@@ -64,7 +67,7 @@ impl Default for Timing {
     }
 }
 
-/// The LiveKit session a job is bound to: the first of the member's identities that connected.
+/// A LiveKit session of the member that the job is bound to (believes connected).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     pub identity: String,
@@ -139,9 +142,18 @@ impl Outcome {
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Durable {
     Waiting,
-    Connected { binding: Binding },
-    Grace { binding: Binding },
-    Sending { trigger: Trigger },
+    /// `binding` is the newest live session; `others` the member's other live sessions.
+    Connected {
+        binding: Binding,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        others: Vec<Binding>,
+    },
+    Grace {
+        binding: Binding,
+    },
+    Sending {
+        trigger: Trigger,
+    },
 }
 
 /// Coarse phase name, for metrics and listings.
@@ -210,8 +222,9 @@ pub enum Event {
     Left { session: Session, reason: LeaveReason },
     /// `room_finished` for the member's LiveKit room.
     RoomFinished { room_sid: String },
-    /// A RoomService listing of the member's room, started at `at`: the member's session, if any.
-    Observed { at: Millis, present: Option<Session> },
+    /// A RoomService listing of the member's room, started at `at`: the member's connected
+    /// sessions (none if it is not there).
+    Observed { at: Millis, present: Vec<Session> },
     /// RoomService could not be asked.
     ObservationFailed,
     /// The homeserver answered the restart issued as call `call`.
@@ -263,11 +276,9 @@ enum Phase {
     Waiting {
         join_deadline: Millis,
     },
-    /// Bound to a connected session.
+    /// Bound to the member's live sessions (at least one), oldest first.
     Connected {
-        binding: Binding,
-        bound_at: Millis,
-        absences: u8,
+        sessions: Vec<Live>,
     },
     /// The bound session left at `since` with a reason it may come back from.
     Grace {
@@ -279,8 +290,83 @@ enum Phase {
     Sending {
         trigger: Trigger,
         since: Millis,
+        /// Sessions of the member seen connected again while the send was in flight: if the send
+        /// does not go out, the job binds to them instead of sending again.
+        returned: Vec<Binding>,
     },
     Done(Outcome),
+}
+
+/// A session the job believes connected, and what reconciliation knows of it.
+#[derive(Debug, Clone, PartialEq)]
+struct Live {
+    binding: Binding,
+    /// When the job learnt of it: only a listing started later can prove it absent.
+    since: Millis,
+    /// Consecutive such listings without it.
+    absences: u8,
+}
+
+impl Live {
+    fn new(binding: Binding, now: Millis) -> Self {
+        Live { binding, since: now, absences: 0 }
+    }
+}
+
+impl Binding {
+    fn of(session: Session) -> Self {
+        Binding {
+            identity: session.identity,
+            sid: session.sid,
+            joined_at: session.joined_at,
+            room_sid: session.room_sid,
+        }
+    }
+}
+
+/// Sessions of one member counted at most. LiveKit keeps one session per identity and a member
+/// has at most three identities; more only accumulate when departures are lost, and listings
+/// prune those. The cap bounds a job's memory whatever LiveKit says.
+const MAX_SESSIONS: usize = 8;
+
+/// Counts session `b` as live from `now`; at the cap, the one learnt longest ago makes room.
+fn admit(sessions: &mut Vec<Live>, b: Binding, now: Millis) {
+    if sessions.len() == MAX_SESSIONS {
+        sessions.remove(0);
+    }
+    sessions.push(Live::new(b, now));
+}
+
+/// Records that the job stopped counting on session `sid` at `at`.
+fn note_gone(gone: &mut Vec<(String, Millis)>, sid: &str, at: Millis) {
+    gone.retain(|(s, _)| s != sid);
+    if gone.len() == DEAD_SIDS_KEPT {
+        gone.remove(0);
+    }
+    gone.push((sid.to_owned(), at));
+}
+
+/// Keeps the `sessions` for which `keep` holds, noting the others gone at `now`; whether any went.
+fn prune(
+    sessions: &mut Vec<Live>,
+    gone: &mut Vec<(String, Millis)>,
+    now: Millis,
+    keep: impl Fn(&Live) -> bool,
+) -> bool {
+    let before = sessions.len();
+    sessions.retain(|l| {
+        let kept = keep(l);
+        if !kept {
+            note_gone(gone, &l.binding.sid, now);
+        }
+        kept
+    });
+    sessions.len() != before
+}
+
+/// The newest of `sessions` (by `joinedAt`; of equals, the one learnt last).
+fn newest(sessions: &[Live]) -> Option<&Binding> {
+    sessions.iter().rev().max_by_key(|l| l.binding.joined_at).map(|l| &l.binding)
 }
 
 /// One delegated delayed leave and everything known about its member.
@@ -303,6 +389,10 @@ pub struct Job {
     probe_in_flight: bool,
     /// Sessions we have seen leave; a late or duplicated `participant_joined` for them is stale.
     dead_sids: Vec<String>,
+    /// Sessions the job stopped counting on without a final departure (gone for a migration,
+    /// absent from listings, in a finished room, or the reason the job is sending), with when:
+    /// only a listing started after that shows them back.
+    gone_sids: Vec<(String, Millis)>,
 }
 
 const DEAD_SIDS_KEPT: usize = 4;
@@ -324,6 +414,7 @@ impl Job {
             probe_at: Some(now),
             probe_in_flight: false,
             dead_sids: Vec::new(),
+            gone_sids: Vec::new(),
         };
         let mut actions = vec![Action::Persist];
         job.handle_timeout(now, &mut actions);
@@ -343,9 +434,11 @@ impl Job {
         let timing = timing.into();
         let phase = match durable {
             Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
-            Durable::Connected { binding } => Phase::Connected { binding, bound_at: now, absences: 0 },
+            Durable::Connected { binding, others } => {
+                Phase::Connected { sessions: others.into_iter().chain([binding]).map(|b| Live::new(b, now)).collect() }
+            }
             Durable::Grace { binding } => Phase::Grace { binding, since: now, until: now + timing.grace },
-            Durable::Sending { trigger } => Phase::Sending { trigger, since: now },
+            Durable::Sending { trigger } => Phase::Sending { trigger, since: now, returned: Vec::new() },
         };
         let probe_at = match phase {
             Phase::Sending { .. } => None,
@@ -361,6 +454,7 @@ impl Job {
             probe_at,
             probe_in_flight: false,
             dead_sids: Vec::new(),
+            gone_sids: Vec::new(),
         };
         let mut actions = Vec::new();
         job.handle_timeout(now, &mut actions);
@@ -381,18 +475,32 @@ impl Job {
     pub fn durable(&self) -> Option<Durable> {
         Some(match &self.phase {
             Phase::Waiting { .. } => Durable::Waiting,
-            Phase::Connected { binding, .. } => Durable::Connected { binding: binding.clone() },
+            Phase::Connected { sessions } => {
+                let binding = newest(sessions).expect("a connected job has a session").clone();
+                let others = sessions.iter().map(|l| &l.binding).filter(|b| b.sid != binding.sid).cloned().collect();
+                Durable::Connected { binding, others }
+            }
             Phase::Grace { binding, .. } => Durable::Grace { binding: binding.clone() },
             Phase::Sending { trigger, .. } => Durable::Sending { trigger: *trigger },
             Phase::Done(_) => return None,
         })
     }
 
-    /// The session the job is bound to, if any.
+    /// The session the job is bound to (the newest, if several), if any.
     pub fn binding(&self) -> Option<&Binding> {
         match &self.phase {
-            Phase::Connected { binding, .. } | Phase::Grace { binding, .. } => Some(binding),
+            Phase::Connected { sessions } => newest(sessions),
+            Phase::Grace { binding, .. } => Some(binding),
             _ => None,
+        }
+    }
+
+    /// How many sessions of the member the job believes connected.
+    pub fn live_sessions(&self) -> usize {
+        match &self.phase {
+            Phase::Connected { sessions } => sessions.len(),
+            Phase::Grace { .. } => 1,
+            _ => 0,
         }
     }
 
@@ -502,19 +610,24 @@ impl Job {
         if self.dead_sids.contains(&session.sid) {
             return; // a stale or duplicated join of a session that already left
         }
-        match &self.phase {
-            Phase::Waiting { .. } | Phase::Grace { .. } => self.bind(session, now, out),
-            Phase::Connected { binding, .. } => {
-                // Another session of the member's identities: the newest one is the member.
-                if binding.sid != session.sid && session.joined_at >= binding.joined_at {
-                    self.bind(session, now, out);
+        match &mut self.phase {
+            Phase::Waiting { .. } | Phase::Grace { .. } => self.bind(vec![Binding::of(session)], now, out),
+            Phase::Connected { sessions } => {
+                // Another session of the member (a reconnection, a second tab): both count until
+                // each is known gone, whatever order their webhooks come in.
+                if !sessions.iter().any(|l| l.binding.sid == session.sid) {
+                    admit(sessions, Binding::of(session), now);
+                    out.push(Action::Persist);
                 }
             }
-            Phase::Sending { .. } => {
+            Phase::Sending { returned, .. } => {
                 // The member is connected again before the leave went out: it must not go out.
-                // (If the send is in flight it cannot be recalled; its answer ends the job.)
+                // (If the send is in flight it cannot be recalled: the job binds to the session
+                // if the send fails, and ends if it succeeded.)
                 if !self.calls.in_flight {
-                    self.bind(session, now, out);
+                    self.bind(vec![Binding::of(session)], now, out);
+                } else if !returned.iter().any(|b| b.sid == session.sid) && returned.len() < MAX_SESSIONS {
+                    returned.push(Binding::of(session));
                 }
             }
             Phase::Done(_) => {}
@@ -529,66 +642,120 @@ impl Job {
             }
             self.dead_sids.push(session.sid.clone());
         }
-        let binding = match &self.phase {
-            Phase::Connected { binding, .. } => binding,
-            Phase::Grace { binding, .. } if reason == LeaveReason::Final => binding,
-            // Not bound, or already leaving: a departure of another session says nothing.
-            _ => return,
-        };
-        if binding.sid != session.sid {
-            return; // an old session, or a duplicate identity: the bound one is still there
-        }
-        match reason {
-            LeaveReason::Final => self.start_sending(Trigger::Departed, now, out),
-            LeaveReason::MayReturn => {
-                let until = now + self.timing.grace;
-                self.phase = Phase::Grace { binding: binding.clone(), since: now, until };
-                self.probe_at = Some(until);
-                out.push(Action::Persist);
+        match &mut self.phase {
+            Phase::Connected { sessions } => {
+                let Some(i) = sessions.iter().position(|l| l.binding.sid == session.sid) else {
+                    return; // an old session, or a duplicate identity: the member is still there
+                };
+                if sessions.len() > 1 {
+                    // Another live session of the member remains. One that may return is kept:
+                    // it may come back without a join, and listings prune it if it does not.
+                    if reason == LeaveReason::Final {
+                        sessions.remove(i);
+                        out.push(Action::Persist);
+                    }
+                    return;
+                }
+                match reason {
+                    LeaveReason::Final => self.start_sending(Trigger::Departed, now, out),
+                    LeaveReason::MayReturn => {
+                        let binding = sessions.remove(i).binding;
+                        note_gone(&mut self.gone_sids, &binding.sid, now);
+                        let until = now + self.timing.grace;
+                        self.phase = Phase::Grace { binding, since: now, until };
+                        self.probe_at = Some(until);
+                        out.push(Action::Persist);
+                    }
+                }
             }
+            Phase::Grace { binding, .. } if reason == LeaveReason::Final && binding.sid == session.sid => {
+                self.start_sending(Trigger::Departed, now, out)
+            }
+            // A session that came back while the send was in flight and has left again for good.
+            Phase::Sending { returned, .. } if reason == LeaveReason::Final => {
+                returned.retain(|b| b.sid != session.sid)
+            }
+            // Not bound, or waiting for the bound session to return: says nothing.
+            _ => {}
         }
     }
 
     fn on_room_finished(&mut self, room_sid: &str, now: Millis, out: &mut Vec<Action>) {
-        let Some(binding) = self.binding() else {
-            return; // a member that never connected may still be connecting to a new instance
-        };
-        // A room_finished of an older instance of the room says nothing about the current one.
-        if !binding.room_sid.is_empty() && !room_sid.is_empty() && binding.room_sid != room_sid {
-            return;
+        // A room_finished of an older instance of the room says nothing about sessions in the
+        // current one; a session learnt from a listing (instance unknown) may be in either.
+        let of_finished_room = |b: &Binding| b.room_sid.is_empty() || room_sid.is_empty() || b.room_sid == room_sid;
+        match &mut self.phase {
+            // A member that never connected may still be connecting to a new instance.
+            Phase::Waiting { .. } | Phase::Done(_) => {}
+            Phase::Sending { returned, .. } => returned.retain(|b| !of_finished_room(b)),
+            Phase::Grace { binding, .. } => {
+                if of_finished_room(binding) {
+                    self.start_sending(Trigger::RoomFinished, now, out);
+                }
+            }
+            Phase::Connected { sessions } => {
+                let changed = prune(sessions, &mut self.gone_sids, now, |l| !of_finished_room(&l.binding));
+                if sessions.is_empty() {
+                    self.start_sending(Trigger::RoomFinished, now, out);
+                } else if changed {
+                    out.push(Action::Persist);
+                }
+            }
         }
-        self.start_sending(Trigger::RoomFinished, now, out);
     }
 
-    fn on_observed(&mut self, at: Millis, present: Option<Session>, now: Millis, out: &mut Vec<Action>) {
+    fn on_observed(&mut self, at: Millis, present: Vec<Session>, now: Millis, out: &mut Vec<Action>) {
         let asked = std::mem::take(&mut self.probe_in_flight);
-        if let Some(session) = present {
-            if self.dead_sids.contains(&session.sid) {
-                // Listed, but we saw this session leave: LiveKit lists a departing session for a
-                // moment. Treat as absent below.
-                return self.on_absent(at, asked, now, out);
-            }
-            match &mut self.phase {
-                Phase::Waiting { .. } => self.bind(session, now, out),
-                // Only a listing started after the departure shows the member came back.
-                Phase::Grace { since, .. } if at >= *since => self.bind(session, now, out),
-                Phase::Grace { .. } => self.on_absent(at, asked, now, out),
-                Phase::Connected { binding, absences, .. } => {
-                    *absences = 0;
-                    if binding.sid != session.sid && session.joined_at >= binding.joined_at {
-                        // Reconnected as a new session whose join we did not hear about.
-                        self.bind(session, now, out);
+        // LiveKit lists a departing session for a moment: one we saw leave is not there, and
+        // one we stopped counting on is back only if the listing started after that.
+        let present: Vec<Session> = present
+            .into_iter()
+            .filter(|s| {
+                !self.dead_sids.contains(&s.sid) && !self.gone_sids.iter().any(|(sid, t)| *sid == s.sid && at < *t)
+            })
+            .collect();
+        if present.is_empty() {
+            return self.on_absent(at, asked, now, out);
+        }
+        match &mut self.phase {
+            Phase::Waiting { .. } => self.bind(present.into_iter().map(Binding::of).collect(), now, out),
+            Phase::Grace { .. } => self.bind(present.into_iter().map(Binding::of).collect(), now, out),
+            Phase::Connected { sessions } => {
+                let mut changed = false;
+                // Sessions the job knew before this listing started, and that it does not show,
+                // are one absence closer to being pruned; listed ones are confirmed.
+                for live in sessions.iter_mut() {
+                    if present.iter().any(|s| s.sid == live.binding.sid) {
+                        live.absences = 0;
+                    } else if at > live.since {
+                        live.absences += 1;
                     }
                 }
-                Phase::Sending { .. } => {
-                    if !self.calls.in_flight && at >= self.sending_since() {
-                        self.bind(session, now, out);
+                let absences_to_leave = self.timing.absences_to_leave;
+                changed |= prune(sessions, &mut self.gone_sids, now, |l| l.absences < absences_to_leave);
+                // Listed sessions the job did not know: reconnections whose join it missed.
+                for s in present {
+                    if !sessions.iter().any(|l| l.binding.sid == s.sid) {
+                        admit(sessions, Binding::of(s), now);
+                        changed = true;
                     }
                 }
-                Phase::Done(_) => {}
+                if changed {
+                    out.push(Action::Persist);
+                }
             }
-        } else {
-            self.on_absent(at, asked, now, out);
+            Phase::Sending { returned, .. } => {
+                if !self.calls.in_flight {
+                    self.bind(present.into_iter().map(Binding::of).collect(), now, out);
+                } else {
+                    for s in present {
+                        if !returned.iter().any(|b| b.sid == s.sid) && returned.len() < MAX_SESSIONS {
+                            returned.push(Binding::of(s));
+                        }
+                    }
+                }
+            }
+            Phase::Done(_) => {}
         }
     }
 
@@ -603,13 +770,17 @@ impl Job {
                     self.probe_at = Some(now.max(*join_deadline));
                 }
             }
-            Phase::Connected { bound_at, absences, .. } => {
-                // A listing started before we bound the session may predate its join.
-                if at > *bound_at {
-                    *absences += 1;
-                    if *absences >= self.timing.absences_to_leave {
-                        self.start_sending(Trigger::Reconciled, now, out);
-                    }
+            Phase::Connected { sessions } => {
+                // A listing started before the job learnt of a session may predate its join.
+                for live in sessions.iter_mut().filter(|l| at > l.since) {
+                    live.absences += 1;
+                }
+                let absences_to_leave = self.timing.absences_to_leave;
+                let changed = prune(sessions, &mut self.gone_sids, now, |l| l.absences < absences_to_leave);
+                if sessions.is_empty() {
+                    self.start_sending(Trigger::Reconciled, now, out);
+                } else if changed {
+                    out.push(Action::Persist);
                 }
             }
             Phase::Grace { until, .. } => {
@@ -663,58 +834,66 @@ impl Job {
     }
 
     fn on_send_answered(&mut self, answer: HsAnswer, now: Millis, out: &mut Vec<Action>) {
-        let Phase::Sending { trigger, since } = self.phase else {
-            // The member came back while our send was in flight; if it went out the event is
-            // spent and nothing is left to keep alive.
-            self.calls.in_flight = false;
-            match answer {
-                HsAnswer::Ok | HsAnswer::Gone => self.finish(Outcome::Gone, out),
-                // It did not go out: resume restarting at once.
-                HsAnswer::RetryAfter(_) | HsAnswer::Failed => self.calls.next_at = now,
-            }
-            return;
+        let Phase::Sending { trigger, since, returned } = &mut self.phase else {
+            return; // cannot happen: only a Sending job sends
         };
         self.calls.in_flight = false;
         match answer {
+            // The event went out (or had already): the job is over, even if the member came
+            // back meanwhile; a client that reconnects publishes a new membership.
             HsAnswer::Ok | HsAnswer::Gone => {
-                self.finish(Outcome::Sent { trigger, latency: now.saturating_sub(since) }, out)
+                let outcome = Outcome::Sent { trigger: *trigger, latency: now.saturating_sub(*since) };
+                self.finish(outcome, out)
+            }
+            // It did not go out, and the member is back: keep it alive instead.
+            HsAnswer::RetryAfter(_) | HsAnswer::Failed if !returned.is_empty() => {
+                let returned = std::mem::take(returned);
+                self.bind(returned, now, out);
             }
             HsAnswer::RetryAfter(wait) => self.retry_at(now + wait),
             HsAnswer::Failed => self.back_off(now),
         }
     }
 
-    fn bind(&mut self, session: Session, now: Millis, out: &mut Vec<Action>) {
-        let binding = Binding {
-            identity: session.identity,
-            sid: session.sid,
-            joined_at: session.joined_at,
-            room_sid: session.room_sid,
+    /// Binds the job to `sessions` (not empty), the member's live sessions. A session the job is
+    /// waiting on to return (Grace) stays counted too: another session showing up does not mean
+    /// the migrating one will not come back; listings prune it if it does not.
+    fn bind(&mut self, sessions: Vec<Binding>, now: Millis, out: &mut Vec<Action>) {
+        debug_assert!(!sessions.is_empty());
+        let mut live = match &self.phase {
+            Phase::Grace { binding, since, .. } if !sessions.iter().any(|b| b.sid == binding.sid) => {
+                vec![Live { binding: binding.clone(), since: *since, absences: 0 }]
+            }
+            _ => Vec::new(),
         };
+        live.extend(sessions.into_iter().map(|b| Live::new(b, now)));
         if matches!(self.phase, Phase::Sending { .. }) {
             // Back to keeping the event alive, right away.
             self.calls = Calls { count: self.calls.count, ..Calls::due_now(now) };
         }
-        self.phase = Phase::Connected { binding, bound_at: now, absences: 0 };
+        self.phase = Phase::Connected { sessions: live };
         self.probe_at = None;
         out.push(Action::Persist);
     }
 
     fn start_sending(&mut self, trigger: Trigger, now: Millis, out: &mut Vec<Action>) {
-        self.phase = Phase::Sending { trigger, since: now };
+        // The sessions that made the job send are no proof of return in an older listing.
+        match &self.phase {
+            Phase::Connected { sessions } => {
+                for l in sessions {
+                    note_gone(&mut self.gone_sids, &l.binding.sid, now);
+                }
+            }
+            Phase::Grace { binding, .. } => note_gone(&mut self.gone_sids, &binding.sid, now),
+            _ => {}
+        }
+        self.phase = Phase::Sending { trigger, since: now, returned: Vec::new() };
         self.probe_at = None;
         // Send now even if a restart is in flight: its answer is ignored from here on.
         self.calls.in_flight = false;
         self.calls.failures = 0;
         self.calls.next_at = now;
         out.push(Action::Persist);
-    }
-
-    fn sending_since(&self) -> Millis {
-        match self.phase {
-            Phase::Sending { since, .. } => since,
-            _ => 0,
-        }
     }
 
     fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {

@@ -128,10 +128,10 @@ fn migration_waits_for_the_member_to_reappear() {
     assert_eq!(out, vec![Action::Persist]);
     assert_eq!(h.job.kind(), PhaseKind::Grace);
     // At the end of the grace period LiveKit is asked; it still lists the session (same SID).
-    h.ev(Event::Observed { at: 0, present: None }); // the probe issued at delegation
+    h.ev(Event::Observed { at: 0, present: vec![] }); // the probe issued at delegation
     let out = h.advance_to(1_000 + Timing::default().grace);
     assert!(out.contains(&Action::Probe));
-    h.ev(Event::Observed { at: h.now, present: Some(session("PA_a", 1)) });
+    h.ev(Event::Observed { at: h.now, present: vec![session("PA_a", 1)] });
     assert_eq!(h.job.kind(), PhaseKind::Connected);
     assert_eq!(h.sends(), 0);
 }
@@ -139,20 +139,20 @@ fn migration_waits_for_the_member_to_reappear() {
 #[test]
 fn migration_without_return_sends_after_confirmation() {
     let mut h = Harness::new();
-    h.ev(Event::Observed { at: 0, present: None });
+    h.ev(Event::Observed { at: 0, present: vec![] });
     h.answer_restart(HsAnswer::Ok);
     h.ev(Event::Joined(session("PA_a", 1)));
     h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
     h.advance_to(Timing::default().grace);
     assert_eq!(h.sends(), 0);
-    let out = h.ev(Event::Observed { at: h.now, present: None });
+    let out = h.ev(Event::Observed { at: h.now, present: vec![] });
     assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
 }
 
 #[test]
 fn never_joined_member_is_sent_only_after_livekit_confirms() {
     let mut h = Harness::new();
-    h.ev(Event::Observed { at: 0, present: None }); // the probe issued at delegation
+    h.ev(Event::Observed { at: 0, present: vec![] }); // the probe issued at delegation
     let join_timeout = Timing::default().join_timeout;
     h.answer_restart(HsAnswer::Ok);
     let out = h.advance_to(join_timeout);
@@ -164,14 +164,14 @@ fn never_joined_member_is_sent_only_after_livekit_confirms() {
     assert_eq!(h.sends(), 0);
     assert!(h.log.iter().filter(|a| **a == Action::Probe).count() >= 3);
     let at = h.now;
-    let out = h.ev(Event::Observed { at, present: None });
+    let out = h.ev(Event::Observed { at, present: vec![] });
     assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
 }
 
 #[test]
 fn the_homeserver_timer_decides_when_livekit_cannot_confirm_for_too_long() {
     let mut h = Harness::new();
-    h.ev(Event::Observed { at: 0, present: None });
+    h.ev(Event::Observed { at: 0, present: vec![] });
     let t = Timing::default();
     let limit = t.join_timeout + t.unconfirmed_limit;
     let mut last = 0;
@@ -199,11 +199,11 @@ fn the_homeserver_timer_decides_when_livekit_cannot_confirm_for_too_long() {
 #[test]
 fn a_listing_started_before_the_join_deadline_does_not_prove_absence() {
     let mut h = Harness::new();
-    h.ev(Event::Observed { at: 0, present: None });
+    h.ev(Event::Observed { at: 0, present: vec![] });
     let join_timeout = Timing::default().join_timeout;
     h.now = join_timeout + 100;
     h.advance_to(join_timeout + 100);
-    let out = h.ev(Event::Observed { at: join_timeout - 1, present: None });
+    let out = h.ev(Event::Observed { at: join_timeout - 1, present: vec![] });
     assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })));
     assert!(out.contains(&Action::Probe), "asks again: {out:?}");
 }
@@ -214,13 +214,13 @@ fn lost_departure_is_caught_by_two_listings() {
     h.now = 60;
     h.ev(Event::Joined(session("PA_a", 1)));
     h.now = 100;
-    h.ev(Event::Observed { at: 50, present: None }); // started before the bind: ignored
-    h.ev(Event::Observed { at: 100, present: None });
+    h.ev(Event::Observed { at: 50, present: vec![] }); // started before the bind: ignored
+    h.ev(Event::Observed { at: 100, present: vec![] });
     assert_eq!(h.sends(), 0);
-    h.ev(Event::Observed { at: 200, present: Some(session("PA_a", 1)) }); // resets
-    h.ev(Event::Observed { at: 300, present: None });
+    h.ev(Event::Observed { at: 200, present: vec![session("PA_a", 1)] }); // resets
+    h.ev(Event::Observed { at: 300, present: vec![] });
     assert_eq!(h.sends(), 0);
-    let out = h.ev(Event::Observed { at: 400, present: None });
+    let out = h.ev(Event::Observed { at: 400, present: vec![] });
     assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
 }
 
@@ -296,14 +296,79 @@ fn superseded_job_never_sends() {
 #[test]
 fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
     let binding = Binding { identity: "id".into(), sid: "PA_a".into(), joined_at: 1, room_sid: String::new() };
-    let (mut job, actions) = Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding }, 1_000);
+    let (mut job, actions) =
+        Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding, others: vec![] }, 1_000);
     assert!(actions.contains(&Action::Restart { call: 1 }));
     assert!(actions.contains(&Action::Probe));
     let mut out = Vec::new();
-    job.handle(Event::Observed { at: 1_000, present: None }, 1_010, &mut out);
+    job.handle(Event::Observed { at: 1_000, present: vec![] }, 1_010, &mut out);
     assert_eq!(job.kind(), PhaseKind::Connected, "a listing from the resume instant is not proof");
     let (_, actions) = Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed }, 0);
     assert!(actions.contains(&Action::Send { call: 1 }));
+}
+
+/// Found by the property test: a listing started before a reconnection (same `joinedAt` second)
+/// showed the old session; the job, bound to one session at a time, went back to it and then
+/// sent on its departure while the new session was connected.
+#[test]
+fn a_stale_listing_of_the_old_session_does_not_hide_the_new_one() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_1", 7)));
+    h.now = 100;
+    h.ev(Event::Joined(session("PA_2", 7))); // reconnected within the same second
+    h.ev(Event::Observed { at: 50, present: vec![session("PA_1", 7)] }); // started before PA_2 joined
+    let out = h.ev(Event::Left { session: session("PA_1", 7), reason: LeaveReason::Final });
+    assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    assert_eq!(h.job.live_sessions(), 1);
+    assert_eq!(h.job.binding().unwrap().sid, "PA_2");
+    let out = h.ev(Event::Left { session: session("PA_2", 7), reason: LeaveReason::Final });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "the last session's departure sends");
+}
+
+/// Found by the property test: the member came back while the send was in flight; the send
+/// failed, and the job sent again although it knew the member was connected.
+#[test]
+fn a_member_back_during_a_failed_send_is_kept_alive_not_sent_again() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    assert_eq!(h.sends(), 1);
+    h.ev(Event::Joined(session("PA_2", 2))); // while the send is in flight
+    let out = h.answer_send(HsAnswer::Failed);
+    assert_eq!(h.job.kind(), PhaseKind::Connected, "{out:?}");
+    assert!(out.iter().any(|a| matches!(a, Action::Restart { .. })), "kept alive at once: {out:?}");
+    h.advance_to(5 * DELAY);
+    assert_eq!(h.sends(), 1);
+    // Had the send gone out, the job would be over: the event is spent.
+    let mut h = Harness::new();
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    h.ev(Event::Joined(session("PA_2", 2)));
+    let out = h.answer_send(HsAnswer::Ok);
+    assert!(matches!(out.as_slice(), [Action::Finish(Outcome::Sent { .. })]), "{out:?}");
+}
+
+/// Found by the property test: while the job waited for a migrating session to come back, a
+/// late join of an older session replaced it; that session's departure then sent the leave
+/// although the migrated session was connected.
+#[test]
+fn a_migrating_session_stays_counted_when_another_one_shows_up() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_5", 1)));
+    h.ev(Event::Left { session: session("PA_5", 1), reason: LeaveReason::MayReturn });
+    assert_eq!(h.job.kind(), PhaseKind::Grace);
+    h.ev(Event::Joined(session("PA_4", 1))); // late
+    assert_eq!(h.job.live_sessions(), 2);
+    let out = h.ev(Event::Left { session: session("PA_4", 1), reason: LeaveReason::Final });
+    assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    // If the migrated session never shows up in listings, they prune it and the leave goes out.
+    h.now = 1_000;
+    h.ev(Event::Observed { at: 1_000, present: vec![] });
+    let out = h.ev(Event::Observed { at: 2_000, present: vec![] });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -360,6 +425,17 @@ struct Sim {
     now: Millis,
     /// The connected session, if any (LiveKit's truth).
     connected: Option<Session>,
+    /// Sessions of the member the job has been told are connected (a delivered join, or a
+    /// listing that showed them) and not told, since, that they left for good.
+    known: Vec<String>,
+    /// When the homeserver fires the event if nothing more reaches it: the last restart it
+    /// accepted, plus the delay.
+    event_deadline: Millis,
+    /// When the outstanding restart was issued.
+    restart_issued_at: Millis,
+    /// Every call since the last accepted restart was answered promptly with 200, so the job had
+    /// every chance to keep the event alive.
+    homeserver_healthy: bool,
     next_sid: u32,
     webhooks: Vec<Event>,
     listings: Vec<(Millis, Option<Session>)>,
@@ -388,6 +464,10 @@ impl Sim {
             finished: false,
             last_bound: None,
             room_instance: 1,
+            known: Vec::new(),
+            event_deadline: DELAY,
+            restart_issued_at: 0,
+            homeserver_healthy: true,
         };
         sim.apply(actions);
         sim
@@ -398,28 +478,46 @@ impl Sim {
         Session {
             identity: "id".into(),
             sid: format!("PA_{}", self.next_sid),
-            joined_at: self.next_sid as i64,
+            // LiveKit's joinedAt is whole seconds: sessions of one second tie.
+            joined_at: (self.now / 1_000) as i64,
             room_sid: format!("RM_{}", self.room_instance),
         }
     }
 
-    /// Records the job's actions and checks the safety invariant on every send.
+    /// Records the job's actions and checks the invariants on every call.
     fn apply(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::Send { call } => {
                     if let Some(c) = &self.connected {
-                        // The sacred rule: never send while the session the job is bound to (or,
-                        // if it is Sending, was bound to) is connected.
+                        // The sacred rule, per member: never send while a session of the member
+                        // is connected that the job knows of. (A session whose join and listing
+                        // never reached the job cannot be held against it; the homeserver's
+                        // timer would remove that member anyway.)
                         assert!(
-                            self.last_bound.as_deref() != Some(c.sid.as_str()),
-                            "sent a leave for connected session {}",
-                            c.sid
+                            !self.known.contains(&c.sid),
+                            "sent a leave while the member is connected as {} (known: {:?}, bound: {:?})",
+                            c.sid,
+                            self.known,
+                            self.last_bound
                         );
                     }
                     self.outstanding = Some((call, true));
                 }
-                Action::Restart { call } => self.outstanding = Some((call, false)),
+                Action::Restart { call } => {
+                    // Liveness of the keep-alive: with a homeserver that answered every call
+                    // promptly, no restart comes after the event's deadline.
+                    if self.homeserver_healthy {
+                        assert!(
+                            self.now <= self.event_deadline,
+                            "restart at {} after the event's deadline {}",
+                            self.now,
+                            self.event_deadline
+                        );
+                    }
+                    self.restart_issued_at = self.now;
+                    self.outstanding = Some((call, false));
+                }
                 // Expiry means the homeserver's own timer sent the leave (after it failed us).
                 // So does giving up on a confirmation LiveKit could not give.
                 Action::Finish(Outcome::Sent { .. } | Outcome::Expired | Outcome::Unconfirmed) => {
@@ -437,17 +535,45 @@ impl Sim {
     }
 
     fn event(&mut self, e: Event) {
+        let learnt: Vec<&Session> = match &e {
+            Event::Joined(s) => vec![s],
+            Event::Observed { present, .. } => present.iter().collect(),
+            _ => Vec::new(),
+        };
+        for s in learnt {
+            if !self.known.contains(&s.sid) {
+                self.known.push(s.sid.clone());
+            }
+        }
+        match &e {
+            Event::Left { session, reason: LeaveReason::Final } => self.known.retain(|k| *k != session.sid),
+            Event::Restarted { answer: HsAnswer::Ok, .. } => {
+                self.event_deadline = self.restart_issued_at + DELAY;
+                self.homeserver_healthy = true;
+            }
+            Event::Restarted { .. }
+            | Event::SendAnswered { answer: HsAnswer::Failed | HsAnswer::RetryAfter(_), .. } => {
+                self.homeserver_healthy = false;
+            }
+            _ => {}
+        }
         let mut out = Vec::new();
         self.job.handle(e, self.now, &mut out);
         self.apply(out);
     }
 
+    /// Lets time pass to `to`. The homeserver answers the restarts issued meanwhile at once with
+    /// 200 (a healthy homeserver); sends wait for an explicit answer.
     fn advance(&mut self, to: Millis) {
         while let Some(due) = self.job.poll_timeout().filter(|d| *d <= to) {
             self.now = self.now.max(due);
             let mut out = Vec::new();
             self.job.handle_timeout(self.now, &mut out);
             self.apply(out);
+            if let Some((call, false)) = self.outstanding {
+                self.outstanding = None;
+                self.event(Event::Restarted { call, answer: HsAnswer::Ok });
+            }
         }
         self.now = to;
     }
@@ -491,7 +617,11 @@ impl Sim {
             Op::StartListing => self.listings.push((self.now, self.connected.clone())),
             Op::FinishListing(i, ok) if !self.listings.is_empty() => {
                 let (at, present) = self.listings.remove(i % self.listings.len());
-                self.event(if ok { Event::Observed { at, present } } else { Event::ObservationFailed });
+                self.event(if ok {
+                    Event::Observed { at, present: present.into_iter().collect() }
+                } else {
+                    Event::ObservationFailed
+                });
             }
             Op::Answer(kind) => {
                 if let Some((call, is_send)) = self.outstanding.take() {
@@ -529,9 +659,11 @@ impl Sim {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
 
-    /// Whatever LiveKit and the homeserver do, no leave goes out while the bound session is
-    /// connected (checked on every send by `Sim::apply`), and a member who is really gone gets
-    /// its leave sent within a bounded time once LiveKit and the homeserver answer.
+    /// Whatever LiveKit and the homeserver do, no leave goes out while the member is connected
+    /// in a session the job knows of, no restart comes after the event's deadline while the
+    /// homeserver answers (both checked on every call by `Sim::apply`), and a member who is
+    /// really gone gets its leave sent within a bounded time once LiveKit and the homeserver
+    /// answer.
     #[test]
     fn never_removes_a_connected_member_and_always_removes_a_gone_one(
         ops in proptest::collection::vec(op(), 0..120),
@@ -555,7 +687,7 @@ proptest! {
         for e in pending { sim.event(e); }
         // Outstanding listings return now (they saw an older truth, started earlier).
         let listings = std::mem::take(&mut sim.listings);
-        for (at, present) in listings { sim.event(Event::Observed { at, present }); }
+        for (at, present) in listings { sim.event(Event::Observed { at, present: present.into_iter().collect() }); }
 
         // From here LiveKit answers listings every 30 s (and probes at once), the homeserver
         // answers every call with 200.
@@ -572,7 +704,7 @@ proptest! {
                 continue;
             }
             if let Some((at, present)) = sim.listings.pop() {
-                sim.event(Event::Observed { at, present });
+                sim.event(Event::Observed { at, present: present.into_iter().collect() });
                 continue;
             }
             let due = sim.job.poll_timeout().unwrap_or(Millis::MAX).min(next_reconcile);
@@ -588,7 +720,11 @@ proptest! {
 
     /// Once superseded, nothing a job is told makes it send or restart again.
     #[test]
-    fn a_superseded_job_stays_silent(ops in proptest::collection::vec(op(), 0..60), at in 0usize..60) {
+    fn a_superseded_job_stays_silent(
+        ops in proptest::collection::vec(op(), 1..60),
+        at in any::<proptest::sample::Index>(),
+    ) {
+        let at = at.index(ops.len());
         let mut sim = Sim::new();
         for (i, op) in ops.into_iter().enumerate() {
             if i == at {
