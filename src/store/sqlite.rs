@@ -202,14 +202,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn survives_reopen_and_applies_commits_atomically() {
+    async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = SqliteStore::open(dir.path()).unwrap();
             store.commit(vec![StoreOp::Insert(record(1)), StoreOp::Insert(record(2))]).await.unwrap();
             let binding = Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, room_sid: "RM".into() };
             store
-                .commit(vec![StoreOp::SetState(JobId(1), Durable::Connected { binding }), StoreOp::Delete(JobId(2))])
+                .commit(vec![
+                    StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![] }),
+                    StoreOp::Delete(JobId(2)),
+                ])
                 .await
                 .unwrap();
         }
@@ -220,5 +223,63 @@ mod tests {
         assert!(matches!(jobs[0].state, Durable::Connected { .. }));
         assert_eq!(jobs[0].delegation, record(1).delegation);
         store.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_fails_part_way_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.commit(vec![StoreOp::Insert(record(1)), StoreOp::Insert(record(2))]).await.unwrap();
+        // The last op of the next commit fails inside the database.
+        Connection::open(dir.path().join("jobs.sqlite3"))
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE DELETE ON jobs WHEN old.id = '0000000000000002'
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        assert_eq!(JobId(2).to_string(), "0000000000000002", "the trigger names job 2");
+        let binding = Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, room_sid: "RM".into() };
+        let failed = store
+            .commit(vec![
+                StoreOp::Insert(record(3)),
+                StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![] }),
+                StoreOp::Delete(JobId(2)),
+            ])
+            .await;
+        assert!(failed.unwrap_err().0.contains("refused"));
+        let mut jobs = store.load().await.unwrap();
+        jobs.sort_by_key(|j| j.id.0);
+        assert_eq!(jobs.iter().map(|j| j.id.0).collect::<Vec<_>>(), vec![1, 2], "job 3 inserted anyway");
+        assert_eq!(jobs[0].state, Durable::Waiting, "job 1's phase changed anyway");
+        // The store is still usable.
+        store.commit(vec![StoreOp::Insert(record(3))]).await.unwrap();
+        assert_eq!(store.load().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn delegations_are_committed_with_full_sync_and_phase_changes_with_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let synchronous = |store: &SqliteStore| {
+            store.conn.lock().unwrap().query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+        };
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        assert_eq!(synchronous(&store).unwrap(), NORMAL);
+        store.commit(vec![StoreOp::Insert(record(1))]).await.unwrap();
+        assert_eq!(synchronous(&store).unwrap(), FULL, "a delegation must survive a power loss");
+        store
+            .commit(vec![StoreOp::SetState(
+                JobId(1),
+                Durable::Sending { trigger: crate::lifecycle::Trigger::Departed },
+            )])
+            .await
+            .unwrap();
+        assert_eq!(synchronous(&store).unwrap(), NORMAL, "no fsync on the webhook path");
+        store.commit(vec![StoreOp::Delete(JobId(1)), StoreOp::Insert(record(2))]).await.unwrap();
+        assert_eq!(synchronous(&store).unwrap(), FULL, "a replacement stores a delegation");
+        let journal: String = store.conn.lock().unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(journal, "wal");
     }
 }
