@@ -145,7 +145,7 @@ pub async fn call(
         Ok(r) => r,
         Err(e) => {
             let outcome = if e.is_timeout() { "timeout" } else { "network" };
-            return Answer { answer: HsAnswer::Failed, outcome, detail: Some(e.without_url().to_string()) };
+            return Answer { answer: HsAnswer::Failed, outcome, detail: Some(super::describe(e)) };
         }
     };
     let status = resp.status().as_u16();
@@ -192,7 +192,7 @@ pub async fn lookup(
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| LookupError::Unavailable(e.without_url().to_string()))?;
+        .map_err(|e| LookupError::Unavailable(super::describe(e)))?;
     let status = resp.status().as_u16();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     match status {

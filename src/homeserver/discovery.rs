@@ -150,7 +150,7 @@ impl Discovery {
     /// GET a JSON document through the guarded client; `None` on 404 or a non-JSON answer.
     async fn get_json(&self, server: &str, url: Url) -> Result<Option<serde_json::Value>, DiscoveryError> {
         let failed = |reason: String| DiscoveryError::Failed { server: server.into(), reason };
-        let resp = self.clients.guarded.get(url).send().await.map_err(|e| failed(e.without_url().to_string()))?;
+        let resp = self.clients.guarded.get(url).send().await.map_err(|e| failed(super::describe(e)))?;
         if !resp.status().is_success() {
             return Ok(None);
         }
@@ -287,10 +287,24 @@ mod tests {
 
     #[tokio::test]
     async fn names_resolving_to_loopback_are_refused_at_connect_time() {
-        let d = discovery();
-        // localhost resolves to loopback: the guarded resolver refuses it, so discovery fails.
-        let err = d.client_server_api("localhost").await.unwrap_err();
-        assert!(matches!(err, DiscoveryError::Failed { .. }), "{err}");
+        // Something listens on loopback, so only the guard can keep us from reaching it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("localhost:{}", listener.local_addr().unwrap().port());
+        let accepted = tokio::spawn(async move { listener.accept().await.is_ok() });
+        let err = discovery().client_server_api(&server).await.unwrap_err();
+        match &err {
+            DiscoveryError::Failed { reason, .. } => {
+                assert!(reason.contains("resolves to no public address; refused"), "{reason}")
+            }
+            other => panic!("{other}"),
+        }
+        assert!(!accepted.is_finished(), "the guard let a connection through");
+        // Control: without the guard (operators may allow private addresses) the same name
+        // reaches the listener.
+        let clients = Clients::new(Duration::from_secs(2), false, true).unwrap();
+        let unguarded = Discovery::new(clients, Overrides::new(), Overrides::new(), true);
+        let _ = unguarded.client_server_api(&server).await;
+        assert!(tokio::time::timeout(Duration::from_secs(2), accepted).await.unwrap().unwrap());
     }
 
     #[tokio::test]

@@ -52,6 +52,24 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A failed request, described with its causes (reqwest's own message alone, "error sending
+/// request", does not say whether DNS, the SSRF guard, TLS or the connection failed), without the
+/// URL (it may carry a token in its query).
+pub fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// The URL of API `path` (`/_matrix/…`) under a homeserver's `base` URL. A base may carry a path
 /// prefix (`https://example.org/matrix`), which is kept — unlike `Url::join` with an absolute
 /// path, which would drop it.

@@ -21,12 +21,8 @@ pub async fn userinfo(discovery: &Discovery, server: &str, access_token: &str) -
     let mut url = super::api_url(&endpoint.base, "/_matrix/federation/v1/openid/userinfo");
     url.query_pairs_mut().append_pair("access_token", access_token);
     let unavailable = |reason: String| OpenIdError::Unavailable { server: server.into(), reason };
-    let resp = endpoint
-        .client(discovery.clients())
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| unavailable(e.without_url().to_string()))?;
+    let resp =
+        endpoint.client(discovery.clients()).get(url).send().await.map_err(|e| unavailable(super::describe(e)))?;
     let status = resp.status();
     if status == reqwest::StatusCode::UNAUTHORIZED
         || status == reqwest::StatusCode::FORBIDDEN
@@ -41,6 +37,6 @@ pub async fn userinfo(discovery: &Discovery, server: &str, access_token: &str) -
     struct UserInfo {
         sub: String,
     }
-    let info: UserInfo = resp.json().await.map_err(|e| unavailable(e.without_url().to_string()))?;
+    let info: UserInfo = resp.json().await.map_err(|e| unavailable(super::describe(e)))?;
     Ok(info.sub)
 }
