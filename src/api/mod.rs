@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .allow_headers(Any);
     let delegation = Router::new()
         .route("/delegate_delayed_leave", post(delegation::delegate))
+        .layer(axum::middleware::from_fn_with_state(DELEGATION_BODY_LIMIT, enforce_body_limit))
         .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT))
         .layer(cors);
     // Reached through the member's homeserver (MSC4512), which authenticates the member.
@@ -84,9 +86,12 @@ pub fn router(state: AppState) -> Router {
             get(appservice::acknowledge).put(appservice::acknowledge).post(appservice::acknowledge),
         )
         .route("/_matrix/app/v1/transactions/{txn}", axum::routing::put(appservice::acknowledge))
+        .layer(axum::middleware::from_fn_with_state(DELEGATION_BODY_LIMIT, enforce_body_limit))
         .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT));
-    let webhook =
-        Router::new().route("/sfu_webhook", post(webhook::receive)).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
+    let webhook = Router::new()
+        .route("/sfu_webhook", post(webhook::receive))
+        .layer(axum::middleware::from_fn_with_state(WEBHOOK_BODY_LIMIT, enforce_body_limit))
+        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
     Router::new()
         .merge(delegation)
         .merge(proxied)
@@ -97,6 +102,28 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/jobs", get(operator::jobs))
         .fallback(|| async { MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request") })
         .with_state(state)
+}
+
+/// Refuses bodies over `limit` bytes with `413 M_TOO_LARGE`: at once when `Content-Length` says
+/// so (nothing of the body is read), else when the handler's body extractor hits
+/// [`DefaultBodyLimit`]. The answer carries `Connection: close`: the unread rest of the body makes
+/// the connection unusable, and a pooled client (LiveKit's webhook sender included) must not send
+/// its next request on it.
+async fn enforce_body_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let response = if declared.is_some_and(|n| n > limit as u64) {
+        None
+    } else {
+        Some(next.run(req).await).filter(|r| r.status() != StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    response.unwrap_or_else(|| {
+        tracing::warn!(limit, declared, "request body too large; refused");
+        let mut r =
+            MatrixError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", format!("request body over {limit} bytes"))
+                .into_response();
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    })
 }
 
 /// A Matrix-style error answer.
