@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::bridge::{Bridge, SLOT};
+use common::hs_proxy::HsProxy;
 use common::livekit::LiveKit;
 use common::synapse::{MatrixUser, SERVER_NAME, Synapse, SynapseOptions};
 use rtc_leave_bridge::identity;
@@ -38,6 +39,8 @@ io.element.msc4512.proxy_url: "http://127.0.0.1:{bridge_port}"
 
 struct World {
     synapse: Synapse,
+    /// Between the bridge and Synapse: records every call the bridge makes.
+    hs: HsProxy,
     livekit: LiveKit,
     bridge: Bridge,
     alice: MatrixUser,
@@ -55,8 +58,9 @@ impl World {
             appservice_registration: appservice.then(|| registration(port)),
         };
         let synapse = Synapse::start(options).await;
+        let hs = HsProxy::start(&synapse.url).await;
         let livekit = LiveKit::start().await;
-        let mut env = Bridge::env_for(&synapse, &livekit);
+        let mut env = Bridge::env_for(&hs.url, &livekit);
         if appservice {
             env.insert("LIVEKIT_AS_TOKEN".into(), AS_TOKEN.into());
             env.insert("LIVEKIT_HS_TOKEN".into(), HS_TOKEN.into());
@@ -66,7 +70,7 @@ impl World {
         let alice = synapse.register("alice").await;
         let room = synapse.create_room(&alice).await;
         let lk_room = identity::livekit_room(&room, SLOT);
-        World { synapse, livekit, bridge, alice, room, lk_room }
+        World { synapse, hs, livekit, bridge, alice, room, lk_room }
     }
 
     fn body(&self, user: &MatrixUser, member_id: &str, delay_id: &str) -> Value {
@@ -124,10 +128,13 @@ async fn delegation_through_the_homeserver_runs_the_whole_lifecycle() {
         "rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"ok\"}";
     assert!(w.bridge.metric(restarts).await >= 3.0);
 
+    assert!(w.hs.calls_of(&delay_id, "send").is_empty(), "sent while connected");
     let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(3)).await.is_some());
-    assert!(left.elapsed() < Duration::from_secs(1), "leave after {:?}", left.elapsed());
+    // The bridge's own send, accepted while the event was pending (Synapse's timer had not fired).
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(3)).await.expect("the bridge sent the leave");
+    assert!(send.answered - left < Duration::from_secs(1), "leave after {:?}", send.answered - left);
+    assert!(!w.synapse.is_member(&w.alice, &w.room).await);
 
     // The stable path works too, and a member that connected before delegating is found
     // through RoomService.
@@ -138,8 +145,11 @@ async fn delegation_through_the_homeserver_runs_the_whole_lifecycle() {
     let (status, v) = w.synapse.proxied_delegate(&bob, &w.body(&bob, "b1", &bob_delay), true).await;
     assert_eq!(status, 200, "{v}");
     w.still_members_after(&[&bob], Duration::from_secs(7)).await.expect("bob removed");
+    let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &bp, "CLIENT_INITIATED").await;
-    assert!(w.synapse.wait_left(&bob, &w.room, Duration::from_secs(1)).await.is_some());
+    let send = w.hs.wait_accepted_send(&bob_delay, Duration::from_secs(2)).await.expect("the bridge sent bob's leave");
+    assert!(send.answered - left < Duration::from_secs(1), "leave after {:?}", send.answered - left);
+    assert!(!w.synapse.is_member(&bob, &w.room).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +221,9 @@ async fn appservice_requests_are_authenticated_and_checked() {
     assert!(!logs.contains(&delay_id), "delay id in the logs");
 }
 
-/// Twenty connected members on 8 s delays, under Synapse's default delayed-event rate limits.
-async fn twenty_members(appservice: bool) -> (World, Vec<MatrixUser>) {
+/// Twenty connected members on 8 s delays, under Synapse's default delayed-event rate limits;
+/// each with its delay id.
+async fn twenty_members(appservice: bool) -> (World, Vec<(MatrixUser, String)>) {
     let w = World::new(appservice, None).await;
     let mut users = Vec::new();
     for i in 0..20 {
@@ -233,7 +244,7 @@ async fn twenty_members(appservice: bool) -> (World, Vec<MatrixUser>) {
             identity::identity_three_part(&u.user_id, &u.device_id, &member)
         };
         w.livekit.join(&w.bridge.url, &w.lk_room, &ident).await;
-        users.push(u);
+        users.push((u, delay_id));
     }
     (w, users)
 }
@@ -241,7 +252,7 @@ async fn twenty_members(appservice: bool) -> (World, Vec<MatrixUser>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appservice_mode_keeps_twenty_members_alive_under_default_rate_limits() {
     let (w, users) = twenty_members(true).await;
-    let refs: Vec<&MatrixUser> = users.iter().collect();
+    let refs: Vec<&MatrixUser> = users.iter().map(|(u, _)| u).collect();
     let result = w.still_members_after(&refs, Duration::from_secs(18)).await;
     assert!(result.is_ok(), "{} removed while connected:\n{}", result.unwrap_err(), w.bridge.metrics().await);
     let limited = w
@@ -256,9 +267,17 @@ async fn appservice_mode_keeps_twenty_members_alive_under_default_rate_limits() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openid_mode_loses_connected_members_under_default_rate_limits() {
     let (w, users) = twenty_members(false).await;
-    let refs: Vec<&MatrixUser> = users.iter().collect();
+    let refs: Vec<&MatrixUser> = users.iter().map(|(u, _)| u).collect();
     let result = w.still_members_after(&refs, Duration::from_secs(18)).await;
-    assert!(result.is_err(), "expected Synapse's default rate limit to cost OpenID-mode members");
+    let lost = result.expect_err("expected Synapse's default rate limit to cost OpenID-mode members");
+    // What failed is the rate limit, not the bridge: it kept restarting the lost member's event
+    // (some restarts got through, others were answered 429) and never sent it; Synapse's own
+    // timer fired it.
+    let delay_id = &users.iter().find(|(u, _)| u.user_id == lost).unwrap().1;
+    let restarts = w.hs.calls_of(delay_id, "restart");
+    assert!(restarts.iter().any(|c| c.status == Some(200)), "never restarted: {restarts:?}");
+    assert!(restarts.iter().any(|c| c.status == Some(429)), "never rate limited: {restarts:?}");
+    assert!(w.hs.accepted_send(delay_id).is_none(), "the bridge sent the leave of a connected member");
     let limited = w
         .bridge
         .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"rate_limited\"}")

@@ -253,7 +253,7 @@ async fn dashboard_and_alerts_query_only_metrics_the_bridge_exports() {
     // one), webhooks (and a forged one), restarts, a listing, a leave.
     let synapse = common::synapse::Synapse::start(common::synapse::SynapseOptions::default()).await;
     let livekit = common::livekit::LiveKit::start().await;
-    let bridge = common::bridge::Bridge::start(common::bridge::Bridge::env_for(&synapse, &livekit)).await;
+    let bridge = common::bridge::Bridge::start(common::bridge::Bridge::env_for(&synapse.url, &livekit)).await;
     let alice = synapse.register("alice").await;
     let room = synapse.create_room(&alice).await;
     let delay_id = synapse.join_call(&alice, &room, 60_000).await;

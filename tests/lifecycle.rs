@@ -1,5 +1,6 @@
 //! End-to-end lifecycle against a real Synapse and the LiveKit emulator: delegations are made with
-//! real OpenID tokens, leaves are checked in Synapse's room state.
+//! real OpenID tokens, leaves are checked in Synapse's room state, and every leave is proven to be
+//! the bridge's own send (seen accepted at the homeserver), never Synapse's timer.
 
 mod common;
 
@@ -7,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::bridge::{Bridge, SLOT, delegation_body};
 use common::eventually;
+use common::hs_proxy::HsProxy;
+use common::livekit::Participant;
 use common::livekit::{API_SECRET, LiveKit};
 use common::synapse::{MatrixUser, Synapse, SynapseOptions};
 use rtc_leave_bridge::identity;
@@ -15,6 +18,8 @@ const DELAY_MS: u64 = 3_000;
 
 struct World {
     synapse: Synapse,
+    /// Between the bridge and Synapse: records every call the bridge makes.
+    hs: HsProxy,
     livekit: LiveKit,
     bridge: Bridge,
     alice: MatrixUser,
@@ -29,8 +34,9 @@ impl World {
 
     async fn with(options: SynapseOptions, env: &[(&str, &str)]) -> World {
         let synapse = Synapse::start(options).await;
+        let hs = HsProxy::start(&synapse.url).await;
         let livekit = LiveKit::start().await;
-        let mut bridge_env = Bridge::env_for(&synapse, &livekit);
+        let mut bridge_env = Bridge::env_for(&hs.url, &livekit);
         for (k, v) in env {
             bridge_env.insert((*k).into(), (*v).into());
         }
@@ -38,7 +44,7 @@ impl World {
         let alice = synapse.register("alice").await;
         let room = synapse.create_room(&alice).await;
         let lk_room = identity::livekit_room(&room, SLOT);
-        World { synapse, livekit, bridge, alice, room, lk_room }
+        World { synapse, hs, livekit, bridge, alice, room, lk_room }
     }
 
     fn identity(&self, member_id: &str) -> String {
@@ -47,9 +53,50 @@ impl World {
 
     /// Alice joins the call (membership + delayed leave) and delegates the leave.
     async fn alice_joins_call(&self, member_id: &str, delay_ms: u64) -> String {
-        let delay_id = self.synapse.join_call(&self.alice, &self.room, delay_ms).await;
-        self.bridge.delegate(&self.synapse, &self.alice, &self.room, member_id, &delay_id, delay_ms).await;
+        self.joins_call(&self.alice, member_id, delay_ms).await
+    }
+
+    /// `user` joins the call (membership + delayed leave) and delegates the leave.
+    async fn joins_call(&self, user: &MatrixUser, member_id: &str, delay_ms: u64) -> String {
+        let delay_id = self.synapse.join_call(user, &self.room, delay_ms).await;
+        self.bridge.delegate(&self.synapse, user, &self.room, member_id, &delay_id, delay_ms).await;
         delay_id
+    }
+
+    /// Another user in the room.
+    async fn another(&self, name: &str) -> MatrixUser {
+        let u = self.synapse.register(name).await;
+        self.synapse.join_room(&u, &self.room).await;
+        u
+    }
+
+    async fn members_after(&self, users: &[&MatrixUser], wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            for u in users {
+                if !self.synapse.is_member(u, &self.room).await {
+                    return false;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        true
+    }
+
+    /// Waits up to `within` for the bridge to send `delay_id` and asserts it did: the homeserver
+    /// accepted the bridge's send (so the event was still pending: its own timer had not fired)
+    /// and `user`'s membership is gone from room state. Returns the time from `since` to the
+    /// homeserver's answer.
+    async fn left_by_bridge(&self, user: &MatrixUser, delay_id: &str, since: Instant, within: Duration) -> Duration {
+        let Some(send) = self.hs.wait_accepted_send(delay_id, within).await else {
+            panic!(
+                "the bridge did not send the leave within {within:?}; its calls for it: {:?}\n{}",
+                self.hs.calls().into_iter().filter(|c| c.delay_id.as_deref() == Some(delay_id)).collect::<Vec<_>>(),
+                self.bridge.logs()
+            );
+        };
+        assert!(!self.synapse.is_member(user, &self.room).await, "send accepted, yet still a member");
+        send.answered.saturating_duration_since(since)
     }
 
     async fn still_member_after(&self, wait: Duration) -> bool {
@@ -75,11 +122,11 @@ async fn connected_member_survives_and_leave_lands_within_a_second_of_participan
         w.bridge.logs()
     );
 
-    let sent = Instant::now();
+    assert!(w.hs.calls_of(&delay_id, "send").is_empty(), "sent while connected");
+    let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
-    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(5)).await.expect("leave not sent");
-    let total = sent.elapsed();
-    assert!(total < Duration::from_secs(1), "leave visible after {total:?} (poll {took:?})");
+    let took = w.left_by_bridge(&w.alice, &delay_id, left, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(1), "leave sent {took:?} after participant_left");
     assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_jobs_finished_total{outcome=\"sent\"}", 1.0).await, 1.0);
     assert!(
         w.bridge
@@ -97,10 +144,12 @@ async fn connected_member_survives_and_leave_lands_within_a_second_of_participan
 async fn member_who_never_joins_is_left_after_the_join_timeout() {
     let w = World::new().await;
     // A delay much longer than the test, so only the bridge can have sent the leave.
-    w.alice_joins_call("m1", 60_000).await;
+    let delegated = Instant::now();
+    let delay_id = w.alice_joins_call("m1", 60_000).await;
     assert!(w.still_member_after(Duration::from_millis(2_500)).await, "left before the join timeout");
-    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(8)).await;
-    assert!(took.is_some(), "never-joined member not removed:\n{}", w.bridge.logs());
+    let took = w.left_by_bridge(&w.alice, &delay_id, delegated, Duration::from_secs(8)).await;
+    // Join timeout 3 s, then one listing that confirms the absence.
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(6), "sent {took:?} after delegating");
     assert_eq!(
         w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"never_joined\"}", 1.0).await,
         1.0
@@ -119,13 +168,24 @@ async fn forged_webhooks_are_refused_and_change_nothing() {
     let other = w.livekit.participant_event("participant_joined", &w.lk_room, &p, None);
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&LiveKit::sign(&other, API_SECRET))).await, 401);
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some("Bearer not.a.jwt")).await, 401);
-    // Oversized bodies are cut off before anything is read.
-    // (The bridge answers 413 as soon as it sees the length; the client may still be writing and
-    // see the connection closed instead of the answer.)
+    // Oversized bodies are refused from their Content-Length, before anything is read, and the
+    // connection is closed: a pooled sender must not reuse it with the body half sent.
+    let head = format!(
+        "POST /sfu_webhook HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/webhook+json\r\n\
+         Authorization: {}\r\nContent-Length: {}\r\n\r\n",
+        LiveKit::sign("x", API_SECRET),
+        2 << 20
+    );
+    let answer = raw_exchange(&w.bridge.url, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    assert!(answer.contains("M_TOO_LARGE"), "{answer}");
+    // The same through a pooled client: whatever became of the oversized request, the client's
+    // next request must not land on the dead connection.
     let huge = "x".repeat(2 << 20);
-    match w.livekit.try_post_webhook(&w.bridge.url, &huge, Some(&LiveKit::sign(&huge, API_SECRET))).await {
-        Ok(status) => assert_eq!(status, 413),
-        Err(e) => assert!(!e.is_timeout(), "{e}"),
+    if let Ok(status) = w.livekit.try_post_webhook(&w.bridge.url, &huge, Some(&LiveKit::sign(&huge, API_SECRET))).await
+    {
+        assert_eq!(status, 413);
     }
     // Signed but not a webhook.
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, "[1,2", Some(&LiveKit::sign("[1,2", API_SECRET))).await, 400);
@@ -136,7 +196,7 @@ async fn forged_webhooks_are_refused_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_duplicate_and_reordered_webhooks_do_not_send() {
     let w = World::new().await;
-    w.alice_joins_call("m1", DELAY_MS).await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
     let ident = w.identity("m1");
     // An old session of the same identity, seen before the current one.
     let old = w.livekit.connect(&w.lk_room, &ident);
@@ -163,8 +223,9 @@ async fn stale_duplicate_and_reordered_webhooks_do_not_send() {
             >= 1.0
     );
     // The real departure still works.
+    let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &current, "CLIENT_INITIATED").await;
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+    assert!(w.left_by_bridge(&w.alice, &delay_id, left, Duration::from_secs(2)).await < Duration::from_secs(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +236,7 @@ async fn rejoin_replaces_the_job_and_the_old_delay_id_is_never_sent() {
     let old_delay = w.alice_joins_call("m1", 60_000).await;
     let first = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
     // The client reconnects as a new member: new membership, new delayed leave, new delegation.
-    w.alice_joins_call("m2", DELAY_MS).await;
+    let new_delay = w.alice_joins_call("m2", DELAY_MS).await;
     let second = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m2")).await;
     // The old session's departure arrives after the rejoin: it must not send anything.
     w.livekit.leave(&w.bridge.url, &w.lk_room, &first, "CLIENT_INITIATED").await;
@@ -187,9 +248,11 @@ async fn rejoin_replaces_the_job_and_the_old_delay_id_is_never_sent() {
     assert_eq!(w.bridge.metric("rtc_leave_bridge_jobs_finished_total{outcome=\"superseded\"}").await, 1.0);
     let old_ref = rtc_leave_bridge::delegation::DelayRef(&old_delay).to_string();
     assert!(w.bridge.logs().contains(&format!("delay_id={old_ref}")), "the old job is in the logs");
-    assert!(!w.bridge.logs().contains(&format!("delay_id={old_ref} trigger")), "old delay id was sent");
+    assert!(w.hs.calls_of(&old_delay, "send").is_empty(), "the old delay id was sent");
+    let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &second, "CLIENT_INITIATED").await;
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+    assert!(w.left_by_bridge(&w.alice, &new_delay, left, Duration::from_secs(2)).await < Duration::from_secs(1));
+    assert!(w.hs.calls_of(&old_delay, "send").is_empty(), "the old delay id was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,14 +267,8 @@ async fn restart_answered_404_stops_the_job_without_sending() {
     })
     .await;
     assert!(done, "job not ended on 404:\n{}", w.bridge.logs());
-    assert_eq!(
-        w.bridge
-            .metric(
-                "rtc_leave_bridge_homeserver_requests_total{action=\"send\",homeserver=\"hs1.test\",outcome=\"ok\"}"
-            )
-            .await,
-        0.0
-    );
+    assert_eq!(w.hs.calls_of(&delay_id, "restart").last().and_then(|c| c.status), Some(404));
+    assert!(w.hs.calls_of(&delay_id, "send").is_empty(), "nothing may be sent for a cancelled event");
     assert!(w.synapse.is_member(&w.alice, &w.room).await, "nothing may be sent for a cancelled event");
 }
 
@@ -245,13 +302,15 @@ async fn rate_limits_are_honoured_and_members_kept_alive() {
         "the test did not hit the rate limit:\n{}",
         w.bridge.metrics().await
     );
+    assert!(w.hs.count("restart", Some(429)) >= 1, "the homeserver never answered 429");
+    assert_eq!(w.hs.count("send", Some(200)), 0, "a leave was sent for a connected member");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn homeserver_down_then_back_gets_the_leave_once_it_returns() {
     let mut w = World::new().await;
     // A long delay: the homeserver's own timer cannot be what removes the member here.
-    w.alice_joins_call("m1", 60_000).await;
+    let delay_id = w.alice_joins_call("m1", 60_000).await;
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
     w.synapse.stop();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
@@ -259,9 +318,11 @@ async fn homeserver_down_then_back_gets_the_leave_once_it_returns() {
     assert!(
         w.bridge.metric("rtc_leave_bridge_homeserver_requests_total{action=\"send\",homeserver=\"hs1.test\",outcome=\"network\"}").await >= 1.0
     );
+    assert!(w.hs.calls_of(&delay_id, "send").iter().all(|c| c.status.is_none()), "the homeserver was down");
     w.synapse.resume().await;
-    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(15)).await;
-    assert!(took.is_some(), "leave not delivered after the homeserver came back:\n{}", w.bridge.logs());
+    let back = Instant::now();
+    // The back-off is capped at 30 s; with 3 s down it is a few seconds at most.
+    w.left_by_bridge(&w.alice, &delay_id, back, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +330,7 @@ async fn kill_9_and_restart_keeps_every_job() {
     let mut w = World::new().await;
     let bob = w.synapse.register("bob").await;
     w.synapse.join_room(&bob, &w.room).await;
-    w.alice_joins_call("m1", DELAY_MS).await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
     let bob_delay = w.synapse.join_call(&bob, &w.room, DELAY_MS).await;
     w.bridge.delegate(&w.synapse, &bob, &w.room, "b1", &bob_delay, DELAY_MS).await;
     let a = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
@@ -285,22 +346,25 @@ async fn kill_9_and_restart_keeps_every_job() {
         w.bridge.logs()
     );
     assert!(w.synapse.is_member(&bob, &w.room).await);
+    let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &a, "CLIENT_INITIATED").await;
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+    assert!(w.left_by_bridge(&w.alice, &delay_id, left, Duration::from_secs(2)).await < Duration::from_secs(1));
     assert!(w.synapse.is_member(&bob, &w.room).await);
+    assert!(w.hs.calls_of(&bob_delay, "send").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_catches_a_lost_participant_left() {
     let w = World::new().await;
-    w.alice_joins_call("m1", 60_000).await;
+    let delay_id = w.alice_joins_call("m1", 60_000).await;
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The member disconnects; LiveKit's webhook is lost.
+    let gone = Instant::now();
     w.livekit.disconnect(&w.lk_room, &p.sid);
-    // Two listings 2 s apart prove it gone.
-    let took = w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(10)).await;
-    assert!(took.is_some(), "lost departure not caught:\n{}", w.bridge.logs());
+    // Two listings 2 s apart prove it gone: within two or three reconciliation intervals.
+    let took = w.left_by_bridge(&w.alice, &delay_id, gone, Duration::from_secs(10)).await;
+    assert!(took <= Duration::from_millis(6_500), "lost departure caught only after {took:?}");
     assert_eq!(
         w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"reconciled\"}", 1.0).await,
         1.0
@@ -311,19 +375,21 @@ async fn reconciliation_catches_a_lost_participant_left() {
 async fn livekit_unreachable_keeps_members_alive() {
     let w = World::new().await;
     w.livekit.set_unavailable(true);
-    w.alice_joins_call("m1", DELAY_MS).await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
     // Never joined as far as webhooks go, and LiveKit cannot be asked: no guessing.
     assert!(w.still_member_after(Duration::from_secs(8)).await, "sent on a guess:\n{}", w.bridge.logs());
     assert!(w.bridge.metric("rtc_leave_bridge_livekit_requests_total{outcome=\"error\"}").await >= 2.0);
+    assert!(w.hs.calls_of(&delay_id, "send").is_empty(), "sent on a guess");
     // Once LiveKit answers (nobody there), the leave goes out.
+    let back = Instant::now();
     w.livekit.set_unavailable(false);
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(10)).await.is_some());
+    w.left_by_bridge(&w.alice, &delay_id, back, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_waits_for_reappearance_and_room_finished_sends() {
     let w = World::new().await;
-    w.alice_joins_call("m1", DELAY_MS).await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
     // LiveKit says it left for a migration, but the session is still listed: stay.
     let migrated = w.livekit.participant_event("participant_left", &w.lk_room, &p, Some("MIGRATION"));
@@ -335,22 +401,24 @@ async fn migration_waits_for_reappearance_and_room_finished_sends() {
     );
     // The room ends: everybody is gone.
     let sid = w.livekit.finish_room(&w.lk_room);
+    let finished = Instant::now();
     w.livekit.deliver(&w.bridge.url, &w.livekit.room_finished_event(&w.lk_room, &sid)).await;
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(1)).await.is_some());
+    assert!(w.left_by_bridge(&w.alice, &delay_id, finished, Duration::from_secs(2)).await < Duration::from_secs(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_exits_cleanly_and_resumes() {
     let mut w = World::new().await;
-    w.alice_joins_call("m1", DELAY_MS).await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
     let status = w.bridge.terminate();
     assert!(status.success(), "SIGTERM exit: {status}\n{}", w.bridge.logs());
     assert!(w.bridge.logs().contains("engine stopped"));
     w.bridge.restart().await;
     assert!(w.still_member_after(Duration::from_millis(DELAY_MS + 1_000)).await);
+    let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(2)).await.is_some());
+    assert!(w.left_by_bridge(&w.alice, &delay_id, left, Duration::from_secs(2)).await < Duration::from_secs(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,7 +484,7 @@ async fn disallowed_homeserver_is_forbidden() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_signed_by_livekits_own_sdk_are_verified_and_applied() {
     let w = World::new().await;
-    w.alice_joins_call("m1", DELAY_MS).await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
     let ident = w.identity("m1");
     let p = w.livekit.connect(&w.lk_room, &ident);
     let room_sid = w.livekit.room_sid(&w.lk_room);
@@ -439,8 +507,9 @@ async fn webhooks_signed_by_livekits_own_sdk_are_verified_and_applied() {
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&auth)).await, 401);
     assert!(w.synapse.is_member(&w.alice, &w.room).await);
     w.livekit.disconnect(&w.lk_room, &p.sid);
+    let gone = Instant::now();
     assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&left_auth)).await, 200);
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(1)).await.is_some());
+    assert!(w.left_by_bridge(&w.alice, &delay_id, gone, Duration::from_secs(2)).await < Duration::from_secs(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,9 +518,215 @@ async fn member_connected_before_delegating_is_found_through_roomservice() {
     // The client connects to LiveKit first (its participant_joined went by before any delegation
     // existed), then publishes its membership and delegates.
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
-    w.alice_joins_call("m1", DELAY_MS).await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
     assert_eq!(w.bridge.metric_reaches("rtc_leave_bridge_jobs{state=\"connected\"}", 1.0).await, 1.0);
     assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "{}", w.bridge.logs());
+    let left = Instant::now();
     w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
-    assert!(w.synapse.wait_left(&w.alice, &w.room, Duration::from_secs(1)).await.is_some());
+    assert!(w.left_by_bridge(&w.alice, &delay_id, left, Duration::from_secs(2)).await < Duration::from_secs(1));
+}
+
+/// Writes `request` on a new connection to the bridge and reads until the bridge closes it.
+async fn raw_exchange(base: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.strip_prefix("http://").unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the bridge kept the connection open: {}", String::from_utf8_lossy(&answer));
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn three_part(user: &MatrixUser, member_id: &str) -> String {
+    identity::identity_three_part(&user.user_id, &user.device_id, member_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_connection_is_not_a_departure_and_a_never_connected_member_is_removed() {
+    let w = World::new().await;
+    let bob = w.another("bob").await;
+    let delegated = Instant::now();
+    let alice_delay = w.alice_joins_call("m1", DELAY_MS).await;
+    let bob_delay = w.joins_call(&bob, "b1", 60_000).await;
+    // Alice's first attempt never becomes active (LiveKit sends participant_connection_aborted,
+    // no participant_joined); her second attempt connects.
+    let attempt = w.livekit.connect(&w.lk_room, &w.identity("m1"));
+    w.livekit.depart(&w.bridge.url, &w.lk_room, &attempt, "participant_connection_aborted", Some("JOIN_FAILURE")).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    // Bob's only attempt aborts.
+    let b = w.livekit.connect(&w.lk_room, &three_part(&bob, "b1"));
+    w.livekit.depart(&w.bridge.url, &w.lk_room, &b, "participant_connection_aborted", Some("JOIN_FAILURE")).await;
+    // Bob never connected: removed once the join timeout (3 s) passed and LiveKit confirmed it.
+    let took = w.left_by_bridge(&bob, &bob_delay, delegated, Duration::from_secs(8)).await;
+    assert!(took >= Duration::from_secs(3), "removed before the join timeout: {took:?}");
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "{}", w.bridge.logs());
+    let left = Instant::now();
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
+    assert!(w.left_by_bridge(&w.alice, &alice_delay, left, Duration::from_secs(2)).await < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_shutdown_waits_for_the_member_to_reappear_and_sends_when_it_does_not() {
+    let w = World::new().await;
+    let bob = w.another("bob").await;
+    let alice_delay = w.alice_joins_call("m1", DELAY_MS).await;
+    let bob_delay = w.joins_call(&bob, "b1", 60_000).await;
+    let a = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    let b = w.livekit.join(&w.bridge.url, &w.lk_room, &three_part(&bob, "b1")).await;
+    // The SFU node shuts down. Alice reconnects to another node as a new session, whose
+    // participant_joined is lost; Bob does not come back.
+    w.livekit.depart(&w.bridge.url, &w.lk_room, &a, "participant_left", Some("SERVER_SHUTDOWN")).await;
+    let shutdown = Instant::now();
+    w.livekit.depart(&w.bridge.url, &w.lk_room, &b, "participant_left", Some("SERVER_SHUTDOWN")).await;
+    let a2 = w.livekit.connect(&w.lk_room, &w.identity("m1"));
+    // Bob: grace (2 s), then a listing that confirms the absence.
+    let took = w.left_by_bridge(&bob, &bob_delay, shutdown, Duration::from_secs(6)).await;
+    assert!(took >= Duration::from_secs(2), "sent before the grace period ended: {took:?}");
+    assert_eq!(
+        w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"grace_expired\"}", 1.0).await,
+        1.0
+    );
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "{}", w.bridge.logs());
+    assert!(w.hs.calls_of(&alice_delay, "send").is_empty());
+    let left = Instant::now();
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &a2, "CLIENT_INITIATED").await;
+    assert!(w.left_by_bridge(&w.alice, &alice_delay, left, Duration::from_secs(2)).await < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_identity_kick_keeps_the_member_whichever_webhook_comes_first() {
+    let w = World::new().await;
+    let bob = w.another("bob").await;
+    let alice_delay = w.alice_joins_call("m1", DELAY_MS).await;
+    let bob_delay = w.joins_call(&bob, "b1", DELAY_MS).await;
+    let a1 = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    let b1 = w.livekit.join(&w.bridge.url, &w.lk_room, &three_part(&bob, "b1")).await;
+    // Each reconnects under the same identity (a second tab, a network switch): LiveKit admits
+    // the new session and kicks the old one with DUPLICATE_IDENTITY.
+    let kick = |old: &Participant| {
+        w.livekit.participant_event("participant_left", &w.lk_room, old, Some("DUPLICATE_IDENTITY"))
+    };
+    let a2 = w.livekit.connect(&w.lk_room, &w.identity("m1"));
+    w.livekit.disconnect(&w.lk_room, &a1.sid);
+    w.livekit.deliver(&w.bridge.url, &kick(&a1)).await;
+    w.livekit.deliver(&w.bridge.url, &w.livekit.participant_event("participant_joined", &w.lk_room, &a2, None)).await;
+    let b2 = w.livekit.connect(&w.lk_room, &three_part(&bob, "b1"));
+    w.livekit.disconnect(&w.lk_room, &b1.sid);
+    w.livekit.deliver(&w.bridge.url, &w.livekit.participant_event("participant_joined", &w.lk_room, &b2, None)).await;
+    w.livekit.deliver(&w.bridge.url, &kick(&b1)).await;
+    assert!(w.members_after(&[&w.alice, &bob], Duration::from_millis(2 * DELAY_MS + 500)).await, "{}", w.bridge.logs());
+    assert!(w.hs.calls_of(&alice_delay, "send").is_empty() && w.hs.calls_of(&bob_delay, "send").is_empty());
+    let left = Instant::now();
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &a2, "CLIENT_INITIATED").await;
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &b2, "CLIENT_INITIATED").await;
+    assert!(w.left_by_bridge(&w.alice, &alice_delay, left, Duration::from_secs(2)).await < Duration::from_secs(1));
+    assert!(w.left_by_bridge(&bob, &bob_delay, left, Duration::from_secs(2)).await < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departure_without_a_reason_is_final() {
+    let w = World::new().await;
+    let delay_id = w.alice_joins_call("m1", 60_000).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    // UNKNOWN_REASON is protojson's zero value: the field is left out of the body.
+    let body = w.livekit.participant_event("participant_left", &w.lk_room, &p, None);
+    assert!(!body.contains("disconnectReason"));
+    w.livekit.disconnect(&w.lk_room, &p.sid);
+    let left = Instant::now();
+    w.livekit.deliver(&w.bridge.url, &body).await;
+    assert!(w.left_by_bridge(&w.alice, &delay_id, left, Duration::from_secs(2)).await < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_with_expired_or_not_yet_valid_tokens_are_refused() {
+    let w = World::new().await;
+    let delay_id = w.alice_joins_call("m1", DELAY_MS).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    let left = w.livekit.participant_event("participant_left", &w.lk_room, &p, Some("CLIENT_INITIATED"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    // Signed with the right secret over the right body, but expired an hour ago / valid only
+    // from an hour from now (a replayed or pre-made webhook).
+    let expired = LiveKit::sign_valid(&left, API_SECRET, now - 3_900, now - 3_600);
+    let early = LiveKit::sign_valid(&left, API_SECRET, now + 3_600, now + 3_900);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&expired)).await, 401);
+    assert_eq!(w.livekit.post_webhook(&w.bridge.url, &left, Some(&early)).await, 401);
+    assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "{}", w.bridge.logs());
+    assert!(w.hs.calls_of(&delay_id, "send").is_empty());
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_webhooks_total{event=\"unknown\",outcome=\"forged\"}").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_listed_as_disconnected_is_not_present() {
+    let w = World::new().await;
+    let delay_id = w.alice_joins_call("m1", 60_000).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The member disconnects, LiveKit keeps listing it as DISCONNECTED, and the webhook is lost.
+    let gone = Instant::now();
+    w.livekit.disconnect_lingering(&w.lk_room, &p.sid);
+    let took = w.left_by_bridge(&w.alice, &delay_id, gone, Duration::from_secs(10)).await;
+    assert!(took <= Duration::from_millis(6_500), "caught only after {took:?}");
+    assert_eq!(
+        w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"reconciled\"}", 1.0).await,
+        1.0
+    );
+}
+
+/// LiveKit's Redis-backed RoomService answers Twirp `not_found` for a room that does not exist;
+/// its local (single-node) store answers an empty list. Both mean: nobody is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_that_does_not_exist_is_empty_however_livekit_says_so() {
+    let w = World::new().await;
+    for (member, empty_list) in [("m1", false), ("m2", true)] {
+        w.livekit.set_missing_room_is_empty(empty_list);
+        let delegated = Instant::now();
+        let delay_id = w.alice_joins_call(member, 60_000).await;
+        let took = w.left_by_bridge(&w.alice, &delay_id, delegated, Duration::from_secs(8)).await;
+        assert!(took >= Duration::from_secs(3), "removed before the join timeout ({member}): {took:?}");
+    }
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_livekit_requests_total{outcome=\"error\"}").await, 0.0);
+    assert_eq!(w.bridge.metric("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"never_joined\"}").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_left_while_the_bridge_was_down_is_removed_on_start() {
+    let mut w = World::new().await;
+    let bob = w.another("bob").await;
+    let alice_delay = w.alice_joins_call("m1", 60_000).await;
+    let bob_delay = w.joins_call(&bob, "b1", 60_000).await;
+    let a = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    w.livekit.join(&w.bridge.url, &w.lk_room, &three_part(&bob, "b1")).await;
+    w.bridge.kill9();
+    // Alice leaves while nobody receives LiveKit's webhook.
+    w.livekit.disconnect(&w.lk_room, &a.sid);
+    let restarted = Instant::now();
+    w.bridge.restart().await;
+    let took = w.left_by_bridge(&w.alice, &alice_delay, restarted, Duration::from_secs(10)).await;
+    assert!(took <= Duration::from_millis(6_500), "caught only after {took:?}");
+    assert!(w.synapse.is_member(&bob, &w.room).await, "the member still connected was removed");
+    assert!(w.hs.calls_of(&bob_delay, "send").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_homeserver_call_finish() {
+    let mut w = World::new().await;
+    // Every restart takes 1.2 s at the homeserver (the bridge's request timeout here is 2 s):
+    // the first one of a new delegation is issued at once and is in flight when SIGTERM arrives.
+    w.hs.stall(Some(("restart", Duration::from_millis(1_200))));
+    let delay_id = w.alice_joins_call("m1", 60_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.hs.calls_of(&delay_id, "restart").is_empty(), "the restart is in flight");
+    let stopping = Instant::now();
+    let status = w.bridge.terminate();
+    let stopped = Instant::now();
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", w.bridge.logs());
+    let restarts = w.hs.calls_of(&delay_id, "restart");
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert_eq!(restarts[0].status, Some(200));
+    assert!(restarts[0].answered > stopping && restarts[0].answered <= stopped, "answered after the exit");
+    let logs = w.bridge.logs();
+    let drain = logs.find("shutdown: draining").expect("drain logged");
+    let done = logs.rfind("homeserver call done").expect("the call's answer reached the bridge");
+    assert!(done > drain && logs[done..].contains("engine stopped"), "{logs}");
 }

@@ -17,7 +17,7 @@ fn text(o: &std::process::Output) -> String {
 async fn healthcheck_check_config_and_jobs() {
     let mut synapse = Synapse::start(SynapseOptions::default()).await;
     let livekit = LiveKit::start().await;
-    let bridge = Bridge::start(Bridge::env_for(&synapse, &livekit)).await;
+    let bridge = Bridge::start(Bridge::env_for(&synapse.url, &livekit)).await;
     let port = bridge.url.rsplit(':').next().unwrap().to_owned();
 
     // healthcheck honours every form of LIVEKIT_JWT_BIND, `:port` included.

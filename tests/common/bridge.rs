@@ -20,9 +20,10 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Settings pointing at `synapse` and `livekit`, with short timings for tests.
-    pub fn env_for(synapse: &Synapse, livekit: &LiveKit) -> HashMap<String, String> {
-        let hs = format!("{SERVER_NAME}={}", synapse.url);
+    /// Settings pointing at the homeserver at `homeserver_url` (Synapse, or the recording proxy in
+    /// front of it) and `livekit`, with short timings for tests.
+    pub fn env_for(homeserver_url: &str, livekit: &LiveKit) -> HashMap<String, String> {
+        let hs = format!("{SERVER_NAME}={homeserver_url}");
         [
             ("LIVEKIT_URL", livekit.url.as_str()),
             ("LIVEKIT_KEY", API_KEY),

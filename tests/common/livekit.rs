@@ -9,8 +9,10 @@
 //!   bridge's own verifier crate.
 //! * **RoomService** (Twirp): `ListParticipants` accepting protobuf or JSON, requiring a Bearer
 //!   JWT signed with the API secret whose `video` grant has `roomAdmin: true` and `room` equal to
-//!   the requested room; `not_found` for a room that does not exist; participants of a room in
-//!   protobuf (or JSON) as LiveKit answers.
+//!   the requested room. For a room that does not exist it answers as either of LiveKit's room
+//!   stores does: the Twirp `not_found` error, or (LiveKit's local store) an empty list. A
+//!   participant that disconnected may stay listed for a moment with state `DISCONNECTED`, as
+//!   LiveKit's store keeps it until the room drops it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +44,8 @@ pub struct Participant {
 struct Room {
     sid: String,
     participants: Vec<Participant>,
+    /// Disconnected, still listed with state `DISCONNECTED`.
+    lingering: Vec<Participant>,
 }
 
 #[derive(Default)]
@@ -49,6 +53,9 @@ struct Inner {
     rooms: Mutex<HashMap<String, Room>>,
     /// When set, RoomService answers 503 (LiveKit down).
     unavailable: AtomicBool,
+    /// How RoomService answers for a room that does not exist: an empty list (LiveKit's local
+    /// store) instead of Twirp `not_found`.
+    missing_room_is_empty: AtomicBool,
     list_calls: AtomicU64,
     counter: AtomicU64,
 }
@@ -86,6 +93,12 @@ impl LiveKit {
         self.inner.unavailable.store(down, Ordering::SeqCst);
     }
 
+    /// Answers listings of rooms that do not exist with an empty list (LiveKit's local store)
+    /// rather than Twirp `not_found`.
+    pub fn set_missing_room_is_empty(&self, empty: bool) {
+        self.inner.missing_room_is_empty.store(empty, Ordering::SeqCst);
+    }
+
     pub fn list_calls(&self) -> u64 {
         self.inner.list_calls.load(Ordering::SeqCst)
     }
@@ -112,6 +125,16 @@ impl LiveKit {
     pub fn disconnect(&self, room: &str, sid: &str) {
         if let Some(r) = self.inner.rooms.lock().unwrap().get_mut(room) {
             r.participants.retain(|p| p.sid != sid);
+        }
+    }
+
+    /// A participant disconnects but stays listed, with state `DISCONNECTED`, as LiveKit lists a
+    /// departing participant for a moment; no webhook is sent by this alone.
+    pub fn disconnect_lingering(&self, room: &str, sid: &str) {
+        if let Some(r) = self.inner.rooms.lock().unwrap().get_mut(room) {
+            let (gone, stay): (Vec<_>, Vec<_>) = r.participants.drain(..).partition(|p| p.sid == sid);
+            r.participants = stay;
+            r.lingering.extend(gone);
         }
     }
 
@@ -155,9 +178,14 @@ impl LiveKit {
 
     /// The `Authorization` value LiveKit sends with `body`.
     pub fn sign(body: &str, secret: &str) -> String {
-        let sha = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body.as_bytes()));
         let now = unix_now();
-        let claims = json!({ "iss": API_KEY, "nbf": now, "exp": now + 300, "sha256": sha });
+        Self::sign_valid(body, secret, now, now + 300)
+    }
+
+    /// As [`LiveKit::sign`], with the token valid from `nbf` to `exp` (Unix seconds).
+    pub fn sign_valid(body: &str, secret: &str, nbf: i64, exp: i64) -> String {
+        let sha = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body.as_bytes()));
+        let claims = json!({ "iss": API_KEY, "nbf": nbf, "exp": exp, "sha256": sha });
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
             &claims,
@@ -205,8 +233,15 @@ impl LiveKit {
 
     /// Disconnects `p` and sends `participant_left` with `reason`.
     pub async fn leave(&self, bridge: &str, room: &str, p: &Participant, reason: &str) {
+        self.depart(bridge, room, p, "participant_left", Some(reason)).await;
+    }
+
+    /// Disconnects `p` and sends `event` (`participant_left`, or `participant_connection_aborted`
+    /// for a session that never became active) with `reason`; `None` leaves `disconnectReason`
+    /// out, as Go's protojson does for `UNKNOWN_REASON`.
+    pub async fn depart(&self, bridge: &str, room: &str, p: &Participant, event: &str, reason: Option<&str>) {
         self.disconnect(room, &p.sid);
-        self.deliver(bridge, &self.participant_event("participant_left", room, p, Some(reason))).await;
+        self.deliver(bridge, &self.participant_event(event, room, p, reason)).await;
     }
 }
 
@@ -250,26 +285,35 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
         return twirp_error(StatusCode::FORBIDDEN, "permission_denied", "requires roomAdmin for this room");
     }
     let rooms = inner.rooms.lock().unwrap();
-    let Some(r) = rooms.get(&room) else {
-        return twirp_error(StatusCode::NOT_FOUND, "not_found", "requested room does not exist");
+    let empty = Room::default();
+    let r = match rooms.get(&room) {
+        Some(r) => r,
+        None if inner.missing_room_is_empty.load(Ordering::SeqCst) => &empty,
+        None => return twirp_error(StatusCode::NOT_FOUND, "not_found", "requested room does not exist"),
+    };
+    use proto::participant_info::State;
+    let info = |p: &Participant, state: State| proto::ParticipantInfo {
+        sid: p.sid.clone(),
+        identity: p.identity.clone(),
+        state: state as i32,
+        joined_at: p.joined_at,
+        ..Default::default()
     };
     let participants: Vec<proto::ParticipantInfo> = r
         .participants
         .iter()
-        .map(|p| proto::ParticipantInfo {
-            sid: p.sid.clone(),
-            identity: p.identity.clone(),
-            state: proto::participant_info::State::Active as i32,
-            joined_at: p.joined_at,
-            ..Default::default()
-        })
+        .map(|p| info(p, State::Active))
+        .chain(r.lingering.iter().map(|p| info(p, State::Disconnected)))
         .collect();
     let resp = proto::ListParticipantsResponse { participants };
     if is_json {
         let list: Vec<Value> = resp
             .participants
             .iter()
-            .map(|p| json!({"sid": p.sid, "identity": p.identity, "state": "ACTIVE", "joinedAt": p.joined_at.to_string()}))
+            .map(|p| {
+                let state = State::try_from(p.state).unwrap().as_str_name();
+                json!({"sid": p.sid, "identity": p.identity, "state": state, "joinedAt": p.joined_at.to_string()})
+            })
             .collect();
         ([(header::CONTENT_TYPE, "application/json")], json!({"participants": list}).to_string()).into_response()
     } else {

@@ -1,7 +1,9 @@
-//! Test harness: a real Synapse, the LiveKit emulator, and the built bridge binary.
+//! Test harness: a real Synapse (behind a recording proxy), the LiveKit emulator, and the built
+//! bridge binary.
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod hs_proxy;
 pub mod livekit;
 pub mod synapse;
 
