@@ -929,7 +929,12 @@ impl Engine {
 }
 
 fn session(p: &Participant, room_sid: &str) -> Session {
-    Session { identity: p.identity.clone(), sid: p.sid.clone(), joined_at: p.joined_at, room_sid: room_sid.to_owned() }
+    Session {
+        identity: p.identity.clone(),
+        sid: p.sid.clone(),
+        joined_at_ms: p.joined_at_ms,
+        room_sid: room_sid.to_owned(),
+    }
 }
 
 fn participant_sid(kind: &SfuEventKind) -> &str {
@@ -1056,7 +1061,7 @@ mod tests {
             kind: SfuEventKind::ParticipantJoined(Participant {
                 identity: d.identities()[0].clone(),
                 sid: sid.into(),
-                joined_at: 1,
+                joined_at_ms: 1_000,
             }),
         }
     }
@@ -1121,7 +1126,11 @@ mod tests {
         // The resumed job is bound: a departure of its session sends (moves it to Sending).
         let left = SfuEvent {
             kind: SfuEventKind::ParticipantLeft {
-                participant: Participant { identity: d.identities()[0].clone(), sid: "PA_1".into(), joined_at: 1 },
+                participant: Participant {
+                    identity: d.identities()[0].clone(),
+                    sid: "PA_1".into(),
+                    joined_at_ms: 1_000,
+                },
                 departure: Departure::Final("CLIENT_INITIATED".into()),
                 aborted: false,
             },

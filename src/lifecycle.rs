@@ -73,8 +73,11 @@ pub struct Binding {
     pub identity: String,
     /// Participant SID of the session (`PA_…`).
     pub sid: String,
-    /// `joinedAt` (Unix seconds) as LiveKit reported it; orders sessions of the same identity.
+    /// `joinedAt` (Unix seconds) as LiveKit reported it.
     pub joined_at: i64,
+    /// The same in milliseconds (0 in rows stored before it was kept: then `joined_at`).
+    #[serde(default)]
+    pub joined_at_ms: i64,
     /// SID of the LiveKit room instance (`RM_…`), when known; empty when learnt from a listing.
     #[serde(default)]
     pub room_sid: String,
@@ -196,7 +199,8 @@ pub enum LeaveReason {
 pub struct Session {
     pub identity: String,
     pub sid: String,
-    pub joined_at: i64,
+    /// When it joined, Unix milliseconds.
+    pub joined_at_ms: i64,
     pub room_sid: String,
 }
 
@@ -318,9 +322,15 @@ impl Binding {
         Binding {
             identity: session.identity,
             sid: session.sid,
-            joined_at: session.joined_at,
+            joined_at: session.joined_at_ms.div_euclid(1000),
+            joined_at_ms: session.joined_at_ms,
             room_sid: session.room_sid,
         }
+    }
+
+    /// When the session joined, Unix milliseconds.
+    pub fn joined_ms(&self) -> i64 {
+        crate::livekit::joined_ms(self.joined_at_ms, self.joined_at)
     }
 }
 
@@ -329,12 +339,22 @@ impl Binding {
 /// prune those. The cap bounds a job's memory whatever LiveKit says.
 const MAX_SESSIONS: usize = 8;
 
-/// Counts session `b` as live from `now`; at the cap, the one learnt longest ago makes room.
-fn admit(sessions: &mut Vec<Live>, b: Binding, now: Millis) {
+/// Counts session `b` as live from `now`; whether anything changed. LiveKit keeps one session per
+/// identity: a session of the same identity that joined strictly earlier is over (kicked as a
+/// duplicate), and one that joined strictly later makes `b` a stale report. Equal join times (a
+/// LiveKit that sends whole seconds only) keep both. At the cap, the session learnt longest ago
+/// makes room.
+fn admit(sessions: &mut Vec<Live>, gone: &mut Vec<(String, Millis)>, b: Binding, now: Millis) -> bool {
+    let same_identity = |l: &Live| l.binding.identity == b.identity;
+    if sessions.iter().any(|l| l.binding.sid == b.sid || (same_identity(l) && l.binding.joined_ms() > b.joined_ms())) {
+        return false;
+    }
+    prune(sessions, gone, now, |l| !(same_identity(l) && l.binding.joined_ms() < b.joined_ms()));
     if sessions.len() == MAX_SESSIONS {
         sessions.remove(0);
     }
     sessions.push(Live::new(b, now));
+    true
 }
 
 /// Records that the job stopped counting on session `sid` at `at`.
@@ -366,7 +386,7 @@ fn prune(
 
 /// The newest of `sessions` (by `joinedAt`; of equals, the one learnt last).
 fn newest(sessions: &[Live]) -> Option<&Binding> {
-    sessions.iter().rev().max_by_key(|l| l.binding.joined_at).map(|l| &l.binding)
+    sessions.iter().rev().max_by_key(|l| l.binding.joined_ms()).map(|l| &l.binding)
 }
 
 /// One delegated delayed leave and everything known about its member.
@@ -615,8 +635,7 @@ impl Job {
             Phase::Connected { sessions } => {
                 // Another session of the member (a reconnection, a second tab): both count until
                 // each is known gone, whatever order their webhooks come in.
-                if !sessions.iter().any(|l| l.binding.sid == session.sid) {
-                    admit(sessions, Binding::of(session), now);
+                if admit(sessions, &mut self.gone_sids, Binding::of(session), now) {
                     out.push(Action::Persist);
                 }
             }
@@ -735,10 +754,7 @@ impl Job {
                 changed |= prune(sessions, &mut self.gone_sids, now, |l| l.absences < absences_to_leave);
                 // Listed sessions the job did not know: reconnections whose join it missed.
                 for s in present {
-                    if !sessions.iter().any(|l| l.binding.sid == s.sid) {
-                        admit(sessions, Binding::of(s), now);
-                        changed = true;
-                    }
+                    changed |= admit(sessions, &mut self.gone_sids, Binding::of(s), now);
                 }
                 if changed {
                     out.push(Action::Persist);
@@ -861,12 +877,12 @@ impl Job {
     fn bind(&mut self, sessions: Vec<Binding>, now: Millis, out: &mut Vec<Action>) {
         debug_assert!(!sessions.is_empty());
         let mut live = match &self.phase {
-            Phase::Grace { binding, since, .. } if !sessions.iter().any(|b| b.sid == binding.sid) => {
-                vec![Live { binding: binding.clone(), since: *since, absences: 0 }]
-            }
+            Phase::Grace { binding, since, .. } => vec![Live { binding: binding.clone(), since: *since, absences: 0 }],
             _ => Vec::new(),
         };
-        live.extend(sessions.into_iter().map(|b| Live::new(b, now)));
+        for b in sessions {
+            admit(&mut live, &mut self.gone_sids, b, now);
+        }
         if matches!(self.phase, Phase::Sending { .. }) {
             // Back to keeping the event alive, right away.
             self.calls = Calls { count: self.calls.count, ..Calls::due_now(now) };

@@ -5,8 +5,9 @@ use proptest::prelude::*;
 
 const DELAY: Millis = 10_000;
 
+/// A session of the member's identity that joined at `joined_at` (seconds).
 fn session(sid: &str, joined_at: i64) -> Session {
-    Session { identity: "id".into(), sid: sid.into(), joined_at, room_sid: "RM_1".into() }
+    Session { identity: "id".into(), sid: sid.into(), joined_at_ms: joined_at * 1_000, room_sid: "RM_1".into() }
 }
 
 /// A job plus the calls it has issued and not yet had answered.
@@ -295,7 +296,13 @@ fn superseded_job_never_sends() {
 
 #[test]
 fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
-    let binding = Binding { identity: "id".into(), sid: "PA_a".into(), joined_at: 1, room_sid: String::new() };
+    let binding = Binding {
+        identity: "id".into(),
+        sid: "PA_a".into(),
+        joined_at: 1,
+        joined_at_ms: 1_000,
+        room_sid: String::new(),
+    };
     let (mut job, actions) =
         Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding, others: vec![] }, 1_000);
     assert!(actions.contains(&Action::Restart { call: 1 }));
@@ -305,6 +312,30 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
     assert_eq!(job.kind(), PhaseKind::Connected, "a listing from the resume instant is not proof");
     let (_, actions) = Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed }, 0);
     assert!(actions.contains(&Action::Send { call: 1 }));
+}
+
+/// LiveKit keeps one session per identity: a later session of the identity ends the earlier
+/// one (DUPLICATE_IDENTITY), whether or not that departure is ever reported.
+#[test]
+fn a_later_session_of_the_same_identity_replaces_the_earlier_one() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.ev(Event::Joined(session("PA_2", 2)));
+    assert_eq!(h.job.live_sessions(), 1);
+    h.ev(Event::Joined(session("PA_0", 0))); // a stale report of an even older session
+    assert_eq!(h.job.live_sessions(), 1);
+    assert_eq!(h.job.binding().unwrap().sid, "PA_2");
+    // A session of another of the member's identities counts on its own.
+    h.ev(Event::Joined(Session { identity: "legacy".into(), ..session("PA_9", 1) }));
+    assert_eq!(h.job.live_sessions(), 2);
+    h.ev(Event::Left { session: session("PA_2", 2), reason: LeaveReason::Final });
+    assert_eq!(h.sends(), 0);
+    let out = h.ev(Event::Left {
+        session: Session { identity: "legacy".into(), ..session("PA_9", 1) },
+        reason: LeaveReason::Final,
+    });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
 }
 
 /// Found by the property test: a listing started before a reconnection (same `joinedAt` second)
@@ -478,8 +509,9 @@ impl Sim {
         Session {
             identity: "id".into(),
             sid: format!("PA_{}", self.next_sid),
-            // LiveKit's joinedAt is whole seconds: sessions of one second tie.
-            joined_at: (self.now / 1_000) as i64,
+            // Older LiveKit versions send joinedAt in whole seconds only: sessions of one second
+            // tie.
+            joined_at_ms: (self.now / 1_000 * 1_000) as i64,
             room_sid: format!("RM_{}", self.room_instance),
         }
     }

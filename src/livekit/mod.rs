@@ -10,8 +10,14 @@ pub struct Participant {
     pub identity: String,
     /// `PA_…`
     pub sid: String,
-    /// Unix seconds.
-    pub joined_at: i64,
+    /// When it joined, Unix milliseconds (`joinedAtMs`; from `joinedAt` seconds when a LiveKit
+    /// too old to send milliseconds left it out). Orders sessions of one identity.
+    pub joined_at_ms: i64,
+}
+
+/// A participant's join time in milliseconds from LiveKit's two fields (0 when absent).
+pub fn joined_ms(joined_at_ms: i64, joined_at_secs: i64) -> i64 {
+    if joined_at_ms != 0 { joined_at_ms } else { joined_at_secs.saturating_mul(1000) }
 }
 
 /// Why LiveKit says a participant left, as far as we need to know.

@@ -117,7 +117,11 @@ impl RoomService {
             .participants
             .into_iter()
             .filter(|p| p.state != proto::participant_info::State::Disconnected as i32)
-            .map(|p| Participant { identity: p.identity, sid: p.sid, joined_at: p.joined_at })
+            .map(|p| Participant {
+                identity: p.identity,
+                sid: p.sid,
+                joined_at_ms: super::joined_ms(p.joined_at_ms, p.joined_at),
+            })
             .collect())
     }
 }

@@ -61,7 +61,11 @@ fn from_proto(event: proto::WebhookEvent) -> Result<SfuEvent, RejectedWebhook> {
             .participant
             .clone()
             .ok_or_else(|| RejectedWebhook::Malformed(format!("{} without participant", event.event)))?;
-        Ok(Participant { identity: p.identity, sid: p.sid, joined_at: p.joined_at })
+        Ok(Participant {
+            identity: p.identity,
+            sid: p.sid,
+            joined_at_ms: super::joined_ms(p.joined_at_ms, p.joined_at),
+        })
     };
     let departure = || {
         let reason = event.participant.as_ref().map(|p| p.disconnect_reason).unwrap_or_default();
@@ -107,7 +111,10 @@ fn from_json(v: &Value) -> Result<SfuEvent, RejectedWebhook> {
         Ok(Participant {
             identity: text(p.get("identity")),
             sid: text(p.get("sid")),
-            joined_at: int(field(p, "joinedAt", "joined_at")),
+            joined_at_ms: super::joined_ms(
+                int(field(p, "joinedAtMs", "joined_at_ms")),
+                int(field(p, "joinedAt", "joined_at")),
+            ),
         })
     };
     let departure = || {
@@ -174,7 +181,10 @@ mod tests {
         assert_eq!(e.room, "room");
         assert_eq!(e.room_sid, "RM_1");
         let SfuEventKind::ParticipantLeft { participant, departure, aborted } = e.kind else { panic!() };
-        assert_eq!(participant, Participant { identity: "alice".into(), sid: "PA_1".into(), joined_at: 1732550100 });
+        assert_eq!(
+            participant,
+            Participant { identity: "alice".into(), sid: "PA_1".into(), joined_at_ms: 1732550100_000 }
+        );
         assert_eq!(departure, Departure::MayReturn("MIGRATION".into()));
         assert!(!aborted);
     }

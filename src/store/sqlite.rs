@@ -207,7 +207,13 @@ mod tests {
         {
             let store = SqliteStore::open(dir.path()).unwrap();
             store.commit(vec![StoreOp::Insert(record(1)), StoreOp::Insert(record(2))]).await.unwrap();
-            let binding = Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, room_sid: "RM".into() };
+            let binding = Binding {
+                identity: "i".into(),
+                sid: "PA_1".into(),
+                joined_at: 3,
+                joined_at_ms: 3_000,
+                room_sid: "RM".into(),
+            };
             store
                 .commit(vec![
                     StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![] }),
@@ -239,7 +245,13 @@ mod tests {
             )
             .unwrap();
         assert_eq!(JobId(2).to_string(), "0000000000000002", "the trigger names job 2");
-        let binding = Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, room_sid: "RM".into() };
+        let binding = Binding {
+            identity: "i".into(),
+            sid: "PA_1".into(),
+            joined_at: 3,
+            joined_at_ms: 3_000,
+            room_sid: "RM".into(),
+        };
         let failed = store
             .commit(vec![
                 StoreOp::Insert(record(3)),

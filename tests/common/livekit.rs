@@ -37,7 +37,10 @@ pub const API_SECRET: &str = "devsecret-that-is-long-enough-for-hs256";
 pub struct Participant {
     pub identity: String,
     pub sid: String,
+    /// `joinedAt`, Unix seconds.
     pub joined_at: i64,
+    /// `joinedAtMs`: LiveKit (since protocol 1.x) reports the join time in milliseconds too.
+    pub joined_at_ms: i64,
 }
 
 #[derive(Default)]
@@ -116,7 +119,8 @@ impl LiveKit {
     /// A participant connects (shows up in RoomService); no webhook is sent by this alone.
     pub fn connect(&self, room: &str, identity: &str) -> Participant {
         self.room_sid(room);
-        let p = Participant { identity: identity.to_owned(), sid: self.next_id("PA"), joined_at: unix_now() };
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+        let p = Participant { identity: identity.to_owned(), sid: self.next_id("PA"), joined_at: ms / 1000, joined_at_ms: ms };
         self.inner.rooms.lock().unwrap().get_mut(room).unwrap().participants.push(p.clone());
         p
     }
@@ -150,7 +154,7 @@ impl LiveKit {
 
     fn participant_json(p: &Participant, state: &str, reason: Option<&str>) -> Value {
         let mut v = json!({ "sid": p.sid, "identity": p.identity, "state": state,
-            "joinedAt": p.joined_at.to_string(), "joinedAtMs": (p.joined_at * 1000).to_string(),
+            "joinedAt": p.joined_at.to_string(), "joinedAtMs": p.joined_at_ms.to_string(),
             "version": 3, "permission": {"canSubscribe": true, "canPublish": true, "canPublishData": true},
             "isPublisher": true });
         if let Some(reason) = reason {
@@ -297,6 +301,7 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
         identity: p.identity.clone(),
         state: state as i32,
         joined_at: p.joined_at,
+        joined_at_ms: p.joined_at_ms,
         ..Default::default()
     };
     let participants: Vec<proto::ParticipantInfo> = r
@@ -312,7 +317,8 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
             .iter()
             .map(|p| {
                 let state = State::try_from(p.state).unwrap().as_str_name();
-                json!({"sid": p.sid, "identity": p.identity, "state": state, "joinedAt": p.joined_at.to_string()})
+                json!({"sid": p.sid, "identity": p.identity, "state": state, "joinedAt": p.joined_at.to_string(),
+                    "joinedAtMs": p.joined_at_ms.to_string()})
             })
             .collect();
         ([(header::CONTENT_TYPE, "application/json")], json!({"participants": list}).to_string()).into_response()
