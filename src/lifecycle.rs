@@ -876,10 +876,12 @@ impl Job {
     /// the migrating one will not come back; listings prune it if it does not.
     fn bind(&mut self, sessions: Vec<Binding>, now: Millis, out: &mut Vec<Action>) {
         debug_assert!(!sessions.is_empty());
-        let mut live = match &self.phase {
-            Phase::Grace { binding, since, .. } => vec![Live { binding: binding.clone(), since: *since, absences: 0 }],
-            _ => Vec::new(),
-        };
+        // Sized exactly: a job is usually bound to one session, and a Vec grown by push would
+        // reserve room for four (400 bytes per member).
+        let mut live = Vec::with_capacity(sessions.len() + usize::from(matches!(self.phase, Phase::Grace { .. })));
+        if let Phase::Grace { binding, since, .. } = &self.phase {
+            live.push(Live { binding: binding.clone(), since: *since, absences: 0 });
+        }
         for b in sessions {
             admit(&mut live, &mut self.gone_sids, b, now);
         }

@@ -183,7 +183,7 @@ mod tests {
         let SfuEventKind::ParticipantLeft { participant, departure, aborted } = e.kind else { panic!() };
         assert_eq!(
             participant,
-            Participant { identity: "alice".into(), sid: "PA_1".into(), joined_at_ms: 1732550100_000 }
+            Participant { identity: "alice".into(), sid: "PA_1".into(), joined_at_ms: 1_732_550_100_000 }
         );
         assert_eq!(departure, Departure::MayReturn("MIGRATION".into()));
         assert!(!aborted);
