@@ -357,6 +357,14 @@ fn admit(sessions: &mut Vec<Live>, gone: &mut Vec<(String, Millis)>, b: Binding,
     true
 }
 
+/// Remembers that session `b` was seen back while a send was in flight (once, and as many as
+/// [`MAX_SESSIONS`]).
+fn note_return(returned: &mut Vec<Binding>, b: Binding) {
+    if returned.len() < MAX_SESSIONS && !returned.iter().any(|r| r.sid == b.sid) {
+        returned.push(b);
+    }
+}
+
 /// Records that the job stopped counting on session `sid` at `at`.
 fn note_gone(gone: &mut Vec<(String, Millis)>, sid: &str, at: Millis) {
     gone.retain(|(s, _)| s != sid);
@@ -645,8 +653,8 @@ impl Job {
                 // if the send fails, and ends if it succeeded.)
                 if !self.calls.in_flight {
                     self.bind(vec![Binding::of(session)], now, out);
-                } else if !returned.iter().any(|b| b.sid == session.sid) && returned.len() < MAX_SESSIONS {
-                    returned.push(Binding::of(session));
+                } else {
+                    note_return(returned, Binding::of(session));
                 }
             }
             Phase::Done(_) => {}
@@ -765,9 +773,7 @@ impl Job {
                     self.bind(present.into_iter().map(Binding::of).collect(), now, out);
                 } else {
                     for s in present {
-                        if !returned.iter().any(|b| b.sid == s.sid) && returned.len() < MAX_SESSIONS {
-                            returned.push(Binding::of(s));
-                        }
+                        note_return(returned, Binding::of(s));
                     }
                 }
             }
@@ -895,15 +901,11 @@ impl Job {
     }
 
     fn start_sending(&mut self, trigger: Trigger, now: Millis, out: &mut Vec<Action>) {
-        // The sessions that made the job send are no proof of return in an older listing.
-        match &self.phase {
-            Phase::Connected { sessions } => {
-                for l in sessions {
-                    note_gone(&mut self.gone_sids, &l.binding.sid, now);
-                }
-            }
-            Phase::Grace { binding, .. } => note_gone(&mut self.gone_sids, &binding.sid, now),
-            _ => {}
+        // A migrating session the job gave up on is no proof of return in a listing started
+        // before now. (Sessions counted live reach here only through a final departure or after
+        // `prune`, which noted them.)
+        if let Phase::Grace { binding, .. } = &self.phase {
+            note_gone(&mut self.gone_sids, &binding.sid, now);
         }
         self.phase = Phase::Sending { trigger, since: now, returned: Vec::new() };
         self.probe_at = None;

@@ -355,14 +355,28 @@ async fn kill_9_and_restart_keeps_every_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_catches_a_lost_participant_left() {
+    lost_departure_is_caught_by_reconciliation(false).await;
+}
+
+/// LiveKit lists a departing participant for a moment, with state `DISCONNECTED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_listed_as_disconnected_is_not_present() {
+    lost_departure_is_caught_by_reconciliation(true).await;
+}
+
+/// The member disconnects (still listed as `DISCONNECTED` if `lingering`) and LiveKit's webhook
+/// is lost: two listings 2 s apart prove it gone, within two or three reconciliation intervals.
+async fn lost_departure_is_caught_by_reconciliation(lingering: bool) {
     let w = World::new().await;
     let delay_id = w.alice_joins_call("m1", 60_000).await;
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // The member disconnects; LiveKit's webhook is lost.
     let gone = Instant::now();
-    w.livekit.disconnect(&w.lk_room, &p.sid);
-    // Two listings 2 s apart prove it gone: within two or three reconciliation intervals.
+    if lingering {
+        w.livekit.disconnect_lingering(&w.lk_room, &p.sid);
+    } else {
+        w.livekit.disconnect(&w.lk_room, &p.sid);
+    }
     let took = w.left_by_bridge(&w.alice, &delay_id, gone, Duration::from_secs(10)).await;
     assert!(took <= Duration::from_millis(6_500), "lost departure caught only after {took:?}");
     assert_eq!(
@@ -654,23 +668,6 @@ async fn webhooks_with_expired_or_not_yet_valid_tokens_are_refused() {
     assert!(w.still_member_after(Duration::from_millis(2 * DELAY_MS)).await, "{}", w.bridge.logs());
     assert!(w.hs.calls_of(&delay_id, "send").is_empty());
     assert_eq!(w.bridge.metric("rtc_leave_bridge_webhooks_total{event=\"unknown\",outcome=\"forged\"}").await, 2.0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participant_listed_as_disconnected_is_not_present() {
-    let w = World::new().await;
-    let delay_id = w.alice_joins_call("m1", 60_000).await;
-    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // The member disconnects, LiveKit keeps listing it as DISCONNECTED, and the webhook is lost.
-    let gone = Instant::now();
-    w.livekit.disconnect_lingering(&w.lk_room, &p.sid);
-    let took = w.left_by_bridge(&w.alice, &delay_id, gone, Duration::from_secs(10)).await;
-    assert!(took <= Duration::from_millis(6_500), "caught only after {took:?}");
-    assert_eq!(
-        w.bridge.metric_reaches("rtc_leave_bridge_leave_latency_seconds_count{trigger=\"reconciled\"}", 1.0).await,
-        1.0
-    );
 }
 
 /// LiveKit's Redis-backed RoomService answers Twirp `not_found` for a room that does not exist;

@@ -776,3 +776,499 @@ proptest! {
         }
     }
 }
+
+/// The names are the `trigger` and `outcome` label values of the metrics that the dashboard and
+/// the alerts query: renaming one silently breaks them.
+#[test]
+fn triggers_and_outcomes_are_named_as_the_metrics_documents_them() {
+    let triggers = [
+        (Trigger::Departed, "departed"),
+        (Trigger::Reconciled, "reconciled"),
+        (Trigger::NeverJoined, "never_joined"),
+        (Trigger::GraceExpired, "grace_expired"),
+        (Trigger::RoomFinished, "room_finished"),
+    ];
+    for (t, name) in triggers {
+        assert_eq!(t.as_str(), name);
+    }
+    let outcomes = [
+        (Outcome::Sent { trigger: Trigger::Departed, latency: 0 }, "sent"),
+        (Outcome::Gone, "gone"),
+        (Outcome::Expired, "expired"),
+        (Outcome::Unconfirmed, "unconfirmed"),
+        (Outcome::Superseded, "superseded"),
+    ];
+    for (o, name) in outcomes {
+        assert_eq!(o.as_str(), name);
+    }
+}
+
+/// A listing that started before a departure shows the world before it: the session it lists
+/// is not back.
+#[test]
+fn a_listing_older_than_a_departure_does_not_bring_the_session_back() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Observed { at: 0, present: vec![] }); // the probe issued at delegation
+    h.now = 500;
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.now = 1_000;
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::MayReturn });
+    h.ev(Event::Observed { at: 800, present: vec![session("PA_1", 1)] });
+    assert_eq!(h.job.kind(), PhaseKind::Grace, "an older listing brought the session back");
+    let grace_end = 1_000 + Timing::default().grace;
+    h.advance_to(grace_end);
+    let out = h.ev(Event::Observed { at: grace_end, present: vec![] });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    // A listing started after the departure does show it back.
+    let mut h = Harness::new();
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.now = 1_000;
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::MayReturn });
+    h.ev(Event::Observed { at: 1_000, present: vec![session("PA_1", 1)] });
+    assert_eq!(h.job.kind(), PhaseKind::Connected);
+}
+
+/// A stored job is resumed with its clocks restarted from the resume instant: the join timeout
+/// and the grace period run again in full, the event is restarted (or sent) at once, and a job
+/// that was sending asks LiveKit nothing before sending.
+#[test]
+fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
+    let t = Timing::default();
+    let at = 50_000;
+    let sends = |out: &[Action]| out.iter().any(|a| matches!(a, Action::Send { .. }));
+
+    let (mut job, actions) = Job::resume(DELAY, 1, t.clone(), Durable::Waiting, at);
+    assert_eq!(job.deadline(), at + DELAY);
+    assert!(actions.contains(&Action::Probe));
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: at + t.join_timeout - 1, present: vec![] }, at + t.join_timeout, &mut out);
+    assert!(!sends(&out), "sent before the join timeout ran again: {out:?}");
+    job.handle(Event::Observed { at: at + t.join_timeout, present: vec![] }, at + t.join_timeout, &mut out);
+    assert!(sends(&out));
+
+    let binding = session_binding("PA_a");
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), Durable::Grace { binding }, at);
+    assert_eq!(job.binding().map(|b| b.sid.as_str()), Some("PA_a"));
+    assert_eq!(job.live_sessions(), 1);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: at + t.grace - 1, present: vec![] }, at + t.grace, &mut out);
+    assert!(!sends(&out), "sent before the grace period ran again: {out:?}");
+    job.handle(Event::Observed { at: at + t.grace, present: vec![] }, at + t.grace, &mut out);
+    assert!(sends(&out));
+
+    let (_, actions) = Job::resume(DELAY, 1, t, Durable::Sending { trigger: Trigger::Departed }, at);
+    assert!(actions.contains(&Action::Send { call: 1 }));
+    assert!(!actions.contains(&Action::Probe), "{actions:?}");
+}
+
+fn session_binding(sid: &str) -> Binding {
+    Binding { identity: "id".into(), sid: sid.into(), joined_at: 1, joined_at_ms: 1_000, room_sid: String::new() }
+}
+
+#[test]
+fn next_call_is_none_while_a_call_is_in_flight_and_once_done() {
+    let mut h = Harness::new();
+    assert_eq!(h.job.next_call(), None, "the first restart is in flight");
+    h.answer_restart(HsAnswer::Ok);
+    assert!(h.job.next_call().is_some());
+    h.answer_restart(HsAnswer::Gone); // moot: no call in flight
+    h.advance_to(h.job.next_call().unwrap());
+    h.answer_restart(HsAnswer::Gone);
+    assert_eq!(h.job.kind(), PhaseKind::Done);
+    assert_eq!(h.job.next_call(), None);
+}
+
+/// The unconfirmed limit also ends a grace period LiveKit can never confirm.
+#[test]
+fn a_grace_period_livekit_cannot_confirm_ends_at_the_unconfirmed_limit() {
+    let mut h = Harness::new();
+    h.ev(Event::Observed { at: 0, present: vec![] });
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.now = 1_000;
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    let t = Timing::default();
+    let mut last = 0;
+    while h.job.kind() != PhaseKind::Done {
+        let next = h.job.poll_timeout().unwrap();
+        for a in h.advance_to(next) {
+            match a {
+                Action::Restart { .. } => {
+                    h.answer_restart(HsAnswer::Ok);
+                }
+                Action::Probe => {
+                    h.ev(Event::ObservationFailed);
+                }
+                _ => {}
+            }
+        }
+        last = h.now;
+    }
+    assert_eq!(last, 1_000 + t.grace + t.unconfirmed_limit);
+    assert!(h.log.contains(&Action::Finish(Outcome::Unconfirmed)));
+    assert_eq!(h.sends(), 0);
+}
+
+/// A retry the homeserver asked for that falls exactly on the event's deadline is still made:
+/// only a call after the deadline is pointless.
+#[test]
+fn a_retry_due_at_the_deadline_is_still_made() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok); // issued at 0: deadline 10 s
+    let next = h.job.next_call().unwrap();
+    h.advance_to(next);
+    h.answer_restart(HsAnswer::RetryAfter(DELAY - next));
+    let out = h.advance_to(DELAY);
+    assert!(out.iter().any(|a| matches!(a, Action::Restart { .. })), "{out:?}");
+}
+
+/// Several sessions seen back while the send was in flight are all bound if it fails.
+#[test]
+fn every_session_seen_back_during_a_failed_send_is_counted() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    h.ev(Event::Joined(Session { identity: "other".into(), ..session("PA_2", 2) }));
+    h.ev(Event::Joined(Session { identity: "legacy".into(), ..session("PA_3", 2) }));
+    h.ev(Event::Joined(Session { identity: "legacy".into(), ..session("PA_3", 2) })); // duplicate
+    h.answer_send(HsAnswer::Failed);
+    assert_eq!(h.job.live_sessions(), 2);
+}
+
+/// Sessions the job stopped counting on stay stopped for every listing older than that, however
+/// many it stopped counting on.
+#[test]
+fn sessions_that_ended_together_are_not_brought_back_by_an_older_listing() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::Joined(Session { identity: "legacy".into(), ..session("PA_b", 1) }));
+    h.now = 1_000;
+    h.ev(Event::RoomFinished { room_sid: "RM_1".into() });
+    assert_eq!(h.sends(), 1);
+    h.answer_send(HsAnswer::Failed);
+    for sid in ["PA_a", "PA_b"] {
+        h.ev(Event::Observed { at: 500, present: vec![session(sid, 1)] });
+        assert_eq!(h.job.kind(), PhaseKind::Sending, "an older listing brought {sid} back");
+    }
+}
+
+/// A session pruned by reconciliation while another stays is a durable change.
+#[test]
+fn pruning_one_of_two_sessions_is_persisted() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    let b = Session { identity: "legacy".into(), ..session("PA_b", 1) };
+    h.ev(Event::Joined(b.clone()));
+    h.now = 100;
+    h.ev(Event::Observed { at: 100, present: vec![b.clone()] });
+    let out = h.ev(Event::Observed { at: 200, present: vec![b] });
+    assert!(out.contains(&Action::Persist), "{out:?}");
+    match h.job.durable() {
+        Some(Durable::Connected { binding, others }) => {
+            assert_eq!(binding.sid, "PA_b");
+            assert!(others.is_empty(), "{others:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_final_departure_during_grace_sends_at_once() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    h.ev(Event::Left { session: session("PA_b", 1), reason: LeaveReason::Final }); // another session
+    assert_eq!(h.job.kind(), PhaseKind::Grace);
+    let out = h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
+    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+}
+
+/// What was seen back during an in-flight send and is gone again by its answer is not bound.
+#[test]
+fn a_session_back_and_gone_again_during_a_send_is_not_bound() {
+    for gone_again in [
+        Event::Left { session: session("PA_2", 2), reason: LeaveReason::Final },
+        Event::RoomFinished { room_sid: "RM_1".into() },
+    ] {
+        let mut h = Harness::new();
+        h.answer_restart(HsAnswer::Ok);
+        h.ev(Event::Joined(session("PA_1", 1)));
+        h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+        h.ev(Event::Joined(session("PA_2", 2)));
+        // Another session, in a newer instance of the room, is back to stay.
+        let stays = Session { identity: "legacy".into(), room_sid: "RM_2".into(), ..session("PA_3", 2) };
+        h.ev(Event::Joined(stays));
+        h.ev(gone_again.clone());
+        h.answer_send(HsAnswer::Failed);
+        assert_eq!(h.job.kind(), PhaseKind::Connected, "{gone_again:?}");
+        assert_eq!(h.job.live_sessions(), 1, "{gone_again:?}");
+        assert_eq!(h.job.binding().unwrap().sid, "PA_3");
+    }
+    // With nobody back, a failed send is retried.
+    let mut h = Harness::new();
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    h.ev(Event::Joined(session("PA_2", 2)));
+    h.ev(Event::Left { session: session("PA_2", 2), reason: LeaveReason::Final });
+    h.answer_send(HsAnswer::Failed);
+    assert_eq!(h.job.kind(), PhaseKind::Sending);
+}
+
+/// A room_finished ends the sessions of that room instance, and those whose instance is unknown
+/// (learnt from a listing); not those of another instance.
+#[test]
+fn room_finished_ends_the_sessions_of_its_instance_and_unknown_ones() {
+    let listed = Session { room_sid: String::new(), ..session("PA_a", 1) };
+    for (sessions, finished, sends) in [
+        (vec![listed.clone()], "RM_1", true),
+        (vec![session("PA_a", 1)], "", true),
+        (vec![session("PA_a", 1)], "RM_2", false),
+        (
+            vec![
+                session("PA_a", 1),
+                Session { identity: "legacy".into(), room_sid: "RM_2".into(), ..session("PA_b", 1) },
+            ],
+            "RM_1",
+            false,
+        ),
+    ] {
+        let mut h = Harness::new();
+        h.ev(Event::Observed { at: 0, present: vec![] });
+        h.now = 10;
+        for s in &sessions {
+            h.ev(Event::Joined(s.clone()));
+        }
+        let out = h.ev(Event::RoomFinished { room_sid: finished.into() });
+        assert_eq!(out.iter().any(|a| matches!(a, Action::Send { .. })), sends, "{sessions:?} / {finished}");
+    }
+}
+
+/// A session learnt at the instant a listing started may have joined after it: that listing
+/// does not count it absent; only later ones do.
+#[test]
+fn a_listing_from_the_instant_a_session_was_learnt_does_not_count_it_absent() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    let b = Session { identity: "legacy".into(), ..session("PA_b", 1) };
+    h.ev(Event::Joined(b.clone()));
+    h.ev(Event::Observed { at: 0, present: vec![b.clone()] });
+    h.now = 100;
+    h.ev(Event::Observed { at: 100, present: vec![b.clone()] });
+    assert_eq!(h.job.live_sessions(), 2, "one absence only");
+    h.now = 200;
+    h.ev(Event::Observed { at: 200, present: vec![b] });
+    assert_eq!(h.job.live_sessions(), 1);
+}
+
+/// A listing that shows a session the job did not know (its join was lost) counts it, durably.
+#[test]
+fn a_listed_session_the_job_did_not_know_is_counted_and_persisted() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    let b = Session { identity: "legacy".into(), ..session("PA_b", 1) };
+    let out = h.ev(Event::Observed { at: 0, present: vec![session("PA_a", 1), b] });
+    assert!(out.contains(&Action::Persist), "{out:?}");
+    assert_eq!(h.job.live_sessions(), 2);
+}
+
+/// Every session a listing shows during an in-flight send is bound if the send fails.
+#[test]
+fn every_session_listed_during_a_failed_send_is_counted() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.now = 100;
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    let listed = vec![session("PA_2", 2), Session { identity: "legacy".into(), ..session("PA_3", 2) }];
+    h.ev(Event::Observed { at: 200, present: listed.clone() });
+    h.ev(Event::Observed { at: 300, present: listed });
+    h.answer_send(HsAnswer::Failed);
+    assert_eq!(h.job.live_sessions(), 2);
+}
+
+/// When its own listing at the end of a grace period fails, the job asks again after the probe
+/// retry, not before.
+#[test]
+fn a_failed_listing_at_the_end_of_grace_is_retried() {
+    let mut h = Harness::new();
+    h.ev(Event::Observed { at: 0, present: vec![] });
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    let t = Timing::default();
+    let out = h.advance_to(t.grace);
+    assert!(out.contains(&Action::Probe));
+    h.ev(Event::ObservationFailed);
+    assert_eq!(h.job.poll_timeout().filter(|at| *at > t.grace), h.job.poll_timeout());
+    let probes = |h: &Harness| h.log.iter().filter(|a| **a == Action::Probe).count();
+    let before = probes(&h);
+    h.advance_to(t.grace + t.probe_retry - 1);
+    assert_eq!(probes(&h), before);
+    h.advance_to(t.grace + t.probe_retry);
+    assert_eq!(probes(&h), before + 1);
+}
+
+/// A restart answer that arrives late, after a newer call was issued, is not taken for it.
+#[test]
+fn a_late_answer_is_not_taken_for_the_current_call() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    let next = h.job.next_call().unwrap();
+    h.advance_to(next); // call 2 in flight
+    h.ev(Event::Restarted { call: 1, answer: HsAnswer::Gone });
+    assert_eq!(h.job.kind(), PhaseKind::Waiting);
+    assert_eq!(h.job.next_call(), None, "call 2 is still in flight");
+    // Call numbers keep counting across a send: a job bound again after a failed send does not
+    // reuse the number of a call whose answer may still come.
+    let mut h = Harness::new(); // restart 1 in flight
+    h.ev(Event::Joined(session("PA_1", 1)));
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final }); // send 2
+    h.answer_send(HsAnswer::Failed);
+    let out = h.ev(Event::Joined(session("PA_2", 2)));
+    assert!(out.contains(&Action::Restart { call: 3 }), "{out:?}");
+    h.ev(Event::Restarted { call: 1, answer: HsAnswer::Gone }); // the abandoned restart, late
+    assert_eq!(h.job.kind(), PhaseKind::Connected);
+}
+
+/// A listing that started during a grace period that ended in a send does not bring the
+/// migrating session back: the send was decided on a later listing.
+#[test]
+fn a_listing_from_during_grace_does_not_undo_the_send_it_led_to() {
+    let mut h = Harness::new();
+    h.ev(Event::Observed { at: 0, present: vec![] });
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.now = 1_000;
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    let until = 1_000 + Timing::default().grace;
+    let next = h.job.next_call().unwrap();
+    h.advance_to(next);
+    h.answer_restart(HsAnswer::Ok); // the event is kept alive meanwhile
+    h.advance_to(until);
+    h.ev(Event::Observed { at: until, present: vec![] });
+    assert_eq!(h.sends(), 1);
+    h.answer_send(HsAnswer::Failed);
+    h.ev(Event::Observed { at: 5_000, present: vec![session("PA_a", 1)] }); // started mid-grace
+    assert_eq!(h.job.kind(), PhaseKind::Sending);
+}
+
+/// A wait the homeserver asks for counts as a failure: once it runs past the event's deadline,
+/// the job knows the event fired by itself.
+#[test]
+fn a_rate_limit_past_the_deadline_expires_the_job() {
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::RetryAfter(2 * DELAY));
+    let out = h.advance_to(2 * DELAY);
+    assert_eq!(out, vec![Action::Finish(Outcome::Expired)]);
+}
+
+/// Back-off after failures: each wait is 1 s x 1.5^failures (at most 30 s), jittered between half
+/// and one and a half times that; one last attempt is kept a tenth of the delay before the
+/// deadline, and the job expires just after it.
+#[test]
+fn back_off_grows_by_half_and_keeps_a_last_attempt_before_the_deadline() {
+    const LONG: Millis = 120_000;
+    let t = Timing::default();
+    let (job, actions) = Job::new(LONG, 3, t.clone(), 0);
+    let mut h = Harness { job, now: 0, log: actions };
+    h.answer_restart(HsAnswer::Ok); // issued at 0: deadline 120 s
+    let next = h.job.next_call().unwrap();
+    h.advance_to(next);
+    let last_chance = LONG - LONG / 10;
+    let mut failures = 0;
+    let mut calls = vec![next];
+    loop {
+        let issued = h.now;
+        h.answer_restart(HsAnswer::Failed);
+        let Some(at) = h.job.next_call() else { break };
+        let base = (t.backoff_initial as f64 * 1.5f64.powi(failures)).min(t.backoff_max as f64);
+        let wait = (at - issued) as f64;
+        if at == last_chance || at == LONG + 1 {
+            assert!(wait <= 1.5 * base, "wait {wait} over {base} x 1.5");
+        } else {
+            assert!(wait >= 0.5 * base - 1.0 && wait < 1.5 * base, "wait {wait} for base {base}");
+        }
+        failures += 1;
+        let out = h.advance_to(at);
+        if out.contains(&Action::Finish(Outcome::Expired)) {
+            assert_eq!(at, LONG + 1);
+            break;
+        }
+        calls.push(at);
+    }
+    assert!(calls.contains(&last_chance), "no last attempt at {last_chance}: {calls:?}");
+    assert!(failures >= 5, "{calls:?}");
+}
+
+/// Restarts of members who joined together spread out: over many jobs, the interval covers the
+/// whole range between 70 % and 80 % of the delay.
+#[test]
+fn restart_jitter_spreads_intervals_over_their_whole_range() {
+    let mut intervals = Vec::new();
+    for seed in 0..300 {
+        let (mut job, _) = Job::new(DELAY, seed, Timing::default(), 0);
+        let mut out = Vec::new();
+        job.handle(Event::Restarted { call: 1, answer: HsAnswer::Ok }, 5, &mut out);
+        intervals.push(job.next_call().unwrap() as f64 / DELAY as f64);
+    }
+    let min = intervals.iter().copied().fold(f64::MAX, f64::min);
+    let max = intervals.iter().copied().fold(f64::MIN, f64::max);
+    assert!(min >= 0.7 && max < 0.8, "{min}..{max}");
+    assert!(min < 0.71 && max > 0.79, "not spread: {min}..{max}");
+    let mut buckets = [0; 10];
+    for i in &intervals {
+        buckets[(((i - 0.7) * 100.0) as usize).min(9)] += 1;
+    }
+    assert!(buckets.iter().all(|n| *n >= 10), "uneven: {buckets:?}");
+}
+
+/// The jitter is splitmix64 of the job's seed and call count: the same seed replays the same
+/// schedule, and the reference generator's first output for seed 0 is what call 1 of seed 0
+/// draws.
+#[test]
+fn jitter_is_splitmix64_of_the_seed_and_call_count() {
+    let (job, _) = Job::new(DELAY, 0, Timing::default(), 0); // call 1 issued
+    assert_eq!(job.jitter(), (0xE220_A839_7B1D_CDAFu64 >> 11) as f64 / (1u64 << 53) as f64);
+    let (again, _) = Job::new(DELAY, 0, Timing::default(), 0);
+    assert_eq!(again.jitter(), job.jitter());
+}
+
+/// Back-off waits are jittered over their whole range (half to one and a half times the base),
+/// so that members who failed together do not retry together.
+#[test]
+fn back_off_waits_spread_over_their_range() {
+    let mut ratios = Vec::new();
+    for seed in 0..200 {
+        let (mut job, _) = Job::new(DELAY, seed, Timing::default(), 0);
+        let mut out = Vec::new();
+        job.handle(Event::Restarted { call: 1, answer: HsAnswer::Failed }, 0, &mut out);
+        ratios.push(job.next_call().unwrap() as f64 / Timing::default().backoff_initial as f64);
+    }
+    let min = ratios.iter().copied().fold(f64::MAX, f64::min);
+    let max = ratios.iter().copied().fold(f64::MIN, f64::max);
+    assert!(min >= 0.5 && max < 1.5, "{min}..{max}");
+    assert!(min < 0.6 && max > 1.4, "not spread: {min}..{max}");
+}
+
+/// A grace period that begins while a listing is in flight still ends with a listing when it
+/// ends, even if that earlier listing fails late.
+#[test]
+fn a_late_failure_of_an_earlier_listing_does_not_postpone_the_end_of_grace() {
+    let mut h = Harness::new(); // its first listing is in flight
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    let until = Timing::default().grace;
+    h.now = until - 1_000;
+    h.ev(Event::ObservationFailed); // the listing from before the departure
+    assert_eq!(h.job.poll_timeout().filter(|t| *t <= until), h.job.poll_timeout());
+    let out = h.advance_to(until);
+    assert!(out.contains(&Action::Probe), "{out:?}");
+}
