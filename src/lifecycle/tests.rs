@@ -6,6 +6,11 @@ use proptest::prelude::*;
 const DELAY: Millis = 10_000;
 
 /// A session of the member's identity that joined at `joined_at` (seconds).
+/// Whether `out` sends the leave.
+fn sends(out: &[Action]) -> bool {
+    out.iter().any(|a| matches!(a, Action::Send { .. }))
+}
+
 fn session(sid: &str, joined_at: i64) -> Session {
     Session { identity: "id".into(), sid: sid.into(), joined_at_ms: joined_at * 1_000, room_sid: "RM_1".into() }
 }
@@ -21,6 +26,24 @@ impl Harness {
     fn new() -> Self {
         let (job, actions) = Job::new(DELAY, 7, Timing::default(), 0);
         Harness { job, now: 0, log: actions }
+    }
+    /// A job whose first listing found nobody, bound to session `PA_a` until it left for a
+    /// migration at `at`.
+    fn in_grace_since(at: Millis) -> Self {
+        let mut h = Harness::new();
+        h.ev(Event::Observed { at: 0, present: vec![] });
+        h.answer_restart(HsAnswer::Ok);
+        h.ev(Event::Joined(session("PA_a", 1)));
+        h.now = at;
+        h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+        h
+    }
+    /// A job whose first restart succeeded, bound to session `sid` of the member's identity.
+    fn bound(sid: &str, joined_at: i64) -> Self {
+        let mut h = Harness::new();
+        h.answer_restart(HsAnswer::Ok);
+        h.ev(Event::Joined(session(sid, joined_at)));
+        h
     }
     fn ev(&mut self, e: Event) -> Vec<Action> {
         let mut out = Vec::new();
@@ -39,6 +62,25 @@ impl Harness {
         self.now = t;
         self.log.extend(all.iter().copied());
         all
+    }
+    /// Runs the job with a homeserver that accepts every restart and a LiveKit that cannot be
+    /// asked, until it ends; returns when.
+    fn run_until_done_without_livekit(&mut self) -> Millis {
+        while self.job.kind() != PhaseKind::Done {
+            let next = self.job.poll_timeout().unwrap();
+            for a in self.advance_to(next) {
+                match a {
+                    Action::Restart { .. } => {
+                        self.answer_restart(HsAnswer::Ok);
+                    }
+                    Action::Probe => {
+                        self.ev(Event::ObservationFailed);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.now
     }
     fn last_call(&self) -> u64 {
         self.log
@@ -73,9 +115,7 @@ fn a_new_delegation_restarts_at_once_and_asks_livekit() {
 
 #[test]
 fn a_connected_member_is_kept_alive_with_headroom() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     for _ in 0..10 {
         let next = h.job.next_call().unwrap();
         // Restarted between 70 % and 80 % of the delay after the previous one was issued.
@@ -89,9 +129,7 @@ fn a_connected_member_is_kept_alive_with_headroom() {
 
 #[test]
 fn departure_of_the_bound_session_sends_at_once() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     h.now = 3_000;
     let out = h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
     assert!(out.contains(&Action::Send { call: 2 }), "{out:?}");
@@ -121,9 +159,7 @@ fn a_reordered_join_after_the_leave_is_ignored() {
 
 #[test]
 fn migration_waits_for_the_member_to_reappear() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     h.now = 1_000;
     let out = h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
     assert_eq!(out, vec![Action::Persist]);
@@ -147,7 +183,7 @@ fn migration_without_return_sends_after_confirmation() {
     h.advance_to(Timing::default().grace);
     assert_eq!(h.sends(), 0);
     let out = h.ev(Event::Observed { at: h.now, present: vec![] });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+    assert!(sends(&out));
 }
 
 #[test]
@@ -166,7 +202,7 @@ fn never_joined_member_is_sent_only_after_livekit_confirms() {
     assert!(h.log.iter().filter(|a| **a == Action::Probe).count() >= 3);
     let at = h.now;
     let out = h.ev(Event::Observed { at, present: vec![] });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+    assert!(sends(&out));
 }
 
 #[test]
@@ -175,23 +211,7 @@ fn the_homeserver_timer_decides_when_livekit_cannot_confirm_for_too_long() {
     h.ev(Event::Observed { at: 0, present: vec![] });
     let t = Timing::default();
     let limit = t.join_timeout + t.unconfirmed_limit;
-    let mut last = 0;
-    while h.job.kind() != PhaseKind::Done {
-        let next = h.job.poll_timeout().unwrap();
-        let out = h.advance_to(next);
-        for a in out {
-            match a {
-                Action::Restart { .. } => {
-                    h.answer_restart(HsAnswer::Ok);
-                }
-                Action::Probe => {
-                    h.ev(Event::ObservationFailed);
-                }
-                _ => {}
-            }
-        }
-        last = h.now;
-    }
+    let last = h.run_until_done_without_livekit();
     assert_eq!(last, limit);
     assert!(h.log.contains(&Action::Finish(Outcome::Unconfirmed)));
     assert_eq!(h.sends(), 0, "never sent on a guess");
@@ -205,7 +225,7 @@ fn a_listing_started_before_the_join_deadline_does_not_prove_absence() {
     h.now = join_timeout + 100;
     h.advance_to(join_timeout + 100);
     let out = h.ev(Event::Observed { at: join_timeout - 1, present: vec![] });
-    assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })));
+    assert!(!sends(&out));
     assert!(out.contains(&Action::Probe), "asks again: {out:?}");
 }
 
@@ -222,7 +242,7 @@ fn lost_departure_is_caught_by_two_listings() {
     h.ev(Event::Observed { at: 300, present: vec![] });
     assert_eq!(h.sends(), 0);
     let out = h.ev(Event::Observed { at: 400, present: vec![] });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+    assert!(sends(&out));
 }
 
 #[test]
@@ -281,7 +301,7 @@ fn room_finished_sends_for_bound_members_of_that_instance_only() {
     h.ev(Event::RoomFinished { room_sid: "RM_old".into() });
     assert_eq!(h.job.kind(), PhaseKind::Connected);
     let out = h.ev(Event::RoomFinished { room_sid: "RM_1".into() });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })));
+    assert!(sends(&out));
 }
 
 #[test]
@@ -318,9 +338,7 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
 /// one (DUPLICATE_IDENTITY), whether or not that departure is ever reported.
 #[test]
 fn a_later_session_of_the_same_identity_replaces_the_earlier_one() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_1", 1)));
+    let mut h = Harness::bound("PA_1", 1);
     h.ev(Event::Joined(session("PA_2", 2)));
     assert_eq!(h.job.live_sessions(), 1);
     h.ev(Event::Joined(session("PA_0", 0))); // a stale report of an even older session
@@ -335,7 +353,7 @@ fn a_later_session_of_the_same_identity_replaces_the_earlier_one() {
         session: Session { identity: "legacy".into(), ..session("PA_9", 1) },
         reason: LeaveReason::Final,
     });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    assert!(sends(&out), "{out:?}");
 }
 
 /// Found by the property test: a listing started before a reconnection (same `joinedAt` second)
@@ -343,27 +361,23 @@ fn a_later_session_of_the_same_identity_replaces_the_earlier_one() {
 /// sent on its departure while the new session was connected.
 #[test]
 fn a_stale_listing_of_the_old_session_does_not_hide_the_new_one() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_1", 7)));
+    let mut h = Harness::bound("PA_1", 7);
     h.now = 100;
     h.ev(Event::Joined(session("PA_2", 7))); // reconnected within the same second
     h.ev(Event::Observed { at: 50, present: vec![session("PA_1", 7)] }); // started before PA_2 joined
     let out = h.ev(Event::Left { session: session("PA_1", 7), reason: LeaveReason::Final });
-    assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    assert!(!sends(&out), "{out:?}");
     assert_eq!(h.job.live_sessions(), 1);
     assert_eq!(h.job.binding().unwrap().sid, "PA_2");
     let out = h.ev(Event::Left { session: session("PA_2", 7), reason: LeaveReason::Final });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "the last session's departure sends");
+    assert!(sends(&out), "the last session's departure sends");
 }
 
 /// Found by the property test: the member came back while the send was in flight; the send
 /// failed, and the job sent again although it knew the member was connected.
 #[test]
 fn a_member_back_during_a_failed_send_is_kept_alive_not_sent_again() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_1", 1)));
+    let mut h = Harness::bound("PA_1", 1);
     h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
     assert_eq!(h.sends(), 1);
     h.ev(Event::Joined(session("PA_2", 2))); // while the send is in flight
@@ -386,20 +400,18 @@ fn a_member_back_during_a_failed_send_is_kept_alive_not_sent_again() {
 /// although the migrated session was connected.
 #[test]
 fn a_migrating_session_stays_counted_when_another_one_shows_up() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_5", 1)));
+    let mut h = Harness::bound("PA_5", 1);
     h.ev(Event::Left { session: session("PA_5", 1), reason: LeaveReason::MayReturn });
     assert_eq!(h.job.kind(), PhaseKind::Grace);
     h.ev(Event::Joined(session("PA_4", 1))); // late
     assert_eq!(h.job.live_sessions(), 2);
     let out = h.ev(Event::Left { session: session("PA_4", 1), reason: LeaveReason::Final });
-    assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    assert!(!sends(&out), "{out:?}");
     // If the migrated session never shows up in listings, they prune it and the leave goes out.
     h.now = 1_000;
     h.ev(Event::Observed { at: 1_000, present: vec![] });
     let out = h.ev(Event::Observed { at: 2_000, present: vec![] });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    assert!(sends(&out), "{out:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -819,7 +831,7 @@ fn a_listing_older_than_a_departure_does_not_bring_the_session_back() {
     let grace_end = 1_000 + Timing::default().grace;
     h.advance_to(grace_end);
     let out = h.ev(Event::Observed { at: grace_end, present: vec![] });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    assert!(sends(&out), "{out:?}");
     // A listing started after the departure does show it back.
     let mut h = Harness::new();
     h.ev(Event::Joined(session("PA_1", 1)));
@@ -836,7 +848,6 @@ fn a_listing_older_than_a_departure_does_not_bring_the_session_back() {
 fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
     let t = Timing::default();
     let at = 50_000;
-    let sends = |out: &[Action]| out.iter().any(|a| matches!(a, Action::Send { .. }));
 
     let (mut job, actions) = Job::resume(DELAY, 1, t.clone(), Durable::Waiting, at);
     assert_eq!(job.deadline(), at + DELAY);
@@ -882,29 +893,9 @@ fn next_call_is_none_while_a_call_is_in_flight_and_once_done() {
 /// The unconfirmed limit also ends a grace period LiveKit can never confirm.
 #[test]
 fn a_grace_period_livekit_cannot_confirm_ends_at_the_unconfirmed_limit() {
-    let mut h = Harness::new();
-    h.ev(Event::Observed { at: 0, present: vec![] });
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
-    h.now = 1_000;
-    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    let mut h = Harness::in_grace_since(1_000);
     let t = Timing::default();
-    let mut last = 0;
-    while h.job.kind() != PhaseKind::Done {
-        let next = h.job.poll_timeout().unwrap();
-        for a in h.advance_to(next) {
-            match a {
-                Action::Restart { .. } => {
-                    h.answer_restart(HsAnswer::Ok);
-                }
-                Action::Probe => {
-                    h.ev(Event::ObservationFailed);
-                }
-                _ => {}
-            }
-        }
-        last = h.now;
-    }
+    let last = h.run_until_done_without_livekit();
     assert_eq!(last, 1_000 + t.grace + t.unconfirmed_limit);
     assert!(h.log.contains(&Action::Finish(Outcome::Unconfirmed)));
     assert_eq!(h.sends(), 0);
@@ -926,9 +917,7 @@ fn a_retry_due_at_the_deadline_is_still_made() {
 /// Several sessions seen back while the send was in flight are all bound if it fails.
 #[test]
 fn every_session_seen_back_during_a_failed_send_is_counted() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_1", 1)));
+    let mut h = Harness::bound("PA_1", 1);
     h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
     h.ev(Event::Joined(Session { identity: "other".into(), ..session("PA_2", 2) }));
     h.ev(Event::Joined(Session { identity: "legacy".into(), ..session("PA_3", 2) }));
@@ -941,9 +930,7 @@ fn every_session_seen_back_during_a_failed_send_is_counted() {
 /// many it stopped counting on.
 #[test]
 fn sessions_that_ended_together_are_not_brought_back_by_an_older_listing() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     h.ev(Event::Joined(Session { identity: "legacy".into(), ..session("PA_b", 1) }));
     h.now = 1_000;
     h.ev(Event::RoomFinished { room_sid: "RM_1".into() });
@@ -958,9 +945,7 @@ fn sessions_that_ended_together_are_not_brought_back_by_an_older_listing() {
 /// A session pruned by reconciliation while another stays is a durable change.
 #[test]
 fn pruning_one_of_two_sessions_is_persisted() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     let b = Session { identity: "legacy".into(), ..session("PA_b", 1) };
     h.ev(Event::Joined(b.clone()));
     h.now = 100;
@@ -978,14 +963,12 @@ fn pruning_one_of_two_sessions_is_persisted() {
 
 #[test]
 fn a_final_departure_during_grace_sends_at_once() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
     h.ev(Event::Left { session: session("PA_b", 1), reason: LeaveReason::Final }); // another session
     assert_eq!(h.job.kind(), PhaseKind::Grace);
     let out = h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
-    assert!(out.iter().any(|a| matches!(a, Action::Send { .. })), "{out:?}");
+    assert!(sends(&out), "{out:?}");
 }
 
 /// What was seen back during an in-flight send and is gone again by its answer is not bound.
@@ -995,9 +978,7 @@ fn a_session_back_and_gone_again_during_a_send_is_not_bound() {
         Event::Left { session: session("PA_2", 2), reason: LeaveReason::Final },
         Event::RoomFinished { room_sid: "RM_1".into() },
     ] {
-        let mut h = Harness::new();
-        h.answer_restart(HsAnswer::Ok);
-        h.ev(Event::Joined(session("PA_1", 1)));
+        let mut h = Harness::bound("PA_1", 1);
         h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
         h.ev(Event::Joined(session("PA_2", 2)));
         // Another session, in a newer instance of the room, is back to stay.
@@ -1024,7 +1005,7 @@ fn a_session_back_and_gone_again_during_a_send_is_not_bound() {
 #[test]
 fn room_finished_ends_the_sessions_of_its_instance_and_unknown_ones() {
     let listed = Session { room_sid: String::new(), ..session("PA_a", 1) };
-    for (sessions, finished, sends) in [
+    for (sessions, finished, should_send) in [
         (vec![listed.clone()], "RM_1", true),
         (vec![session("PA_a", 1)], "", true),
         (vec![session("PA_a", 1)], "RM_2", false),
@@ -1044,7 +1025,7 @@ fn room_finished_ends_the_sessions_of_its_instance_and_unknown_ones() {
             h.ev(Event::Joined(s.clone()));
         }
         let out = h.ev(Event::RoomFinished { room_sid: finished.into() });
-        assert_eq!(out.iter().any(|a| matches!(a, Action::Send { .. })), sends, "{sessions:?} / {finished}");
+        assert_eq!(sends(&out), should_send, "{sessions:?} / {finished}");
     }
 }
 
@@ -1052,9 +1033,7 @@ fn room_finished_ends_the_sessions_of_its_instance_and_unknown_ones() {
 /// does not count it absent; only later ones do.
 #[test]
 fn a_listing_from_the_instant_a_session_was_learnt_does_not_count_it_absent() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     let b = Session { identity: "legacy".into(), ..session("PA_b", 1) };
     h.ev(Event::Joined(b.clone()));
     h.ev(Event::Observed { at: 0, present: vec![b.clone()] });
@@ -1069,9 +1048,7 @@ fn a_listing_from_the_instant_a_session_was_learnt_does_not_count_it_absent() {
 /// A listing that shows a session the job did not know (its join was lost) counts it, durably.
 #[test]
 fn a_listed_session_the_job_did_not_know_is_counted_and_persisted() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
+    let mut h = Harness::bound("PA_a", 1);
     let b = Session { identity: "legacy".into(), ..session("PA_b", 1) };
     let out = h.ev(Event::Observed { at: 0, present: vec![session("PA_a", 1), b] });
     assert!(out.contains(&Action::Persist), "{out:?}");
@@ -1081,9 +1058,7 @@ fn a_listed_session_the_job_did_not_know_is_counted_and_persisted() {
 /// Every session a listing shows during an in-flight send is bound if the send fails.
 #[test]
 fn every_session_listed_during_a_failed_send_is_counted() {
-    let mut h = Harness::new();
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_1", 1)));
+    let mut h = Harness::bound("PA_1", 1);
     h.now = 100;
     h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
     let listed = vec![session("PA_2", 2), Session { identity: "legacy".into(), ..session("PA_3", 2) }];
@@ -1141,12 +1116,7 @@ fn a_late_answer_is_not_taken_for_the_current_call() {
 /// migrating session back: the send was decided on a later listing.
 #[test]
 fn a_listing_from_during_grace_does_not_undo_the_send_it_led_to() {
-    let mut h = Harness::new();
-    h.ev(Event::Observed { at: 0, present: vec![] });
-    h.answer_restart(HsAnswer::Ok);
-    h.ev(Event::Joined(session("PA_a", 1)));
-    h.now = 1_000;
-    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
+    let mut h = Harness::in_grace_since(1_000);
     let until = 1_000 + Timing::default().grace;
     let next = h.job.next_call().unwrap();
     h.advance_to(next);

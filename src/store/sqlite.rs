@@ -201,19 +201,17 @@ mod tests {
         }
     }
 
+    fn binding() -> Binding {
+        Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, joined_at_ms: 3_000, room_sid: "RM".into() }
+    }
+
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = SqliteStore::open(dir.path()).unwrap();
             store.commit(vec![StoreOp::Insert(record(1)), StoreOp::Insert(record(2))]).await.unwrap();
-            let binding = Binding {
-                identity: "i".into(),
-                sid: "PA_1".into(),
-                joined_at: 3,
-                joined_at_ms: 3_000,
-                room_sid: "RM".into(),
-            };
+            let binding = binding();
             store
                 .commit(vec![
                     StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![] }),
@@ -245,13 +243,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(JobId(2).to_string(), "0000000000000002", "the trigger names job 2");
-        let binding = Binding {
-            identity: "i".into(),
-            sid: "PA_1".into(),
-            joined_at: 3,
-            joined_at_ms: 3_000,
-            room_sid: "RM".into(),
-        };
+        let binding = binding();
         let failed = store
             .commit(vec![
                 StoreOp::Insert(record(3)),
