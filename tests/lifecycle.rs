@@ -670,13 +670,14 @@ async fn webhooks_with_expired_or_not_yet_valid_tokens_are_refused() {
     assert_eq!(w.bridge.metric("rtc_leave_bridge_webhooks_total{event=\"unknown\",outcome=\"forged\"}").await, 2.0);
 }
 
-/// LiveKit's Redis-backed RoomService answers Twirp `not_found` for a room that does not exist;
-/// its local (single-node) store answers an empty list. Both mean: nobody is there.
+/// LiveKit's server lists a room that does not exist as empty (both its local and its Redis
+/// room store: a missing key reads as no participants); other RoomService implementations may
+/// answer Twirp `not_found`. Both mean: nobody is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_that_does_not_exist_is_empty_however_livekit_says_so() {
     let w = World::new().await;
-    for (member, empty_list) in [("m1", false), ("m2", true)] {
-        w.livekit.set_missing_room_is_empty(empty_list);
+    for (member, not_found) in [("m1", false), ("m2", true)] {
+        w.livekit.set_missing_room_not_found(not_found);
         let delegated = Instant::now();
         let delay_id = w.alice_joins_call(member, 60_000).await;
         let took = w.left_by_bridge(&w.alice, &delay_id, delegated, Duration::from_secs(8)).await;

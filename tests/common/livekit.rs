@@ -9,8 +9,9 @@
 //!   bridge's own verifier crate.
 //! * **RoomService** (Twirp): `ListParticipants` accepting protobuf or JSON, requiring a Bearer
 //!   JWT signed with the API secret whose `video` grant has `roomAdmin: true` and `room` equal to
-//!   the requested room. For a room that does not exist it answers as either of LiveKit's room
-//!   stores does: the Twirp `not_found` error, or (LiveKit's local store) an empty list. A
+//!   the requested room. For a room that does not exist it answers as LiveKit's server does
+//!   (both its local and its Redis room store): an empty list; or, when told to, the Twirp
+//!   `not_found` error other RoomService implementations (and proxies) may answer. A
 //!   participant that disconnected may stay listed for a moment with state `DISCONNECTED`, as
 //!   LiveKit's store keeps it until the room drops it.
 
@@ -56,9 +57,9 @@ struct Inner {
     rooms: Mutex<HashMap<String, Room>>,
     /// When set, RoomService answers 503 (LiveKit down).
     unavailable: AtomicBool,
-    /// How RoomService answers for a room that does not exist: an empty list (LiveKit's local
-    /// store) instead of Twirp `not_found`.
-    missing_room_is_empty: AtomicBool,
+    /// Answer listings of a room that does not exist with Twirp `not_found` instead of the empty
+    /// list LiveKit's server answers.
+    missing_room_not_found: AtomicBool,
     list_calls: AtomicU64,
     counter: AtomicU64,
 }
@@ -96,10 +97,10 @@ impl LiveKit {
         self.inner.unavailable.store(down, Ordering::SeqCst);
     }
 
-    /// Answers listings of rooms that do not exist with an empty list (LiveKit's local store)
-    /// rather than Twirp `not_found`.
-    pub fn set_missing_room_is_empty(&self, empty: bool) {
-        self.inner.missing_room_is_empty.store(empty, Ordering::SeqCst);
+    /// Answers listings of rooms that do not exist with Twirp `not_found` rather than the empty
+    /// list LiveKit's server answers.
+    pub fn set_missing_room_not_found(&self, not_found: bool) {
+        self.inner.missing_room_not_found.store(not_found, Ordering::SeqCst);
     }
 
     pub fn list_calls(&self) -> u64 {
@@ -120,7 +121,12 @@ impl LiveKit {
     pub fn connect(&self, room: &str, identity: &str) -> Participant {
         self.room_sid(room);
         let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
-        let p = Participant { identity: identity.to_owned(), sid: self.next_id("PA"), joined_at: ms / 1000, joined_at_ms: ms };
+        let p = Participant {
+            identity: identity.to_owned(),
+            sid: self.next_id("PA"),
+            joined_at: ms / 1000,
+            joined_at_ms: ms,
+        };
         self.inner.rooms.lock().unwrap().get_mut(room).unwrap().participants.push(p.clone());
         p
     }
@@ -292,8 +298,10 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
     let empty = Room::default();
     let r = match rooms.get(&room) {
         Some(r) => r,
-        None if inner.missing_room_is_empty.load(Ordering::SeqCst) => &empty,
-        None => return twirp_error(StatusCode::NOT_FOUND, "not_found", "requested room does not exist"),
+        None if inner.missing_room_not_found.load(Ordering::SeqCst) => {
+            return twirp_error(StatusCode::NOT_FOUND, "not_found", "requested room does not exist");
+        }
+        None => &empty,
     };
     use proto::participant_info::State;
     let info = |p: &Participant, state: State| proto::ParticipantInfo {
