@@ -1208,6 +1208,9 @@ fn jitter_is_splitmix64_of_the_seed_and_call_count() {
     assert_eq!(job.jitter(), (0xE220_A839_7B1D_CDAFu64 >> 11) as f64 / (1u64 << 53) as f64);
     let (again, _) = Job::new(DELAY, 0, Timing::default(), 0);
     assert_eq!(again.jitter(), job.jitter());
+    // The seed is mixed with the call count, not merely combined bit by bit.
+    let (seeded, _) = Job::new(DELAY, 1, Timing::default(), 0);
+    assert_eq!(seeded.jitter(), (0xE4D9_7177_1B65_2C20u64 >> 11) as f64 / (1u64 << 53) as f64);
 }
 
 /// Back-off waits are jittered over their whole range (half to one and a half times the base),
