@@ -532,7 +532,10 @@ async fn ingest(goals: &Goals) {
         percentile(&half_bare, 0.99)
     );
     assert_durably_bound(&bridge, &sessions);
-    println!("  the bridge's store commits by duration (cumulative): {}", commits.iter().map(|l| l.rsplit_once("le=").map(|(_, b)| b).unwrap_or(l)).collect::<Vec<_>>().join(", "));
+    println!(
+        "  the bridge's store commits by duration (cumulative): {}",
+        commits.iter().map(|l| l.rsplit_once("le=").map(|(_, b)| b).unwrap_or(l)).collect::<Vec<_>>().join(", ")
+    );
 }
 
 // ---- 3 and 4. memory, punctuality, cold start at scale ----------------------------------------
