@@ -111,13 +111,14 @@ pub fn router(state: AppState) -> Router {
 /// its next request on it.
 async fn enforce_body_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let path = req.uri().path().to_owned();
     let response = if declared.is_some_and(|n| n > limit as u64) {
         None
     } else {
         Some(next.run(req).await).filter(|r| r.status() != StatusCode::PAYLOAD_TOO_LARGE)
     };
     response.unwrap_or_else(|| {
-        tracing::warn!(limit, declared, "request body too large; refused");
+        tracing::warn!(path = %path, limit, declared, "request body too large; refused");
         let mut r =
             MatrixError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", format!("request body over {limit} bytes"))
                 .into_response();
