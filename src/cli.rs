@@ -232,6 +232,7 @@ fn table(jobs: &[JobSummary], now_ms: u64) -> String {
         "JOB".to_owned(),
         "ROOM".to_owned(),
         "MEMBER".to_owned(),
+        "DELAY".to_owned(),
         "IDENTITY".to_owned(),
         "STATE".to_owned(),
         "NEXT CALL".to_owned(),
@@ -250,13 +251,14 @@ fn table(jobs: &[JobSummary], now_ms: u64) -> String {
             j.id.clone(),
             j.room_id.clone(),
             member,
+            j.delay_ref.clone(),
             j.identity.clone().unwrap_or_else(|| "-".into()),
             j.state.clone(),
             next,
             format!("{}m{:02}s", age / 60, age % 60),
         ]);
     }
-    let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for row in &rows {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
@@ -293,7 +295,7 @@ mod tests {
             user_id: "@a:hs".into(),
             device_id: "DEV".into(),
             member_id: "m".into(),
-            delay_id: "syd".into(),
+            delay_ref: "#00000000".into(),
             mode: crate::delegation::Mode::OpenId,
             state: "connected".into(),
             identity: Some("ID".into()),
@@ -302,7 +304,10 @@ mod tests {
         };
         let t = table(&[job], 126_000);
         assert!(t.starts_with("JOB"), "{t}");
-        assert!(t.contains("00000000000000ab  !r:hs  @a:hs DEV  ID        connected  2.5s       2m05s"), "{t}");
+        assert!(
+            t.contains("00000000000000ab  !r:hs  @a:hs DEV  #00000000  ID        connected  2.5s       2m05s"),
+            "{t}"
+        );
         assert!(t.ends_with("1 job(s)\n"));
     }
 }

@@ -86,7 +86,9 @@ pub struct JobSummary {
     pub user_id: String,
     pub device_id: String,
     pub member_id: String,
-    pub delay_id: String,
+    /// A fingerprint of the delay id (`#` and 8 hex digits), as in the logs: the id itself is a
+    /// capability (in OpenID mode anyone holding it can send the member's leave).
+    pub delay_ref: String,
     pub mode: Mode,
     pub state: String,
     /// The LiveKit identity the job is bound to, once connected.
@@ -900,7 +902,7 @@ impl Engine {
                     user_id: d.user_id.clone(),
                     device_id: d.device_id.clone(),
                     member_id: d.member_id.clone(),
-                    delay_id: d.delay_id.clone(),
+                    delay_ref: DelayRef(&d.delay_id).to_string(),
                     mode: d.mode,
                     state: e.job.kind().as_str().to_owned(),
                     identity: e.job.binding().map(|b| b.identity.clone()),

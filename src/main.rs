@@ -24,8 +24,8 @@ enum Command {
     /// Check the configuration: settings, data directory, LiveKit (reachable, accepts our key)
     /// and every configured homeserver. Exits non-zero if anything is wrong.
     CheckConfig,
-    /// List the delegations the running service tracks (room, member, identity, state, next
-    /// restart, age).
+    /// List the delegations the running service tracks (room, member, delay id fingerprint,
+    /// identity, state, next restart, age).
     Jobs {
         /// Print JSON instead of a table.
         #[arg(long)]

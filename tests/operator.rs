@@ -63,7 +63,11 @@ async fn healthcheck_check_config_and_jobs() {
     assert!(t.contains("1 job(s)"));
     let out = bridge.cli(&["jobs", "--json"], &[]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(list[0]["delay_id"], delay_id);
+    // The delay id is a capability: listings show its fingerprint, as the logs do, never the id.
+    assert_eq!(list[0]["delay_ref"], rtc_leave_bridge::delegation::DelayRef(&delay_id).to_string());
+    assert!(!t.contains(&delay_id) && !String::from_utf8_lossy(&out.stdout).contains(&delay_id), "{t}");
+    let table = text(&bridge.cli(&["jobs"], &[]));
+    assert!(table.contains(&rtc_leave_bridge::delegation::DelayRef(&delay_id).to_string()), "{table}");
     // The listing names users: a webhook-style token (no admin grants) or none is refused.
     let status = reqwest::get(format!("{}/admin/jobs", bridge.url)).await.unwrap().status().as_u16();
     assert_eq!(status, 401);
