@@ -216,6 +216,25 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| IpAddr::V4(std::net::Ipv4Addr::from(((hi as u32) << 16) | lo as u32));
+            // Forms that reach an IPv4 address through a translator or tunnel are as public as
+            // the address they carry: NAT64's well-known prefix 64:ff9b::/96 (RFC 6052), 6to4
+            // 2002::/16 (RFC 3056), and the deprecated IPv4-compatible ::a.b.c.d.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return is_public(embedded(s[1], s[2]));
+            }
+            if s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+                return is_public(embedded(s[6], s[7]));
+            }
+            // Teredo (2001::/32, RFC 4380) tunnels to an address it hides, and NAT64's local-use
+            // prefix 64:ff9b:1::/48 (RFC 8215) translates into the operator's own networks: a
+            // homeserver has no business on either.
+            if (s[0] == 0x2001 && s[1] == 0) || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) {
+                return false;
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -267,10 +286,32 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            // NAT64, 6to4 and IPv4-compatible forms of private addresses.
+            "64:ff9b::7f00:1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::1",
+            "2002:a00:1::",
+            "2002:c0a8:101::5",
+            "::10.0.0.1",
+            // Teredo and NAT64's local-use prefix, whatever they carry.
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001::1",
+            "64:ff9b:1::808:808",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["8.8.8.8", "1.1.1.1", "2a00:1450::1"] {
+        for public in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2a00:1450::1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "::ffff:8.8.8.8",
+            "2001:db9::1",
+        ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
