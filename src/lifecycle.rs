@@ -850,7 +850,7 @@ impl Job {
                 self.calls.next_at = issued + interval;
             }
             HsAnswer::Gone => self.finish(Outcome::Gone, out),
-            HsAnswer::RetryAfter(wait) => self.retry_at(now + wait),
+            HsAnswer::RetryAfter(wait) => self.retry_at(now, wait),
             HsAnswer::Failed => self.back_off(now),
         }
     }
@@ -872,7 +872,7 @@ impl Job {
                 let returned = std::mem::take(returned);
                 self.bind(returned, now, out);
             }
-            HsAnswer::RetryAfter(wait) => self.retry_at(now + wait),
+            HsAnswer::RetryAfter(wait) => self.retry_at(now, wait),
             HsAnswer::Failed => self.back_off(now),
         }
     }
@@ -922,24 +922,31 @@ impl Job {
         out.push(Action::Finish(outcome));
     }
 
-    fn retry_at(&mut self, at: Millis) {
+    /// After a 429: the wait the homeserver asked for, within the deadline policy of
+    /// [`Job::plan_retry`].
+    fn retry_at(&mut self, now: Millis, wait: Millis) {
         self.calls.failures += 1;
-        self.calls.next_at = at;
+        self.plan_retry(now, now + wait);
     }
 
-    /// Jittered exponential backoff, never planned past the event's deadline: one last attempt
-    /// just before it is worth more than one after it.
+    /// Jittered exponential backoff after a failure.
     fn back_off(&mut self, now: Millis) {
         let exp = 1.5f64.powi(self.calls.failures.min(30) as i32);
         let base = (self.timing.backoff_initial as f64 * exp).min(self.timing.backoff_max as f64);
         let wait = (base * (0.5 + self.jitter())) as Millis;
         self.calls.failures += 1;
-        let mut at = now + wait.max(1);
+        self.plan_retry(now, now + wait.max(1));
+    }
+
+    /// Plans the next call at `at`, never past the event's deadline: one last attempt a tenth of
+    /// the delay before it is worth more than one after it, even against a `Retry-After` (the
+    /// alternative is the member's certain removal). Past the deadline, nothing can be done but
+    /// noticing it has passed.
+    fn plan_retry(&mut self, now: Millis, mut at: Millis) {
         let last_chance = self.deadline.saturating_sub(self.delay / 10);
         if at > last_chance && now < last_chance {
             at = last_chance;
         } else if at > self.deadline {
-            // Nothing can be done after the deadline but noticing it has passed.
             at = at.min(self.deadline + 1);
         }
         self.calls.next_at = at;

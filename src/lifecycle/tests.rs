@@ -901,17 +901,21 @@ fn a_grace_period_livekit_cannot_confirm_ends_at_the_unconfirmed_limit() {
     assert_eq!(h.sends(), 0);
 }
 
-/// A retry the homeserver asked for that falls exactly on the event's deadline is still made:
-/// only a call after the deadline is pointless.
+/// A wait the homeserver asks for that runs past the last attempt is cut to it; a retry that then
+/// falls exactly on the event's deadline is still made: only a call after it is pointless.
 #[test]
 fn a_retry_due_at_the_deadline_is_still_made() {
     let mut h = Harness::new();
     h.answer_restart(HsAnswer::Ok); // issued at 0: deadline 10 s
     let next = h.job.next_call().unwrap();
     h.advance_to(next);
-    h.answer_restart(HsAnswer::RetryAfter(DELAY - next));
+    h.answer_restart(HsAnswer::RetryAfter(DELAY));
+    let last_chance = DELAY - DELAY / 10;
+    assert_eq!(h.job.next_call(), Some(last_chance));
+    h.advance_to(last_chance);
+    h.answer_restart(HsAnswer::RetryAfter(DELAY - last_chance));
     let out = h.advance_to(DELAY);
-    assert!(out.iter().any(|a| matches!(a, Action::Restart { .. })), "{out:?}");
+    assert!(matches!(out.as_slice(), [Action::Restart { .. }]), "{out:?}");
 }
 
 /// Several sessions seen back while the send was in flight are all bound if it fails.
@@ -1129,14 +1133,21 @@ fn a_listing_from_during_grace_does_not_undo_the_send_it_led_to() {
     assert_eq!(h.job.kind(), PhaseKind::Sending);
 }
 
-/// A wait the homeserver asks for counts as a failure: once it runs past the event's deadline,
-/// the job knows the event fired by itself.
+/// A `Retry-After` that runs past the event's deadline still leaves one last attempt a tenth of
+/// the delay before it (the alternative is the member's certain removal); if that one is refused
+/// too, the job knows the event fired by itself.
 #[test]
-fn a_rate_limit_past_the_deadline_expires_the_job() {
+fn a_rate_limit_past_the_deadline_leaves_a_last_attempt_then_expires() {
     let mut h = Harness::new();
+    h.answer_restart(HsAnswer::RetryAfter(2 * DELAY));
+    assert_eq!(h.job.next_call(), Some(DELAY - DELAY / 10));
+    let out = h.advance_to(DELAY - DELAY / 10);
+    assert!(matches!(out.as_slice(), [Action::Restart { .. }]), "{out:?}");
     h.answer_restart(HsAnswer::RetryAfter(2 * DELAY));
     let out = h.advance_to(2 * DELAY);
     assert_eq!(out, vec![Action::Finish(Outcome::Expired)]);
+    assert_eq!(h.now, 2 * DELAY);
+    assert!(h.log.iter().filter(|a| matches!(a, Action::Restart { .. })).count() == 2);
 }
 
 /// Back-off after failures: each wait is 1 s x 1.5^failures (at most 30 s), jittered between half
