@@ -392,6 +392,28 @@ fn prune(
     sessions.len() != before
 }
 
+/// Applies a listing started at `at` that shows `present` to the live `sessions`: listed ones are
+/// confirmed; one the job knew before the listing started (a listing started earlier may predate
+/// its join) and that it does not show is one absence closer to being pruned, and pruned at
+/// `absences_to_leave`. Whether any was pruned.
+fn reconcile(
+    sessions: &mut Vec<Live>,
+    gone: &mut Vec<(String, Millis)>,
+    present: &[Session],
+    at: Millis,
+    now: Millis,
+    absences_to_leave: u8,
+) -> bool {
+    for live in sessions.iter_mut() {
+        if present.iter().any(|s| s.sid == live.binding.sid) {
+            live.absences = 0;
+        } else if at > live.since {
+            live.absences += 1;
+        }
+    }
+    prune(sessions, gone, now, |l| l.absences < absences_to_leave)
+}
+
 /// The newest of `sessions` (by `joinedAt`; of equals, the one learnt last).
 fn newest(sessions: &[Live]) -> Option<&Binding> {
     sessions.iter().rev().max_by_key(|l| l.binding.joined_ms()).map(|l| &l.binding)
@@ -745,21 +767,12 @@ impl Job {
             return self.on_absent(at, asked, now, out);
         }
         match &mut self.phase {
-            Phase::Waiting { .. } => self.bind(present.into_iter().map(Binding::of).collect(), now, out),
-            Phase::Grace { .. } => self.bind(present.into_iter().map(Binding::of).collect(), now, out),
+            Phase::Waiting { .. } | Phase::Grace { .. } => {
+                self.bind(present.into_iter().map(Binding::of).collect(), now, out)
+            }
             Phase::Connected { sessions } => {
-                let mut changed = false;
-                // Sessions the job knew before this listing started, and that it does not show,
-                // are one absence closer to being pruned; listed ones are confirmed.
-                for live in sessions.iter_mut() {
-                    if present.iter().any(|s| s.sid == live.binding.sid) {
-                        live.absences = 0;
-                    } else if at > live.since {
-                        live.absences += 1;
-                    }
-                }
-                let absences_to_leave = self.timing.absences_to_leave;
-                changed |= prune(sessions, &mut self.gone_sids, now, |l| l.absences < absences_to_leave);
+                let mut changed =
+                    reconcile(sessions, &mut self.gone_sids, &present, at, now, self.timing.absences_to_leave);
                 // Listed sessions the job did not know: reconnections whose join it missed.
                 for s in present {
                     changed |= admit(sessions, &mut self.gone_sids, Binding::of(s), now);
@@ -793,12 +806,7 @@ impl Job {
                 }
             }
             Phase::Connected { sessions } => {
-                // A listing started before the job learnt of a session may predate its join.
-                for live in sessions.iter_mut().filter(|l| at > l.since) {
-                    live.absences += 1;
-                }
-                let absences_to_leave = self.timing.absences_to_leave;
-                let changed = prune(sessions, &mut self.gone_sids, now, |l| l.absences < absences_to_leave);
+                let changed = reconcile(sessions, &mut self.gone_sids, &[], at, now, self.timing.absences_to_leave);
                 if sessions.is_empty() {
                     self.start_sending(Trigger::Reconciled, now, out);
                 } else if changed {
