@@ -43,6 +43,10 @@ pub struct Timing {
     pub backoff_initial: Millis,
     /// Ceiling of that backoff.
     pub backoff_max: Millis,
+    /// A homeserver call (from when the shell started it) or a RoomService listing (from when it
+    /// was asked for) whose answer has not come back by then counts as failed: a lost answer (a
+    /// task that panicked or was cancelled) never stops the restarts.
+    pub call_timeout: Millis,
     /// Consecutive RoomService listings without the bound member that prove it gone.
     pub absences_to_leave: u8,
     /// How long a member whose presence must be confirmed (never joined, or gone for a migration)
@@ -61,6 +65,7 @@ impl Default for Timing {
             probe_retry: 5_000,
             backoff_initial: 1_000,
             backoff_max: 30_000,
+            call_timeout: 21_000,
             absences_to_leave: 2,
             unconfirmed_limit: 300_000,
         }
@@ -260,6 +265,9 @@ struct Calls {
     in_flight: bool,
     /// When the outstanding request was issued.
     issued_at: Millis,
+    /// When the outstanding request counts as failed if unanswered; set once the shell has
+    /// started it (it may wait in the shell's queue first, which is not the homeserver's fault).
+    expires: Option<Millis>,
     /// When to issue the next request (meaningful only when not in flight).
     next_at: Millis,
     /// Consecutive failures, for the backoff.
@@ -270,7 +278,7 @@ struct Calls {
 
 impl Calls {
     fn due_now(now: Millis) -> Self {
-        Calls { in_flight: false, issued_at: now, next_at: now, failures: 0, count: 0 }
+        Calls { in_flight: false, issued_at: now, expires: None, next_at: now, failures: 0, count: 0 }
     }
 }
 
@@ -436,7 +444,8 @@ pub struct Job {
     deadline: Millis,
     /// A RoomService listing is wanted at this time (and none has been asked for since).
     probe_at: Option<Millis>,
-    probe_in_flight: bool,
+    /// A listing was asked for; unanswered by then, it counts as failed.
+    probe_expires: Option<Millis>,
     /// Sessions we have seen leave; a late or duplicated `participant_joined` for them is stale.
     dead_sids: Vec<String>,
     /// Sessions the job stopped counting on without a final departure (gone for a migration,
@@ -462,7 +471,7 @@ impl Job {
             // Unknown until our first restart succeeds; it cannot be later than this.
             deadline: now + delay,
             probe_at: Some(now),
-            probe_in_flight: false,
+            probe_expires: None,
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
@@ -502,7 +511,7 @@ impl Job {
             calls: Calls::due_now(now),
             deadline: now + delay,
             probe_at,
-            probe_in_flight: false,
+            probe_expires: None,
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
@@ -574,8 +583,8 @@ impl Job {
         if matches!(self.phase, Phase::Done(_)) {
             return None;
         }
-        let call = (!self.calls.in_flight).then_some(self.calls.next_at);
-        let probe = if self.probe_in_flight { None } else { self.probe_at };
+        let call = if self.calls.in_flight { self.calls.expires } else { Some(self.calls.next_at) };
+        let probe = self.probe_expires.or(self.probe_at);
         [call, probe, self.unconfirmed_deadline()].into_iter().flatten().min()
     }
 
@@ -608,9 +617,21 @@ impl Job {
             self.finish(Outcome::Unconfirmed, out);
             return;
         }
-        if !self.probe_in_flight && self.probe_at.is_some_and(|t| t <= now) {
+        if self.probe_expires.is_some_and(|t| t <= now) {
+            self.on_observation_failed(now);
+        }
+        if self.calls.in_flight && self.calls.expires.is_some_and(|t| t <= now) {
+            // The answer was lost: as if the homeserver could not be reached.
+            let (call, answer) = (self.calls.count, HsAnswer::Failed);
+            let event = match self.phase {
+                Phase::Sending { .. } => Event::SendAnswered { call, answer },
+                _ => Event::Restarted { call, answer },
+            };
+            return self.handle(event, now, out);
+        }
+        if self.probe_expires.is_none() && self.probe_at.is_some_and(|t| t <= now) {
             self.probe_at = None;
-            self.probe_in_flight = true;
+            self.probe_expires = Some(now + self.timing.call_timeout);
             out.push(Action::Probe);
         }
         if !self.calls.in_flight && self.calls.next_at <= now {
@@ -624,6 +645,7 @@ impl Job {
             }
             self.calls.in_flight = true;
             self.calls.issued_at = now;
+            self.calls.expires = None;
             self.calls.count += 1;
             let call = self.calls.count;
             out.push(match self.phase {
@@ -754,7 +776,7 @@ impl Job {
     }
 
     fn on_observed(&mut self, at: Millis, present: Vec<Session>, now: Millis, out: &mut Vec<Action>) {
-        let asked = std::mem::take(&mut self.probe_in_flight);
+        let asked = self.probe_expires.take().is_some();
         // LiveKit lists a departing session for a moment: one we saw leave is not there, and
         // one we stopped counting on is back only if the listing started after that.
         let present: Vec<Session> = present
@@ -825,7 +847,7 @@ impl Job {
     }
 
     fn on_observation_failed(&mut self, now: Millis) {
-        let asked = std::mem::take(&mut self.probe_in_flight);
+        let asked = self.probe_expires.take().is_some();
         if !asked || self.probe_at.is_some() {
             return;
         }
@@ -836,6 +858,23 @@ impl Job {
             Phase::Grace { until, .. } => Some(retry.max(until)),
             _ => None,
         };
+    }
+
+    /// The shell starts call `call` now (it may have queued it). Returns whether the job still
+    /// awaits that call; if not (the job moved on meanwhile), the shell drops it.
+    pub fn call_started(&mut self, call: u64, now: Millis) -> bool {
+        if !self.answers_current_call(call) || self.calls.expires.is_some() {
+            return false;
+        }
+        // A restart must not wait for an answer past the point where a retry can still keep
+        // the event alive: it waits at most half the time left until the last chance.
+        let mut wait = self.timing.call_timeout;
+        let last_chance = self.deadline.saturating_sub(self.delay / 10);
+        if !matches!(self.phase, Phase::Sending { .. }) && last_chance > now {
+            wait = wait.min((last_chance - now) / 2).max(1);
+        }
+        self.calls.expires = Some(now + wait);
+        true
     }
 
     fn answers_current_call(&self, call: u64) -> bool {

@@ -440,6 +440,8 @@ enum Op {
     FinishListing(usize, bool),
     /// The homeserver answers the outstanding call.
     Answer(u8),
+    /// The outstanding call's answer is lost (its task panicked or was cancelled).
+    LoseAnswer,
     /// Time passes.
     Advance(u16),
     /// The room finishes (only if the member has no connected session).
@@ -458,6 +460,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::StartListing),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(i, ok)| Op::FinishListing(i, ok)),
         4 => any::<u8>().prop_map(Op::Answer),
+        1 => Just(Op::LoseAnswer),
         4 => (0u16..20_000).prop_map(Op::Advance),
         1 => Just(Op::RoomFinished),
     ]
@@ -546,9 +549,15 @@ impl Sim {
                             self.last_bound
                         );
                     }
+                    assert!(self.job.call_started(call, self.now), "a call just issued is awaited");
                     self.outstanding = Some((call, true));
                 }
                 Action::Restart { call } => {
+                    // A new call while one is unanswered: that one timed out (its answer was lost
+                    // or too slow), so the homeserver was not answering promptly.
+                    if self.outstanding.is_some() {
+                        self.homeserver_healthy = false;
+                    }
                     // Liveness of the keep-alive: with a homeserver that answered every call
                     // promptly, no restart comes after the event's deadline.
                     if self.homeserver_healthy {
@@ -560,6 +569,7 @@ impl Sim {
                         );
                     }
                     self.restart_issued_at = self.now;
+                    assert!(self.job.call_started(call, self.now), "a call just issued is awaited");
                     self.outstanding = Some((call, false));
                 }
                 // Expiry means the homeserver's own timer sent the leave (after it failed us).
@@ -679,6 +689,12 @@ impl Sim {
                     } else {
                         Event::Restarted { call, answer }
                     });
+                }
+            }
+            Op::LoseAnswer => {
+                // The call's task died: no answer ever comes; the job's call timeout takes over.
+                if self.outstanding.take().is_some() {
+                    self.homeserver_healthy = false;
                 }
             }
             Op::Advance(ms) => {
@@ -1255,4 +1271,78 @@ fn a_late_failure_of_an_earlier_listing_does_not_postpone_the_end_of_grace() {
     assert_eq!(h.job.poll_timeout().filter(|t| *t <= until), h.job.poll_timeout());
     let out = h.advance_to(until);
     assert!(out.contains(&Action::Probe), "{out:?}");
+}
+
+// ---- lost answers ------------------------------------------------------------------------------
+
+#[test]
+fn a_lost_restart_answer_times_out_and_the_restart_is_retried() {
+    let mut h = Harness::bound("PA_a", 1);
+    h.ev(Event::Observed { at: 0, present: vec![session("PA_a", 1)] });
+    let next = h.job.next_call().unwrap();
+    let out = h.advance_to(next);
+    let call = h.last_call();
+    assert!(out.contains(&Action::Restart { call }));
+    // Queued by the shell: not started, so no timeout runs yet.
+    assert_eq!(h.job.poll_timeout(), None, "an unstarted call cannot time out: {:?}", h.job);
+    assert!(h.job.call_started(call, h.now));
+    assert!(!h.job.call_started(call, h.now), "started once");
+    // It waits for its answer at most half the time left before the last chance to retry.
+    let last_chance = h.job.deadline() - DELAY / 10;
+    let expires = h.job.poll_timeout().unwrap();
+    assert_eq!(expires, h.now + (last_chance - h.now) / 2);
+    // The answer never comes: at the timeout the call counts as failed and is retried, with a
+    // new call id, before the deadline.
+    h.advance_to(expires);
+    let retry = h.job.next_call().expect("a retry is planned");
+    assert!(retry > expires && retry <= last_chance, "{retry}");
+    h.advance_to(retry);
+    assert_eq!(h.last_call(), call + 1);
+    // The lost answer, arriving late after all, is moot.
+    let late = h.ev(Event::Restarted { call, answer: HsAnswer::Gone });
+    assert!(late.is_empty() && h.job.kind() == PhaseKind::Connected, "{late:?}");
+}
+
+#[test]
+fn a_lost_send_answer_times_out_and_the_send_is_retried() {
+    let timing = Timing { call_timeout: 2_000, ..Timing::default() };
+    let (job, log) = Job::new(DELAY, 7, timing, 0);
+    let mut h = Harness { job, now: 0, log };
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
+    let call = h.last_call();
+    assert!(h.job.call_started(call, h.now));
+    // A send waits for its full call timeout (the deadline does not matter to it).
+    assert_eq!(h.job.poll_timeout(), Some(h.now + 2_000));
+    h.advance_to(h.now + 2_000);
+    assert_eq!(h.job.kind(), PhaseKind::Sending);
+    let retry = h.job.next_call().unwrap();
+    let out = h.advance_to(retry);
+    assert!(out.contains(&Action::Send { call: call + 1 }), "{out:?}");
+}
+
+#[test]
+fn a_stale_queued_call_is_not_started() {
+    let mut h = Harness::bound("PA_a", 1);
+    let next = h.job.next_call().unwrap();
+    h.advance_to(next);
+    let restart = h.last_call();
+    // The member leaves while the restart waits in the shell's queue: the send replaces it.
+    h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::Final });
+    assert!(!h.job.call_started(restart, h.now), "the abandoned restart is dropped");
+    assert!(h.job.call_started(h.last_call(), h.now));
+}
+
+#[test]
+fn a_lost_listing_times_out_and_livekit_is_asked_again() {
+    let mut h = Harness::new();
+    assert!(h.log.contains(&Action::Probe));
+    h.answer_restart(HsAnswer::Ok);
+    // The listing asked for at 0 never answers; at the join timeout the job needs one.
+    let expires = Timing::default().call_timeout;
+    let out = h.advance_to(expires - 1);
+    assert!(!out.contains(&Action::Probe), "one listing at a time: {out:?}");
+    let out = h.advance_to(Timing::default().join_timeout.max(expires + Timing::default().probe_retry));
+    assert!(out.contains(&Action::Probe), "asked again after the lost listing: {out:?}");
 }
