@@ -11,6 +11,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod livekit;
 pub mod metrics;
+pub mod ports;
 pub mod scheduler;
 pub mod service;
 pub mod store;

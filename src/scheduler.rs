@@ -2,7 +2,7 @@
 //!
 //! Each job has at most one entry: the earliest time its state machine wants
 //! [`crate::lifecycle::Job::handle_timeout`]. The engine's single task sleeps until
-//! [`Scheduler::next_deadline`] and then drains [`Scheduler::pop_due`]; there is no timer or task
+//! [`Scheduler::next_deadline`] and then drains [`Scheduler::pop_due`] in bounded batches; there is no timer or task
 //! per member, so 100k members cost one `BTreeSet` entry each.
 
 use std::collections::{BTreeSet, HashMap};
@@ -48,11 +48,12 @@ impl<K: Ord + Hash + Copy> Scheduler<K> {
         self.queue.first().map(|(at, _)| *at)
     }
 
-    /// Removes and returns every key whose deadline is at or before `now`, earliest first.
-    pub fn pop_due(&mut self, now: Millis) -> Vec<K> {
+    /// Removes and returns the keys whose deadline is at or before `now`, earliest first, at
+    /// most `max` of them (the rest stay due).
+    pub fn pop_due(&mut self, now: Millis, max: usize) -> Vec<K> {
         let mut due = Vec::new();
         while let Some(&(at, key)) = self.queue.first() {
-            if at > now {
+            if at > now || due.len() == max {
                 break;
             }
             self.queue.pop_first();
@@ -85,9 +86,21 @@ mod tests {
         s.set(3, None);
         assert_eq!(s.len(), 2);
         assert_eq!(s.next_deadline(), Some(5));
-        assert_eq!(s.pop_due(9), vec![1]);
-        assert_eq!(s.pop_due(9), Vec::<u64>::new());
-        assert_eq!(s.pop_due(100), vec![2]);
+        assert_eq!(s.pop_due(9, 10), vec![1]);
+        assert_eq!(s.pop_due(9, 10), Vec::<u64>::new());
+        assert_eq!(s.pop_due(100, 10), vec![2]);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn pops_due_keys_in_bounded_batches() {
+        let mut s = Scheduler::default();
+        for k in 0..5u64 {
+            s.set(k, Some(k));
+        }
+        assert_eq!(s.pop_due(10, 2), vec![0, 1]);
+        assert_eq!(s.next_deadline(), Some(2), "the rest stay due");
+        assert_eq!(s.pop_due(10, 2), vec![2, 3]);
+        assert_eq!(s.pop_due(10, 2), vec![4]);
     }
 }

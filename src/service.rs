@@ -8,10 +8,10 @@ use tracing::{info, warn};
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::engine::{self, EngineConfig, Outside};
-use crate::homeserver::delayed_events::PathStyles;
+use crate::engine::{self, EngineConfig, Ports};
+use crate::homeserver::delayed_events::{HomeserverCalls, PathStyles};
 use crate::homeserver::{Clients, Discovery};
-use crate::livekit::room_service::RoomService;
+use crate::livekit::room_service::{Listings, RoomService};
 use crate::livekit::webhook::WebhookVerifier;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -56,14 +56,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         EngineConfig {
             timing: config.timing.clone(),
             reconcile_interval: config.reconcile_interval,
-            request_timeout: config.request_timeout,
+            limits: engine::Limits::default(),
         },
-        Outside {
+        Ports {
             store: store.clone(),
-            discovery: discovery.clone(),
-            path_styles: path_styles.clone(),
-            as_token: config.appservice.as_ref().map(|a| Arc::from(a.as_token.as_str())),
-            room_service,
+            homeserver: Arc::new(HomeserverCalls {
+                discovery: discovery.clone(),
+                path_styles: path_styles.clone(),
+                as_token: config.appservice.as_ref().map(|a| Arc::from(a.as_token.as_str())),
+                timeout: config.request_timeout,
+                metrics: metrics.clone(),
+            }),
+            presence: Arc::new(Listings { room_service, metrics: metrics.clone() }),
             metrics: metrics.clone(),
         },
     )

@@ -9,13 +9,16 @@
 //! answer is cached per homeserver for an hour.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use url::Url;
 
-use super::api_url;
+use super::{Discovery, api_url};
+use crate::delegation::{DelayRef, Delegation, Mode};
 use crate::lifecycle::{HsAnswer, Millis};
+use crate::metrics::{ActionLabels, CallLabels, Metrics};
+pub use crate::ports::DelayedAction;
 
 const UNSTABLE_PREFIX: &str = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events";
 const STABLE_PREFIX: &str = "/_matrix/client/v1/delayed_events";
@@ -81,18 +84,44 @@ impl PathStyles {
     }
 }
 
+/// How a call went, for the `outcome` label of its metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DelayedAction {
-    Restart,
-    Send,
+pub enum CallOutcome {
+    Ok,
+    /// 404 / 409: the event no longer exists.
+    Gone,
+    RateLimited,
+    ServerError,
+    Network,
+    Timeout,
+    /// 401 / 403: the homeserver refused us.
+    Auth,
+    /// 404 `M_UNRECOGNIZED`: delayed events are off on this homeserver.
+    Unrecognized,
+    ClientError,
+    /// The stored address of the homeserver is no longer acceptable.
+    Unreachable,
 }
 
-impl DelayedAction {
+impl CallOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
-            DelayedAction::Restart => "restart",
-            DelayedAction::Send => "send",
+            CallOutcome::Ok => "ok",
+            CallOutcome::Gone => "gone",
+            CallOutcome::RateLimited => "rate_limited",
+            CallOutcome::ServerError => "server_error",
+            CallOutcome::Network => "network",
+            CallOutcome::Timeout => "timeout",
+            CallOutcome::Auth => "auth",
+            CallOutcome::Unrecognized => "unrecognized",
+            CallOutcome::ClientError => "client_error",
+            CallOutcome::Unreachable => "unreachable",
         }
+    }
+
+    /// Retrying will not fix it by itself: the operator has to.
+    pub fn is_configuration_error(self) -> bool {
+        matches!(self, CallOutcome::Auth | CallOutcome::Unrecognized | CallOutcome::Unreachable)
     }
 }
 
@@ -100,8 +129,7 @@ impl DelayedAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub answer: HsAnswer,
-    /// Label for metrics: ok, gone, rate_limited, server_error, network, timeout, auth, unrecognized, client_error.
-    pub outcome: &'static str,
+    pub outcome: CallOutcome,
     /// Details for the log when it is not a plain success.
     pub detail: Option<String>,
 }
@@ -144,7 +172,7 @@ pub async fn call(
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
-            let outcome = if e.is_timeout() { "timeout" } else { "network" };
+            let outcome = if e.is_timeout() { CallOutcome::Timeout } else { CallOutcome::Network };
             return Answer { answer: HsAnswer::Failed, outcome, detail: Some(super::describe(e)) };
         }
     };
@@ -157,6 +185,74 @@ pub async fn call(
         .map(|secs| secs * 1000);
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     classify(status, retry_after_header, &body)
+}
+
+/// The [`crate::ports::DelayedEvents`] port over HTTP: finds the member's homeserver (its stored
+/// address, checked again on every call, or the operator's override), picks the paths it serves,
+/// calls it as the delegation's mode requires, and records the call's metrics and log lines (in
+/// the caller's span, which names the job, room and identity).
+pub struct HomeserverCalls {
+    pub discovery: Arc<Discovery>,
+    pub path_styles: Arc<PathStyles>,
+    /// The appservice's token, for jobs delegated through the homeserver.
+    pub as_token: Option<Arc<str>>,
+    pub timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+impl HomeserverCalls {
+    async fn answer(&self, d: &Delegation, action: DelayedAction) -> Answer {
+        // Resolved per call rather than cached per job: one URL parse, and nothing to prune.
+        let endpoint = match self.discovery.cs_endpoint_for_stored(d.server_name(), &d.cs_api_url) {
+            Ok(e) => e,
+            Err(e) => {
+                return Answer {
+                    answer: HsAnswer::Failed,
+                    outcome: CallOutcome::Unreachable,
+                    detail: Some(format!("{e}; the delayed leave is left to the homeserver's timer")),
+                };
+            }
+        };
+        let http = endpoint.client(self.discovery.clients());
+        let style = self.path_styles.get(http, &endpoint.base, self.timeout).await;
+        let caller = match (d.mode, self.as_token.as_deref()) {
+            (Mode::OpenId, _) => Caller::Anonymous,
+            (Mode::Appservice, Some(as_token)) => Caller::Appservice { as_token, user_id: &d.user_id },
+            (Mode::Appservice, None) => {
+                tracing::error!(user = %d.user_id, "delegated through the appservice, but no appservice is configured now");
+                Caller::Anonymous
+            }
+        };
+        call(http, &endpoint.base, style, &d.delay_id, action, caller, self.timeout).await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::ports::DelayedEvents for HomeserverCalls {
+    async fn call(&self, d: &Delegation, action: DelayedAction) -> HsAnswer {
+        let started = Instant::now();
+        let a = self.answer(d, action).await;
+        let homeserver = d.server_name().to_owned();
+        self.metrics
+            .homeserver_request_duration
+            .get_or_create(&ActionLabels { action: action.as_str(), homeserver: homeserver.clone() })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .homeserver_requests
+            .get_or_create(&CallLabels { action: action.as_str(), homeserver, outcome: a.outcome.as_str() })
+            .inc();
+        let (action, outcome, delay_id) = (action.as_str(), a.outcome.as_str(), DelayRef(&d.delay_id));
+        match &a.detail {
+            Some(detail) if a.outcome.is_configuration_error() => tracing::error!(
+                user = %d.user_id, %delay_id, action, outcome, %detail,
+                "homeserver call did not succeed: configuration error (delayed events disabled, access refused, or address no longer allowed)"
+            ),
+            Some(detail) => tracing::warn!(user = %d.user_id, %delay_id, action, outcome, %detail,
+                "homeserver call did not succeed"),
+            None => tracing::debug!(action, outcome, "homeserver call done"),
+        }
+        a.answer
+    }
 }
 
 /// A delayed event as its owner sees it.
@@ -213,20 +309,20 @@ pub fn classify(status: u16, retry_after_header_ms: Option<Millis>, body: &serde
     let errcode = body.get("errcode").and_then(|e| e.as_str()).unwrap_or_default().to_owned();
     let detail = || Some(format!("{status} {body}"));
     match status {
-        200..=299 => Answer { answer: HsAnswer::Ok, outcome: "ok", detail: None },
+        200..=299 => Answer { answer: HsAnswer::Ok, outcome: CallOutcome::Ok, detail: None },
         404 if errcode == "M_UNRECOGNIZED" => {
             // The endpoint, not the event, is unknown: delayed events are off on this homeserver.
-            Answer { answer: HsAnswer::Failed, outcome: "unrecognized", detail: detail() }
+            Answer { answer: HsAnswer::Failed, outcome: CallOutcome::Unrecognized, detail: detail() }
         }
-        404 | 409 => Answer { answer: HsAnswer::Gone, outcome: "gone", detail: None },
+        404 | 409 => Answer { answer: HsAnswer::Gone, outcome: CallOutcome::Gone, detail: None },
         429 => {
             let body_ms = body.get("retry_after_ms").and_then(|v| v.as_u64());
             let wait = retry_after_header_ms.or(body_ms).unwrap_or(1_000).clamp(100, 300_000);
-            Answer { answer: HsAnswer::RetryAfter(wait), outcome: "rate_limited", detail: detail() }
+            Answer { answer: HsAnswer::RetryAfter(wait), outcome: CallOutcome::RateLimited, detail: detail() }
         }
-        401 | 403 => Answer { answer: HsAnswer::Failed, outcome: "auth", detail: detail() },
-        500..=599 => Answer { answer: HsAnswer::Failed, outcome: "server_error", detail: detail() },
-        _ => Answer { answer: HsAnswer::Failed, outcome: "client_error", detail: detail() },
+        401 | 403 => Answer { answer: HsAnswer::Failed, outcome: CallOutcome::Auth, detail: detail() },
+        500..=599 => Answer { answer: HsAnswer::Failed, outcome: CallOutcome::ServerError, detail: detail() },
+        _ => Answer { answer: HsAnswer::Failed, outcome: CallOutcome::ClientError, detail: detail() },
     }
 }
 
@@ -299,6 +395,6 @@ mod tests {
         assert_eq!(classify(429, Some(3_000), &json!({"retry_after_ms": 10})).answer, HsAnswer::RetryAfter(3_000));
         assert_eq!(classify(429, None, &json!({"retry_after_ms": 1_500})).answer, HsAnswer::RetryAfter(1_500));
         assert_eq!(classify(502, None, &json!({})).answer, HsAnswer::Failed);
-        assert_eq!(classify(401, None, &json!({})).outcome, "auth");
+        assert_eq!(classify(401, None, &json!({})).outcome, CallOutcome::Auth);
     }
 }

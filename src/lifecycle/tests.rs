@@ -691,12 +691,8 @@ impl Sim {
                     });
                 }
             }
-            Op::LoseAnswer => {
-                // The call's task died: no answer ever comes; the job's call timeout takes over.
-                if self.outstanding.take().is_some() {
-                    self.homeserver_healthy = false;
-                }
-            }
+            // The call's task died: no answer ever comes; the job's call timeout takes over.
+            Op::LoseAnswer if self.outstanding.take().is_some() => self.homeserver_healthy = false,
             Op::Advance(ms) => {
                 // The homeserver answers promptly when time passes, so the event stays alive.
                 if let Some((call, false)) = self.outstanding {

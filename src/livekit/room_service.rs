@@ -4,6 +4,7 @@
 //! path of `LIVEKIT_URL` (operators who serve LiveKit behind a reverse-proxy prefix need it kept).
 //! The token and the protobuf messages still come from `livekit-api` / `livekit-protocol`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use livekit_api::access_token::{AccessToken, VideoGrants};
@@ -12,6 +13,8 @@ use prost::Message as _;
 use url::Url;
 
 use super::Participant;
+use crate::metrics::{Metrics, OutcomeLabel};
+use crate::ports::Unobserved;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoomServiceError {
@@ -30,12 +33,7 @@ pub struct RoomService {
     api_key: String,
     api_secret: String,
     timeout: Duration,
-    /// Bounds concurrent listings, so a reconciliation pass over many rooms does not flood LiveKit.
-    permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
-
-/// RoomService requests in flight at most.
-const MAX_CONCURRENT_LISTINGS: usize = 16;
 
 /// The HTTP(S) base of a LiveKit URL given as ws(s) or http(s), path kept, no trailing slash.
 pub fn http_base(livekit_url: &str) -> Result<Url, String> {
@@ -68,20 +66,12 @@ impl RoomService {
         let list_url =
             Url::parse(&format!("{}/twirp/livekit.RoomService/ListParticipants", base.as_str().trim_end_matches('/')))
                 .map_err(|e| e.to_string())?;
-        Ok(RoomService {
-            http,
-            list_url,
-            api_key: api_key.to_owned(),
-            api_secret: api_secret.to_owned(),
-            timeout,
-            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LISTINGS)),
-        })
+        Ok(RoomService { http, list_url, api_key: api_key.to_owned(), api_secret: api_secret.to_owned(), timeout })
     }
 
     /// The connected participants of `room`; an empty list if the room does not exist.
     /// Participants already disconnected are left out.
     pub async fn list_participants(&self, room: &str) -> Result<Vec<Participant>, RoomServiceError> {
-        let _permit = self.permits.acquire().await.expect("never closed");
         let token = AccessToken::with_api_key(&self.api_key, &self.api_secret)
             .with_ttl(Duration::from_secs(60))
             .with_grants(VideoGrants { room_admin: true, room: room.to_owned(), ..Default::default() })
@@ -97,7 +87,7 @@ impl RoomService {
             .body(body)
             .send()
             .await
-            .map_err(|e| RoomServiceError::Unreachable(e.without_url().to_string()))?;
+            .map_err(|e| RoomServiceError::Unreachable(crate::homeserver::describe(e)))?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| RoomServiceError::Unreachable(e.to_string()))?;
         if !status.is_success() {
@@ -123,6 +113,26 @@ impl RoomService {
                 joined_at_ms: super::joined_ms(p.joined_at_ms, p.joined_at),
             })
             .collect())
+    }
+}
+
+/// The [`crate::ports::Presence`] port over RoomService, with the metrics and log lines of each
+/// listing. (How many run at once is the engine's business.)
+pub struct Listings {
+    pub room_service: RoomService,
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait::async_trait]
+impl crate::ports::Presence for Listings {
+    async fn participants(&self, room: &str) -> Result<Vec<Participant>, Unobserved> {
+        let result = self.room_service.list_participants(room).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.livekit_requests.get_or_create(&OutcomeLabel { outcome }).inc();
+        result.map_err(|e| {
+            tracing::warn!(livekit_room = %room, error = %e, "cannot ask LiveKit who is connected; keeping members alive");
+            Unobserved
+        })
     }
 }
 

@@ -28,7 +28,7 @@ pub enum StoreOp {
     Delete(JobId),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("store unavailable: {0}")]
 pub struct StoreError(pub String);
 

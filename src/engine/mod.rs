@@ -1,0 +1,301 @@
+//! The engine: one task that drives the [`registry::Registry`] (every job, its routing and
+//! bookkeeping, a synchronous state machine) with commands from the HTTP handlers, reports of the
+//! work it spawned, the registry's own deadlines and the reconciliation tick.
+//!
+//! The loop is the whole of it: take a bounded batch of one kind of input, feed it to the
+//! registry with the time, then carry out the registry's effects — spawn calls, listings and
+//! commits ([`tasks`]) through the ports, and answer requests. The task never waits on anything
+//! but its inputs; in particular not on the store, whose commits run as tasks of their own.
+//!
+//! Layout: [`registry`] (state machine), [`index`] (its compact indexes), [`tasks`] (spawned
+//! work), [`views`] (what operators see).
+
+mod index;
+pub mod registry;
+mod tasks;
+pub mod views;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+pub use registry::{Limits, WebhookOutcome};
+pub use views::JobSummary;
+
+use crate::delegation::{Delegation, JobId};
+use crate::lifecycle::{Millis, Timing};
+use crate::livekit::SfuEvent;
+use crate::metrics::Metrics;
+use crate::ports::{DelayedEvents, Presence};
+use crate::store::{Store, StoreError};
+use registry::{Effect, Registry, Ticket};
+use tasks::Report;
+
+/// Inputs of one kind handled before the registry's effects are carried out.
+const BATCH: usize = 256;
+
+/// Engine settings that are not lifecycle timing.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub timing: Timing,
+    /// How often every room with jobs is listed through RoomService.
+    pub reconcile_interval: Duration,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// What the engine calls out to.
+pub struct Ports {
+    pub store: Arc<dyn Store>,
+    pub homeserver: Arc<dyn DelayedEvents>,
+    pub presence: Arc<dyn Presence>,
+    pub metrics: Arc<Metrics>,
+}
+
+enum Command {
+    Jobs(oneshot::Sender<Vec<JobSummary>>),
+    Delegate(Delegation, oneshot::Sender<Result<JobId, EngineError>>),
+    Webhook(SfuEvent, oneshot::Sender<Result<WebhookOutcome, EngineError>>),
+    Shutdown(Duration, oneshot::Sender<()>),
+}
+
+/// A request waiting for the registry's answer.
+enum Reply {
+    Delegate(oneshot::Sender<Result<JobId, EngineError>>),
+    Webhook(oneshot::Sender<Result<WebhookOutcome, EngineError>>),
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Stores the delegation (replacing an older one of the same member) and starts its job.
+    pub async fn delegate(&self, delegation: Delegation) -> Result<JobId, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Delegate(delegation, tx)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Applies a verified webhook; returns once its effects are durable.
+    pub async fn webhook(&self, event: SfuEvent) -> Result<WebhookOutcome, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Webhook(event, tx)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Every tracked job, oldest first.
+    pub async fn jobs(&self) -> Result<Vec<JobSummary>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Jobs(tx)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stops starting calls, waits up to `drain` for those in flight and for the store, and
+    /// stops.
+    pub async fn shutdown(&self, drain: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(drain, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Monotonic milliseconds since the engine started.
+#[derive(Clone, Copy)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> Millis {
+        self.0.elapsed().as_millis() as Millis
+    }
+    fn instant(&self, at: Millis) -> tokio::time::Instant {
+        (self.0 + Duration::from_millis(at)).into()
+    }
+}
+
+struct Engine {
+    registry: Registry,
+    ports: Ports,
+    clock: Clock,
+    replies: HashMap<Ticket, Reply>,
+    next_ticket: u64,
+    reports_tx: mpsc::Sender<Report>,
+}
+
+/// Loads every stored job, resumes it, and starts the engine task.
+pub async fn start(
+    config: EngineConfig,
+    ports: Ports,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
+    let records = ports.store.load().await?;
+    let (tx, rx) = mpsc::channel(4_096);
+    // Room for every report that can be outstanding: each started call, listing and commit
+    // reports once, and the registry starts no more than its limits.
+    let limits = &config.limits;
+    let (reports_tx, reports_rx) = mpsc::channel(limits.restarts + limits.sends + limits.listings + 1);
+    let clock = Clock(Instant::now());
+    let mut registry = Registry::new(config.timing, config.limits, ports.metrics.clone());
+    let count = records.len();
+    let now = clock.now();
+    for record in records {
+        registry.resume(record, now);
+    }
+    if count > 0 {
+        info!(jobs = count, "resumed stored jobs; reconciling them with LiveKit");
+    }
+    let engine = Engine { registry, ports, clock, replies: HashMap::new(), next_ticket: 0, reports_tx };
+    let task = tokio::spawn(engine.run(rx, reports_rx, config.reconcile_interval));
+    Ok((EngineHandle { tx }, task))
+}
+
+impl Engine {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut reports: mpsc::Receiver<Report>, every: Duration) {
+        let mut reconcile = tokio::time::interval(every);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reconcile.tick().await; // the first tick is immediate; resumed jobs probe by themselves
+        let mut shutdown: Option<(tokio::time::Instant, oneshot::Sender<()>)> = None;
+        loop {
+            self.carry_out();
+            if shutdown.is_some() && self.registry.calls_in_flight() == 0 && self.settled() {
+                break;
+            }
+            let next = self.registry.poll_timeout().map(|at| self.clock.instant(at));
+            let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+            // Unbiased: neither a stream of reports nor one of requests starves the other; each
+            // branch handles a bounded batch before the effects are carried out.
+            tokio::select! {
+                Some(report) = reports.recv() => {
+                    self.on_report(report);
+                    for _ in 0..BATCH {
+                        match reports.try_recv() {
+                            Ok(report) => self.on_report(report),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                cmd = rx.recv(), if shutdown.is_none() => {
+                    let Some(cmd) = cmd else { break };
+                    shutdown = self.on_command(cmd);
+                    for _ in 0..BATCH {
+                        if shutdown.is_some() {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(cmd) => shutdown = self.on_command(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next.unwrap_or(far)), if next.is_some() => {
+                    self.registry.handle_timeout(self.clock.now());
+                }
+                _ = reconcile.tick(), if shutdown.is_none() => self.registry.reconcile(),
+                _ = tokio::time::sleep_until(shutdown.as_ref().map_or(far, |s| s.0)), if shutdown.is_some() => {
+                    warn!(calls = self.registry.calls_in_flight(), "shutdown: drain time is up, calls still in flight");
+                    break;
+                }
+            }
+        }
+        let left = self.registry.uncommitted();
+        if left > 0 {
+            error!(changes = left, "stopping with uncommitted changes; they are redone on start");
+        }
+        if let Some((_, done)) = shutdown {
+            let _ = done.send(());
+        }
+        info!("engine stopped");
+    }
+
+    /// Whether the store has everything (nothing pending, nothing being committed).
+    fn settled(&self) -> bool {
+        self.registry.uncommitted() == 0 && !self.registry.is_committing()
+    }
+
+    fn ticket(&mut self, reply: Reply) -> Ticket {
+        self.next_ticket += 1;
+        let ticket = Ticket(self.next_ticket);
+        self.replies.insert(ticket, reply);
+        ticket
+    }
+
+    fn on_command(&mut self, cmd: Command) -> Option<(tokio::time::Instant, oneshot::Sender<()>)> {
+        let now = self.clock.now();
+        match cmd {
+            Command::Delegate(d, reply) => {
+                let ticket = self.ticket(Reply::Delegate(reply));
+                self.registry.delegate(d, ticket);
+            }
+            Command::Webhook(event, reply) => {
+                let ticket = self.ticket(Reply::Webhook(reply));
+                self.registry.webhook(event, ticket, now);
+            }
+            Command::Jobs(reply) => {
+                let _ = reply.send(self.registry.summaries(now));
+            }
+            Command::Shutdown(drain, done) => {
+                info!(calls = self.registry.calls_in_flight(), "shutdown: draining homeserver calls");
+                self.registry.drain();
+                return Some((tokio::time::Instant::now() + drain, done));
+            }
+        }
+        None
+    }
+
+    fn on_report(&mut self, report: Report) {
+        let now = self.clock.now();
+        match report {
+            Report::Call { job, call, action, answer } => self.registry.call_answered(job, call, action, answer, now),
+            Report::Listing { room, at, result } => self.registry.listed(room, at, result, now),
+            Report::Committed(result) => self.registry.committed(result, now),
+        }
+    }
+
+    /// Lets the registry start what it may, and carries out its effects.
+    fn carry_out(&mut self) {
+        self.registry.flush(self.clock.now());
+        while let Some(effect) = self.registry.poll_effect() {
+            match effect {
+                Effect::Call { job, call, action, delegation, identity } => tasks::call(
+                    self.ports.homeserver.clone(),
+                    self.reports_tx.clone(),
+                    (job, call, action),
+                    delegation,
+                    identity,
+                ),
+                Effect::List { room, at } => {
+                    tasks::list(self.ports.presence.clone(), self.reports_tx.clone(), room, at)
+                }
+                Effect::Commit(ops) => {
+                    tasks::commit(self.ports.store.clone(), self.ports.metrics.clone(), self.reports_tx.clone(), ops)
+                }
+                Effect::Delegated { ticket, result } => match self.replies.remove(&ticket) {
+                    Some(Reply::Delegate(tx)) => {
+                        let _ = tx.send(result.map_err(EngineError::Store));
+                    }
+                    _ => error!(ticket = ticket.0, "no delegation waits for this answer"),
+                },
+                Effect::WebhookHandled { ticket, result } => match self.replies.remove(&ticket) {
+                    Some(Reply::Webhook(tx)) => {
+                        let _ = tx.send(result.map_err(EngineError::Store));
+                    }
+                    _ => error!(ticket = ticket.0, "no webhook waits for this answer"),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

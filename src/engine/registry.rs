@@ -1,0 +1,770 @@
+//! The engine's routing and bookkeeping as a synchronous state machine: it owns every job, the
+//! indexes from LiveKit identities, rooms, members and delay ids to jobs, the deadline
+//! scheduler, the queues of homeserver calls and RoomService listings (with their limits), the
+//! delegations staged for the store, and the batch being committed.
+//!
+//! Like [`crate::lifecycle::Job`] it performs no IO and reads no clock: inputs come with `now`
+//! ([`Registry::delegate`], [`Registry::webhook`], [`Registry::call_answered`],
+//! [`Registry::listed`], [`Registry::committed`], [`Registry::handle_timeout`]), and what the
+//! shell must do comes out of [`Registry::poll_effect`] after [`Registry::flush`]. Replies are
+//! named by the shell's [`Ticket`]s. [`Registry::poll_timeout`] says when it next wants
+//! [`Registry::handle_timeout`].
+//!
+//! Durability rules kept here:
+//! * a delegation takes effect (and is answered) only once the commit that stores it (and
+//!   deletes the job it supersedes) succeeded;
+//! * a webhook is answered only once the commit holding its effects succeeded (a webhook with no
+//!   effects waits for the commit in flight, if any);
+//! * restarts and sends never wait for the store: a slow or stuck store delays answers to LiveKit
+//!   and delegating clients, never a call to a homeserver.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use tracing::{debug, error, info, warn};
+
+use super::index::HashIndex;
+use super::views::{self, JobSummary};
+use crate::delegation::{DelayRef, Delegation, JobId};
+use crate::identity::Watch;
+use crate::lifecycle::{Action, Durable, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, Session, Timing, Trigger};
+use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
+use crate::metrics::{Metrics, OutcomeLabel, TriggerLabel};
+use crate::ports::{DelayedAction, Unobserved};
+use crate::scheduler::Scheduler;
+use crate::store::{JobRecord, StoreError, StoreOp};
+
+/// How much the registry lets run at once.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Restarts in flight at most, across homeservers (a cold start restarts every job at once).
+    pub restarts: usize,
+    /// Sends in flight at most; sends never queue behind restarts.
+    pub sends: usize,
+    /// RoomService listings in flight at most.
+    pub listings: usize,
+    /// Due jobs handled per [`Registry::handle_timeout`].
+    pub timeouts: usize,
+    /// Webhook ids remembered to drop LiveKit's duplicate deliveries.
+    pub seen_webhooks: usize,
+    /// Wait after a failed commit before the next attempt.
+    pub commit_retry: Millis,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { restarts: 512, sends: 128, listings: 16, timeouts: 256, seen_webhooks: 16_384, commit_retry: 500 }
+    }
+}
+
+/// Names a request the shell will answer when the registry says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket(pub u64);
+
+/// How a webhook was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// It concerned at least one job and was applied.
+    Applied,
+    /// No job watches this participant or room, or the event is of a kind we do not act on.
+    Ignored,
+    /// Delivered before (LiveKit retries); nothing done.
+    Duplicate,
+}
+
+impl WebhookOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookOutcome::Applied => "accepted",
+            WebhookOutcome::Ignored => "ignored",
+            WebhookOutcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Something the shell must do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Restart or send the job's delayed event; report with [`Registry::call_answered`].
+    Call { job: JobId, call: u64, action: DelayedAction, delegation: Arc<Delegation>, identity: String },
+    /// Ask LiveKit who is in `room`; report with [`Registry::listed`], passing `at` back.
+    List { room: Arc<str>, at: Millis },
+    /// Apply these changes atomically; report with [`Registry::committed`]. One at a time.
+    Commit(Vec<StoreOp>),
+    /// Answer a delegation.
+    Delegated { ticket: Ticket, result: Result<JobId, StoreError> },
+    /// Answer a webhook.
+    WebhookHandled { ticket: Ticket, result: Result<WebhookOutcome, StoreError> },
+}
+
+/// A delegation waiting for the commit that makes it durable.
+#[derive(Debug)]
+struct Staged {
+    id: JobId,
+    delegation: Delegation,
+    /// The job of the same member it replaces (tracked, or staged before it).
+    replaces: Option<JobId>,
+    /// Everyone who asked for it (a client may repeat itself before it is stored).
+    tickets: Vec<Ticket>,
+}
+
+/// A webhook waiting for its effects to be durable.
+#[derive(Debug)]
+struct Waiter {
+    webhook_id: String,
+    outcome: WebhookOutcome,
+    ticket: Ticket,
+}
+
+/// The commit in flight, and what waits for it.
+#[derive(Debug)]
+struct Batch {
+    /// The job changes in it, put back in front of newer ones if it fails.
+    ops: Vec<StoreOp>,
+    staged: Vec<Staged>,
+    waiting: Vec<Waiter>,
+}
+
+struct Entry {
+    job: Job,
+    delegation: Arc<Delegation>,
+    room: Arc<str>,
+    /// The LiveKit identities the member may connect under.
+    watch: Watch,
+}
+
+impl Entry {
+    /// The LiveKit identity to name in logs: the bound one, else the first one watched.
+    fn identity(&self) -> String {
+        match self.job.binding() {
+            Some(b) => b.identity.clone(),
+            None => self.watch.primary(),
+        }
+    }
+
+    /// Whether `identity` is one of the member's.
+    fn watches(&self, identity: &str) -> bool {
+        self.watch.matches(identity, &self.delegation.user_id, &self.delegation.device_id)
+    }
+}
+
+/// A room's listing: queued, or in flight (and wanted once more after it).
+struct Listing {
+    in_flight: bool,
+    again: bool,
+}
+
+pub struct Registry {
+    timing: Arc<Timing>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Boxed: the table's slack then costs a pointer per slot, not a whole entry.
+    jobs: HashMap<JobId, Box<Entry>>,
+    /// (LiveKit room, identity) → the jobs watching it.
+    by_identity: HashIndex,
+    by_room: HashMap<Arc<str>, HashSet<JobId>>,
+    /// [`Delegation::member_key`] → the member's job.
+    by_member: HashIndex,
+    /// (server name, delay id) → its job.
+    by_delay: HashIndex,
+    scheduler: Scheduler<JobId>,
+    /// Calls issued by jobs and not started yet, sends apart so they never wait behind restarts.
+    restart_queue: VecDeque<(JobId, u64)>,
+    send_queue: VecDeque<(JobId, u64)>,
+    restarts_in_flight: usize,
+    sends_in_flight: usize,
+    listings: HashMap<Arc<str>, Listing>,
+    listing_queue: VecDeque<Arc<str>>,
+    listings_in_flight: usize,
+    seen: HashSet<String>,
+    seen_order: VecDeque<String>,
+    /// Job changes not yet in a commit, in order.
+    pending: Vec<StoreOp>,
+    /// Delegations not yet in a commit, in arrival order.
+    staged: Vec<Staged>,
+    /// Webhooks whose effects are in `pending`.
+    waiting: Vec<Waiter>,
+    committing: Option<Batch>,
+    /// After a failed commit, the next one waits until then.
+    commit_not_before: Millis,
+    draining: bool,
+    effects: VecDeque<Effect>,
+}
+
+impl Registry {
+    pub fn new(timing: Timing, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Registry {
+            timing: Arc::new(timing),
+            limits,
+            metrics,
+            jobs: HashMap::new(),
+            by_identity: HashIndex::default(),
+            by_room: HashMap::new(),
+            by_member: HashIndex::default(),
+            by_delay: HashIndex::default(),
+            scheduler: Scheduler::default(),
+            restart_queue: VecDeque::new(),
+            send_queue: VecDeque::new(),
+            restarts_in_flight: 0,
+            sends_in_flight: 0,
+            listings: HashMap::new(),
+            listing_queue: VecDeque::new(),
+            listings_in_flight: 0,
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            pending: Vec::new(),
+            staged: Vec::new(),
+            waiting: Vec::new(),
+            committing: None,
+            commit_not_before: 0,
+            draining: false,
+            effects: VecDeque::new(),
+        }
+    }
+
+    // ---- inputs -------------------------------------------------------------------------------
+
+    /// Resumes a job loaded from the store.
+    pub fn resume(&mut self, record: JobRecord, now: Millis) {
+        let delegation = Arc::new(record.delegation);
+        let (job, actions) = Job::resume(delegation.delay_ms, record.id.0, self.timing.clone(), record.state, now);
+        self.insert(record.id, job, delegation);
+        self.run(record.id, actions);
+    }
+
+    /// A delegation: stored (replacing an older one of the same member) in the next commit, and
+    /// started once that commit succeeded. A repeat of a tracked or staged one is answered with
+    /// its job.
+    pub fn delegate(&mut self, d: Delegation, ticket: Ticket) {
+        let server = d.server_name().to_owned();
+        if let Some(id) = self.tracked_delay(&server, &d.delay_id) {
+            debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %DelayRef(&d.delay_id),
+                "delegation repeated; already tracked");
+            self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
+            self.effects.push_back(Effect::Delegated { ticket, result: Ok(id) });
+            return;
+        }
+        let same_delay = |s: &&mut Staged| s.delegation.server_name() == server && s.delegation.delay_id == d.delay_id;
+        let in_flight = self.committing.as_mut().map(|b| &mut b.staged);
+        if let Some(s) = self.staged.iter_mut().chain(in_flight.into_iter().flatten()).find(same_delay) {
+            s.tickets.push(ticket);
+            return;
+        }
+        let key = d.member_key();
+        let in_flight = self.committing.as_ref().map(|b| &b.staged);
+        let replaces = self
+            .staged
+            .iter()
+            .rev()
+            .chain(in_flight.into_iter().flatten().rev())
+            .find(|s| s.delegation.member_key() == key)
+            .map(|s| s.id)
+            .or_else(|| self.tracked_member(&d));
+        self.staged.push(Staged { id: JobId::random(), delegation: d, replaces, tickets: vec![ticket] });
+    }
+
+    /// A verified webhook: applied to the jobs it concerns at once, answered once durable.
+    pub fn webhook(&mut self, event: SfuEvent, ticket: Ticket, now: Millis) {
+        if !event.id.is_empty() && self.seen.contains(&event.id) {
+            let result = Ok(WebhookOutcome::Duplicate);
+            self.effects.push_back(Effect::WebhookHandled { ticket, result });
+            return;
+        }
+        let room: Arc<str> = event.room.as_str().into();
+        let mut targets: Vec<(JobId, Event)> = Vec::new();
+        match &event.kind {
+            SfuEventKind::ParticipantJoined(p) => {
+                for id in self.watching(&room, &p.identity) {
+                    targets.push((id, Event::Joined(session(p, &event.room_sid))));
+                }
+            }
+            SfuEventKind::ParticipantLeft { participant: p, departure, .. } => {
+                let reason = match departure {
+                    Departure::MayReturn(_) => LeaveReason::MayReturn,
+                    Departure::Final(_) => LeaveReason::Final,
+                };
+                for id in self.watching(&room, &p.identity) {
+                    targets.push((id, Event::Left { session: session(p, &event.room_sid), reason }));
+                }
+            }
+            SfuEventKind::RoomFinished => {
+                for &id in self.by_room.get(&room).into_iter().flatten() {
+                    targets.push((id, Event::RoomFinished { room_sid: event.room_sid.clone() }));
+                }
+            }
+            SfuEventKind::Other(_) => {}
+        }
+        let outcome = if targets.is_empty() { WebhookOutcome::Ignored } else { WebhookOutcome::Applied };
+        let (identity, sid, reason) = match &event.kind {
+            SfuEventKind::ParticipantJoined(p) => (Some(p.identity.as_str()), p.sid.as_str(), ""),
+            SfuEventKind::ParticipantLeft { participant: p, departure, .. } => {
+                (Some(p.identity.as_str()), p.sid.as_str(), departure.reason())
+            }
+            _ => (None, "", ""),
+        };
+        for (id, ev) in targets {
+            if let Some(entry) = self.jobs.get(&id) {
+                info!(
+                    job = %id, room = %entry.delegation.room_id,
+                    identity = identity.map(str::to_owned).unwrap_or_else(|| entry.identity()),
+                    sid, event = event.kind.name(), webhook = %event.id, livekit_room = %entry.room,
+                    user = %entry.delegation.user_id, reason, "webhook for a tracked member"
+                );
+            }
+            self.apply(id, ev, now);
+        }
+        self.waiting.push(Waiter { webhook_id: event.id, outcome, ticket });
+    }
+
+    /// The answer to an [`Effect::Call`].
+    pub fn call_answered(&mut self, job: JobId, call: u64, action: DelayedAction, answer: HsAnswer, now: Millis) {
+        match action {
+            DelayedAction::Restart => self.restarts_in_flight -= 1,
+            DelayedAction::Send => self.sends_in_flight -= 1,
+        }
+        let event = match action {
+            DelayedAction::Restart => Event::Restarted { call, answer },
+            DelayedAction::Send => Event::SendAnswered { call, answer },
+        };
+        // A job that ended meanwhile ignores it.
+        self.apply(job, event, now);
+    }
+
+    /// The answer to an [`Effect::List`] started at `at`. Costs O(participants + jobs of the
+    /// room): each participant is looked up in the identity index.
+    pub fn listed(&mut self, room: Arc<str>, at: Millis, result: Result<Vec<Participant>, Unobserved>, now: Millis) {
+        self.listings_in_flight -= 1;
+        let again = self.listings.remove(&room).is_some_and(|l| l.again);
+        let ids: Vec<JobId> = self.by_room.get(&room).into_iter().flatten().copied().collect();
+        match result {
+            Ok(participants) => {
+                let mut present: HashMap<JobId, Vec<Session>> = HashMap::new();
+                for p in &participants {
+                    for id in self.watching(&room, &p.identity) {
+                        present.entry(id).or_default().push(session(p, ""));
+                    }
+                }
+                for id in ids {
+                    let present = present.remove(&id).unwrap_or_default();
+                    self.apply(id, Event::Observed { at, present }, now);
+                }
+            }
+            Err(Unobserved) => {
+                for id in ids {
+                    self.apply(id, Event::ObservationFailed, now);
+                }
+            }
+        }
+        if again {
+            self.list(room);
+        }
+    }
+
+    /// The outcome of the [`Effect::Commit`] in flight.
+    pub fn committed(&mut self, result: Result<(), StoreError>, now: Millis) {
+        let Some(batch) = self.committing.take() else {
+            error!("a commit was reported, but none was in flight");
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.answer_webhooks(batch.waiting, Ok(()));
+                for s in batch.staged {
+                    self.start_delegation(s, now);
+                }
+            }
+            Err(e) => {
+                error!(changes = batch.ops.len(), delegations = batch.staged.len(), error = %e,
+                    "store commit failed; webhooks answered 503, delegations refused, changes retried");
+                self.metrics.store_errors.inc();
+                let newer = std::mem::replace(&mut self.pending, batch.ops);
+                self.pending.extend(newer);
+                for s in batch.staged {
+                    let d = &s.delegation;
+                    error!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), "delegation not stored");
+                    for ticket in s.tickets {
+                        self.effects.push_back(Effect::Delegated { ticket, result: Err(e.clone()) });
+                    }
+                }
+                self.answer_webhooks(batch.waiting, Err(e));
+                self.commit_not_before = now + self.limits.commit_retry;
+            }
+        }
+    }
+
+    /// Lets due jobs act; at most [`Limits::timeouts`] of them (call again while
+    /// [`Registry::poll_timeout`] is due).
+    pub fn handle_timeout(&mut self, now: Millis) {
+        for id in self.scheduler.pop_due(now, self.limits.timeouts) {
+            let actions = self.step(id, |job, out| job.handle_timeout(now, out));
+            self.run(id, actions);
+        }
+    }
+
+    /// Lists every room with jobs (the periodic reconciliation with LiveKit).
+    pub fn reconcile(&mut self) {
+        self.metrics.reconciliations.inc();
+        let rooms: Vec<Arc<str>> = self.by_room.keys().cloned().collect();
+        debug!(rooms = rooms.len(), "reconciling with LiveKit");
+        for room in rooms {
+            self.list(room);
+        }
+    }
+
+    /// Stops starting calls and listings (they are redone on start); answers still count.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    // ---- outputs ------------------------------------------------------------------------------
+
+    /// Starts what the limits allow: queued sends, restarts and listings, and the next commit.
+    pub fn flush(&mut self, now: Millis) {
+        if !self.draining {
+            self.start_calls(now);
+            self.start_listings(now);
+        }
+        self.start_commit(now);
+    }
+
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// When [`Registry::handle_timeout`] (or [`Registry::flush`], for a commit retry) next has
+    /// something to do.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let retry = (self.committing.is_none() && !self.pending.is_empty()).then_some(self.commit_not_before);
+        [self.scheduler.next_deadline(), retry].into_iter().flatten().min()
+    }
+
+    /// Calls started and not answered.
+    pub fn calls_in_flight(&self) -> usize {
+        self.restarts_in_flight + self.sends_in_flight
+    }
+
+    /// Whether changes are waiting for the store (pending, staged, or being committed).
+    pub fn uncommitted(&self) -> usize {
+        self.pending.len() + self.staged.len() + self.committing.as_ref().map_or(0, |b| b.ops.len() + b.staged.len())
+    }
+
+    pub fn is_committing(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    /// Every tracked job, oldest first.
+    pub fn summaries(&self, now: Millis) -> Vec<JobSummary> {
+        let mut list: Vec<JobSummary> =
+            self.jobs.iter().map(|(id, e)| JobSummary::of(*id, &e.delegation, &e.room, &e.job, now)).collect();
+        list.sort_by_key(|j| j.created_at_ms);
+        list
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    // ---- delegations --------------------------------------------------------------------------
+
+    /// Starts a delegation whose record (and its predecessor's deletion) is committed.
+    fn start_delegation(&mut self, staged: Staged, now: Millis) {
+        let Staged { id, delegation: d, replaces, tickets } = staged;
+        if let Some(old) = replaces {
+            if let Some(entry) = self.jobs.get(&old) {
+                info!(job = %old, room = %entry.delegation.room_id, identity = entry.identity(),
+                    user = %entry.delegation.user_id, delay_id = %DelayRef(&entry.delegation.delay_id), new_job = %id,
+                    "superseded by a newer delegation; its delay id will not be sent");
+            }
+            let actions = self.step(old, |job, out| out.extend(job.supersede()));
+            self.run(old, actions);
+        }
+        let delegation = Arc::new(d);
+        let (job, actions) = Job::new(delegation.delay_ms, id.0, self.timing.clone(), now);
+        info!(
+            job = %id, room = %delegation.room_id, identity = %delegation.identities()[0],
+            livekit_room = %delegation.livekit_room(), user = %delegation.user_id, device = %delegation.device_id,
+            delay_id = %DelayRef(&delegation.delay_id), delay_ms = delegation.delay_ms, mode = ?delegation.mode,
+            "delegation accepted"
+        );
+        let outcome = if replaces.is_some() { "replaced" } else { "accepted" };
+        self.metrics.delegations.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.insert(id, job, delegation);
+        // Its first durable state was stored with it.
+        let actions = actions.into_iter().filter(|a| *a != Action::Persist).collect();
+        self.run(id, actions);
+        for ticket in tickets {
+            self.effects.push_back(Effect::Delegated { ticket, result: Ok(id) });
+        }
+    }
+
+    fn insert(&mut self, id: JobId, job: Job, delegation: Arc<Delegation>) {
+        // One allocation per LiveKit room, shared by its jobs.
+        let name = delegation.livekit_room();
+        let room = self.by_room.get_key_value(name.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| name.into());
+        let watch = delegation.watch();
+        for identity in watch.identities(&delegation.user_id, &delegation.device_id) {
+            self.by_identity.insert(&(&*room, identity.as_str()), id);
+        }
+        self.by_room.entry(room.clone()).or_default().insert(id);
+        self.by_member.insert(&delegation.member_key(), id);
+        self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
+        views::move_gauge(&self.metrics, None, Some(job.kind()));
+        self.jobs.insert(id, Box::new(Entry { job, delegation, room, watch }));
+    }
+
+    fn remove(&mut self, id: JobId) -> Option<Box<Entry>> {
+        let entry = self.jobs.remove(&id)?;
+        for identity in entry.watch.identities(&entry.delegation.user_id, &entry.delegation.device_id) {
+            self.by_identity.remove(&(&*entry.room, identity.as_str()), id);
+        }
+        if let Some(ids) = self.by_room.get_mut(&entry.room) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_room.remove(&entry.room);
+            }
+        }
+        let d = &entry.delegation;
+        self.by_member.remove(&d.member_key(), id);
+        self.by_delay.remove(&(d.server_name(), d.delay_id.as_str()), id);
+        self.scheduler.set(id, None);
+        Some(entry)
+    }
+
+    /// The tracked job of `delay_id` on `server`, if any.
+    fn tracked_delay(&self, server: &str, delay_id: &str) -> Option<JobId> {
+        self.by_delay.candidates(&(server, delay_id)).iter().copied().find(|id| {
+            self.jobs.get(id).is_some_and(|e| e.delegation.server_name() == server && e.delegation.delay_id == delay_id)
+        })
+    }
+
+    /// The tracked job of the same member as `d`, if any.
+    fn tracked_member(&self, d: &Delegation) -> Option<JobId> {
+        let key = d.member_key();
+        self.by_member
+            .candidates(&key)
+            .iter()
+            .copied()
+            .find(|id| self.jobs.get(id).is_some_and(|e| e.delegation.member_key() == key))
+    }
+
+    fn watching(&self, room: &Arc<str>, identity: &str) -> Vec<JobId> {
+        self.by_identity
+            .candidates(&(&**room, identity))
+            .iter()
+            .copied()
+            .filter(|id| self.jobs.get(id).is_some_and(|e| e.room == *room && e.watches(identity)))
+            .collect()
+    }
+
+    // ---- driving jobs -------------------------------------------------------------------------
+
+    fn apply(&mut self, id: JobId, event: Event, now: Millis) {
+        let actions = self.step(id, |job, out| job.handle(event, now, out));
+        self.run(id, actions);
+    }
+
+    /// Lets job `id` (if it still exists) take one step, keeping the state gauges in step.
+    fn step(&mut self, id: JobId, f: impl FnOnce(&mut Job, &mut Vec<Action>)) -> Vec<Action> {
+        let Some(entry) = self.jobs.get_mut(&id) else { return Vec::new() };
+        let before = entry.job.kind();
+        let mut actions = Vec::new();
+        f(&mut entry.job, &mut actions);
+        views::move_gauge(&self.metrics, Some(before), Some(entry.job.kind()));
+        actions
+    }
+
+    /// Carries out a job's actions, then reschedules it.
+    fn run(&mut self, id: JobId, actions: Vec<Action>) {
+        for action in actions {
+            let Some(entry) = self.jobs.get(&id) else { return };
+            match action {
+                Action::Restart { call } => self.restart_queue.push_back((id, call)),
+                Action::Send { call } => self.send_queue.push_back((id, call)),
+                Action::Probe => {
+                    let room = entry.room.clone();
+                    self.list(room);
+                }
+                Action::Persist => {
+                    if let Some(state) = entry.job.durable() {
+                        self.pending.push(StoreOp::SetState(id, state));
+                    }
+                }
+                Action::Finish(outcome) => self.finish(id, outcome),
+            }
+        }
+        if let Some(entry) = self.jobs.get(&id) {
+            self.scheduler.set(id, entry.job.poll_timeout());
+        }
+    }
+
+    fn finish(&mut self, id: JobId, outcome: Outcome) {
+        let Some(entry) = self.remove(id) else { return };
+        let d = &entry.delegation;
+        let (room, identity, delay_id) = (&d.room_id, entry.identity(), DelayRef(&d.delay_id));
+        let m = &self.metrics;
+        m.jobs_finished.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+        match outcome {
+            Outcome::Sent { trigger, latency } => {
+                if trigger == Trigger::Reconciled {
+                    m.reconciliation_departures.inc();
+                }
+                m.leave_latency
+                    .get_or_create(&TriggerLabel { trigger: trigger.as_str() })
+                    .observe(latency as f64 / 1000.0);
+                info!(job = %id, room = %room, identity, user = %d.user_id, device = %d.device_id,
+                    %delay_id, trigger = trigger.as_str(), latency_ms = latency, "leave sent");
+            }
+            Outcome::Expired => {
+                warn!(job = %id, room = %room, identity, user = %d.user_id, %delay_id,
+                    "homeserver unreachable past the event's deadline; its own timer has fired the leave");
+            }
+            Outcome::Unconfirmed => {
+                warn!(job = %id, room = %room, identity, user = %d.user_id, %delay_id,
+                    "LiveKit could not confirm the member's presence for too long; restarts stopped, the homeserver's timer decides");
+            }
+            Outcome::Gone => {
+                info!(job = %id, room = %room, identity, user = %d.user_id, %delay_id,
+                    "delayed event no longer exists on the homeserver; job ended without sending");
+            }
+            // Its row was deleted in the commit that stored its successor.
+            Outcome::Superseded => return,
+        }
+        self.pending.push(StoreOp::Delete(id));
+    }
+
+    /// Starts queued calls up to the limits, sends first. A call its job no longer awaits (the
+    /// job moved on while it waited) is dropped.
+    fn start_calls(&mut self, now: Millis) {
+        while self.sends_in_flight < self.limits.sends {
+            let Some((id, call)) = self.send_queue.pop_front() else { break };
+            if self.start_call(id, call, DelayedAction::Send, now) {
+                self.sends_in_flight += 1;
+            }
+        }
+        while self.restarts_in_flight < self.limits.restarts {
+            let Some((id, call)) = self.restart_queue.pop_front() else { break };
+            if self.start_call(id, call, DelayedAction::Restart, now) {
+                self.restarts_in_flight += 1;
+            }
+        }
+    }
+
+    fn start_call(&mut self, id: JobId, call: u64, action: DelayedAction, now: Millis) -> bool {
+        let Some(entry) = self.jobs.get_mut(&id) else { return false };
+        if !entry.job.call_started(call, now) {
+            return false;
+        }
+        self.scheduler.set(id, entry.job.poll_timeout());
+        let d = entry.delegation.clone();
+        let identity = entry.identity();
+        if action == DelayedAction::Restart && now > entry.job.deadline() {
+            self.metrics.late_restarts.inc();
+            warn!(job = %id, room = %d.room_id, identity, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
+                "restart issued after the event's estimated deadline");
+        }
+        self.effects.push_back(Effect::Call { job: id, call, action, delegation: d, identity });
+        true
+    }
+
+    /// Lists `room`, unless a listing of it is queued, or running (then once more after it, so
+    /// that whoever asked gets an answer that started after asking).
+    fn list(&mut self, room: Arc<str>) {
+        match self.listings.get_mut(&room) {
+            Some(l) => l.again |= l.in_flight,
+            None => {
+                self.listings.insert(room.clone(), Listing { in_flight: false, again: false });
+                self.listing_queue.push_back(room);
+            }
+        }
+    }
+
+    fn start_listings(&mut self, now: Millis) {
+        while self.listings_in_flight < self.limits.listings {
+            let Some(room) = self.listing_queue.pop_front() else { break };
+            if !self.by_room.contains_key(&room) {
+                self.listings.remove(&room); // its jobs ended while it waited
+                continue;
+            }
+            if let Some(l) = self.listings.get_mut(&room) {
+                l.in_flight = true;
+            }
+            self.listings_in_flight += 1;
+            self.effects.push_back(Effect::List { room, at: now });
+        }
+    }
+
+    // ---- store --------------------------------------------------------------------------------
+
+    fn start_commit(&mut self, now: Millis) {
+        if let Some(batch) = &mut self.committing {
+            if self.pending.is_empty() && self.staged.is_empty() {
+                // No effects of their own: they wait for the state they saw to be durable.
+                batch.waiting.append(&mut self.waiting);
+            }
+            return;
+        }
+        if self.pending.is_empty() && self.staged.is_empty() {
+            let waiting = std::mem::take(&mut self.waiting);
+            self.answer_webhooks(waiting, Ok(()));
+            return;
+        }
+        if now < self.commit_not_before {
+            return;
+        }
+        let job_ops = std::mem::take(&mut self.pending);
+        let staged = std::mem::take(&mut self.staged);
+        let mut ops = job_ops.clone();
+        for s in &staged {
+            ops.push(StoreOp::Insert(JobRecord {
+                id: s.id,
+                delegation: s.delegation.clone(),
+                state: Durable::Waiting,
+            }));
+            ops.extend(s.replaces.map(StoreOp::Delete));
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        self.committing = Some(Batch { ops: job_ops, staged, waiting });
+        self.effects.push_back(Effect::Commit(ops));
+    }
+
+    fn answer_webhooks(&mut self, waiting: Vec<Waiter>, result: Result<(), StoreError>) {
+        for w in waiting {
+            let result = match &result {
+                Ok(()) => {
+                    self.remember_webhook(w.webhook_id);
+                    Ok(w.outcome)
+                }
+                Err(e) => Err(e.clone()),
+            };
+            self.effects.push_back(Effect::WebhookHandled { ticket: w.ticket, result });
+        }
+    }
+
+    fn remember_webhook(&mut self, id: String) {
+        if id.is_empty() || !self.seen.insert(id.clone()) {
+            return;
+        }
+        self.seen_order.push_back(id);
+        if self.seen_order.len() > self.limits.seen_webhooks {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+}
+
+fn session(p: &Participant, room_sid: &str) -> Session {
+    Session {
+        identity: p.identity.clone(),
+        sid: p.sid.clone(),
+        joined_at_ms: p.joined_at_ms,
+        room_sid: room_sid.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,400 @@
+//! The registry without tokio: every input is a call, every effect is looked at.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::delegation::Mode;
+
+const DELAY: Millis = 10_000;
+
+fn delegation(user: &str, device: &str, delay_id: &str) -> Delegation {
+    Delegation {
+        room_id: "!r:hs.test".into(),
+        slot_id: "m.call#ROOM".into(),
+        user_id: format!("@{user}:hs.test"),
+        device_id: device.into(),
+        member_id: format!("m.{user}.{device}"),
+        delay_id: delay_id.into(),
+        delay_ms: DELAY,
+        cs_api_url: "https://hs.test/".into(),
+        created_at_ms: 0,
+        mode: Mode::OpenId,
+    }
+}
+
+fn participant(d: &Delegation, sid: &str) -> Participant {
+    Participant { identity: d.identities()[0].clone(), sid: sid.into(), joined_at_ms: 1_000 }
+}
+
+fn event(d: &Delegation, id: &str, kind: SfuEventKind) -> SfuEvent {
+    SfuEvent { id: id.into(), room: d.livekit_room(), room_sid: "RM_1".into(), kind }
+}
+
+fn joined(d: &Delegation, sid: &str, id: &str) -> SfuEvent {
+    event(d, id, SfuEventKind::ParticipantJoined(participant(d, sid)))
+}
+
+fn left(d: &Delegation, sid: &str, id: &str) -> SfuEvent {
+    let departure = Departure::Final("CLIENT_INITIATED".into());
+    event(d, id, SfuEventKind::ParticipantLeft { participant: participant(d, sid), departure, aborted: false })
+}
+
+/// A registry and everything it asked for, sorted by kind.
+struct Rig {
+    r: Registry,
+    now: Millis,
+    calls: Vec<(JobId, u64, DelayedAction, Arc<Delegation>)>,
+    lists: Vec<(Arc<str>, Millis)>,
+    commits: Vec<Vec<StoreOp>>,
+    delegated: Vec<(Ticket, Result<JobId, StoreError>)>,
+    webhooks: Vec<(Ticket, Result<WebhookOutcome, StoreError>)>,
+    next_ticket: u64,
+}
+
+impl Rig {
+    fn new() -> Self {
+        Rig::with(Limits::default())
+    }
+    fn with(limits: Limits) -> Self {
+        Rig {
+            r: Registry::new(Timing::default(), limits, Arc::new(Metrics::new())),
+            now: 0,
+            calls: Vec::new(),
+            lists: Vec::new(),
+            commits: Vec::new(),
+            delegated: Vec::new(),
+            webhooks: Vec::new(),
+            next_ticket: 0,
+        }
+    }
+    fn ticket(&mut self) -> Ticket {
+        self.next_ticket += 1;
+        Ticket(self.next_ticket)
+    }
+    fn flush(&mut self) {
+        self.r.flush(self.now);
+        while let Some(e) = self.r.poll_effect() {
+            match e {
+                Effect::Call { job, call, action, delegation, .. } => self.calls.push((job, call, action, delegation)),
+                Effect::List { room, at } => self.lists.push((room, at)),
+                Effect::Commit(ops) => self.commits.push(ops),
+                Effect::Delegated { ticket, result } => self.delegated.push((ticket, result)),
+                Effect::WebhookHandled { ticket, result } => self.webhooks.push((ticket, result)),
+            }
+        }
+    }
+    fn delegate(&mut self, d: &Delegation) -> Ticket {
+        let t = self.ticket();
+        self.r.delegate(d.clone(), t);
+        self.flush();
+        t
+    }
+    fn webhook(&mut self, e: SfuEvent) -> Ticket {
+        let t = self.ticket();
+        self.r.webhook(e, t, self.now);
+        self.flush();
+        t
+    }
+    fn commit(&mut self, result: Result<(), StoreError>) {
+        self.r.committed(result, self.now);
+        self.flush();
+    }
+    /// Delegates `d` and commits it; returns its job.
+    fn tracked(&mut self, d: &Delegation) -> JobId {
+        let t = self.delegate(d);
+        self.commit(Ok(()));
+        self.answer_of(t).unwrap()
+    }
+    fn answer_of(&self, t: Ticket) -> Option<JobId> {
+        self.delegated.iter().find(|(x, _)| *x == t).map(|(_, r)| *r.as_ref().unwrap())
+    }
+    fn webhook_answer(&self, t: Ticket) -> Option<&Result<WebhookOutcome, StoreError>> {
+        self.webhooks.iter().find(|(x, _)| *x == t).map(|(_, r)| r)
+    }
+    fn answer_calls(&mut self, answer: HsAnswer) {
+        for (job, call, action, _) in std::mem::take(&mut self.calls) {
+            self.r.call_answered(job, call, action, answer, self.now);
+        }
+        self.flush();
+    }
+    fn advance(&mut self, to: Millis) {
+        while let Some(due) = self.r.poll_timeout().filter(|t| *t <= to) {
+            self.now = self.now.max(due);
+            self.r.handle_timeout(self.now);
+            self.flush();
+        }
+        self.now = to;
+        self.flush();
+    }
+    fn sends(&self) -> Vec<JobId> {
+        self.calls.iter().filter(|c| c.2 == DelayedAction::Send).map(|c| c.0).collect()
+    }
+}
+
+#[test]
+fn a_delegation_takes_effect_only_once_committed() {
+    let mut rig = Rig::new();
+    let d = delegation("a", "DEV", "syd_1");
+    let t = rig.delegate(&d);
+    assert_eq!(rig.commits.len(), 1);
+    assert!(matches!(&rig.commits[0][..], [StoreOp::Insert(r)] if r.delegation == d && r.state == Durable::Waiting));
+    assert!(rig.delegated.is_empty() && rig.calls.is_empty() && rig.r.is_empty(), "nothing before the commit");
+    rig.commit(Ok(()));
+    let id = rig.answer_of(t).unwrap();
+    assert_eq!(rig.calls.len(), 1, "restarted at once");
+    assert_eq!((rig.calls[0].0, rig.calls[0].2), (id, DelayedAction::Restart));
+    assert_eq!(rig.lists.len(), 1, "LiveKit asked at once");
+    assert_eq!(rig.commits.len(), 1, "its first state was stored with it: no second commit");
+}
+
+#[test]
+fn a_refused_commit_refuses_the_delegation_and_retries_job_changes_first() {
+    let mut rig = Rig::new();
+    let a = delegation("a", "DEV", "syd_a");
+    let id = rig.tracked(&a);
+    rig.answer_calls(HsAnswer::Ok);
+    let (w, t) = (rig.ticket(), rig.ticket());
+    rig.r.webhook(joined(&a, "PA_1", "EV_1"), w, rig.now);
+    rig.r.delegate(delegation("b", "DEV", "syd_b"), t);
+    rig.flush();
+    assert_eq!(rig.commits.len(), 2, "one commit for both");
+    rig.commit(Err(StoreError("disk on fire".into())));
+    assert!(rig.delegated.iter().any(|(x, r)| *x == t && r.is_err()), "the delegation is refused");
+    assert!(rig.webhook_answer(w).unwrap().is_err(), "503: LiveKit retries");
+    assert_eq!(rig.commits.len(), 2, "no retry before the back-off");
+    // A change made meanwhile goes after the failed one.
+    rig.webhook(left(&a, "PA_1", "EV_2"));
+    rig.advance(rig.now + 500);
+    assert_eq!(rig.commits.len(), 3);
+    let ops = &rig.commits[2];
+    assert!(
+        matches!(&ops[..], [StoreOp::SetState(x, Durable::Connected { .. }), StoreOp::SetState(y, Durable::Sending { .. })] if *x == id && *y == id),
+        "{ops:?}"
+    );
+    assert!(!ops.iter().any(|op| matches!(op, StoreOp::Insert(_))), "the refused delegation is gone");
+}
+
+#[test]
+fn webhooks_are_answered_once_durable_and_duplicates_after() {
+    let mut rig = Rig::new();
+    let a = delegation("a", "DEV", "syd_a");
+    rig.tracked(&a);
+    let w = rig.webhook(joined(&a, "PA_1", "EV_1"));
+    assert!(rig.webhook_answer(w).is_none(), "waits for its commit");
+    // Another webhook without effects waits for the commit in flight, too.
+    let other = rig.webhook(event(&a, "EV_X", SfuEventKind::Other("track_published".into())));
+    assert!(rig.webhook_answer(other).is_none());
+    rig.commit(Ok(()));
+    assert_eq!(rig.webhook_answer(w).unwrap().as_ref().unwrap(), &WebhookOutcome::Applied);
+    assert_eq!(rig.webhook_answer(other).unwrap().as_ref().unwrap(), &WebhookOutcome::Ignored);
+    let again = rig.webhook(joined(&a, "PA_1", "EV_1"));
+    assert_eq!(rig.webhook_answer(again).unwrap().as_ref().unwrap(), &WebhookOutcome::Duplicate);
+    // With nothing in flight and no effects, the answer is immediate.
+    let idle = rig.webhook(event(&a, "EV_Y", SfuEventKind::Other("egress_started".into())));
+    assert!(rig.webhook_answer(idle).is_some());
+}
+
+#[test]
+fn restarts_and_sends_never_wait_for_the_store() {
+    let mut rig = Rig::new();
+    let a = delegation("a", "DEV", "syd_a");
+    let id = rig.tracked(&a);
+    rig.answer_calls(HsAnswer::Ok);
+    rig.webhook(joined(&a, "PA_1", "EV_1"));
+    assert_eq!(rig.commits.len(), 2, "the binding is being committed (and never answered)");
+    // The store is stuck: restarts still go out on time, and the departure's send at once.
+    for _ in 0..5 {
+        let next = rig.r.summaries(rig.now)[0].next_call_in_ms.unwrap() as Millis + rig.now;
+        rig.advance(next);
+        assert_eq!(rig.calls.len(), 1, "restart at {next}");
+        rig.answer_calls(HsAnswer::Ok);
+    }
+    rig.webhook(left(&a, "PA_1", "EV_2"));
+    assert_eq!(rig.sends(), vec![id]);
+    assert_eq!(rig.commits.len(), 2, "one commit at a time");
+}
+
+#[test]
+fn a_repeat_while_its_commit_is_in_flight_gets_the_same_job() {
+    let mut rig = Rig::new();
+    let d = delegation("a", "DEV", "syd_a");
+    let t1 = rig.delegate(&d);
+    let t2 = rig.delegate(&d);
+    rig.commit(Ok(()));
+    assert_eq!(rig.commits.len(), 1, "stored once");
+    assert_eq!(rig.answer_of(t1), rig.answer_of(t2));
+    let t3 = rig.delegate(&d);
+    assert_eq!(rig.answer_of(t3), rig.answer_of(t1), "tracked: answered at once");
+}
+
+#[test]
+fn a_newer_delegation_supersedes_in_one_commit_and_deletes_once() {
+    let mut rig = Rig::new();
+    let old = rig.tracked(&delegation("a", "DEV", "syd_old"));
+    let new = rig.tracked(&delegation("a", "DEV", "syd_new"));
+    let ops = &rig.commits[1];
+    assert!(ops.iter().any(|op| matches!(op, StoreOp::Insert(r) if r.id == new)));
+    assert!(ops.contains(&StoreOp::Delete(old)));
+    // Whatever happens next, the old job is never deleted (or sent) again.
+    rig.answer_calls(HsAnswer::Ok);
+    rig.advance(60_000);
+    let deletes = rig.commits.iter().flatten().filter(|op| **op == StoreOp::Delete(old)).count();
+    assert_eq!(deletes, 1, "{:?}", rig.commits);
+    assert!(rig.calls.iter().all(|c| c.0 != old));
+    // A replacement staged while its predecessor's commit is in flight replaces that one.
+    let t = rig.delegate(&delegation("b", "DEV", "syd_1"));
+    let t2 = rig.delegate(&delegation("b", "DEV", "syd_2"));
+    rig.commit(Ok(()));
+    rig.commit(Ok(()));
+    let (first, second) = (rig.answer_of(t).unwrap(), rig.answer_of(t2).unwrap());
+    assert!(rig.commits.last().unwrap().contains(&StoreOp::Delete(first)));
+    let summaries = rig.r.summaries(rig.now);
+    assert!(summaries.iter().any(|s| s.id == second.to_string()));
+    assert!(!summaries.iter().any(|s| s.id == first.to_string() || s.id == old.to_string()));
+}
+
+#[test]
+fn a_cold_start_starts_calls_up_to_the_limits_and_sends_never_queue_behind_restarts() {
+    let limits = Limits { restarts: 10, sends: 2, ..Limits::default() };
+    let mut rig = Rig::with(limits);
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let d = delegation(&format!("u{i}"), "DEV", &format!("syd_{i}"));
+        let id = JobId(i + 1);
+        rig.r.resume(JobRecord { id, delegation: d, state: Durable::Waiting }, 0);
+        ids.push(id);
+    }
+    let resumed_sending = JobId(1_000);
+    let d = delegation("gone", "DEV", "syd_gone");
+    let state = Durable::Sending { trigger: Trigger::Departed };
+    rig.r.resume(JobRecord { id: resumed_sending, delegation: d, state }, 0);
+    rig.flush();
+    assert_eq!(rig.calls.len(), 11, "10 restarts and the send");
+    assert_eq!(rig.sends(), vec![resumed_sending], "the send did not queue behind 100 restarts");
+    assert_eq!(rig.lists.len(), 1, "one listing for the shared room");
+    let mut answered = 0;
+    while !rig.calls.is_empty() {
+        assert!(rig.r.calls_in_flight() <= 12);
+        answered += rig.calls.len();
+        rig.answer_calls(HsAnswer::Ok);
+    }
+    assert_eq!(answered, 101, "every job called once");
+}
+
+#[test]
+fn due_jobs_are_handled_in_bounded_batches() {
+    let mut rig = Rig::with(Limits { timeouts: 7, ..Limits::default() });
+    for i in 0..20 {
+        let mut d = delegation(&format!("u{i}"), "DEV", &format!("syd_{i}"));
+        d.delay_ms = 1_000_000;
+        let binding = crate::lifecycle::Binding {
+            identity: d.identities()[0].clone(),
+            sid: format!("PA_{i}"),
+            joined_at: 1,
+            joined_at_ms: 1_000,
+            room_sid: String::new(),
+        };
+        let state = Durable::Connected { binding, others: Vec::new() };
+        rig.r.resume(JobRecord { id: JobId(i + 1), delegation: d, state }, 0);
+    }
+    rig.flush();
+    rig.answer_calls(HsAnswer::Ok);
+    rig.advance(100_000); // the unanswered first listing times out
+    // Every job's next restart falls due; one timeout handles at most 7 of them.
+    let due = rig.r.poll_timeout().unwrap().max(800_000);
+    rig.r.handle_timeout(due);
+    rig.r.flush(due);
+    let mut started = 0;
+    while let Some(e) = rig.r.poll_effect() {
+        started += usize::from(matches!(e, Effect::Call { .. }));
+    }
+    assert_eq!(started, 7);
+    assert!(rig.r.poll_timeout().unwrap() <= due, "the rest are still due");
+}
+
+#[test]
+fn a_listing_asked_for_while_one_runs_runs_once_more_after_it() {
+    let mut rig = Rig::new();
+    let a = delegation("a", "DEV", "syd_a");
+    rig.tracked(&a);
+    assert_eq!(rig.lists.len(), 1);
+    rig.r.reconcile();
+    rig.r.reconcile();
+    rig.flush();
+    assert_eq!(rig.lists.len(), 1, "one at a time per room");
+    let (room, at) = rig.lists.remove(0);
+    rig.now = 100;
+    rig.r.listed(room, at, Ok(vec![]), rig.now);
+    rig.flush();
+    assert_eq!(rig.lists.len(), 1, "once more, started after the asking");
+    assert_eq!(rig.lists[0].1, 100);
+}
+
+#[test]
+fn a_failed_call_is_retried_before_the_deadline() {
+    let mut rig = Rig::new();
+    let a = delegation("a", "DEV", "syd_a");
+    let id = rig.tracked(&a);
+    // The call's task panicked: the shell reports a failure.
+    rig.answer_calls(HsAnswer::Failed);
+    assert!(rig.calls.is_empty());
+    let retry = rig.r.poll_timeout().unwrap();
+    assert!(retry < DELAY, "{retry}");
+    rig.advance(retry);
+    assert_eq!(rig.calls.len(), 1);
+    assert_eq!(rig.calls[0].0, id);
+}
+
+/// Members (user, device) of one room's jobs.
+type Members = Vec<(u8, u8)>;
+/// Listed sessions (user, device, sid number).
+type Listed = Vec<(u8, u8, u16)>;
+
+/// Jobs of one room and a listing of its participants, as the property test draws them.
+fn room_case() -> impl Strategy<Value = (Members, Listed)> {
+    (
+        proptest::collection::vec((0u8..6, 0u8..3), 0..12),
+        proptest::collection::vec((0u8..8, 0u8..4, any::<u16>()), 0..20),
+    )
+}
+
+proptest! {
+    /// A listing gives each job exactly the listed sessions of its member's identities, as
+    /// checking every job against every participant would.
+    #[test]
+    fn a_listing_reaches_each_job_with_exactly_its_members_sessions((members, listed) in room_case()) {
+        let mut rig = Rig::new();
+        let mut jobs: BTreeMap<JobId, Delegation> = BTreeMap::new();
+        for (i, (user, device)) in members.iter().enumerate() {
+            let d = delegation(&format!("u{user}"), &format!("D{device}"), &format!("syd_{i}"));
+            if jobs.values().any(|o| o.member_key() == d.member_key()) {
+                continue;
+            }
+            let id = JobId(i as u64 + 1);
+            rig.r.resume(JobRecord { id, delegation: d.clone(), state: Durable::Waiting }, 0);
+            jobs.insert(id, d);
+        }
+        rig.flush();
+        rig.answer_calls(HsAnswer::Ok);
+        let participants: Vec<Participant> = listed
+            .iter()
+            .map(|(user, device, n)| Participant {
+                identity: delegation(&format!("u{user}"), &format!("D{device}"), "x").identities()[0].clone(),
+                sid: format!("PA_{n}"),
+                joined_at_ms: i64::from(*n),
+            })
+            .collect();
+        let Some((room, at)) = rig.lists.pop() else { return Ok(()) };
+        rig.r.listed(room, at, Ok(participants.clone()), 10);
+        for (id, d) in &jobs {
+            let expected = participants.iter().any(|p| d.watch().matches(&p.identity, &d.user_id, &d.device_id));
+            let bound = rig.r.jobs[id].job.binding().is_some();
+            prop_assert_eq!(bound, expected, "job {} of {}", id, d.user_id);
+            if let Some(b) = rig.r.jobs[id].job.binding() {
+                prop_assert!(d.watch().matches(&b.identity, &d.user_id, &d.device_id));
+            }
+        }
+    }
+}
