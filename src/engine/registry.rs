@@ -58,7 +58,7 @@ impl Default for Limits {
 }
 
 /// Names a request the shell will answer when the registry says so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ticket(pub u64);
 
 /// How a webhook was handled.
