@@ -1,18 +1,19 @@
 //! Configuration: environment variables with the names lk-jwt-service operators already use, plus
 //! our own `RTC_LEAVE_BRIDGE_*` knobs; optionally a TOML file with the same names as keys
-//! (environment wins). Everything is validated at start, and an error names the setting.
+//! (environment wins). [`SETTINGS`] is the one table of names, defaults and meanings (`--help`
+//! and the README show it); typed sections each read and validate their settings, every duration
+//! within bounds, and an error names the setting. A command loads only the sections it needs
+//! (`healthcheck`: [`Listen`] alone).
+//!
+//! A leaf: this module imports nothing else of the crate, and every other module may read it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use url::Url;
-
-use crate::api::AllowedHomeservers;
-use crate::homeserver::Overrides;
-use crate::lifecycle::Timing;
 
 /// Every setting we read, with its default (if any) and meaning; the README's table mirrors it.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
@@ -44,17 +45,29 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "0.8",
         "restart the delayed event when this fraction of its delay has elapsed (0.1–0.95)",
     ),
-    ("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT", "30s", "how long a delegated member may take to connect before LiveKit is asked"),
-    ("RTC_LEAVE_BRIDGE_GRACE", "10s", "how long a migrating / shut-down session may take to reappear"),
+    (
+        "RTC_LEAVE_BRIDGE_JOIN_TIMEOUT",
+        "30s",
+        "how long a delegated member may take to connect before LiveKit is asked (1s–1h)",
+    ),
+    ("RTC_LEAVE_BRIDGE_GRACE", "10s", "how long a migrating / shut-down session may take to reappear (0–10m)"),
     (
         "RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT",
         "5m",
-        "how long a member LiveKit must confirm is kept alive while LiveKit cannot be asked; then the homeserver's timer decides",
+        "how long a member LiveKit must confirm is kept alive while LiveKit cannot be asked; then the homeserver's timer decides (10s–24h)",
     ),
-    ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "30s", "how often rooms with jobs are listed through RoomService"),
-    ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "10s", "timeout of each homeserver and LiveKit request"),
-    ("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT", "10s", "how long SIGTERM waits for in-flight homeserver calls"),
-    ("RTC_LEAVE_BRIDGE_MAX_DELAY", "24h", "largest delay_timeout accepted from a client"),
+    (
+        "RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL",
+        "30s",
+        "how often rooms with jobs are listed through RoomService (100ms–1h)",
+    ),
+    ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "10s", "timeout of each homeserver and LiveKit request (100ms–5m)"),
+    (
+        "RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT",
+        "10s",
+        "how long SIGTERM waits for in-flight homeserver calls and the store (0–10m)",
+    ),
+    ("RTC_LEAVE_BRIDGE_MAX_DELAY", "24h", "largest delay_timeout accepted from a client (1s–7d)"),
     (
         "RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS",
         "false",
@@ -79,6 +92,293 @@ pub enum LogFormat {
     Json,
 }
 
+/// `server=url,server=url` as in `LIVEKIT_CS_API_URL_OVERRIDES`.
+pub type Overrides = HashMap<String, Url>;
+
+/// Which homeservers' users may delegate (`LIVEKIT_FULL_ACCESS_HOMESERVERS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedHomeservers {
+    Any,
+    Only(HashSet<String>),
+}
+
+impl AllowedHomeservers {
+    pub fn allows(&self, server: &str) -> bool {
+        match self {
+            AllowedHomeservers::Any => true,
+            AllowedHomeservers::Only(set) => set.contains(server),
+        }
+    }
+}
+
+/// A typed group of settings that reads and validates itself.
+pub trait Section: Sized {
+    fn from_source(src: &Source) -> Result<Self, ConfigError>;
+}
+
+/// Where the service listens (`healthcheck` needs nothing else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub bind: SocketAddr,
+}
+
+impl Section for Listen {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let bind = match (src.get("LIVEKIT_JWT_BIND"), src.get("LIVEKIT_JWT_PORT")) {
+            (None, Some(port)) => parse_bind("LIVEKIT_JWT_PORT", &format!(":{port}"))?,
+            _ => parse_bind("LIVEKIT_JWT_BIND", src.get_or_default("LIVEKIT_JWT_BIND"))?,
+        };
+        Ok(Listen { bind })
+    }
+}
+
+/// The LiveKit SFU and its API key.
+#[derive(Clone)]
+pub struct LiveKit {
+    /// As configured (clients are told this one).
+    pub url: String,
+    /// Its http(s) form, path kept, no trailing slash: where RoomService is called.
+    pub api_base: Url,
+    pub key: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for LiveKit {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveKit").field("url", &self.url).field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl Section for LiveKit {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let url = src.get("LIVEKIT_URL").ok_or_else(|| bad("LIVEKIT_URL", "required"))?.to_owned();
+        let api_base = livekit_http_base(&url).map_err(|e| bad("LIVEKIT_URL", e))?;
+        let (key, secret) = if let Some(path) = src.get("LIVEKIT_KEY_FILE") {
+            let text = read_file("LIVEKIT_KEY_FILE", path)?;
+            let (k, s) = text
+                .lines()
+                .find_map(|l| l.split_once(':'))
+                .ok_or_else(|| bad("LIVEKIT_KEY_FILE", "expected a line `key: secret`"))?;
+            (k.trim().to_owned(), s.trim().to_owned())
+        } else {
+            let key = match src.get("LIVEKIT_KEY_FROM_FILE") {
+                Some(p) => read_file("LIVEKIT_KEY_FROM_FILE", p)?,
+                None => src.get("LIVEKIT_KEY").unwrap_or_default().to_owned(),
+            };
+            let secret = match src.get("LIVEKIT_SECRET_FROM_FILE") {
+                Some(p) => read_file("LIVEKIT_SECRET_FROM_FILE", p)?,
+                None => src.get("LIVEKIT_SECRET").unwrap_or_default().to_owned(),
+            };
+            (key, secret)
+        };
+        if key.is_empty() {
+            return Err(bad("LIVEKIT_KEY", "required (or LIVEKIT_KEY_FILE / LIVEKIT_KEY_FROM_FILE)"));
+        }
+        if secret.is_empty() {
+            return Err(bad("LIVEKIT_SECRET", "required (or LIVEKIT_KEY_FILE / LIVEKIT_SECRET_FROM_FILE)"));
+        }
+        Ok(LiveKit { url, api_base, key, secret })
+    }
+}
+
+/// The HTTP(S) base of a LiveKit URL given as ws(s) or http(s), path kept, no trailing slash.
+pub fn livekit_http_base(livekit_url: &str) -> Result<Url, String> {
+    let mut url = Url::parse(livekit_url).map_err(|e| format!("{livekit_url:?}: {e}"))?;
+    let scheme = match url.scheme() {
+        "ws" | "http" => "http",
+        "wss" | "https" => "https",
+        other => return Err(format!("{livekit_url:?}: unsupported scheme {other:?}")),
+    };
+    url.set_scheme(scheme).map_err(|_| format!("{livekit_url:?}: cannot use scheme {scheme}"))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{livekit_url:?}: no host"));
+    }
+    let path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&path);
+    url.set_query(None);
+    url.set_fragment(None);
+    Ok(url)
+}
+
+/// The members' homeservers: who may delegate, how they are reached.
+#[derive(Debug, Clone)]
+pub struct Homeservers {
+    pub allowed: AllowedHomeservers,
+    pub cs_overrides: Overrides,
+    pub federation_overrides: Overrides,
+    pub insecure_skip_verify_tls: bool,
+    pub allow_private: bool,
+    /// Timeout of each homeserver (and LiveKit) request.
+    pub request_timeout: Duration,
+    /// Largest `delay_timeout` accepted from a client.
+    pub max_delay: Duration,
+}
+
+impl Section for Homeservers {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let allowed_text = src.get_or_default("LIVEKIT_FULL_ACCESS_HOMESERVERS");
+        let names: Vec<&str> = allowed_text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        let allowed = if names.contains(&"*") {
+            AllowedHomeservers::Any
+        } else {
+            for n in &names {
+                validate_server_name("LIVEKIT_FULL_ACCESS_HOMESERVERS", n)?;
+            }
+            if names.is_empty() {
+                return Err(bad("LIVEKIT_FULL_ACCESS_HOMESERVERS", "empty: nobody could delegate"));
+            }
+            AllowedHomeservers::Only(names.iter().map(|s| s.to_string()).collect())
+        };
+        let insecure_skip_verify_tls = match src.get("LIVEKIT_INSECURE_SKIP_VERIFY_TLS") {
+            None => false,
+            Some("YES_I_KNOW_WHAT_I_AM_DOING") => true,
+            Some(other) => {
+                return Err(bad(
+                    "LIVEKIT_INSECURE_SKIP_VERIFY_TLS",
+                    format!("{other:?}: only YES_I_KNOW_WHAT_I_AM_DOING enables it"),
+                ));
+            }
+        };
+        Ok(Homeservers {
+            allowed,
+            cs_overrides: parse_overrides("LIVEKIT_CS_API_URL_OVERRIDES", src.get("LIVEKIT_CS_API_URL_OVERRIDES"))?,
+            federation_overrides: parse_overrides(
+                "LIVEKIT_FEDERATION_URL_OVERRIDES",
+                src.get("LIVEKIT_FEDERATION_URL_OVERRIDES"),
+            )?,
+            insecure_skip_verify_tls,
+            allow_private: src.flag("RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS")?,
+            request_timeout: request_timeout(src)?,
+            max_delay: src.duration("RTC_LEAVE_BRIDGE_MAX_DELAY", ms(1_000), hours(24 * 7))?,
+        })
+    }
+}
+
+fn request_timeout(src: &Source) -> Result<Duration, ConfigError> {
+    src.duration("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", ms(100), ms(300_000))
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct Logging {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Section for Logging {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let level = src.get_or_default("LIVEKIT_LOG_LEVEL").to_ascii_lowercase();
+        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+            return Err(bad("LIVEKIT_LOG_LEVEL", format!("{level:?}: use error, warn, info, debug or trace")));
+        }
+        let format = match src.get_or_default("RTC_LEAVE_BRIDGE_LOG_FORMAT") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(bad("RTC_LEAVE_BRIDGE_LOG_FORMAT", format!("{other:?}: use text or json"))),
+        };
+        Ok(Logging { level, format })
+    }
+}
+
+/// Where durable state lives.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub data_dir: PathBuf,
+}
+
+impl Section for Storage {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        Ok(Storage { data_dir: PathBuf::from(src.get_or_default("RTC_LEAVE_BRIDGE_DATA_DIR")) })
+    }
+}
+
+/// Milliseconds, the lifecycle's unit of time.
+pub type Millis = u64;
+
+/// Timing knobs of the member lifecycle, all in milliseconds except the fractions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    /// Restart when this fraction of the delay has elapsed since the last confirmed restart.
+    pub restart_fraction: f64,
+    /// Up to this fraction of the delay is taken off each restart interval at random, so that
+    /// restarts of members who joined together spread out.
+    pub restart_jitter: f64,
+    /// How long a delegated member may take to connect before LiveKit is asked whether it is there.
+    pub join_timeout: Millis,
+    /// How long a member that left for a migration / server shutdown may take to reappear.
+    pub grace: Millis,
+    /// How soon to ask LiveKit again after it could not be asked.
+    pub probe_retry: Millis,
+    /// First retry after a failed homeserver call; grows by half each time, jittered.
+    pub backoff_initial: Millis,
+    /// Ceiling of that backoff.
+    pub backoff_max: Millis,
+    /// A homeserver call (from when the shell started it) or a RoomService listing (from when it
+    /// was asked for) whose answer has not come back by then counts as failed: a lost answer (a
+    /// task that panicked or was cancelled) never stops the restarts.
+    pub call_timeout: Millis,
+    /// Consecutive RoomService listings without the bound member that prove it gone.
+    pub absences_to_leave: u8,
+    /// How long a member whose presence must be confirmed (never joined, or gone for a migration)
+    /// is kept alive while LiveKit cannot be asked. After that the job stops restarting and the
+    /// homeserver's own timer decides: the last safety net against ghosts.
+    pub unconfirmed_limit: Millis,
+}
+
+impl Default for Timing {
+    /// The defaults of [`SETTINGS`].
+    fn default() -> Self {
+        Timing::from_source(&Source::from_pairs([])).expect("the defaults are valid")
+    }
+}
+
+impl Section for Timing {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let restart_fraction: f64 = src
+            .get_or_default("RTC_LEAVE_BRIDGE_RESTART_AT")
+            .parse()
+            .map_err(|_| bad("RTC_LEAVE_BRIDGE_RESTART_AT", "not a number"))?;
+        if !(0.1..=0.95).contains(&restart_fraction) {
+            return Err(bad("RTC_LEAVE_BRIDGE_RESTART_AT", "must be between 0.1 and 0.95"));
+        }
+        let millis = |d: Duration| d.as_millis() as Millis;
+        // A call's task reads /versions and then calls, each bounded by the request timeout.
+        let call_timeout = 2 * millis(request_timeout(src)?) + 1_000;
+        Ok(Timing {
+            restart_fraction,
+            // Jitter never eats more than half of the headroom.
+            restart_jitter: (0.1f64).min(restart_fraction / 2.0),
+            join_timeout: millis(src.duration("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT", ms(1_000), hours(1))?),
+            grace: millis(src.duration("RTC_LEAVE_BRIDGE_GRACE", ms(0), ms(600_000))?),
+            probe_retry: 5_000,
+            backoff_initial: 1_000,
+            backoff_max: 30_000,
+            call_timeout,
+            absences_to_leave: 2,
+            unconfirmed_limit: millis(src.duration("RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT", ms(10_000), hours(24))?),
+        })
+    }
+}
+
+/// The engine: lifecycle timing, reconciliation and shutdown.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub timing: Timing,
+    pub reconcile_interval: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl Section for Engine {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        Ok(Engine {
+            timing: Timing::from_source(src)?,
+            reconcile_interval: src.duration("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", ms(100), hours(1))?,
+            shutdown_timeout: src.duration("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT", ms(0), ms(600_000))?,
+        })
+    }
+}
+
 /// Appservice (homeserver-proxied) mode: the tokens shared with the one homeserver it serves.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Appservice {
@@ -96,42 +396,44 @@ impl fmt::Debug for Appservice {
     }
 }
 
-/// The validated configuration.
-#[derive(Clone)]
+/// Everything `serve` and `check-config` need.
+#[derive(Debug, Clone)]
 pub struct Config {
-    pub livekit_url: String,
-    pub livekit_key: String,
-    pub livekit_secret: String,
-    pub bind: SocketAddr,
-    pub allowed: AllowedHomeservers,
-    pub cs_overrides: Overrides,
-    pub federation_overrides: Overrides,
-    pub insecure_skip_verify_tls: bool,
-    pub log_level: String,
-    pub log_format: LogFormat,
-    pub data_dir: PathBuf,
-    pub timing: Timing,
-    pub reconcile_interval: Duration,
-    pub request_timeout: Duration,
-    pub shutdown_timeout: Duration,
-    pub max_delay: Duration,
-    pub allow_private_homeservers: bool,
+    pub livekit: LiveKit,
+    pub listen: Listen,
+    pub homeservers: Homeservers,
+    pub logging: Logging,
+    pub storage: Storage,
+    pub engine: Engine,
     /// Set when the appservice settings are.
     pub appservice: Option<Appservice>,
 }
 
-impl fmt::Debug for Config {
-    /// Never prints the secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("livekit_url", &self.livekit_url)
-            .field("livekit_key", &self.livekit_key)
-            .field("bind", &self.bind)
-            .field("allowed", &self.allowed)
-            .field("data_dir", &self.data_dir)
-            .field("appservice", &self.appservice)
-            .finish_non_exhaustive()
+impl Section for Config {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        Ok(Config {
+            livekit: LiveKit::from_source(src)?,
+            listen: Listen::from_source(src)?,
+            homeservers: Homeservers::from_source(src)?,
+            logging: Logging::from_source(src)?,
+            storage: Storage::from_source(src)?,
+            engine: Engine::from_source(src)?,
+            appservice: parse_appservice(src)?,
+        })
     }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn hours(n: u64) -> Duration {
+    Duration::from_secs(n * 3600)
+}
+
+/// A Matrix server name (`host[:port]`), as the spec's grammar allows.
+fn validate_server_name(setting: &str, name: &str) -> Result<(), ConfigError> {
+    ruma::ServerName::parse(name).map(|_| ()).map_err(|_| bad(setting, format!("{name:?} is not a server name")))
 }
 
 /// Where setting values come from: the environment over an optional TOML file.
@@ -186,8 +488,13 @@ impl Source {
             .unwrap_or_else(|| SETTINGS.iter().find(|(n, ..)| *n == name).map(|(_, d, _)| *d).unwrap_or_default())
     }
 
-    fn duration(&self, name: &str) -> Result<Duration, ConfigError> {
-        parse_duration(self.get_or_default(name)).map_err(|e| bad(name, e))
+    /// Duration setting `name`, which must lie within `min..=max`.
+    fn duration(&self, name: &str, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
+        let d = parse_duration(self.get_or_default(name)).map_err(|e| bad(name, e))?;
+        if d < min || d > max {
+            return Err(bad(name, format!("{d:?} is outside {min:?}..={max:?}")));
+        }
+        Ok(d)
     }
 
     fn flag(&self, name: &str) -> Result<bool, ConfigError> {
@@ -276,8 +583,7 @@ fn parse_appservice(src: &Source) -> Result<Option<Appservice>, ConfigError> {
         return Err(bad("LIVEKIT_HS_TOKEN", "must differ from the as_token"));
     }
     let server = server.ok_or_else(|| bad("LIVEKIT_HS_SERVER_NAME", "required in appservice mode"))?;
-    crate::homeserver::discovery::validate_server_name(server)
-        .map_err(|e| bad("LIVEKIT_HS_SERVER_NAME", e.to_string()))?;
+    validate_server_name("LIVEKIT_HS_SERVER_NAME", server)?;
     Ok(Some(Appservice { as_token, hs_token, server_name: server.to_owned() }))
 }
 
@@ -285,7 +591,7 @@ fn parse_overrides(setting: &str, text: Option<&str>) -> Result<Overrides, Confi
     let mut out = Overrides::new();
     for pair in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (server, url) = pair.split_once('=').ok_or_else(|| bad(setting, format!("{pair:?} is not server=url")))?;
-        crate::homeserver::discovery::validate_server_name(server.trim()).map_err(|e| bad(setting, e.to_string()))?;
+        validate_server_name(setting, server.trim())?;
         let url = Url::parse(url.trim()).map_err(|e| bad(setting, format!("{url:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(bad(setting, format!("{url} is not an http(s) URL")));
@@ -293,131 +599,6 @@ fn parse_overrides(setting: &str, text: Option<&str>) -> Result<Overrides, Confi
         out.insert(server.trim().to_owned(), url);
     }
     Ok(out)
-}
-
-impl Config {
-    pub fn from_source(src: &Source) -> Result<Config, ConfigError> {
-        let livekit_url = src.get("LIVEKIT_URL").ok_or_else(|| bad("LIVEKIT_URL", "required"))?.to_owned();
-        crate::livekit::room_service::http_base(&livekit_url).map_err(|e| bad("LIVEKIT_URL", e))?;
-
-        let (livekit_key, livekit_secret) = if let Some(path) = src.get("LIVEKIT_KEY_FILE") {
-            let text = read_file("LIVEKIT_KEY_FILE", path)?;
-            let (k, s) = text
-                .lines()
-                .find_map(|l| l.split_once(':'))
-                .ok_or_else(|| bad("LIVEKIT_KEY_FILE", "expected a line `key: secret`"))?;
-            (k.trim().to_owned(), s.trim().to_owned())
-        } else {
-            let key = match src.get("LIVEKIT_KEY_FROM_FILE") {
-                Some(p) => read_file("LIVEKIT_KEY_FROM_FILE", p)?,
-                None => src.get("LIVEKIT_KEY").unwrap_or_default().to_owned(),
-            };
-            let secret = match src.get("LIVEKIT_SECRET_FROM_FILE") {
-                Some(p) => read_file("LIVEKIT_SECRET_FROM_FILE", p)?,
-                None => src.get("LIVEKIT_SECRET").unwrap_or_default().to_owned(),
-            };
-            (key, secret)
-        };
-        if livekit_key.is_empty() {
-            return Err(bad("LIVEKIT_KEY", "required (or LIVEKIT_KEY_FILE / LIVEKIT_KEY_FROM_FILE)"));
-        }
-        if livekit_secret.is_empty() {
-            return Err(bad("LIVEKIT_SECRET", "required (or LIVEKIT_KEY_FILE / LIVEKIT_SECRET_FROM_FILE)"));
-        }
-
-        let bind = match (src.get("LIVEKIT_JWT_BIND"), src.get("LIVEKIT_JWT_PORT")) {
-            (None, Some(port)) => parse_bind("LIVEKIT_JWT_PORT", &format!(":{port}"))?,
-            _ => parse_bind("LIVEKIT_JWT_BIND", src.get_or_default("LIVEKIT_JWT_BIND"))?,
-        };
-
-        let allowed_text = src.get_or_default("LIVEKIT_FULL_ACCESS_HOMESERVERS");
-        let names: Vec<&str> = allowed_text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-        let allowed = if names.contains(&"*") {
-            AllowedHomeservers::Any
-        } else {
-            for n in &names {
-                crate::homeserver::discovery::validate_server_name(n)
-                    .map_err(|e| bad("LIVEKIT_FULL_ACCESS_HOMESERVERS", e.to_string()))?;
-            }
-            if names.is_empty() {
-                return Err(bad("LIVEKIT_FULL_ACCESS_HOMESERVERS", "empty: nobody could delegate"));
-            }
-            AllowedHomeservers::Only(names.iter().map(|s| s.to_string()).collect())
-        };
-
-        let insecure_skip_verify_tls = match src.get("LIVEKIT_INSECURE_SKIP_VERIFY_TLS") {
-            None => false,
-            Some("YES_I_KNOW_WHAT_I_AM_DOING") => true,
-            Some(other) => {
-                return Err(bad(
-                    "LIVEKIT_INSECURE_SKIP_VERIFY_TLS",
-                    format!("{other:?}: only YES_I_KNOW_WHAT_I_AM_DOING enables it"),
-                ));
-            }
-        };
-
-        let log_level = src.get_or_default("LIVEKIT_LOG_LEVEL").to_ascii_lowercase();
-        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
-            return Err(bad("LIVEKIT_LOG_LEVEL", format!("{log_level:?}: use error, warn, info, debug or trace")));
-        }
-        let log_format = match src.get_or_default("RTC_LEAVE_BRIDGE_LOG_FORMAT") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => return Err(bad("RTC_LEAVE_BRIDGE_LOG_FORMAT", format!("{other:?}: use text or json"))),
-        };
-
-        let restart_fraction: f64 = src
-            .get_or_default("RTC_LEAVE_BRIDGE_RESTART_AT")
-            .parse()
-            .map_err(|_| bad("RTC_LEAVE_BRIDGE_RESTART_AT", "not a number"))?;
-        if !(0.1..=0.95).contains(&restart_fraction) {
-            return Err(bad("RTC_LEAVE_BRIDGE_RESTART_AT", "must be between 0.1 and 0.95"));
-        }
-        let join_timeout = src.duration("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT")?;
-        let grace = src.duration("RTC_LEAVE_BRIDGE_GRACE")?;
-        let unconfirmed_limit = src.duration("RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT")?;
-        let reconcile_interval = src.duration("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL")?;
-        if reconcile_interval < Duration::from_millis(100) {
-            return Err(bad("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "must be at least 100ms"));
-        }
-        let request_timeout = src.duration("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT")?;
-        if request_timeout < Duration::from_millis(100) {
-            return Err(bad("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "must be at least 100ms"));
-        }
-        let timing = Timing {
-            restart_fraction,
-            // Jitter never eats more than half of the headroom.
-            restart_jitter: (0.1f64).min(restart_fraction / 2.0),
-            join_timeout: join_timeout.as_millis() as u64,
-            grace: grace.as_millis() as u64,
-            unconfirmed_limit: unconfirmed_limit.as_millis() as u64,
-            ..Timing::default()
-        };
-
-        Ok(Config {
-            livekit_url,
-            livekit_key,
-            livekit_secret,
-            bind,
-            allowed,
-            cs_overrides: parse_overrides("LIVEKIT_CS_API_URL_OVERRIDES", src.get("LIVEKIT_CS_API_URL_OVERRIDES"))?,
-            federation_overrides: parse_overrides(
-                "LIVEKIT_FEDERATION_URL_OVERRIDES",
-                src.get("LIVEKIT_FEDERATION_URL_OVERRIDES"),
-            )?,
-            insecure_skip_verify_tls,
-            log_level,
-            log_format,
-            data_dir: PathBuf::from(src.get_or_default("RTC_LEAVE_BRIDGE_DATA_DIR")),
-            timing,
-            reconcile_interval,
-            request_timeout,
-            shutdown_timeout: src.duration("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT")?,
-            max_delay: src.duration("RTC_LEAVE_BRIDGE_MAX_DELAY")?,
-            allow_private_homeservers: src.flag("RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS")?,
-            appservice: parse_appservice(src)?,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -437,26 +618,45 @@ mod tests {
     #[test]
     fn defaults() {
         let c = with(&[]).unwrap();
-        assert_eq!(c.bind, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(c.allowed, AllowedHomeservers::Any);
-        assert_eq!(c.timing.join_timeout, 30_000);
-        assert_eq!(c.reconcile_interval, Duration::from_secs(30));
-        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.listen.bind, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.homeservers.allowed, AllowedHomeservers::Any);
+        assert_eq!(c.engine.timing, Timing::default());
+        assert_eq!(c.engine.timing.join_timeout, 30_000);
+        assert_eq!(c.engine.timing.call_timeout, 21_000, "twice the request timeout, and a second");
+        assert_eq!(c.engine.reconcile_interval, Duration::from_secs(30));
+        assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
         assert!(!format!("{c:?}").contains("\"s\""), "secret never printed");
     }
 
     #[test]
     fn bind_forms() {
-        assert_eq!(with(&[("LIVEKIT_JWT_BIND", ":9000")]).unwrap().bind.port(), 9000);
-        assert_eq!(with(&[("LIVEKIT_JWT_BIND", "127.0.0.1:0")]).unwrap().bind, "127.0.0.1:0".parse().unwrap());
-        assert_eq!(with(&[("LIVEKIT_JWT_BIND", "[::1]:80")]).unwrap().bind, "[::1]:80".parse().unwrap());
-        assert_eq!(with(&[("LIVEKIT_JWT_PORT", "81")]).unwrap().bind.port(), 81);
-        assert_eq!(with(&[("LIVEKIT_JWT_BIND", "nope")]).unwrap_err().setting, "LIVEKIT_JWT_BIND");
+        let bind = |pairs: &[(&str, &str)]| Listen::from_source(&Source::from_pairs(pairs.iter().copied()));
+        assert_eq!(bind(&[("LIVEKIT_JWT_BIND", ":9000")]).unwrap().bind.port(), 9000);
+        assert_eq!(bind(&[("LIVEKIT_JWT_BIND", "127.0.0.1:0")]).unwrap().bind, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(bind(&[("LIVEKIT_JWT_BIND", "[::1]:80")]).unwrap().bind, "[::1]:80".parse().unwrap());
+        assert_eq!(bind(&[("LIVEKIT_JWT_PORT", "81")]).unwrap().bind.port(), 81);
+        assert_eq!(bind(&[("LIVEKIT_JWT_BIND", "nope")]).unwrap_err().setting, "LIVEKIT_JWT_BIND");
+        // The listen address alone is a valid Listen section: healthcheck needs nothing else.
+        assert_eq!(bind(&[]).unwrap().bind.port(), 8080);
     }
 
     #[test]
     fn errors_name_the_setting() {
         let missing = Config::from_source(&Source::from_pairs([("LIVEKIT_KEY", "k")])).unwrap_err();
+        for (name, value) in [
+            ("RTC_LEAVE_BRIDGE_JOIN_TIMEOUT", "2h"),
+            ("RTC_LEAVE_BRIDGE_GRACE", "11m"),
+            ("RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT", "25h"),
+            ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "50ms"),
+            ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "2h"),
+            ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "10m"),
+            ("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT", "1h"),
+            ("RTC_LEAVE_BRIDGE_MAX_DELAY", "200h"),
+        ] {
+            let e = with(&[(name, value)]).unwrap_err();
+            assert_eq!(e.setting, name, "{name}={value}: {e}");
+            assert!(e.reason.contains("outside"), "{e}");
+        }
         assert_eq!(missing.setting, "LIVEKIT_URL");
         for (name, value) in [
             ("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "yes"),
@@ -483,9 +683,9 @@ mod tests {
             ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "hs1.test,hs2.test"),
         ]))
         .unwrap();
-        assert_eq!((c.livekit_key.as_str(), c.livekit_secret.as_str()), ("lkkey", "lksecret"));
-        assert_eq!(c.cs_overrides["hs2.test"].as_str(), "https://matrix.hs2.test/");
-        assert!(c.allowed.allows("hs1.test") && !c.allowed.allows("evil.test"));
+        assert_eq!((c.livekit.key.as_str(), c.livekit.secret.as_str()), ("lkkey", "lksecret"));
+        assert_eq!(c.homeservers.cs_overrides["hs2.test"].as_str(), "https://matrix.hs2.test/");
+        assert!(c.homeservers.allowed.allows("hs1.test") && !c.homeservers.allowed.allows("evil.test"));
     }
 
     #[test]
@@ -535,6 +735,15 @@ mod tests {
             ("LIVEKIT_HS_SERVER_NAME", "hs.test"),
         ]);
         assert_eq!(both.unwrap_err().setting, "LIVEKIT_AS_REGISTRATION_FILE");
+    }
+
+    #[test]
+    fn keeps_path_prefixes_and_maps_websocket_schemes() {
+        let base = |u: &str| livekit_http_base(u).map(|u| u.to_string());
+        assert_eq!(base("wss://sfu.example.com/livekit/").unwrap(), "https://sfu.example.com/livekit");
+        assert_eq!(base("ws://127.0.0.1:7880").unwrap(), "http://127.0.0.1:7880/");
+        assert!(base("ftp://x").is_err());
+        assert!(base("not a url").is_err());
     }
 
     #[test]

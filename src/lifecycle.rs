@@ -23,54 +23,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds on the shell's monotonic clock. Only differences matter; never persisted.
-pub type Millis = u64;
-
-/// Timing knobs of the lifecycle, all in milliseconds except the fraction.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Timing {
-    /// Restart when this fraction of the delay has elapsed since the last confirmed restart.
-    pub restart_fraction: f64,
-    /// Up to this fraction of the delay is taken off each restart interval at random, so that
-    /// restarts of members who joined together spread out.
-    pub restart_jitter: f64,
-    /// How long a delegated member may take to connect before LiveKit is asked whether it is there.
-    pub join_timeout: Millis,
-    /// How long a member that left for a migration / server shutdown may take to reappear.
-    pub grace: Millis,
-    /// How soon to ask LiveKit again after it could not be asked.
-    pub probe_retry: Millis,
-    /// First retry after a failed homeserver call; grows by half each time, jittered.
-    pub backoff_initial: Millis,
-    /// Ceiling of that backoff.
-    pub backoff_max: Millis,
-    /// A homeserver call (from when the shell started it) or a RoomService listing (from when it
-    /// was asked for) whose answer has not come back by then counts as failed: a lost answer (a
-    /// task that panicked or was cancelled) never stops the restarts.
-    pub call_timeout: Millis,
-    /// Consecutive RoomService listings without the bound member that prove it gone.
-    pub absences_to_leave: u8,
-    /// How long a member whose presence must be confirmed (never joined, or gone for a migration)
-    /// is kept alive while LiveKit cannot be asked. After that the job stops restarting and the
-    /// homeserver's own timer decides: the last safety net against ghosts.
-    pub unconfirmed_limit: Millis,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Timing {
-            restart_fraction: 0.8,
-            restart_jitter: 0.1,
-            join_timeout: 30_000,
-            grace: 10_000,
-            probe_retry: 5_000,
-            backoff_initial: 1_000,
-            backoff_max: 30_000,
-            call_timeout: 21_000,
-            absences_to_leave: 2,
-            unconfirmed_limit: 300_000,
-        }
-    }
-}
+pub use crate::config::Millis;
+/// The lifecycle's timing knobs, read from the configuration.
+pub use crate::config::Timing;
 
 /// A LiveKit session of the member that the job is bound to (believes connected).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

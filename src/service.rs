@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{AllowedHomeservers, Config};
 use crate::engine::{self, EngineConfig, Ports};
 use crate::homeserver::delayed_events::{HomeserverCalls, PathStyles};
 use crate::homeserver::{Clients, Discovery};
@@ -19,34 +19,34 @@ use crate::store::sqlite::SqliteStore;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     crate::homeserver::install_crypto_provider();
-    if matches!(config.allowed, api::AllowedHomeservers::Any) {
+    let hs = &config.homeservers;
+    if matches!(hs.allowed, AllowedHomeservers::Any) {
         warn!("LIVEKIT_FULL_ACCESS_HOMESERVERS is '*': users of any homeserver may delegate");
     }
     if let Some(a) = &config.appservice {
         info!(server = %a.server_name, "appservice mode on: delegations proxied by this homeserver are accepted");
     }
-    if config.insecure_skip_verify_tls {
+    if hs.insecure_skip_verify_tls {
         warn!("TLS certificate verification is disabled (LIVEKIT_INSECURE_SKIP_VERIFY_TLS)");
     }
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.data_dir)
-            .with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", config.data_dir.display()))?,
+        SqliteStore::open(&config.storage.data_dir)
+            .with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", config.storage.data_dir.display()))?,
     );
     let clients =
-        Clients::new(config.request_timeout, config.insecure_skip_verify_tls, config.allow_private_homeservers)
-            .map_err(anyhow::Error::msg)?;
+        Clients::new(hs.request_timeout, hs.insecure_skip_verify_tls, hs.allow_private).map_err(anyhow::Error::msg)?;
     let discovery = Arc::new(Discovery::new(
         clients.clone(),
-        config.cs_overrides.clone(),
-        config.federation_overrides.clone(),
-        config.allow_private_homeservers,
+        hs.cs_overrides.clone(),
+        hs.federation_overrides.clone(),
+        hs.allow_private,
     ));
     let room_service = RoomService::new(
         clients.trusted.clone(),
-        &config.livekit_url,
-        &config.livekit_key,
-        &config.livekit_secret,
-        config.request_timeout,
+        &config.livekit.api_base,
+        &config.livekit.key,
+        &config.livekit.secret,
+        hs.request_timeout,
     )
     .map_err(anyhow::Error::msg)
     .context("LIVEKIT_URL")?;
@@ -54,8 +54,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let path_styles = Arc::new(PathStyles::default());
     let (engine, engine_task) = engine::start(
         EngineConfig {
-            timing: config.timing.clone(),
-            reconcile_interval: config.reconcile_interval,
+            timing: config.engine.timing.clone(),
+            reconcile_interval: config.engine.reconcile_interval,
             limits: engine::Limits::default(),
         },
         Ports {
@@ -64,7 +64,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 discovery: discovery.clone(),
                 path_styles: path_styles.clone(),
                 as_token: config.appservice.as_ref().map(|a| Arc::from(a.as_token.as_str())),
-                timeout: config.request_timeout,
+                timeout: hs.request_timeout,
                 metrics: metrics.clone(),
             }),
             presence: Arc::new(Listings { room_service, metrics: metrics.clone() }),
@@ -76,32 +76,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let state = AppState {
         engine: engine.clone(),
-        verifier: WebhookVerifier::new(&config.livekit_key, &config.livekit_secret),
+        verifier: WebhookVerifier::new(&config.livekit.key, &config.livekit.secret),
         admin_verifier: livekit_api::access_token::TokenVerifier::with_api_key(
-            &config.livekit_key,
-            &config.livekit_secret,
+            &config.livekit.key,
+            &config.livekit.secret,
         ),
         discovery,
-        allowed: Arc::new(config.allowed.clone()),
+        allowed: Arc::new(hs.allowed.clone()),
         metrics,
         store,
-        max_delay_ms: config.max_delay.as_millis() as u64,
+        max_delay_ms: hs.max_delay.as_millis() as u64,
         appservice: config.appservice.clone().map(|a| {
             Arc::new(api::appservice::AppserviceState {
                 config: a,
-                livekit_url: config.livekit_url.clone(),
+                livekit_url: config.livekit.url.clone(),
                 path_styles: path_styles.clone(),
-                request_timeout: config.request_timeout,
+                request_timeout: hs.request_timeout,
             })
         }),
     };
-    let listener = tokio::net::TcpListener::bind(config.bind)
+    let listener = tokio::net::TcpListener::bind(config.listen.bind)
         .await
-        .with_context(|| format!("LIVEKIT_JWT_BIND: cannot listen on {}", config.bind))?;
-    info!(addr = %listener.local_addr()?, livekit = %config.livekit_url, "rtc-leave-bridge listening");
+        .with_context(|| format!("LIVEKIT_JWT_BIND: cannot listen on {}", config.listen.bind))?;
+    info!(addr = %listener.local_addr()?, livekit = %config.livekit.url, "rtc-leave-bridge listening");
     axum::serve(listener, api::router(state)).with_graceful_shutdown(termination()).await?;
     info!("no longer accepting requests; draining");
-    engine.shutdown(config.shutdown_timeout).await;
+    engine.shutdown(config.engine.shutdown_timeout).await;
     let _ = engine_task.await;
     Ok(())
 }

@@ -27,6 +27,19 @@ async fn healthcheck_check_config_and_jobs() {
         let out = bridge.cli(&["healthcheck"], &[("LIVEKIT_JWT_BIND", &bind)]);
         assert!(out.status.success(), "{bind}: {}", text(&out));
     }
+    // It reads the listen address alone: no LiveKit settings, another setting invalid.
+    let bind = format!(":{port}");
+    let alone = [
+        ("LIVEKIT_JWT_BIND", bind.as_str()),
+        ("LIVEKIT_URL", ""),
+        ("LIVEKIT_KEY", ""),
+        ("LIVEKIT_SECRET", ""),
+        ("RTC_LEAVE_BRIDGE_MAX_DELAY", "forever"),
+    ];
+    let out = bridge.cli(&["healthcheck"], &alone);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bridge.cli(&["jobs"], &alone);
+    assert_eq!(out.status.code(), Some(2), "jobs needs the LiveKit key: {}", text(&out));
     let free = common::free_port().to_string();
     assert!(!bridge.cli(&["healthcheck"], &[("LIVEKIT_JWT_BIND", &format!(":{free}"))]).status.success());
 

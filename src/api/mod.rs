@@ -7,7 +7,6 @@ mod delegation;
 mod operator;
 mod webhook;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::Json;
@@ -31,21 +30,7 @@ pub const WEBHOOK_BODY_LIMIT: usize = 1 << 20;
 /// Largest delegation body accepted.
 pub const DELEGATION_BODY_LIMIT: usize = 64 << 10;
 
-/// Which homeservers' users may delegate (`LIVEKIT_FULL_ACCESS_HOMESERVERS`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AllowedHomeservers {
-    Any,
-    Only(HashSet<String>),
-}
-
-impl AllowedHomeservers {
-    pub fn allows(&self, server: &str) -> bool {
-        match self {
-            AllowedHomeservers::Any => true,
-            AllowedHomeservers::Only(set) => set.contains(server),
-        }
-    }
-}
+pub use crate::config::AllowedHomeservers;
 
 #[derive(Clone)]
 pub struct AppState {

@@ -10,14 +10,12 @@ pub mod delayed_events;
 pub mod discovery;
 pub mod openid;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use discovery::Discovery;
 
-/// `server=url,server=url` as in `LIVEKIT_CS_API_URL_OVERRIDES`.
-pub type Overrides = HashMap<String, url::Url>;
+pub use crate::config::Overrides;
 
 /// The HTTP clients used towards homeservers.
 #[derive(Clone)]

@@ -35,37 +35,19 @@ pub struct RoomService {
     timeout: Duration,
 }
 
-/// The HTTP(S) base of a LiveKit URL given as ws(s) or http(s), path kept, no trailing slash.
-pub fn http_base(livekit_url: &str) -> Result<Url, String> {
-    let mut url = Url::parse(livekit_url).map_err(|e| format!("{livekit_url:?}: {e}"))?;
-    let scheme = match url.scheme() {
-        "ws" | "http" => "http",
-        "wss" | "https" => "https",
-        other => return Err(format!("{livekit_url:?}: unsupported scheme {other:?}")),
-    };
-    url.set_scheme(scheme).map_err(|_| format!("{livekit_url:?}: cannot use scheme {scheme}"))?;
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{livekit_url:?}: no host"));
-    }
-    let path = url.path().trim_end_matches('/').to_owned();
-    url.set_path(&path);
-    url.set_query(None);
-    url.set_fragment(None);
-    Ok(url)
-}
-
 impl RoomService {
     pub fn new(
         http: reqwest::Client,
-        livekit_url: &str,
+        api_base: &Url,
         api_key: &str,
         api_secret: &str,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let base = http_base(livekit_url)?;
-        let list_url =
-            Url::parse(&format!("{}/twirp/livekit.RoomService/ListParticipants", base.as_str().trim_end_matches('/')))
-                .map_err(|e| e.to_string())?;
+        let list_url = Url::parse(&format!(
+            "{}/twirp/livekit.RoomService/ListParticipants",
+            api_base.as_str().trim_end_matches('/')
+        ))
+        .map_err(|e| e.to_string())?;
         Ok(RoomService { http, list_url, api_key: api_key.to_owned(), api_secret: api_secret.to_owned(), timeout })
     }
 
@@ -133,18 +115,5 @@ impl crate::ports::Presence for Listings {
             tracing::warn!(livekit_room = %room, error = %e, "cannot ask LiveKit who is connected; keeping members alive");
             Unobserved
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keeps_path_prefixes_and_maps_websocket_schemes() {
-        assert_eq!(http_base("wss://sfu.example.com/livekit/").unwrap().as_str(), "https://sfu.example.com/livekit");
-        assert_eq!(http_base("ws://127.0.0.1:7880").unwrap().as_str(), "http://127.0.0.1:7880/");
-        assert!(http_base("ftp://x").is_err());
-        assert!(http_base("not a url").is_err());
     }
 }
