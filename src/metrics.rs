@@ -43,6 +43,12 @@ pub struct TriggerLabel {
     pub trigger: &'static str,
 }
 
+/// What the engine task was busy with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InputLabel {
+    pub input: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -50,8 +56,14 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+fn engine_histogram() -> Histogram {
+    // 10 µs .. ~20 s
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 22))
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub engine_busy: HistogramFamily<InputLabel>,
     pub jobs: Family<StateLabel, Gauge>,
     pub jobs_finished: Family<OutcomeLabel, Counter>,
     pub delegations: Family<OutcomeLabel, Counter>,
@@ -77,6 +89,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("rtc_leave_bridge");
         let m = Metrics {
+            engine_busy: Family::new_with_constructor(engine_histogram),
             jobs: Family::default(),
             jobs_finished: Family::default(),
             delegations: Family::default(),
@@ -129,6 +142,11 @@ impl Metrics {
             m.store_commit_duration.clone(),
         );
         registry.register("store_errors", "Failed store operations", m.store_errors.clone());
+        registry.register(
+            "engine_busy_seconds",
+            "Time the engine task spent on one input, by kind: every job waits meanwhile",
+            m.engine_busy.clone(),
+        );
         // Show every state from the start, zero included.
         for state in crate::lifecycle::PhaseKind::LIVE {
             let _ = m.jobs.get_or_create(&StateLabel { state: state.as_str() });

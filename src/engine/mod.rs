@@ -28,7 +28,7 @@ pub use views::JobSummary;
 use crate::delegation::{Delegation, JobId};
 use crate::lifecycle::{Millis, Timing};
 use crate::livekit::SfuEvent;
-use crate::metrics::Metrics;
+use crate::metrics::{InputLabel, Metrics};
 use crate::ports::{DelayedEvents, Presence};
 use crate::store::{Store, StoreError};
 use registry::{Effect, Registry, Ticket};
@@ -199,9 +199,15 @@ impl Engine {
                     }
                 }
                 _ = tokio::time::sleep_until(next.unwrap_or(far)), if next.is_some() => {
+                    let started = Instant::now();
                     self.registry.handle_timeout(self.clock.now());
+                    self.busy("timeouts", started);
                 }
-                _ = reconcile.tick(), if shutdown.is_none() => self.registry.reconcile(),
+                _ = reconcile.tick(), if shutdown.is_none() => {
+                    let started = Instant::now();
+                    self.registry.reconcile();
+                    self.busy("reconcile", started);
+                }
                 _ = tokio::time::sleep_until(shutdown.as_ref().map_or(far, |s| s.0)), if shutdown.is_some() => {
                     warn!(calls = self.registry.calls_in_flight(), "shutdown: drain time is up, calls still in flight");
                     break;
@@ -230,19 +236,29 @@ impl Engine {
         ticket
     }
 
+    /// Records how long the engine was busy with one input.
+    fn busy(&self, input: &'static str, started: Instant) {
+        let m = &self.ports.metrics;
+        m.engine_busy.get_or_create(&InputLabel { input }).observe(started.elapsed().as_secs_f64());
+    }
+
     fn on_command(&mut self, cmd: Command) -> Option<(tokio::time::Instant, oneshot::Sender<()>)> {
+        let started = Instant::now();
         let now = self.clock.now();
         match cmd {
             Command::Delegate(d, reply) => {
                 let ticket = self.ticket(Reply::Delegate(reply));
                 self.registry.delegate(d, ticket);
+                self.busy("delegation", started);
             }
             Command::Webhook(event, reply) => {
                 let ticket = self.ticket(Reply::Webhook(reply));
                 self.registry.webhook(event, ticket, now);
+                self.busy("webhook", started);
             }
             Command::Jobs(reply) => {
                 let _ = reply.send(self.registry.summaries(now));
+                self.busy("jobs", started);
             }
             Command::Shutdown(drain, done) => {
                 info!(calls = self.registry.calls_in_flight(), "shutdown: draining homeserver calls");
@@ -254,16 +270,33 @@ impl Engine {
     }
 
     fn on_report(&mut self, report: Report) {
+        let started = Instant::now();
         let now = self.clock.now();
-        match report {
-            Report::Call { job, call, action, answer } => self.registry.call_answered(job, call, action, answer, now),
-            Report::Listing { room, at, result } => self.registry.listed(room, at, result, now),
-            Report::Committed(result) => self.registry.committed(result, now),
-        }
+        let input = match report {
+            Report::Call { job, call, action, answer } => {
+                self.registry.call_answered(job, call, action, answer, now);
+                "call_answer"
+            }
+            Report::Listing { room, at, result } => {
+                self.registry.listed(room, at, result, now);
+                "listing"
+            }
+            Report::Committed(result) => {
+                self.registry.committed(result, now);
+                "commit"
+            }
+        };
+        self.busy(input, started);
     }
 
     /// Lets the registry start what it may, and carries out its effects.
     fn carry_out(&mut self) {
+        let started = Instant::now();
+        self.carry_out_effects();
+        self.busy("effects", started);
+    }
+
+    fn carry_out_effects(&mut self) {
         self.registry.flush(self.clock.now());
         while let Some(effect) = self.registry.poll_effect() {
             match effect {

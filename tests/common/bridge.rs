@@ -67,7 +67,7 @@ impl Bridge {
 
     async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rtc-leave-bridge"))
+        let child = Command::new(binary())
             .arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -116,7 +116,7 @@ impl Bridge {
         for (k, v) in overrides {
             env.insert((*k).into(), (*v).into());
         }
-        Command::new(env!("CARGO_BIN_EXE_rtc-leave-bridge"))
+        Command::new(binary())
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -215,4 +215,10 @@ impl Drop for Bridge {
 
 fn sigterm(pid: u32) {
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+/// The bridge binary: this build's, unless `RTC_LEAVE_BRIDGE_BIN` names another (benchmarks of an
+/// older build, for before/after figures).
+fn binary() -> String {
+    std::env::var("RTC_LEAVE_BRIDGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_rtc-leave-bridge").to_owned())
 }
