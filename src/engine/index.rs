@@ -25,6 +25,10 @@ impl Hasher for PassThrough {
     }
 }
 
+/// Job ids are random 64-bit numbers the service drew itself: tables keyed by them hash them
+/// as they are.
+pub type JobIdHasher = BuildHasherDefault<PassThrough>;
+
 enum Ids {
     One(JobId),
     Many(Vec<JobId>),

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use tracing::{debug, error, info, warn};
 
-use super::index::HashIndex;
+use super::index::{HashIndex, JobIdHasher};
 use super::views::{self, JobSummary};
 use crate::delegation::{DelayRef, Delegation, JobId};
 use crate::identity::Watch;
@@ -142,9 +142,10 @@ impl Entry {
         }
     }
 
-    /// Whether `identity` is one of the member's.
-    fn watches(&self, identity: &str) -> bool {
-        self.watch.matches(identity, &self.delegation.user_id, &self.delegation.device_id)
+    /// Whether `identity` in LiveKit room `room` is one of the member's.
+    fn watches_in(&self, room: &Arc<str>, identity: &str) -> bool {
+        (Arc::ptr_eq(&self.room, room) || self.room == *room)
+            && self.watch.matches(identity, &self.delegation.user_id, &self.delegation.device_id)
     }
 }
 
@@ -159,10 +160,10 @@ pub struct Registry {
     limits: Limits,
     metrics: Arc<Metrics>,
     /// Boxed: the table's slack then costs a pointer per slot, not a whole entry.
-    jobs: HashMap<JobId, Box<Entry>>,
+    jobs: HashMap<JobId, Box<Entry>, JobIdHasher>,
     /// (LiveKit room, identity) → the jobs watching it.
     by_identity: HashIndex,
-    by_room: HashMap<Arc<str>, HashSet<JobId>>,
+    by_room: HashMap<Arc<str>, HashSet<JobId, JobIdHasher>>,
     /// [`Delegation::member_key`] → the member's job.
     by_member: HashIndex,
     /// (server name, delay id) → its job.
@@ -197,7 +198,7 @@ impl Registry {
             timing: Arc::new(timing),
             limits,
             metrics,
-            jobs: HashMap::new(),
+            jobs: HashMap::default(),
             by_identity: HashIndex::default(),
             by_room: HashMap::new(),
             by_member: HashIndex::default(),
@@ -338,14 +339,23 @@ impl Registry {
         let ids: Vec<JobId> = self.by_room.get(&room).into_iter().flatten().copied().collect();
         match result {
             Ok(participants) => {
-                let mut present: HashMap<JobId, Vec<Session>> = HashMap::new();
-                for p in &participants {
-                    for id in self.watching(&room, &p.identity) {
-                        present.entry(id).or_default().push(session(p, ""));
+                // (job, participant) pairs, found through the identity index, grouped by job.
+                let mut matched: Vec<(JobId, usize)> = Vec::with_capacity(participants.len());
+                for (i, p) in participants.iter().enumerate() {
+                    for &id in self.by_identity.candidates(&(&*room, p.identity.as_str())) {
+                        if self.jobs.get(&id).is_some_and(|e| e.watches_in(&room, &p.identity)) {
+                            matched.push((id, i));
+                        }
                     }
                 }
+                matched.sort_unstable();
                 for id in ids {
-                    let present = present.remove(&id).unwrap_or_default();
+                    let first = matched.partition_point(|(j, _)| *j < id);
+                    let present = matched[first..]
+                        .iter()
+                        .take_while(|(j, _)| *j == id)
+                        .map(|(_, i)| session(&participants[*i], ""))
+                        .collect();
                     self.apply(id, Event::Observed { at, present }, now);
                 }
             }
@@ -556,7 +566,7 @@ impl Registry {
             .candidates(&(&**room, identity))
             .iter()
             .copied()
-            .filter(|id| self.jobs.get(id).is_some_and(|e| e.room == *room && e.watches(identity)))
+            .filter(|id| self.jobs.get(id).is_some_and(|e| e.watches_in(room, identity)))
             .collect()
     }
 

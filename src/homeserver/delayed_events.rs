@@ -386,6 +386,74 @@ mod tests {
         assert_eq!(styles.get(&http, &nowhere, t).await, PathStyle::Unstable, "unknown: unstable");
     }
 
+    /// The HTTP adapter checks the member's stored address on every call (there is no cache of
+    /// endpoints to outlive a homeserver's last job), records each call in the metrics, and calls
+    /// an operator's override as given.
+    #[tokio::test]
+    async fn the_adapter_checks_the_stored_address_on_every_call_and_counts_each_outcome() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use crate::delegation::{Delegation, Mode};
+        use crate::homeserver::{Clients, Overrides};
+        use crate::ports::DelayedEvents as _;
+
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().route(
+            "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{id}/{action}",
+            axum::routing::post(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { axum::Json(json!({})) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let d = Delegation {
+            room_id: "!r:hs.test".into(),
+            slot_id: "m.call#ROOM".into(),
+            user_id: "@a:hs.test".into(),
+            device_id: "DEV".into(),
+            member_id: "m".into(),
+            delay_id: "syd_1".into(),
+            delay_ms: 10_000,
+            // A loopback address, as a discovered (untrusted) one.
+            cs_api_url: local.to_string(),
+            created_at_ms: 0,
+            mode: Mode::OpenId,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let adapter = |overrides: Overrides| {
+            let clients = Clients::new(Duration::from_secs(2), false, false).unwrap();
+            HomeserverCalls {
+                discovery: Arc::new(Discovery::new(clients, overrides, Overrides::new(), false)),
+                path_styles: Arc::default(),
+                as_token: None,
+                timeout: Duration::from_secs(2),
+                metrics: metrics.clone(),
+            }
+        };
+        // Discovered and private: refused, every time, without a request.
+        let guarded = adapter(Overrides::new());
+        for _ in 0..2 {
+            assert_eq!(guarded.call(&d, DelayedAction::Restart).await, HsAnswer::Failed);
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        // The operator's override for the member's server: trusted, called.
+        let trusted = adapter([("hs.test".to_owned(), local.clone())].into());
+        assert_eq!(trusted.call(&d, DelayedAction::Restart).await, HsAnswer::Ok);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        let text = metrics.encode();
+        for sample in [
+            r#"homeserver_requests_total{action="restart",homeserver="hs.test",outcome="unreachable"} 2"#,
+            r#"homeserver_requests_total{action="restart",homeserver="hs.test",outcome="ok"} 1"#,
+        ] {
+            assert!(text.contains(sample), "{sample} missing in\n{text}");
+        }
+    }
+
     #[test]
     fn classifies_answers() {
         assert_eq!(classify(200, None, &json!({})).answer, HsAnswer::Ok);
