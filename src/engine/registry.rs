@@ -444,7 +444,8 @@ impl Registry {
     /// When [`Registry::handle_timeout`] (or [`Registry::flush`], for a commit retry) next has
     /// something to do.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let retry = (self.committing.is_none() && !self.pending.is_empty()).then_some(self.commit_not_before);
+        let waiting = !self.pending.is_empty() || !self.staged.is_empty();
+        let retry = (self.committing.is_none() && waiting).then_some(self.commit_not_before);
         [self.scheduler.next_deadline(), retry].into_iter().flatten().min()
     }
 

@@ -177,6 +177,22 @@ fn a_refused_commit_refuses_the_delegation_and_retries_job_changes_first() {
 }
 
 #[test]
+fn a_delegation_staged_during_the_back_off_is_committed_after_it() {
+    let mut rig = Rig::new();
+    let t = rig.delegate(&delegation("a", "DEV", "syd_a"));
+    rig.commit(Err(StoreError("disk on fire".into())));
+    assert!(rig.delegated.iter().any(|(x, r)| *x == t && r.is_err()));
+    rig.now = 100;
+    let t = rig.delegate(&delegation("b", "DEV", "syd_b"));
+    assert_eq!(rig.commits.len(), 1, "not before the back-off ends");
+    assert_eq!(rig.r.poll_timeout(), Some(Limits::default().commit_retry), "but a timer is set for it");
+    rig.advance(Limits::default().commit_retry);
+    assert_eq!(rig.commits.len(), 2);
+    rig.commit(Ok(()));
+    assert!(rig.answer_of(t).is_some());
+}
+
+#[test]
 fn webhooks_are_answered_once_durable_and_duplicates_after() {
     let mut rig = Rig::new();
     let a = delegation("a", "DEV", "syd_a");
