@@ -64,11 +64,13 @@ impl Store for FakeStore {
 }
 
 /// A homeserver that answers every call at once with 200, and records it; its first
-/// `panics` calls panic instead.
+/// `panics` calls panic instead; while `held`, calls wait.
 #[derive(Default)]
 struct FakeHomeserver {
     calls: Mutex<Vec<(String, DelayedAction, Instant)>>,
     panics: AtomicUsize,
+    held: AtomicBool,
+    release: tokio::sync::Notify,
 }
 
 impl FakeHomeserver {
@@ -81,6 +83,13 @@ impl FakeHomeserver {
 impl DelayedEvents for FakeHomeserver {
     async fn call(&self, d: &Delegation, action: DelayedAction) -> HsAnswer {
         self.calls.lock().unwrap().push((d.delay_id.clone(), action, Instant::now()));
+        while self.held.load(Ordering::SeqCst) {
+            let released = self.release.notified();
+            if !self.held.load(Ordering::SeqCst) {
+                break;
+            }
+            released.await;
+        }
         if self.panics.load(Ordering::SeqCst) > 0 {
             self.panics.fetch_sub(1, Ordering::SeqCst);
             panic!("a bug in the homeserver adapter");
@@ -290,4 +299,43 @@ async fn a_call_task_that_panics_does_not_stop_the_restarts() {
     assert!(calls.len() >= 2, "the restart was retried after the panic: {calls:?}");
     assert_kept_alive(&fakes.hs, &d, Instant::now());
     assert_eq!(engine.jobs().await.unwrap().len(), 1, "the job lives on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_with_100k_due_jobs_runs_no_more_tasks_than_the_limits() {
+    let fakes = Fakes::new();
+    fakes.hs.held.store(true, Ordering::SeqCst);
+    {
+        let mut jobs = fakes.store.jobs.lock().unwrap();
+        for i in 0..100_000u64 {
+            let d = Delegation { delay_ms: 600_000, ..delegation(&format!("syd_{i}"), &format!("DEV{i}")) };
+            jobs.insert(JobId(i + 1), JobRecord { id: JobId(i + 1), delegation: d, state: Durable::Waiting });
+        }
+    }
+    let before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let engine = fakes.engine().await;
+    let limits = Limits::default();
+    let calls = || fakes.hs.calls.lock().unwrap().len();
+    for _ in 0..200 {
+        if calls() >= limits.restarts {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(calls(), limits.restarts, "as many restarts started as the limit allows");
+    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks() - before;
+    // The engine, its calls and at most its listings; not a task per due job.
+    assert!(tasks <= 1 + limits.restarts + limits.listings, "{tasks} tasks alive");
+    // Released, every job gets its restart.
+    fakes.hs.held.store(false, Ordering::SeqCst);
+    fakes.hs.release.notify_waiters();
+    for _ in 0..500 {
+        if calls() >= 100_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(calls(), 100_000);
+    assert_eq!(engine.jobs().await.unwrap().len(), 100_000);
 }
