@@ -17,10 +17,11 @@ use url::Url;
 
 /// Every setting we read, with its default (if any) and meaning; the README's table mirrors it.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
+    ("LIVEKIT_URL", "(required)", "LiveKit SFU URL clients connect to (ws/wss/http/https), given out with every token"),
     (
-        "LIVEKIT_URL",
-        "(required)",
-        "LiveKit SFU URL (ws/wss/http/https); RoomService is called on its http(s) form, path kept",
+        "RTC_LEAVE_BRIDGE_LIVEKIT_API_URL",
+        "",
+        "where this service calls LiveKit's RoomService, if not at LIVEKIT_URL (e.g. http://livekit:7880 inside compose); path kept",
     ),
     ("LIVEKIT_KEY", "", "LiveKit API key (webhook verification, RoomService)"),
     ("LIVEKIT_SECRET", "", "LiveKit API secret"),
@@ -66,6 +67,17 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT",
         "10s",
         "how long SIGTERM waits for in-flight homeserver calls and the store (0–10m)",
+    ),
+    ("RTC_LEAVE_BRIDGE_TOKEN_TTL", "1h", "lifetime of the LiveKit tokens issued (1m–24h)"),
+    (
+        "RTC_LEAVE_BRIDGE_ROOM_EMPTY_TIMEOUT",
+        "5m",
+        "a LiveKit room created for a full-access user closes after being empty this long (0–24h)",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_ROOM_DEPARTURE_TIMEOUT",
+        "20s",
+        "a LiveKit room created for a full-access user closes this long after its last participant left (0–1h)",
     ),
     ("RTC_LEAVE_BRIDGE_MAX_DELAY", "24h", "largest delay_timeout accepted from a client (1s–7d)"),
     (
@@ -135,9 +147,10 @@ impl Section for Listen {
 /// The LiveKit SFU and its API key.
 #[derive(Clone)]
 pub struct LiveKit {
-    /// As configured (clients are told this one).
+    /// As configured: the URL clients connect to, given out with every token.
     pub url: String,
-    /// Its http(s) form, path kept, no trailing slash: where RoomService is called.
+    /// Where RoomService is called: `RTC_LEAVE_BRIDGE_LIVEKIT_API_URL`, else `url`, in http(s)
+    /// form, path kept, no trailing slash.
     pub api_base: Url,
     pub key: String,
     pub secret: String,
@@ -153,7 +166,10 @@ impl fmt::Debug for LiveKit {
 impl Section for LiveKit {
     fn from_source(src: &Source) -> Result<Self, ConfigError> {
         let url = src.get("LIVEKIT_URL").ok_or_else(|| bad("LIVEKIT_URL", "required"))?.to_owned();
-        let api_base = livekit_http_base(&url).map_err(|e| bad("LIVEKIT_URL", e))?;
+        let mut api_base = livekit_http_base(&url).map_err(|e| bad("LIVEKIT_URL", e))?;
+        if let Some(api) = src.get("RTC_LEAVE_BRIDGE_LIVEKIT_API_URL") {
+            api_base = livekit_http_base(api).map_err(|e| bad("RTC_LEAVE_BRIDGE_LIVEKIT_API_URL", e))?;
+        }
         let (key, secret) = if let Some(path) = src.get("LIVEKIT_KEY_FILE") {
             let text = read_file("LIVEKIT_KEY_FILE", path)?;
             let (k, s) = text
@@ -199,6 +215,24 @@ pub fn livekit_http_base(livekit_url: &str) -> Result<Url, String> {
     url.set_query(None);
     url.set_fragment(None);
     Ok(url)
+}
+
+/// The LiveKit tokens this service issues, and the rooms it opens for full-access users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub ttl: Duration,
+    pub room_empty_timeout: Duration,
+    pub room_departure_timeout: Duration,
+}
+
+impl Section for Tokens {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        Ok(Tokens {
+            ttl: src.duration("RTC_LEAVE_BRIDGE_TOKEN_TTL", ms(60_000), hours(24))?,
+            room_empty_timeout: src.duration("RTC_LEAVE_BRIDGE_ROOM_EMPTY_TIMEOUT", ms(0), hours(24))?,
+            room_departure_timeout: src.duration("RTC_LEAVE_BRIDGE_ROOM_DEPARTURE_TIMEOUT", ms(0), hours(1))?,
+        })
+    }
 }
 
 /// The members' homeservers: who may delegate, how they are reached.
@@ -400,6 +434,7 @@ impl fmt::Debug for Appservice {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub livekit: LiveKit,
+    pub tokens: Tokens,
     pub listen: Listen,
     pub homeservers: Homeservers,
     pub logging: Logging,
@@ -413,6 +448,7 @@ impl Section for Config {
     fn from_source(src: &Source) -> Result<Self, ConfigError> {
         Ok(Config {
             livekit: LiveKit::from_source(src)?,
+            tokens: Tokens::from_source(src)?,
             listen: Listen::from_source(src)?,
             homeservers: Homeservers::from_source(src)?,
             logging: Logging::from_source(src)?,
@@ -625,6 +661,12 @@ mod tests {
         assert_eq!(c.engine.timing.call_timeout, 21_000, "twice the request timeout, and a second");
         assert_eq!(c.engine.reconcile_interval, Duration::from_secs(30));
         assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.livekit.api_base.as_str(), "https://sfu.example.com/");
+        let t = &c.tokens;
+        assert_eq!((t.ttl, t.room_empty_timeout, t.room_departure_timeout), (hours(1), ms(300_000), ms(20_000)));
+        let internal = with(&[("RTC_LEAVE_BRIDGE_LIVEKIT_API_URL", "http://livekit:7880/lk/")]).unwrap();
+        assert_eq!(internal.livekit.url, "wss://sfu.example.com", "clients are still told the public URL");
+        assert_eq!(internal.livekit.api_base.as_str(), "http://livekit:7880/lk");
         assert!(!format!("{c:?}").contains("\"s\""), "secret never printed");
     }
 
@@ -652,6 +694,8 @@ mod tests {
             ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "10m"),
             ("RTC_LEAVE_BRIDGE_SHUTDOWN_TIMEOUT", "1h"),
             ("RTC_LEAVE_BRIDGE_MAX_DELAY", "200h"),
+            ("RTC_LEAVE_BRIDGE_TOKEN_TTL", "30s"),
+            ("RTC_LEAVE_BRIDGE_ROOM_DEPARTURE_TIMEOUT", "2h"),
         ] {
             let e = with(&[(name, value)]).unwrap_err();
             assert_eq!(e.setting, name, "{name}={value}: {e}");

@@ -87,6 +87,11 @@ pub struct Delegation {
     pub created_at_ms: u64,
     #[serde(default)]
     pub mode: Mode,
+    /// The LiveKit identity this service minted for the member when the delegation came with its
+    /// token request: then the only identity watched. `None` for a delegation made on its own
+    /// (the member may hold a token from any service, under any of its identities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl Delegation {
@@ -103,7 +108,10 @@ impl Delegation {
 
     /// The member's identities in compact form, for matching.
     pub fn watch(&self) -> identity::Watch {
-        identity::Watch::new(&self.user_id, &self.device_id, &self.member_id)
+        match &self.identity {
+            Some(minted) => identity::Watch::Exact(minted.as_str().into()),
+            None => identity::Watch::new(&self.user_id, &self.device_id, &self.member_id),
+        }
     }
 
     /// The server name of the member's homeserver.

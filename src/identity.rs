@@ -13,6 +13,27 @@ fn digest_parts(parts: &[&str]) -> [u8; 32] {
     Sha256::digest(&json).into()
 }
 
+/// `sha256` of `parts` as Go's `json.Marshal` writes them, which also escapes `<`, `>`, `&`,
+/// U+2028 and U+2029 (`\u003c` …): how lk-jwt-service's Go version hashed identities. `None`
+/// when that is the same text as JavaScript's `JSON.stringify` (and serde_json) writes.
+fn go_digest_parts(parts: &[&str]) -> Option<[u8; 32]> {
+    const ESCAPED: [(char, &str); 5] =
+        [('<', "\\u003c"), ('>', "\\u003e"), ('&', "\\u0026"), ('\u{2028}', "\\u2028"), ('\u{2029}', "\\u2029")];
+    let js = serde_json::to_string(parts).expect("a string array serialises");
+    if !js.contains(|c| ESCAPED.iter().any(|(e, _)| *e == c)) {
+        return None;
+    }
+    // In a JSON array of strings these characters only occur inside strings.
+    let mut go = String::with_capacity(js.len() + 16);
+    for c in js.chars() {
+        match ESCAPED.iter().find(|(e, _)| *e == c) {
+            Some((_, escaped)) => go.push_str(escaped),
+            None => go.push(c),
+        }
+    }
+    Some(Sha256::digest(go.as_bytes()).into())
+}
+
 /// `b64(sha256(json(parts)))`: standard alphabet, no padding.
 fn hash_parts(parts: &[&str]) -> String {
     STANDARD_NO_PAD.encode(digest_parts(parts))
@@ -49,42 +70,67 @@ pub fn member_identities(user_id: &str, device_id: &str, member_id: &str) -> Vec
     all
 }
 
-/// The identities of one member, kept compactly for matching: the two hashed forms as their raw
-/// digests (64 bytes, no allocation), the legacy form not at all (it is the member's user and
-/// device ids, which the caller has).
+/// The identities a job watches for its member, kept compactly for matching.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Watch {
-    /// The 3-part digest; `None` without a device id.
-    three: Option<[u8; 32]>,
-    two: [u8; 32],
+pub enum Watch {
+    /// Whatever the member's client may have been given a token for, by any service: the two
+    /// hashed forms as their raw digests (64 bytes, no allocation) and the legacy form, which is
+    /// the member's user and device ids (the caller has them).
+    Member {
+        /// The 3-part digest; `None` without a device id.
+        three: Option<[u8; 32]>,
+        two: [u8; 32],
+        /// The same hashed the way lk-jwt-service's Go version did, when that differs (ids with
+        /// `<`, `>`, `&`, U+2028 or U+2029): the member may hold a token it minted.
+        go: Option<Box<[Option<[u8; 32]>; 2]>>,
+    },
+    /// Exactly the identity this service minted for the member with its token.
+    Exact(Box<str>),
 }
 
 impl Watch {
     pub fn new(user_id: &str, device_id: &str, member_id: &str) -> Self {
         let three = (!device_id.is_empty()).then(|| digest_parts(&[user_id, device_id, member_id]));
-        Watch { three, two: digest_parts(&[user_id, member_id]) }
+        let go_three = if device_id.is_empty() { None } else { go_digest_parts(&[user_id, device_id, member_id]) };
+        let go_two = go_digest_parts(&[user_id, member_id]);
+        let go = (go_three.is_some() || go_two.is_some()).then(|| Box::new([go_three, go_two]));
+        Watch::Member { three, two: digest_parts(&[user_id, member_id]), go }
     }
 
-    /// The member's most specific hashed identity (for logs).
+    /// The member's most specific identity (for logs).
     pub fn primary(&self) -> String {
-        STANDARD_NO_PAD.encode(self.three.unwrap_or(self.two))
+        match self {
+            Watch::Member { three, two, .. } => STANDARD_NO_PAD.encode(three.unwrap_or(*two)),
+            Watch::Exact(identity) => identity.to_string(),
+        }
     }
 
     /// Every identity the member may connect under, most specific first (the strings of
     /// [`member_identities`], without re-hashing).
     pub fn identities(&self, user_id: &str, device_id: &str) -> Vec<String> {
-        let mut all: Vec<String> = self.three.iter().chain([&self.two]).map(|d| STANDARD_NO_PAD.encode(d)).collect();
-        if !device_id.is_empty() {
-            all.push(identity_legacy(user_id, device_id));
+        match self {
+            Watch::Member { three, two, go } => {
+                let go_forms = go.iter().flat_map(|g| g.iter().flatten());
+                let mut all: Vec<String> =
+                    three.iter().chain([two]).chain(go_forms).map(|d| STANDARD_NO_PAD.encode(d)).collect();
+                if !device_id.is_empty() {
+                    all.push(identity_legacy(user_id, device_id));
+                }
+                all
+            }
+            Watch::Exact(identity) => vec![identity.to_string()],
         }
-        all
     }
 
     /// Whether `identity` is one the member may connect under.
     pub fn matches(&self, identity: &str, user_id: &str, device_id: &str) -> bool {
+        let (three, two, go) = match self {
+            Watch::Member { three, two, go } => (three, two, go),
+            Watch::Exact(exact) => return **exact == *identity,
+        };
         let mut digest = [0u8; 32];
         if identity.len() == 43 && STANDARD_NO_PAD.decode_slice(identity, &mut digest) == Ok(32) {
-            return digest == self.two || Some(digest) == self.three;
+            return digest == *two || Some(digest) == *three || go.as_ref().is_some_and(|g| g.contains(&Some(digest)));
         }
         // Legacy `@user:server:DEVICE`.
         !device_id.is_empty()
@@ -131,6 +177,34 @@ mod tests {
         );
         assert!(no_device.matches(&identity_two_part("@alice:example.com", "memberABC"), "@alice:example.com", ""));
         assert!(!no_device.matches("@alice:example.com:", "@alice:example.com", ""));
+    }
+
+    #[test]
+    fn ids_that_go_escapes_are_watched_in_both_forms() {
+        let (user, device, member) = ("@alice:example.com", "DEV<&>", "m\u{2028}1");
+        // What JavaScript's JSON.stringify hashes, and what Go's json.Marshal hashed.
+        let js = "[\"@alice:example.com\",\"DEV<&>\",\"m\u{2028}1\"]";
+        let go = "[\"@alice:example.com\",\"DEV\\u003c\\u0026\\u003e\",\"m\\u20281\"]";
+        let b64 = |text: &str| STANDARD_NO_PAD.encode(Sha256::digest(text.as_bytes()));
+        assert_eq!(identity_three_part(user, device, member), b64(js), "minted as clients compute");
+        let watch = Watch::new(user, device, member);
+        assert!(watch.matches(&b64(js), user, device));
+        assert!(watch.matches(&b64(go), user, device), "a token from the Go service is recognised");
+        assert!(watch.identities(user, device).contains(&b64(go)));
+        // Ordinary ids cost nothing extra.
+        assert!(matches!(Watch::new(user, "DEV", "m1"), Watch::Member { go: None, .. }));
+    }
+
+    #[test]
+    fn an_exact_watch_matches_its_identity_alone() {
+        let minted = identity_legacy("@alice:example.com", "DEVICE123");
+        let watch = Watch::Exact(minted.as_str().into());
+        assert!(watch.matches(&minted, "@alice:example.com", "DEVICE123"));
+        for other in member_identities("@alice:example.com", "DEVICE123", "memberABC").into_iter().take(2) {
+            assert!(!watch.matches(&other, "@alice:example.com", "DEVICE123"), "{other}");
+        }
+        assert_eq!(watch.identities("@alice:example.com", "DEVICE123"), vec![minted.clone()]);
+        assert_eq!(watch.primary(), minted);
     }
 
     #[test]

@@ -43,6 +43,22 @@ pub struct TriggerLabel {
     pub trigger: &'static str,
 }
 
+/// A homeserver's server name, for metrics of requests made before anyone is authenticated:
+/// bounded by [`Metrics::homeserver_label`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HomeserverLabel {
+    pub homeserver: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub endpoint: &'static str,
+    pub outcome: &'static str,
+}
+
+/// Distinct homeserver labels at most; later ones are counted as `other`.
+const HOMESERVER_LABELS: usize = 100;
+
 /// What the engine task was busy with.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InputLabel {
@@ -63,6 +79,10 @@ fn engine_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    homeserver_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub openid_check_duration: HistogramFamily<HomeserverLabel>,
+    pub room_creations: Family<OutcomeLabel, Counter>,
     pub engine_busy: HistogramFamily<InputLabel>,
     pub jobs: Family<StateLabel, Gauge>,
     pub jobs_finished: Family<OutcomeLabel, Counter>,
@@ -90,6 +110,10 @@ impl Metrics {
         let mut registry = Registry::with_prefix("rtc_leave_bridge");
         let m = Metrics {
             engine_busy: Family::new_with_constructor(engine_histogram),
+            homeserver_labels: Default::default(),
+            tokens: Family::default(),
+            openid_check_duration: Family::new_with_constructor(latency_histogram),
+            room_creations: Family::default(),
             jobs: Family::default(),
             jobs_finished: Family::default(),
             delegations: Family::default(),
@@ -142,6 +166,17 @@ impl Metrics {
             m.store_commit_duration.clone(),
         );
         registry.register("store_errors", "Failed store operations", m.store_errors.clone());
+        registry.register("tokens", "LiveKit tokens requested, by endpoint and outcome", m.tokens.clone());
+        registry.register(
+            "openid_check_duration_seconds",
+            "Duration of OpenID token checks with the member's homeserver",
+            m.openid_check_duration.clone(),
+        );
+        registry.register(
+            "room_creations",
+            "LiveKit rooms opened for full-access users, by outcome",
+            m.room_creations.clone(),
+        );
         registry.register(
             "engine_busy_seconds",
             "Time the engine task spent on one input, by kind: every job waits meanwhile",
@@ -152,6 +187,20 @@ impl Metrics {
             let _ = m.jobs.get_or_create(&StateLabel { state: state.as_str() });
         }
         Metrics { registry, ..m }
+    }
+
+    /// `server` as a label value, or `other` once as many distinct homeservers have been seen
+    /// as a label can afford (anyone may name any server before being authenticated).
+    pub fn homeserver_label(&self, server: &str) -> String {
+        let mut seen = self.homeserver_labels.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(server) {
+            return server.to_owned();
+        }
+        if seen.len() < HOMESERVER_LABELS {
+            seen.insert(server.to_owned());
+            return server.to_owned();
+        }
+        "other".to_owned()
     }
 
     /// The Prometheus text exposition.
@@ -180,5 +229,15 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn homeserver_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..HOMESERVER_LABELS {
+            assert_eq!(m.homeserver_label(&format!("hs{i}.test")), format!("hs{i}.test"));
+        }
+        assert_eq!(m.homeserver_label("one-too-many.test"), "other");
+        assert_eq!(m.homeserver_label("hs7.test"), "hs7.test", "those seen keep their label");
     }
 }

@@ -67,14 +67,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 timeout: hs.request_timeout,
                 metrics: metrics.clone(),
             }),
-            presence: Arc::new(Listings { room_service, metrics: metrics.clone() }),
+            presence: Arc::new(Listings { room_service: room_service.clone(), metrics: metrics.clone() }),
             metrics: metrics.clone(),
         },
     )
     .await
     .context("loading stored jobs")?;
 
+    let issuer = api::token::issuer(&config, room_service);
     let state = AppState {
+        issuer,
         engine: engine.clone(),
         verifier: WebhookVerifier::new(&config.livekit.key, &config.livekit.secret),
         admin_verifier: livekit_api::access_token::TokenVerifier::with_api_key(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::bridge::{Bridge, SLOT};
 use common::hs_proxy::HsProxy;
-use common::livekit::LiveKit;
+use common::livekit::{LiveKit, assert_join_token, js_hash};
 use common::synapse::{MatrixUser, SERVER_NAME, Synapse, SynapseOptions};
 use rtc_leave_bridge::identity;
 use serde_json::{Value, json};
@@ -283,4 +283,48 @@ async fn openid_mode_loses_connected_members_under_default_rate_limits() {
         .metric("rtc_leave_bridge_homeserver_requests_total{action=\"restart\",homeserver=\"hs1.test\",outcome=\"rate_limited\"}")
         .await;
     assert!(limited > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_token_through_the_homeserver_mints_the_two_part_identity_and_the_leave_rides_along() {
+    let w = World::new(true, None).await;
+    let delay_id = w.synapse.join_call(&w.alice, &w.room, 3_000).await;
+    let member_id = "m-proxied";
+    let body = json!({
+        "room_id": w.room,
+        "slot_id": SLOT,
+        "member": {"id": member_id, "claimed_device_id": w.alice.device_id},
+        "delay_id": delay_id,
+        "delay_timeout": 3_000,
+    });
+    let (status, v) = w.synapse.proxied(&w.alice, "get_token", &body, false).await;
+    assert_eq!(status, 200, "{v}\n{}", w.bridge.logs());
+    assert_eq!(v["url"], json!(w.livekit.url));
+    let identity = js_hash(&[&w.alice.user_id, member_id]);
+    assert_join_token(v["jwt"].as_str().unwrap(), &identity, &js_hash(&[&w.room, SLOT]));
+    assert_eq!(w.livekit.created_rooms(), vec![(w.lk_room.clone(), 300, 20)]);
+
+    // The member connects under that identity: kept alive through the appservice; then leaves.
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &identity).await;
+    w.still_members_after(&[&w.alice], Duration::from_millis(7_000)).await.expect("kept alive");
+    assert!(w.hs.count("restart", Some(200)) >= 2, "restarted by the bridge");
+    let since = Instant::now();
+    w.livekit.leave(&w.bridge.url, &w.lk_room, &p, "CLIENT_INITIATED").await;
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(2)).await.expect("the bridge sent the leave");
+    assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
+    assert!(!w.synapse.is_member(&w.alice, &w.room).await);
+
+    // Without a delayed leave: a token, nothing tracked; a delay id not the user's: refused.
+    let (status, v) = w
+        .synapse
+        .proxied(&w.alice, "get_token", &json!({"room_id": w.room, "slot_id": SLOT, "member_id": "m2"}), true)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let bob = w.synapse.register("bob").await;
+    w.synapse.join_room(&bob, &w.room).await;
+    let bobs = w.synapse.join_call(&bob, &w.room, 3_000).await;
+    let body = json!({"room_id": w.room, "slot_id": SLOT, "member_id": "m3", "delay_id": bobs});
+    let (status, v) = w.synapse.proxied(&w.alice, "get_token", &body, true).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.get("jwt").is_none());
 }

@@ -73,6 +73,15 @@ impl Stack {
             .to_owned();
         interpolate(&raw, &self.env)
     }
+    /// A service's published ports, as written (`host:container[/proto]`).
+    fn service_ports(&self, service: &str) -> Vec<String> {
+        self.service(service)["ports"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect()
+    }
     /// `(host path, container path)` of a service's bind mounts.
     fn mounts(&self, service: &str) -> Vec<(String, String)> {
         self.service(service)["volumes"]
@@ -142,12 +151,7 @@ fn every_mounted_file_exists_and_every_required_variable_is_documented() {
 fn services_agree_on_addresses_ports_and_keys() {
     let stack = Stack::load();
     let bridge_port = stack.bridge_port();
-    let bridge_ports: Vec<String> = stack.service("rtc-leave-bridge")["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_owned())
-        .collect();
+    let bridge_ports = stack.service_ports("rtc-leave-bridge");
     assert!(
         bridge_ports.iter().any(|p| p.ends_with(&format!(":{bridge_port}"))),
         "bridge port published: {bridge_ports:?}"
@@ -163,9 +167,17 @@ fn services_agree_on_addresses_ports_and_keys() {
     let (lk_key, lk_secret) = keys.split_once(':').unwrap();
     assert_eq!(lk_key.trim(), key);
     assert_eq!(lk_secret.trim(), stack.service_env("rtc-leave-bridge", "LIVEKIT_SECRET"), "same secret");
-    // Bridge → LiveKit: RoomService on LiveKit's port.
-    let (host, port, _) = url_parts(&stack.service_env("rtc-leave-bridge", "LIVEKIT_URL").replace("ws://", "http://"));
-    assert_eq!((host.as_str(), port), ("livekit", livekit["port"].as_u64().unwrap() as u16));
+    // Bridge → LiveKit: RoomService on LiveKit's port, inside the stack; clients are told the
+    // port LiveKit publishes.
+    let lk_port = livekit["port"].as_u64().unwrap() as u16;
+    let (host, port, _) = url_parts(&stack.service_env("rtc-leave-bridge", "RTC_LEAVE_BRIDGE_LIVEKIT_API_URL"));
+    assert_eq!((host.as_str(), port), ("livekit", lk_port));
+    let (_, public_port, _) =
+        url_parts(&stack.service_env("rtc-leave-bridge", "LIVEKIT_URL").replace("ws://", "http://"));
+    let published = stack.service_ports("livekit");
+    assert!(published.iter().any(|p| p.starts_with(&format!("{public_port}:"))), "{published:?}");
+    // Only full-access users open rooms.
+    assert_eq!(livekit["room"]["auto_create"].as_bool(), Some(false));
 
     // Bridge ↔ Synapse: server name, client-server URL, appservice registration.
     let synapse = yaml(&stack.host_file("synapse", "/config/homeserver.yaml"));

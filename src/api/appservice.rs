@@ -78,14 +78,18 @@ pub async fn acknowledge(
 
 #[derive(Deserialize)]
 struct Request {
-    url: String,
+    /// The LiveKit URL the client means: must be ours (optional for `get_token`).
+    #[serde(default)]
+    url: Option<String>,
     room_id: String,
     slot_id: String,
     #[serde(default)]
     member_id: Option<String>,
     #[serde(default)]
     member: Option<Member>,
-    delay_id: String,
+    /// Required for `delegate_delayed_leave`; optional for `get_token`.
+    #[serde(default)]
+    delay_id: Option<String>,
     /// Informative: the delay that counts is the homeserver's.
     #[serde(default)]
     delay_timeout: Option<i64>,
@@ -100,6 +104,20 @@ struct Member {
     claimed_user_id: Option<String>,
 }
 
+/// A request the homeserver forwarded: who it is from, and what it asks about.
+struct Proxied<'a> {
+    a: &'a AppserviceState,
+    user_id: ruma::OwnedUserId,
+    room_id: ruma::OwnedRoomId,
+    slot_id: String,
+    member_id: String,
+    /// Empty when the client named only its member id.
+    device_id: String,
+    delay_id: Option<String>,
+    /// Whether the body named the LiveKit URL (it was ours).
+    url_given: bool,
+}
+
 /// `POST …/rtc/livekit/delegate_delayed_leave`, unstable and stable paths.
 pub async fn delegate(
     State(state): State<AppState>,
@@ -107,14 +125,32 @@ pub async fn delegate(
     query: Query<TokenQuery>,
     body: Bytes,
 ) -> Result<Response, MatrixError> {
-    super::delegation_answer(&state, handle(&state, &headers, &query, &body).await)
+    super::delegation_answer(&state, handle_delegation(&state, &headers, &query, &body).await)
+}
+
+/// `POST …/rtc/livekit/get_token`, unstable and stable paths: a LiveKit token for the member the
+/// homeserver authenticated, under the 2-part identity `b64(sha256(json([user, member])))`,
+/// with its delayed leave riding along if it names one.
+pub async fn get_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Query<TokenQuery>,
+    body: Bytes,
+) -> Result<axum::Json<super::token::Answer>, MatrixError> {
+    super::token::count(&state, "proxied_get_token", handle_get_token(&state, &headers, &query, &body).await)
 }
 
 fn trim_url(url: &str) -> &str {
     url.trim().trim_end_matches('/')
 }
 
-async fn handle(state: &AppState, headers: &HeaderMap, query: &TokenQuery, body: &[u8]) -> Result<(), MatrixError> {
+/// Authenticates the homeserver, takes the member from it, and checks the body.
+fn proxied<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+    body: &[u8],
+) -> Result<Proxied<'a>, MatrixError> {
     let a = appservice(state)?;
     check_hs_token(a, headers, query)?;
     let server = a.config.server_name.as_str();
@@ -127,18 +163,20 @@ async fn handle(state: &AppState, headers: &HeaderMap, query: &TokenQuery, body:
     let user_id =
         ruma::OwnedUserId::try_from(user_header).map_err(|e| invalid(format!("X-Matrix-User-Identifier: {e}")))?;
     if user_id.server_name().as_str() != server {
-        warn!(user = %user_id, "appservice delegation refused: user of another homeserver");
+        warn!(user = %user_id, "appservice request refused: user of another homeserver");
         return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "user does not belong to this homeserver"));
     }
 
     let req: Request = serde_json::from_slice(body)
         .map_err(|e| MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("invalid request: {e}")))?;
-    if trim_url(&req.url) != trim_url(&a.livekit_url) {
+    if req.url.as_deref().is_some_and(|url| trim_url(url) != trim_url(&a.livekit_url)) {
         return Err(invalid(format!("url: this service serves {}", a.livekit_url)));
     }
     let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
     super::check_text("slot_id", &req.slot_id)?;
-    super::check_text("delay_id", &req.delay_id)?;
+    if let Some(delay_id) = &req.delay_id {
+        super::check_text("delay_id", delay_id)?;
+    }
     let (member_id, device_id) = match (&req.member, &req.member_id) {
         (Some(m), _) => {
             if m.claimed_user_id.as_deref().is_some_and(|c| c != user_id.as_str()) {
@@ -156,16 +194,27 @@ async fn handle(state: &AppState, headers: &HeaderMap, query: &TokenQuery, body:
     if req.delay_timeout.is_some_and(|t| t <= 0) {
         return Err(invalid("delay_timeout must be positive"));
     }
+    let url_given = req.url.is_some();
+    Ok(Proxied { a, user_id, room_id, slot_id: req.slot_id, member_id, device_id, delay_id: req.delay_id, url_given })
+}
 
-    // The delayed event, as its owner sees it on the homeserver.
+/// The delegation of `delay_id`, checked with the homeserver as the event's owner: it must be
+/// this user's, in this room, with a usable delay (the homeserver's, not the client's).
+async fn looked_up(
+    state: &AppState,
+    p: &Proxied<'_>,
+    delay_id: &str,
+    identity: Option<String>,
+) -> Result<Delegation, MatrixError> {
+    let (a, server) = (p.a, p.a.config.server_name.as_str());
     let endpoint = state.discovery.client_server_api(server).await.map_err(|e| {
         error!(server, error = %e, "cannot locate our homeserver's client-server API");
         MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "homeserver unreachable")
     })?;
     let http = endpoint.client(state.discovery.clients());
     let style = a.path_styles.get(http, &endpoint.base, a.request_timeout).await;
-    let caller = Caller::Appservice { as_token: &a.config.as_token, user_id: user_id.as_str() };
-    let event = delayed_events::lookup(http, &endpoint.base, style, &req.delay_id, caller, a.request_timeout)
+    let caller = Caller::Appservice { as_token: &a.config.as_token, user_id: p.user_id.as_str() };
+    let event = delayed_events::lookup(http, &endpoint.base, style, delay_id, caller, a.request_timeout)
         .await
         .map_err(|e| match e {
             LookupError::NotFound => invalid("delay_id: no such delayed event of this user"),
@@ -178,24 +227,66 @@ async fn handle(state: &AppState, headers: &HeaderMap, query: &TokenQuery, body:
                 MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "homeserver unreachable")
             }
         })?;
-    if event.room_id != room_id.as_str() {
+    if event.room_id != p.room_id.as_str() {
         return Err(invalid("delay_id: the delayed event belongs to another room"));
     }
     if event.delay_ms <= 0 || event.delay_ms as u64 > state.max_delay_ms {
         return Err(invalid(format!("the delayed event's delay ({} ms) is not usable", event.delay_ms)));
     }
-
-    let delegation = Delegation {
-        room_id: room_id.to_string(),
-        slot_id: req.slot_id,
-        user_id: user_id.to_string(),
-        device_id,
-        member_id,
-        delay_id: req.delay_id,
+    Ok(Delegation {
+        room_id: p.room_id.to_string(),
+        slot_id: p.slot_id.clone(),
+        user_id: p.user_id.to_string(),
+        device_id: p.device_id.clone(),
+        member_id: p.member_id.clone(),
+        delay_id: delay_id.to_owned(),
         delay_ms: event.delay_ms as u64,
         cs_api_url: endpoint.base.to_string(),
         created_at_ms: now_unix_ms(),
         mode: Mode::Appservice,
+        identity,
+    })
+}
+
+async fn handle_delegation(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+    body: &[u8],
+) -> Result<(), MatrixError> {
+    let p = proxied(state, headers, query, body)?;
+    let missing = |field: &str| {
+        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("invalid request: missing field `{field}`"))
     };
+    if !p.url_given {
+        return Err(missing("url"));
+    }
+    let delay_id = p.delay_id.clone().ok_or_else(|| missing("delay_id"))?;
+    let delegation = looked_up(state, &p, &delay_id, None).await?;
     super::store_delegation(state, delegation).await
+}
+
+async fn handle_get_token(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+    body: &[u8],
+) -> Result<super::token::Answer, MatrixError> {
+    let p = proxied(state, headers, query, body)?;
+    let server = p.a.config.server_name.as_str();
+    let grant = super::token::Grant {
+        identity: crate::identity::identity_two_part(p.user_id.as_str(), &p.member_id),
+        user_id: p.user_id.clone(),
+        device_id: p.device_id.clone(),
+        member_id: p.member_id.clone(),
+        room_id: p.room_id.to_string(),
+        slot_id: p.slot_id.clone(),
+    };
+    let full_access = state.allowed.allows(server);
+    let delegation = match &p.delay_id {
+        None => None,
+        Some(_) if !full_access => return Err(super::token::not_full_access(server, &p.user_id)),
+        Some(delay_id) => Some(looked_up(state, &p, delay_id, Some(grant.identity.clone())).await?),
+    };
+    super::token::grant_token(state, &grant, full_access, delegation).await
 }

@@ -12,10 +12,10 @@ use axum::response::Response;
 use serde::Deserialize;
 use tracing::warn;
 
+use super::member::{OpenIdToken, upstream_error, verified_user};
 use super::{AppState, MatrixError, check_text, invalid};
 use crate::delegation::{Delegation, now_unix_ms};
-use crate::homeserver::discovery::DiscoveryError;
-use crate::homeserver::openid::{self, OpenIdError};
+use crate::homeserver::openid::OpenIdError;
 
 #[derive(Deserialize)]
 struct Request {
@@ -29,18 +29,6 @@ struct Request {
     #[serde(default)]
     #[allow(dead_code)]
     delay_cs_api_url: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct OpenIdToken {
-    access_token: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    token_type: Option<String>,
-    matrix_server_name: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    expires_in: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -72,35 +60,14 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
     if req.delay_timeout <= 0 || req.delay_timeout as u64 > state.max_delay_ms {
         return Err(invalid(format!("delay_timeout must be between 1 and {} ms", state.max_delay_ms)));
     }
-    let server = req.openid_token.matrix_server_name.as_str();
-    ruma::ServerName::parse(server).map_err(|e| invalid(format!("openid_token.matrix_server_name: {e}")))?;
-    if req.openid_token.access_token.is_empty() {
-        return Err(invalid("openid_token.access_token is empty"));
-    }
+    let server = req.openid_token.server()?;
 
     // Who may delegate.
     if !state.allowed.allows(server) {
         warn!(server, user = %user_id, "delegation refused: homeserver not allowed");
         return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "this homeserver may not delegate here"));
     }
-    if user_id.server_name().as_str() != server {
-        return Err(MatrixError::new(
-            StatusCode::UNAUTHORIZED,
-            "M_UNAUTHORIZED",
-            "member.claimed_user_id does not belong to openid_token.matrix_server_name",
-        ));
-    }
-    let sub = openid::userinfo(&state.discovery, server, &req.openid_token.access_token)
-        .await
-        .map_err(|e| upstream_error(server, e))?;
-    if sub != user_id.as_str() {
-        warn!(server, claimed = %user_id, "delegation refused: OpenID token belongs to another user");
-        return Err(MatrixError::new(
-            StatusCode::UNAUTHORIZED,
-            "M_UNAUTHORIZED",
-            "OpenID token does not belong to the member",
-        ));
-    }
+    let user_id = verified_user(state, &req.openid_token, Some(&user_id)).await?;
 
     // Where its homeserver is, by our own means.
     let cs = state
@@ -120,24 +87,7 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         cs_api_url: cs.base.to_string(),
         created_at_ms: now_unix_ms(),
         mode: crate::delegation::Mode::OpenId,
+        identity: None,
     };
     super::store_delegation(state, delegation).await
-}
-
-fn upstream_error(server: &str, e: OpenIdError) -> MatrixError {
-    match e {
-        OpenIdError::Rejected(_) => {
-            warn!(server, "delegation refused: OpenID token rejected by its homeserver");
-            MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "OpenID token rejected by the homeserver")
-        }
-        OpenIdError::Discovery(DiscoveryError::InvalidServerName(s)) => invalid(format!("invalid server name {s:?}")),
-        OpenIdError::Discovery(e @ DiscoveryError::Forbidden { .. }) => {
-            warn!(server, error = %e, "delegation refused: homeserver address not allowed");
-            MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "the homeserver's address is not allowed")
-        }
-        e => {
-            warn!(server, error = %e, "delegation failed: homeserver unreachable");
-            MatrixError::new(StatusCode::BAD_GATEWAY, "M_UNKNOWN", format!("cannot reach homeserver {server}"))
-        }
-    }
 }

@@ -1,10 +1,12 @@
-//! The HTTP surface: LiveKit's webhook endpoint, the delegation endpoint clients call, and the
-//! operator endpoints (health, readiness, metrics). Handlers validate and authenticate, then hand
+//! The HTTP surface: LiveKit's webhook endpoint, the endpoints clients call (LiveKit tokens,
+//! delegations), and the operator endpoints (health, readiness, metrics). Handlers validate and authenticate, then hand
 //! over to the engine; errors are Matrix-style `{"errcode", "error"}` bodies.
 
 pub mod appservice;
 mod delegation;
+mod member;
 mod operator;
+pub mod token;
 mod webhook;
 
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub max_delay_ms: u64,
     /// Set in appservice mode.
     pub appservice: Option<Arc<appservice::AppserviceState>>,
+    /// Mints tokens and opens rooms.
+    pub issuer: Arc<token::Issuer>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -56,6 +60,8 @@ pub fn router(state: AppState) -> Router {
         .allow_headers(Any);
     let delegation = Router::new()
         .route("/delegate_delayed_leave", post(delegation::delegate))
+        .route("/get_token", post(token::get_token))
+        .route("/sfu/get", post(token::sfu_get))
         .layer(axum::middleware::from_fn_with_state(DELEGATION_BODY_LIMIT, enforce_body_limit))
         .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT))
         .layer(cors);
@@ -66,6 +72,8 @@ pub fn router(state: AppState) -> Router {
             post(appservice::delegate),
         )
         .route("/_matrix/client/v1/rtc/livekit/delegate_delayed_leave", post(appservice::delegate))
+        .route("/_matrix/client/unstable/io.element.msc4195/rtc/livekit/get_token", post(appservice::get_token))
+        .route("/_matrix/client/v1/rtc/livekit/get_token", post(appservice::get_token))
         .route(
             "/_matrix/app/v1/ping",
             get(appservice::acknowledge).put(appservice::acknowledge).post(appservice::acknowledge),

@@ -730,11 +730,11 @@ impl Registry {
         let staged = std::mem::take(&mut self.staged);
         let mut ops = job_ops.clone();
         for s in &staged {
-            ops.push(StoreOp::Insert(JobRecord {
+            ops.push(StoreOp::Insert(Box::new(JobRecord {
                 id: s.id,
                 delegation: s.delegation.clone(),
                 state: Durable::Waiting,
-            }));
+            })));
             ops.extend(s.replaces.map(StoreOp::Delete));
         }
         let waiting = std::mem::take(&mut self.waiting);

@@ -44,7 +44,7 @@ impl Store for FakeStore {
         for op in ops {
             match op {
                 StoreOp::Insert(r) => {
-                    jobs.insert(r.id, r);
+                    jobs.insert(r.id, *r);
                 }
                 StoreOp::SetState(id, state) => {
                     if let Some(r) = jobs.get_mut(&id) {
@@ -151,6 +151,7 @@ fn delegation(delay_id: &str, device: &str) -> Delegation {
         cs_api_url: "https://hs.test/".into(),
         created_at_ms: 0,
         mode: crate::delegation::Mode::OpenId,
+        identity: None,
     }
 }
 

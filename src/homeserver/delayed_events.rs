@@ -423,6 +423,7 @@ mod tests {
             cs_api_url: local.to_string(),
             created_at_ms: 0,
             mode: Mode::OpenId,
+            identity: None,
         };
         let metrics = Arc::new(Metrics::new());
         let adapter = |overrides: Overrides| {

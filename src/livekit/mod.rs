@@ -1,7 +1,9 @@
 //! Everything about LiveKit, the source of truth on who is connected: verifying and decoding its
-//! webhooks ([`webhook`]) and asking its RoomService who is in a room ([`room_service`]).
+//! webhooks ([`webhook`]), asking its RoomService who is in a room and opening rooms
+//! ([`room_service`]), and minting the tokens clients join with ([`token`]).
 
 pub mod room_service;
+pub mod token;
 pub mod webhook;
 
 /// One session of a participant as LiveKit reports it.

@@ -1,4 +1,5 @@
-//! LiveKit's RoomService over Twirp: who is connected to a room right now.
+//! LiveKit's RoomService over Twirp: who is connected to a room right now, and opening the rooms
+//! full-access users call in.
 //!
 //! The request is issued here rather than through `livekit-api`'s `RoomClient`, which drops any
 //! path of `LIVEKIT_URL` (operators who serve LiveKit behind a reverse-proxy prefix need it kept).
@@ -26,13 +27,24 @@ pub enum RoomServiceError {
     Token(String),
 }
 
+/// RoomService's address and credentials; cheap to clone.
 #[derive(Clone)]
 pub struct RoomService {
     http: reqwest::Client,
-    list_url: Url,
+    /// `…/twirp/livekit.RoomService/`
+    base: Url,
     api_key: String,
     api_secret: String,
     timeout: Duration,
+}
+
+/// How long the LiveKit rooms this service opens stay open without participants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomTimeouts {
+    /// After creation, if nobody joins.
+    pub empty: Duration,
+    /// After the last participant left.
+    pub departure: Duration,
 }
 
 impl RoomService {
@@ -43,46 +55,57 @@ impl RoomService {
         api_secret: &str,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let list_url = Url::parse(&format!(
-            "{}/twirp/livekit.RoomService/ListParticipants",
-            api_base.as_str().trim_end_matches('/')
-        ))
-        .map_err(|e| e.to_string())?;
-        Ok(RoomService { http, list_url, api_key: api_key.to_owned(), api_secret: api_secret.to_owned(), timeout })
+        let base = Url::parse(&format!("{}/twirp/livekit.RoomService/", api_base.as_str().trim_end_matches('/')))
+            .map_err(|e| e.to_string())?;
+        Ok(RoomService { http, base, api_key: api_key.to_owned(), api_secret: api_secret.to_owned(), timeout })
     }
 
-    /// The connected participants of `room`; an empty list if the room does not exist.
-    /// Participants already disconnected are left out.
-    pub async fn list_participants(&self, room: &str) -> Result<Vec<Participant>, RoomServiceError> {
+    /// Calls Twirp `method` with `request`, authorised by a one-minute token with `grants`.
+    /// `Ok(None)`: Twirp's `not_found`.
+    async fn call(
+        &self,
+        method: &str,
+        grants: VideoGrants,
+        request: impl prost::Message,
+    ) -> Result<Option<axum::body::Bytes>, RoomServiceError> {
         let token = AccessToken::with_api_key(&self.api_key, &self.api_secret)
             .with_ttl(Duration::from_secs(60))
-            .with_grants(VideoGrants { room_admin: true, room: room.to_owned(), ..Default::default() })
+            .with_grants(grants)
             .to_jwt()
             .map_err(|e| RoomServiceError::Token(e.to_string()))?;
-        let body = proto::ListParticipantsRequest { room: room.to_owned() }.encode_to_vec();
+        let url = self.base.join(method).map_err(|e| RoomServiceError::Unreachable(e.to_string()))?;
         let resp = self
             .http
-            .post(self.list_url.clone())
+            .post(url)
             .bearer_auth(token)
             .header(reqwest::header::CONTENT_TYPE, "application/protobuf")
             .timeout(self.timeout)
-            .body(body)
+            .body(request.encode_to_vec())
             .send()
             .await
             .map_err(|e| RoomServiceError::Unreachable(crate::homeserver::describe(e)))?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| RoomServiceError::Unreachable(e.to_string()))?;
-        if !status.is_success() {
-            let body = String::from_utf8_lossy(&bytes).chars().take(300).collect::<String>();
-            // Twirp's not_found: the room does not exist (yet, or any more), so nobody is in it.
-            if status == reqwest::StatusCode::NOT_FOUND && body.contains("not_found") {
-                return Ok(Vec::new());
-            }
-            if status.is_server_error() {
-                return Err(RoomServiceError::Unreachable(format!("{status}: {body}")));
-            }
-            return Err(RoomServiceError::Refused { status: status.as_u16(), body });
+        if status.is_success() {
+            return Ok(Some(bytes));
         }
+        let body = String::from_utf8_lossy(&bytes).chars().take(300).collect::<String>();
+        if status == reqwest::StatusCode::NOT_FOUND && body.contains("not_found") {
+            return Ok(None);
+        }
+        if status.is_server_error() {
+            return Err(RoomServiceError::Unreachable(format!("{status}: {body}")));
+        }
+        Err(RoomServiceError::Refused { status: status.as_u16(), body })
+    }
+
+    /// The connected participants of `room`; an empty list if the room does not exist.
+    /// Participants already disconnected are left out.
+    pub async fn list_participants(&self, room: &str) -> Result<Vec<Participant>, RoomServiceError> {
+        let grants = VideoGrants { room_admin: true, room: room.to_owned(), ..Default::default() };
+        let request = proto::ListParticipantsRequest { room: room.to_owned() };
+        // Twirp's not_found: the room does not exist (yet, or any more), so nobody is in it.
+        let Some(bytes) = self.call("ListParticipants", grants, request).await? else { return Ok(Vec::new()) };
         let list = proto::ListParticipantsResponse::decode(bytes.as_ref())
             .map_err(|e| RoomServiceError::Unreachable(format!("undecodable answer: {e}")))?;
         Ok(list
@@ -95,6 +118,22 @@ impl RoomService {
                 joined_at_ms: super::joined_ms(p.joined_at_ms, p.joined_at),
             })
             .collect())
+    }
+
+    /// Opens LiveKit room `room` (no participant limit) unless it is open already: LiveKit answers
+    /// an existing room's creation with that room.
+    pub async fn create_room(&self, room: &str, timeouts: RoomTimeouts) -> Result<(), RoomServiceError> {
+        let grants = VideoGrants { room_create: true, ..Default::default() };
+        let request = proto::CreateRoomRequest {
+            name: room.to_owned(),
+            empty_timeout: timeouts.empty.as_secs() as u32,
+            departure_timeout: timeouts.departure.as_secs() as u32,
+            ..Default::default()
+        };
+        match self.call("CreateRoom", grants, request).await? {
+            Some(_) => Ok(()),
+            None => Err(RoomServiceError::Refused { status: 404, body: "not_found".into() }),
+        }
     }
 }
 

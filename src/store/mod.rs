@@ -23,7 +23,8 @@ pub struct JobRecord {
 /// One change, applied atomically with the others of the same commit.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreOp {
-    Insert(JobRecord),
+    /// Boxed: a record is several times the size of the other changes, which are most of them.
+    Insert(Box<JobRecord>),
     SetState(JobId, Durable),
     Delete(JobId),
 }

@@ -196,6 +196,7 @@ mod tests {
                 cs_api_url: "https://hs".into(),
                 created_at_ms: 1,
                 mode: crate::delegation::Mode::Appservice,
+                identity: None,
             },
             state: Durable::Waiting,
         }
@@ -210,7 +211,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = SqliteStore::open(dir.path()).unwrap();
-            store.commit(vec![StoreOp::Insert(record(1)), StoreOp::Insert(record(2))]).await.unwrap();
+            store
+                .commit(vec![StoreOp::Insert(Box::new(record(1))), StoreOp::Insert(Box::new(record(2)))])
+                .await
+                .unwrap();
             let binding = binding();
             store
                 .commit(vec![
@@ -233,7 +237,7 @@ mod tests {
     async fn a_commit_that_fails_part_way_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        store.commit(vec![StoreOp::Insert(record(1)), StoreOp::Insert(record(2))]).await.unwrap();
+        store.commit(vec![StoreOp::Insert(Box::new(record(1))), StoreOp::Insert(Box::new(record(2)))]).await.unwrap();
         // The last op of the next commit fails inside the database.
         Connection::open(dir.path().join("jobs.sqlite3"))
             .unwrap()
@@ -246,7 +250,7 @@ mod tests {
         let binding = binding();
         let failed = store
             .commit(vec![
-                StoreOp::Insert(record(3)),
+                StoreOp::Insert(Box::new(record(3))),
                 StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![] }),
                 StoreOp::Delete(JobId(2)),
             ])
@@ -257,7 +261,7 @@ mod tests {
         assert_eq!(jobs.iter().map(|j| j.id.0).collect::<Vec<_>>(), vec![1, 2], "job 3 inserted anyway");
         assert_eq!(jobs[0].state, Durable::Waiting, "job 1's phase changed anyway");
         // The store is still usable.
-        store.commit(vec![StoreOp::Insert(record(3))]).await.unwrap();
+        store.commit(vec![StoreOp::Insert(Box::new(record(3)))]).await.unwrap();
         assert_eq!(store.load().await.unwrap().len(), 3);
     }
 
@@ -271,7 +275,7 @@ mod tests {
         const NORMAL: i64 = 1;
         const FULL: i64 = 2;
         assert_eq!(synchronous(&store).unwrap(), NORMAL);
-        store.commit(vec![StoreOp::Insert(record(1))]).await.unwrap();
+        store.commit(vec![StoreOp::Insert(Box::new(record(1)))]).await.unwrap();
         assert_eq!(synchronous(&store).unwrap(), FULL, "a delegation must survive a power loss");
         store
             .commit(vec![StoreOp::SetState(
@@ -281,7 +285,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(synchronous(&store).unwrap(), NORMAL, "no fsync on the webhook path");
-        store.commit(vec![StoreOp::Delete(JobId(1)), StoreOp::Insert(record(2))]).await.unwrap();
+        store.commit(vec![StoreOp::Delete(JobId(1)), StoreOp::Insert(Box::new(record(2)))]).await.unwrap();
         assert_eq!(synchronous(&store).unwrap(), FULL, "a replacement stores a delegation");
         let journal: String = store.conn.lock().unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(journal, "wal");

@@ -13,7 +13,8 @@
 //!   (both its local and its Redis room store): an empty list; or, when told to, the Twirp
 //!   `not_found` error other RoomService implementations (and proxies) may answer. A
 //!   participant that disconnected may stay listed for a moment with state `DISCONNECTED`, as
-//!   LiveKit's store keeps it until the room drops it.
+//!   LiveKit's store keeps it until the room drops it. `CreateRoom` requires `roomCreate`,
+//!   opens the room (or answers the existing one, as LiveKit does) and records its timeouts.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,6 +63,10 @@ struct Inner {
     missing_room_not_found: AtomicBool,
     list_calls: AtomicU64,
     counter: AtomicU64,
+    /// Every CreateRoom: (room, empty timeout, departure timeout).
+    created: Mutex<Vec<(String, u32, u32)>>,
+    /// When set, CreateRoom fails (Twirp `internal`).
+    create_fails: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -81,6 +86,7 @@ impl LiveKit {
         let inner = Arc::new(Inner::default());
         let app = axum::Router::new()
             .route("/twirp/livekit.RoomService/ListParticipants", axum::routing::post(list_participants))
+            .route("/twirp/livekit.RoomService/CreateRoom", axum::routing::post(create_room))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -101,6 +107,21 @@ impl LiveKit {
     /// list LiveKit's server answers.
     pub fn set_missing_room_not_found(&self, not_found: bool) {
         self.inner.missing_room_not_found.store(not_found, Ordering::SeqCst);
+    }
+
+    /// Every CreateRoom received: (room, empty timeout s, departure timeout s).
+    pub fn created_rooms(&self) -> Vec<(String, u32, u32)> {
+        self.inner.created.lock().unwrap().clone()
+    }
+
+    /// Makes CreateRoom fail, or work again.
+    pub fn set_create_room_fails(&self, fails: bool) {
+        self.inner.create_fails.store(fails, Ordering::SeqCst);
+    }
+
+    /// Whether LiveKit has room `room` open.
+    pub fn has_room(&self, room: &str) -> bool {
+        self.inner.rooms.lock().unwrap().contains_key(room)
     }
 
     pub fn list_calls(&self) -> u64 {
@@ -260,6 +281,47 @@ fn twirp_error(status: StatusCode, code: &str, msg: &str) -> Response {
         .into_response()
 }
 
+/// The claims of the request's `Authorization: Bearer <JWT>`, if signed with the API secret.
+fn claims(headers: &HeaderMap) -> Option<Value> {
+    let token =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))?;
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_issuer(&[API_KEY]);
+    validation.set_required_spec_claims(&["exp", "iss"]);
+    let key = jsonwebtoken::DecodingKey::from_secret(API_SECRET.as_bytes());
+    jsonwebtoken::decode::<Value>(token, &key, &validation).ok().map(|d| d.claims)
+}
+
+async fn create_room(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(req) = proto::CreateRoomRequest::decode(body.as_ref()).ok() else {
+        return twirp_error(StatusCode::BAD_REQUEST, "malformed", "cannot decode request");
+    };
+    let Some(claims) = claims(&headers) else {
+        return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid token");
+    };
+    if claims["video"]["roomCreate"] != json!(true) {
+        return twirp_error(StatusCode::FORBIDDEN, "permission_denied", "requires roomCreate");
+    }
+    if inner.create_fails.load(Ordering::SeqCst) {
+        return twirp_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "could not create room");
+    }
+    inner.created.lock().unwrap().push((req.name.clone(), req.empty_timeout, req.departure_timeout));
+    let mut rooms = inner.rooms.lock().unwrap();
+    let r = rooms.entry(req.name.clone()).or_default();
+    if r.sid.is_empty() {
+        r.sid = format!("RM_{:012}", inner.counter.fetch_add(1, Ordering::SeqCst));
+    }
+    let room = proto::Room {
+        sid: r.sid.clone(),
+        name: req.name,
+        empty_timeout: req.empty_timeout,
+        departure_timeout: req.departure_timeout,
+        creation_time: unix_now(),
+        ..Default::default()
+    };
+    ([(header::CONTENT_TYPE, "application/protobuf")], room.encode_to_vec()).into_response()
+}
+
 async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
     inner.list_calls.fetch_add(1, Ordering::SeqCst);
     if inner.unavailable.load(Ordering::SeqCst) {
@@ -278,19 +340,10 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
         return twirp_error(StatusCode::BAD_REQUEST, "malformed", "cannot decode request");
     };
     // Authorization: Bearer <JWT> with video.roomAdmin and video.room == room.
-    let token =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    validation.set_issuer(&[API_KEY]);
-    validation.set_required_spec_claims(&["exp", "iss"]);
-    let claims = token.and_then(|t| {
-        jsonwebtoken::decode::<Value>(t, &jsonwebtoken::DecodingKey::from_secret(API_SECRET.as_bytes()), &validation)
-            .ok()
-    });
-    let Some(claims) = claims else {
+    let Some(claims) = claims(&headers) else {
         return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid token");
     };
-    let video = &claims.claims["video"];
+    let video = &claims["video"];
     if video["roomAdmin"] != json!(true) || video["room"] != json!(room) {
         return twirp_error(StatusCode::FORBIDDEN, "permission_denied", "requires roomAdmin for this room");
     }
@@ -333,4 +386,67 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
     } else {
         ([(header::CONTENT_TYPE, "application/protobuf")], resp.encode_to_vec()).into_response()
     }
+}
+
+/// Verifies `jwt` with LiveKit's own Python SDK (`livekit.api.TokenVerifier`, key and secret of
+/// this emulator) and returns what the SDK read (`identity`, `video` grants as its dataclass) and
+/// the raw claims; `Err` with the SDK's complaint if it refused the token.
+pub fn verify_with_sdk(jwt: &str) -> Result<Value, String> {
+    const SCRIPT: &str = r#"
+import dataclasses, json, sys
+import jwt as pyjwt
+from livekit import api
+token, key, secret = sys.argv[1:4]
+try:
+    claims = api.TokenVerifier(key, secret).verify(token)
+except Exception as e:
+    print(json.dumps({"refused": repr(e)}))
+    sys.exit(0)
+raw = pyjwt.decode(token, options={"verify_signature": False})
+print(json.dumps({"identity": claims.identity, "video": dataclasses.asdict(claims.video), "raw": raw}))
+"#;
+    let out = std::process::Command::new(super::synapse::python())
+        .args(["-c", SCRIPT, jwt, API_KEY, API_SECRET])
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    match v.get("refused") {
+        Some(why) => Err(why.to_string()),
+        None => Ok(v),
+    }
+}
+
+/// What a JavaScript client (matrix-js-sdk's `computeRtcIdentityRaw`, Element Call) computes for
+/// `parts`: unpadded base64 of SHA-256 of `JSON.stringify(parts)` — computed here by Python, not
+/// by the bridge's code.
+pub fn js_hash(parts: &[&str]) -> String {
+    const SCRIPT: &str = r#"
+import base64, hashlib, json, sys
+text = json.dumps(sys.argv[1:], separators=(",", ":"), ensure_ascii=False)
+print(base64.b64encode(hashlib.sha256(text.encode()).digest()).decode().rstrip("="))
+"#;
+    let out = std::process::Command::new(super::synapse::python())
+        .args(["-c", SCRIPT])
+        .args(parts)
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Checks `jwt` with LiveKit's Python SDK: identity, room, and exactly the grants a member needs.
+pub fn assert_join_token(jwt: &str, identity: &str, room: &str) {
+    let claims = verify_with_sdk(jwt).unwrap_or_else(|e| panic!("LiveKit's SDK refused the token: {e}"));
+    assert_eq!(claims["identity"], json!(identity), "{claims}");
+    let raw = &claims["raw"]["video"];
+    assert_eq!(raw["room"], json!(room), "{claims}");
+    for grant in ["roomJoin", "canPublish", "canSubscribe", "canUpdateOwnMetadata"] {
+        assert_eq!(raw[grant], json!(true), "{grant}: {claims}");
+    }
+    for absent in ["roomCreate", "roomAdmin", "roomList", "roomRecord"] {
+        assert!(raw[absent].is_null() || raw[absent] == json!(false), "{absent}: {claims}");
+    }
+    let ttl = claims["raw"]["exp"].as_i64().unwrap() - claims["raw"]["nbf"].as_i64().unwrap();
+    assert_eq!(ttl, 3600, "one hour by default");
 }

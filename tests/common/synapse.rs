@@ -268,12 +268,15 @@ rc_joins_per_room: {{per_second: 1000, burst_count: 1000}}
 
     /// Calls the homeserver-proxied delegation endpoint (MSC4512) as `user`, with its own token.
     pub async fn proxied_delegate(&self, user: &MatrixUser, body: &Value, stable: bool) -> (u16, Value) {
-        let path = if stable {
-            "/_matrix/client/v1/rtc/livekit/delegate_delayed_leave"
-        } else {
-            "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave"
-        };
-        self.call(reqwest::Method::POST, path, Some(&user.token), body.clone()).await
+        self.proxied(user, "delegate_delayed_leave", body, stable).await
+    }
+
+    /// Calls `…/rtc/livekit/<endpoint>` on the homeserver (which forwards it to the appservice,
+    /// MSC4512) as `user`, with its own token.
+    pub async fn proxied(&self, user: &MatrixUser, endpoint: &str, body: &Value, stable: bool) -> (u16, Value) {
+        let prefix = if stable { "/_matrix/client/v1" } else { "/_matrix/client/unstable/io.element.msc4195" };
+        let path = format!("{prefix}/rtc/livekit/{endpoint}");
+        self.call(reqwest::Method::POST, &path, Some(&user.token), body.clone()).await
     }
 
     /// Cancels a delayed event as its owner would.

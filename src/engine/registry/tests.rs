@@ -21,6 +21,7 @@ fn delegation(user: &str, device: &str, delay_id: &str) -> Delegation {
         cs_api_url: "https://hs.test/".into(),
         created_at_ms: 0,
         mode: Mode::OpenId,
+        identity: None,
     }
 }
 

@@ -1,0 +1,306 @@
+//! `POST /get_token` (Matrix 2.0) and `POST /sfu/get` (legacy): the LiveKit tokens MatrixRTC
+//! clients join calls with, wire-compatible with lk-jwt-service — and the delayed leave that
+//! today's clients hand over in the same request.
+//!
+//! The member proves who it is with an OpenID token its homeserver vouches for. Users of
+//! `LIVEKIT_FULL_ACCESS_HOMESERVERS` get their LiveKit room opened (RoomService `CreateRoom`)
+//! before the answer, and may hand over a delayed leave: it is stored durably, bound to the
+//! exact identity just minted, before the token is returned — a request whose delegation cannot
+//! be stored gets no token, never a token without its safety net. Other users get a token for a
+//! room that must already exist, and `400 M_BAD_JSON` if they send delay fields (clients then
+//! retry without them). `delay_cs_api_url` is ignored: we find the homeserver ourselves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use super::member::{OpenIdToken, upstream_error, verified_user};
+use super::{AppState, MatrixError, check_text, invalid};
+use crate::delegation::{DelayRef, Delegation, Mode, now_unix_ms};
+use crate::homeserver::openid::OpenIdError;
+use crate::identity;
+use crate::livekit::room_service::{RoomService, RoomTimeouts};
+use crate::metrics::{OutcomeLabel, TokenLabels};
+
+/// The MatrixRTC slot legacy `/sfu/get` calls live in.
+const LEGACY_SLOT: &str = "m.call#ROOM";
+
+/// What issuing tokens needs.
+pub struct Issuer {
+    /// The URL clients connect to (`LIVEKIT_URL`).
+    pub url: String,
+    pub api_key: String,
+    pub api_secret: String,
+    pub ttl: Duration,
+    pub rooms: RoomTimeouts,
+    pub room_service: RoomService,
+}
+
+/// `{"url", "jwt"}`
+#[derive(Serialize)]
+pub struct Answer {
+    url: String,
+    jwt: String,
+}
+
+#[derive(Deserialize)]
+struct TokenRequest {
+    room_id: String,
+    slot_id: String,
+    openid_token: OpenIdToken,
+    member: Member,
+    #[serde(flatten)]
+    delay: DelayFields,
+}
+
+#[derive(Deserialize)]
+struct Member {
+    id: String,
+    claimed_user_id: String,
+    claimed_device_id: String,
+}
+
+#[derive(Deserialize)]
+struct LegacyRequest {
+    room: String,
+    openid_token: OpenIdToken,
+    device_id: String,
+    #[serde(flatten)]
+    delay: DelayFields,
+}
+
+/// The optional delayed leave of a token request.
+#[derive(Deserialize)]
+struct DelayFields {
+    #[serde(default)]
+    delay_id: Option<String>,
+    #[serde(default)]
+    delay_timeout: Option<i64>,
+    /// Accepted for compatibility and ignored: clients must not choose where we send requests.
+    #[serde(default)]
+    #[allow(dead_code)]
+    delay_cs_api_url: Option<String>,
+}
+
+impl DelayFields {
+    /// `(delay_id, delay_timeout)` if the request hands over a delayed leave.
+    fn requested(&self) -> Option<(&str, Option<i64>)> {
+        self.delay_id.as_deref().filter(|id| !id.is_empty()).map(|id| (id, self.delay_timeout))
+    }
+}
+
+/// Who gets a token for what.
+pub(super) struct Grant {
+    pub user_id: ruma::OwnedUserId,
+    pub device_id: String,
+    pub member_id: String,
+    pub room_id: String,
+    pub slot_id: String,
+    pub identity: String,
+}
+
+impl Grant {
+    /// The delegation of `delay_id` that rides along with this grant: bound to its identity.
+    pub(super) fn delegation(&self, delay_id: &str, delay_ms: u64, cs_api_url: String, mode: Mode) -> Delegation {
+        Delegation {
+            room_id: self.room_id.clone(),
+            slot_id: self.slot_id.clone(),
+            user_id: self.user_id.to_string(),
+            device_id: self.device_id.clone(),
+            member_id: self.member_id.clone(),
+            delay_id: delay_id.to_owned(),
+            delay_ms,
+            cs_api_url,
+            created_at_ms: now_unix_ms(),
+            mode,
+            identity: Some(self.identity.clone()),
+        }
+    }
+}
+
+/// `400 M_BAD_JSON`, which Element Call takes as "retry without the delay fields".
+pub(super) fn not_full_access(server: &str, user: &ruma::UserId) -> MatrixError {
+    warn!(server, user = %user, "delay fields from a user who may not delegate; refused");
+    MatrixError::new(
+        StatusCode::BAD_REQUEST,
+        "M_BAD_JSON",
+        "delegation of delayed events is only supported for full-access users",
+    )
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, MatrixError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let kind =
+            if serde_json::from_slice::<serde_json::Value>(body).is_ok() { "invalid request" } else { "not JSON" };
+        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{kind}: {e}"))
+    })
+}
+
+/// `POST /get_token`: identity = the 3-part hash of user, device and member id.
+pub async fn get_token(State(state): State<AppState>, body: Bytes) -> Result<Json<Answer>, MatrixError> {
+    count(&state, "get_token", get_token_inner(&state, &body).await)
+}
+
+async fn get_token_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
+    let req: TokenRequest = parse(body)?;
+    let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
+    let claimed = ruma::OwnedUserId::try_from(req.member.claimed_user_id.as_str())
+        .map_err(|e| invalid(format!("member.claimed_user_id: {e}")))?;
+    check_text("slot_id", &req.slot_id)?;
+    check_text("member.id", &req.member.id)?;
+    check_text("member.claimed_device_id", &req.member.claimed_device_id)?;
+    let user_id = verified_user(state, &req.openid_token, Some(&claimed)).await?;
+    let identity = identity::identity_three_part(user_id.as_str(), &req.member.claimed_device_id, &req.member.id);
+    let grant = Grant {
+        user_id,
+        device_id: req.member.claimed_device_id,
+        member_id: req.member.id,
+        room_id: room_id.to_string(),
+        slot_id: req.slot_id,
+        identity,
+    };
+    issue(state, grant, &req.openid_token, &req.delay).await
+}
+
+/// `POST /sfu/get`: identity = `@user:server:DEVICE`, slot `m.call#ROOM`.
+pub async fn sfu_get(State(state): State<AppState>, body: Bytes) -> Result<Json<Answer>, MatrixError> {
+    count(&state, "sfu_get", sfu_get_inner(&state, &body).await)
+}
+
+async fn sfu_get_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
+    let req: LegacyRequest = parse(body)?;
+    let room_id = ruma::OwnedRoomId::try_from(req.room.as_str()).map_err(|e| invalid(format!("room: {e}")))?;
+    check_text("device_id", &req.device_id)?;
+    let user_id = verified_user(state, &req.openid_token, None).await?;
+    let identity = identity::identity_legacy(user_id.as_str(), &req.device_id);
+    let grant = Grant {
+        user_id,
+        // The legacy membership is keyed by the device: that is its member id too.
+        member_id: req.device_id.clone(),
+        device_id: req.device_id,
+        room_id: room_id.to_string(),
+        slot_id: LEGACY_SLOT.to_owned(),
+        identity,
+    };
+    issue(state, grant, &req.openid_token, &req.delay).await
+}
+
+/// Mints the token; for a full-access user, opens the room and stores the delegation first.
+async fn issue(
+    state: &AppState,
+    grant: Grant,
+    token: &OpenIdToken,
+    delay: &DelayFields,
+) -> Result<Answer, MatrixError> {
+    let server = token.server()?;
+    let full_access = state.allowed.allows(server);
+    let delegation = match delay.requested() {
+        None => None,
+        Some(_) if !full_access => return Err(not_full_access(server, &grant.user_id)),
+        Some((delay_id, timeout)) => {
+            check_text("delay_id", delay_id)?;
+            let timeout = timeout.ok_or_else(|| invalid("delay_timeout is required with delay_id"))?;
+            if timeout <= 0 || timeout as u64 > state.max_delay_ms {
+                return Err(invalid(format!("delay_timeout must be between 1 and {} ms", state.max_delay_ms)));
+            }
+            // Where its homeserver is, by our own means.
+            let cs = state.discovery.client_server_api(server).await.map_err(|e| {
+                let e = upstream_error(server, OpenIdError::Discovery(e));
+                MatrixError::new(
+                    StatusCode::BAD_REQUEST,
+                    "M_BAD_JSON",
+                    format!("unable to resolve the client-server API: {}", e.error),
+                )
+            })?;
+            Some(grant.delegation(delay_id, timeout as u64, cs.base.to_string(), Mode::OpenId))
+        }
+    };
+    grant_token(state, &grant, full_access, delegation).await
+}
+
+/// Mints `grant`'s token; for a full-access user, first opens its LiveKit room and stores the
+/// delegation riding along (nothing is answered without it).
+pub(super) async fn grant_token(
+    state: &AppState,
+    grant: &Grant,
+    full_access: bool,
+    delegation: Option<Delegation>,
+) -> Result<Answer, MatrixError> {
+    let issuer = &state.issuer;
+    let livekit_room = identity::livekit_room(&grant.room_id, &grant.slot_id);
+    let jwt = crate::livekit::token::join_token(
+        &issuer.api_key,
+        &issuer.api_secret,
+        &grant.identity,
+        &livekit_room,
+        issuer.ttl,
+    )
+    .map_err(|e| {
+        error!(user = %grant.user_id, error = %e, "cannot sign a LiveKit token");
+        MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "cannot sign the token")
+    })?;
+    if full_access {
+        let created = issuer.room_service.create_room(&livekit_room, issuer.rooms).await;
+        let outcome = if created.is_ok() { "ok" } else { "error" };
+        state.metrics.room_creations.get_or_create(&OutcomeLabel { outcome }).inc();
+        if let Err(e) = created {
+            error!(room = %grant.room_id, livekit_room = %livekit_room, user = %grant.user_id, error = %e,
+                "cannot open the LiveKit room; no token issued");
+            return Err(MatrixError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "M_UNKNOWN",
+                "unable to create the room on the SFU",
+            ));
+        }
+    }
+    if let Some(d) = delegation {
+        let delay_id = d.delay_id.clone();
+        super::store_delegation(state, d).await.inspect_err(|_| {
+            warn!(room = %grant.room_id, user = %grant.user_id, delay_id = %DelayRef(&delay_id),
+                "delegation not stored; no token issued");
+        })?;
+    }
+    info!(room = %grant.room_id, livekit_room = %livekit_room, identity = %grant.identity, user = %grant.user_id,
+        device = %grant.device_id, access = if full_access { "full" } else { "restricted" }, "LiveKit token issued");
+    Ok(Answer { url: issuer.url.clone(), jwt })
+}
+
+/// Counts the request by endpoint and outcome.
+pub(super) fn count(
+    state: &AppState,
+    endpoint: &'static str,
+    result: Result<Answer, MatrixError>,
+) -> Result<Json<Answer>, MatrixError> {
+    let outcome = match &result {
+        Ok(_) => "issued",
+        Err(e) => match e.status {
+            StatusCode::BAD_REQUEST => "invalid",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            _ => "unavailable",
+        },
+    };
+    state.metrics.tokens.get_or_create(&TokenLabels { endpoint, outcome }).inc();
+    result.map(Json)
+}
+
+/// Built once at start from the configuration.
+pub fn issuer(config: &crate::config::Config, room_service: RoomService) -> Arc<Issuer> {
+    Arc::new(Issuer {
+        url: config.livekit.url.clone(),
+        api_key: config.livekit.key.clone(),
+        api_secret: config.livekit.secret.clone(),
+        ttl: config.tokens.ttl,
+        rooms: RoomTimeouts {
+            empty: config.tokens.room_empty_timeout,
+            departure: config.tokens.room_departure_timeout,
+        },
+        room_service,
+    })
+}
