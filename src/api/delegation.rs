@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use super::member::{OpenIdToken, upstream_error, verified_user};
-use super::{AppState, MatrixError, check_text, invalid};
+use super::{AppState, MatrixError, check_text, invalid, parse_json};
 use crate::delegation::{Delegation, now_unix_ms};
 use crate::homeserver::openid::OpenIdError;
 
@@ -43,11 +43,7 @@ pub async fn delegate(State(state): State<AppState>, body: Bytes) -> Result<Resp
 }
 
 async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
-    let req: Request = serde_json::from_slice(body).map_err(|e| {
-        let kind =
-            if serde_json::from_slice::<serde_json::Value>(body).is_ok() { "invalid request" } else { "not JSON" };
-        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{kind}: {e}"))
-    })?;
+    let req: Request = parse_json(body)?;
 
     // Shape and syntax.
     let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;

@@ -140,6 +140,15 @@ impl IntoResponse for MatrixError {
     }
 }
 
+/// A client's JSON body as `T`, or `400 M_BAD_JSON` saying whether it was not JSON at all.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, MatrixError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let kind =
+            if serde_json::from_slice::<serde_json::Value>(body).is_ok() { "invalid request" } else { "not JSON" };
+        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{kind}: {e}"))
+    })
+}
+
 /// Identifier fields are capped well above anything real.
 const MAX_ID_LEN: usize = 255;
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::member::{OpenIdToken, upstream_error, verified_user};
-use super::{AppState, MatrixError, check_text, invalid};
+use super::{AppState, MatrixError, check_text, invalid, parse_json};
 use crate::delegation::{DelayRef, Delegation, Mode, now_unix_ms};
 use crate::homeserver::openid::OpenIdError;
 use crate::identity;
@@ -134,21 +134,13 @@ pub(super) fn not_full_access(server: &str, user: &ruma::UserId) -> MatrixError 
     )
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, MatrixError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let kind =
-            if serde_json::from_slice::<serde_json::Value>(body).is_ok() { "invalid request" } else { "not JSON" };
-        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{kind}: {e}"))
-    })
-}
-
 /// `POST /get_token`: identity = the 3-part hash of user, device and member id.
 pub async fn get_token(State(state): State<AppState>, body: Bytes) -> Result<Json<Answer>, MatrixError> {
     count(&state, "get_token", get_token_inner(&state, &body).await)
 }
 
 async fn get_token_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
-    let req: TokenRequest = parse(body)?;
+    let req: TokenRequest = parse_json(body)?;
     let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
     let claimed = ruma::OwnedUserId::try_from(req.member.claimed_user_id.as_str())
         .map_err(|e| invalid(format!("member.claimed_user_id: {e}")))?;
@@ -174,7 +166,7 @@ pub async fn sfu_get(State(state): State<AppState>, body: Bytes) -> Result<Json<
 }
 
 async fn sfu_get_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
-    let req: LegacyRequest = parse(body)?;
+    let req: LegacyRequest = parse_json(body)?;
     let room_id = ruma::OwnedRoomId::try_from(req.room.as_str()).map_err(|e| invalid(format!("room: {e}")))?;
     check_text("device_id", &req.device_id)?;
     let user_id = verified_user(state, &req.openid_token, None).await?;
