@@ -56,6 +56,7 @@ impl World {
         let options = SynapseOptions {
             delayed_event_rate: rate,
             appservice_registration: appservice.then(|| registration(port)),
+            ..SynapseOptions::default()
         };
         let synapse = Synapse::start(options).await;
         let hs = HsProxy::start(&synapse.url).await;

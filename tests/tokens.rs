@@ -200,11 +200,13 @@ async fn refusals_change_nothing() {
     db.execute_batch("DROP TRIGGER refuse;").unwrap();
     assert_eq!(w.jobs().await, 0.0, "no refusal left a job behind");
     // Once it works, the same request succeeds.
-    let (status, v) = w.post("/get_token", &w.get_token_body(&w.alice, Some(&delay_id)).await).await;
+    let body = w.get_token_body(&w.alice, Some(&delay_id)).await;
+    let (status, v) = w.post("/get_token", &body).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(w.jobs().await, 1.0);
     let logs = w.bridge.logs();
     assert!(!logs.contains(v["jwt"].as_str().unwrap()), "a JWT was logged");
+    assert!(!logs.contains(body["openid_token"]["access_token"].as_str().unwrap()), "an OpenID token was logged");
     assert!(!logs.contains(&delay_id), "a delay id was logged");
 }
 
@@ -233,4 +235,30 @@ async fn a_restricted_user_gets_a_token_but_no_room_and_no_delegation() {
     let m = w.bridge.metrics().await;
     assert!(m.contains(r#"rtc_leave_bridge_tokens_total{endpoint="get_token",outcome="issued"} 1"#), "{m}");
     assert!(m.contains(r#"rtc_leave_bridge_tokens_total{endpoint="get_token",outcome="invalid"} 1"#), "{m}");
+}
+
+/// The deploy snippet that names this service to clients through the homeserver is one the
+/// installed Synapse accepts, and serves at `rtc/transports`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapse_serves_the_deploy_snippet_at_rtc_transports() {
+    let snippet: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string("deploy/synapse-matrix-rtc.yaml").unwrap()).unwrap();
+    assert_eq!(snippet["experimental_features"]["msc4143_enabled"].as_bool(), Some(true));
+    let section = serde_yaml_ng::to_string(&snippet["matrix_rtc"]).unwrap();
+    let synapse = Synapse::start(SynapseOptions { matrix_rtc: Some(section), ..SynapseOptions::default() }).await;
+    let alice = synapse.register("alice").await;
+    let v: Value = reqwest::Client::new()
+        .get(format!("{}/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", synapse.url))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["rtc_transports"][0]["type"], json!("livekit"), "{v}");
+    let named = v["rtc_transports"][0]["livekit_service_url"].as_str().unwrap();
+    let well_known: Value =
+        serde_json::from_str(&std::fs::read_to_string("deploy/well-known-matrix-client.json").unwrap()).unwrap();
+    assert_eq!(well_known["org.matrix.msc4143.rtc_foci"][0]["livekit_service_url"].as_str(), Some(named));
 }

@@ -27,11 +27,13 @@ pub struct SynapseOptions {
     pub delayed_event_rate: Option<(f64, u32)>,
     /// An appservice registration (YAML) to load, with MSC4512 proxying enabled.
     pub appservice_registration: Option<String>,
+    /// A `matrix_rtc` section (YAML, without its key) to serve at `rtc/transports` (MSC4143).
+    pub matrix_rtc: Option<String>,
 }
 
 impl Default for SynapseOptions {
     fn default() -> Self {
-        SynapseOptions { delayed_event_rate: Some((1000.0, 1000)), appservice_registration: None }
+        SynapseOptions { delayed_event_rate: Some((1000.0, 1000)), appservice_registration: None, matrix_rtc: None }
     }
 }
 
@@ -59,11 +61,20 @@ impl Synapse {
             extra += &format!("rc_delayed_event_mgmt:\n  per_second: {rate}\n  burst_count: {burst}\n");
         }
         // Benchmarks schedule hundreds of delayed events for one user (Synapse's default cap: 100).
-        extra += "experimental_features:\n  msc4140_max_delayed_events_per_user: 10000\n";
+        let mut experimental = vec!["msc4140_max_delayed_events_per_user: 10000"];
+        if let Some(section) = &options.matrix_rtc {
+            experimental.push("msc4143_enabled: true");
+            let indented: String = section.lines().map(|l| format!("  {l}\n")).collect();
+            extra += &format!("matrix_rtc:\n{indented}");
+        }
         if let Some(registration) = &options.appservice_registration {
             std::fs::write(dir.path().join("registration.yaml"), registration).unwrap();
-            extra += "  msc4512_enabled: true\n";
+            experimental.push("msc4512_enabled: true");
             extra += &format!("app_service_config_files: [{d}/registration.yaml]\n");
+        }
+        extra += "experimental_features:\n";
+        for line in experimental {
+            extra += &format!("  {line}\n");
         }
         let config = format!(
             r#"server_name: "{SERVER_NAME}"
