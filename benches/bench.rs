@@ -2,7 +2,7 @@
 //! machine. Not part of `cargo test`.
 //!
 //!     cargo bench --bench bench                       # all
-//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall
+//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens
 //!
 //! * `leave`: `participant_left` webhook posted → Synapse's 200 to the bridge's send, over 200
 //!   leaves against a real Synapse, vs the bench's own `send` to the same Synapse; both timed to
@@ -21,6 +21,9 @@
 //!   late restarts judged by the fake homeserver; the engine time each listing of the room costs
 //!   (its `engine_busy_seconds` metric), and from outside the worst latency of a webhook posted
 //!   every 10 ms meanwhile, vs its median (the engine is unavailable to everyone while busy).
+//! * `tokens`: `/get_token` latency (one at a time) and throughput (32 clients) for a restricted
+//!   user (OpenID check, mint) and a full-access one (also CreateRoom), against a homeserver
+//!   answering userinfo in 10 ms, vs the same calls made directly by the bench.
 //!
 //! Every goal is checked: a run that misses one says which and exits non-zero.
 
@@ -803,6 +806,162 @@ async fn town_hall(goals: &Goals) {
     }
 }
 
+// ---- 6. token issuance -----------------------------------------------------------------------
+
+/// A homeserver whose OpenID `userinfo` answers after `rtt` (a homeserver across a network):
+/// the token is the user id. Returns its URL.
+async fn userinfo_server(rtt: Duration) -> String {
+    let app = axum::Router::new().route(
+        "/_matrix/federation/v1/openid/userinfo",
+        axum::routing::get(move |Query(q): Query<HashMap<String, String>>| async move {
+            tokio::time::sleep(rtt).await;
+            axum::Json(json!({"sub": q.get("access_token").cloned().unwrap_or_default()}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// Latencies (ms, sorted) of `n` requests made one after another by `request`, and the rate
+/// (req/s) `concurrency` clients reach in `window`.
+async fn measure<F, Fut>(n: usize, concurrency: usize, window: Duration, request: F) -> (Vec<f64>, f64)
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        request(i).await;
+        latencies.push(ms(t0.elapsed()));
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for c in 0..concurrency {
+        let (request, done) = (request.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = n + c * 1_000_000;
+            while Instant::now() < until {
+                request(i).await;
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (sorted(latencies), done.load(Ordering::Relaxed) as f64 / window.as_secs_f64())
+}
+
+async fn tokens(goals: &Goals) {
+    const RTT: Duration = Duration::from_millis(10);
+    const N: usize = 300;
+    const CONCURRENCY: usize = 32;
+    let window = Duration::from_secs(5);
+    let hs = userinfo_server(RTT).await;
+    let livekit = LiveKit::start().await;
+    let overrides = format!("{FAKE_SERVER}={hs},restricted.test={hs}");
+    let mut env: HashMap<String, String> = [
+        ("LIVEKIT_URL", livekit.url.as_str()),
+        ("LIVEKIT_KEY", common::livekit::API_KEY),
+        ("LIVEKIT_SECRET", API_SECRET),
+        ("LIVEKIT_FULL_ACCESS_HOMESERVERS", FAKE_SERVER),
+        ("LIVEKIT_FEDERATION_URL_OVERRIDES", overrides.as_str()),
+        ("LIVEKIT_CS_API_URL_OVERRIDES", overrides.as_str()),
+        ("LIVEKIT_LOG_LEVEL", "warn"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    env.insert("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL".into(), "30s".into());
+    let bridge = Bridge::start(env).await;
+    println!("tokens ({}; the homeserver answers userinfo after {} ms):", machine(), RTT.as_millis());
+    let http = reqwest::Client::new();
+    let body = |server: &str, i: usize| {
+        let user = format!("@u{i}:{server}");
+        json!({
+            "room_id": format!("!room{}:{server}", i % 50), "slot_id": SLOT,
+            "openid_token": {"access_token": user, "token_type": "Bearer", "matrix_server_name": server, "expires_in": 3600},
+            "member": {"id": format!("m{i}"), "claimed_user_id": user, "claimed_device_id": format!("D{i}")},
+        })
+    };
+    // Baselines: the userinfo round trip alone; and it followed by a CreateRoom, as a full-access
+    // token needs.
+    let userinfo = {
+        let (http, hs) = (http.clone(), hs.clone());
+        move |i: usize| {
+            let (http, hs) = (http.clone(), hs.clone());
+            async move {
+                let url = format!("{hs}/_matrix/federation/v1/openid/userinfo?access_token=%40u{i}%3Abench.test");
+                assert!(http.get(url).send().await.unwrap().status().is_success());
+            }
+        }
+    };
+    let rs = rtc_leave_bridge::livekit::room_service::RoomService::new(
+        http.clone(),
+        &rtc_leave_bridge::config::livekit_http_base(&livekit.url).unwrap(),
+        common::livekit::API_KEY,
+        API_SECRET,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let with_room = {
+        let userinfo = userinfo.clone();
+        move |i: usize| {
+            let (userinfo, rs) = (userinfo.clone(), rs.clone());
+            async move {
+                userinfo(i).await;
+                let timeouts = rtc_leave_bridge::livekit::room_service::RoomTimeouts {
+                    empty: Duration::from_secs(300),
+                    departure: Duration::from_secs(20),
+                };
+                rs.create_room(&format!("bench-room-{}", i % 50), timeouts).await.unwrap();
+            }
+        }
+    };
+    let token = |server: &'static str| {
+        let (http, url) = (http.clone(), bridge.url.clone());
+        move |i: usize| {
+            let (http, url, body) = (http.clone(), url.clone(), body(server, i));
+            async move {
+                let r = http.post(format!("{url}/get_token")).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+            }
+        }
+    };
+    let (base, base_rate) = measure(N, CONCURRENCY, window, userinfo).await;
+    let (base_room, base_room_rate) = measure(N, CONCURRENCY, window, with_room).await;
+    let (restricted, restricted_rate) = measure(N, CONCURRENCY, window, token("restricted.test")).await;
+    let (full, full_rate) = measure(N, CONCURRENCY, window, token(FAKE_SERVER)).await;
+    let line = |label: &str, l: &[f64], rate: f64| {
+        println!(
+            "  {label:<52} p50 {:6.2} ms  p99 {:6.2} ms  {rate:7.0} req/s at {CONCURRENCY} clients",
+            percentile(l, 0.5),
+            percentile(l, 0.99)
+        )
+    };
+    line("userinfo alone (baseline)", &base, base_rate);
+    line("userinfo + CreateRoom (baseline)", &base_room, base_room_rate);
+    line("/get_token, restricted user (userinfo, mint)", &restricted, restricted_rate);
+    line("/get_token, full-access user (userinfo, CreateRoom, mint)", &full, full_rate);
+    let r1 = percentile(&restricted, 0.5) / percentile(&base, 0.5);
+    let r2 = percentile(&full, 0.5) / percentile(&base_room, 0.5);
+    println!(
+        "  p50 ratios: restricted {r1:.2}x its baseline (goal <= 1.2x: {}), full access {r2:.2}x its baseline (goal <= 1.2x: {})",
+        goals.check("token p50 <= 1.2x the userinfo round trip", r1 <= 1.2),
+        goals.check("full-access token p50 <= 1.2x userinfo + CreateRoom", r2 <= 1.2),
+    );
+    println!(
+        "  throughput: restricted {:.2}x, full access {:.2}x the same calls made directly",
+        restricted_rate / base_rate,
+        full_rate / base_room_rate
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -830,6 +989,9 @@ fn main() {
     }
     if wants("town-hall") {
         rt.block_on(town_hall(&goals));
+    }
+    if wants("tokens") {
+        rt.block_on(tokens(&goals));
     }
     let missed = goals.missed.into_inner().unwrap();
     if !missed.is_empty() {
