@@ -178,6 +178,11 @@ fn services_agree_on_addresses_ports_and_keys() {
     assert!(published.iter().any(|p| p.starts_with(&format!("{public_port}:"))), "{published:?}");
     // Only full-access users open rooms.
     assert_eq!(livekit["room"]["auto_create"].as_bool(), Some(false));
+    // Clients asking Synapse for its MatrixRTC backend are told the bridge, on its published port.
+    let synapse_cfg = yaml(&stack.host_file("synapse", "/config/homeserver.yaml"));
+    assert_eq!(synapse_cfg["experimental_features"]["msc4143_enabled"].as_bool(), Some(true));
+    let service_url = synapse_cfg["matrix_rtc"]["transports"][0]["livekit_service_url"].as_str().unwrap();
+    assert_eq!(url_parts(service_url).1, bridge_port, "{service_url}");
 
     // Bridge ↔ Synapse: server name, client-server URL, appservice registration.
     let synapse = yaml(&stack.host_file("synapse", "/config/homeserver.yaml"));
