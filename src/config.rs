@@ -40,7 +40,17 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "", "`YES_I_KNOW_WHAT_I_AM_DOING` disables TLS certificate checks"),
     ("LIVEKIT_LOG_LEVEL", "info", "error, warn, info, debug or trace"),
     ("RTC_LEAVE_BRIDGE_LOG_FORMAT", "text", "`text` or `json`"),
-    ("RTC_LEAVE_BRIDGE_DATA_DIR", "./data", "directory of the SQLite database"),
+    (
+        "RTC_LEAVE_BRIDGE_DATA_DIR",
+        "./data",
+        "directory of the SQLite database (the store unless LIVEKIT_REDIS_URL is set)",
+    ),
+    (
+        "LIVEKIT_REDIS_URL",
+        "",
+        "redis:// or rediss:// URL (password, database) of a Redis or Valkey to keep jobs in instead of SQLite",
+    ),
+    ("RTC_LEAVE_BRIDGE_REDIS_PREFIX", "rtc-leave-bridge:", "prefix of every key in Redis (to share LiveKit's Redis)"),
     (
         "RTC_LEAVE_BRIDGE_RESTART_AT",
         "0.8",
@@ -315,15 +325,41 @@ impl Section for Logging {
     }
 }
 
-/// Where durable state lives.
+/// Where durable state lives: SQLite under `data_dir`, unless `redis` is set.
 #[derive(Debug, Clone)]
 pub struct Storage {
     pub data_dir: PathBuf,
+    pub redis: Option<Redis>,
+}
+
+/// A Redis (or Valkey) store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redis {
+    /// May carry a password: never printed.
+    pub url: String,
+    pub prefix: String,
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redis").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
 }
 
 impl Section for Storage {
     fn from_source(src: &Source) -> Result<Self, ConfigError> {
-        Ok(Storage { data_dir: PathBuf::from(src.get_or_default("RTC_LEAVE_BRIDGE_DATA_DIR")) })
+        let redis = match src.get("LIVEKIT_REDIS_URL") {
+            None => None,
+            Some(url) => {
+                let parsed = Url::parse(url).map_err(|e| bad("LIVEKIT_REDIS_URL", e.to_string()))?;
+                if !matches!(parsed.scheme(), "redis" | "rediss") || parsed.host_str().is_none() {
+                    return Err(bad("LIVEKIT_REDIS_URL", "expected redis://host[:port][/db] or rediss://…"));
+                }
+                let prefix = src.get_or_default("RTC_LEAVE_BRIDGE_REDIS_PREFIX").to_owned();
+                Some(Redis { url: url.to_owned(), prefix })
+            }
+        };
+        Ok(Storage { data_dir: PathBuf::from(src.get_or_default("RTC_LEAVE_BRIDGE_DATA_DIR")), redis })
     }
 }
 
@@ -519,7 +555,8 @@ impl Source {
         self.values.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
     }
 
-    fn get_or_default<'a>(&'a self, name: &str) -> &'a str {
+    /// Setting `name`, or its default from [`SETTINGS`].
+    pub fn get_or_default<'a>(&'a self, name: &str) -> &'a str {
         self.get(name)
             .unwrap_or_else(|| SETTINGS.iter().find(|(n, ..)| *n == name).map(|(_, d, _)| *d).unwrap_or_default())
     }
@@ -661,6 +698,11 @@ mod tests {
         assert_eq!(c.engine.timing.call_timeout, 21_000, "twice the request timeout, and a second");
         assert_eq!(c.engine.reconcile_interval, Duration::from_secs(30));
         assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.storage.redis, None, "SQLite unless Redis is named");
+        let r = with(&[("LIVEKIT_REDIS_URL", "redis://:hunter2@redis:6379/2")]).unwrap().storage.redis.unwrap();
+        assert_eq!(r.prefix, "rtc-leave-bridge:");
+        assert!(!format!("{r:?}").contains("hunter2"), "the password is never printed");
+        assert_eq!(with(&[("LIVEKIT_REDIS_URL", "http://redis")]).unwrap_err().setting, "LIVEKIT_REDIS_URL");
         assert_eq!(c.livekit.api_base.as_str(), "https://sfu.example.com/");
         let t = &c.tokens;
         assert_eq!((t.ttl, t.room_empty_timeout, t.room_departure_timeout), (hours(1), ms(300_000), ms(20_000)));

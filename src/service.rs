@@ -15,6 +15,7 @@ use crate::livekit::room_service::{Listings, RoomService};
 use crate::livekit::webhook::WebhookVerifier;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -29,10 +30,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if hs.insecure_skip_verify_tls {
         warn!("TLS certificate verification is disabled (LIVEKIT_INSECURE_SKIP_VERIFY_TLS)");
     }
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.storage.data_dir)
-            .with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", config.storage.data_dir.display()))?,
-    );
+    let store = open_store(&config).await?;
     let clients =
         Clients::new(hs.request_timeout, hs.insecure_skip_verify_tls, hs.allow_private).map_err(anyhow::Error::msg)?;
     let discovery = Arc::new(Discovery::new(
@@ -106,6 +104,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     engine.shutdown(config.engine.shutdown_timeout).await;
     let _ = engine_task.await;
     Ok(())
+}
+
+/// The configured store: Redis if `LIVEKIT_REDIS_URL` is set, else SQLite in the data directory.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &config.storage.redis {
+        Some(r) => {
+            info!(prefix = %r.prefix, "store: Redis");
+            warn!("one instance per Redis prefix: several instances do not yet share jobs safely");
+            let store = RedisStore::connect(&r.url, &r.prefix, config.homeservers.request_timeout).await;
+            Arc::new(store.context("LIVEKIT_REDIS_URL")?)
+        }
+        None => {
+            let dir = &config.storage.data_dir;
+            let store = SqliteStore::open(dir);
+            Arc::new(store.with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", dir.display()))?)
+        }
+    })
 }
 
 async fn termination() {

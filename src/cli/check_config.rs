@@ -1,5 +1,5 @@
 //! `rtc-leave-bridge check-config`: validates the whole configuration, then checks it against
-//! the outside world: the data directory, LiveKit (reachable, accepts our key) and every
+//! the outside world: the store (data directory or Redis), LiveKit (reachable, accepts our key) and every
 //! homeserver the configuration names. Exit 1 on any problem.
 
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use crate::config::{AllowedHomeservers, Config, Source};
 use crate::homeserver::{Clients, Discovery, api_url};
 use crate::livekit::room_service::{RoomService, RoomServiceError};
 use crate::store::Store;
+use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 
 pub fn run(source: &Source) -> ExitCode {
@@ -50,23 +51,36 @@ pub async fn check_config(config: &Config) -> ExitCode {
     let hs = &config.homeservers;
     r.ok("configuration", "all settings valid");
 
-    // The data directory: writable, and the store opens.
-    let probe = config.storage.data_dir.join(".rtc-leave-bridge-write-check");
-    match std::fs::create_dir_all(&config.storage.data_dir).and_then(|()| std::fs::write(&probe, b"ok")) {
-        Ok(()) => {
-            let _ = std::fs::remove_file(&probe);
-            match SqliteStore::open(&config.storage.data_dir) {
-                Ok(store) => match store.load().await {
-                    Ok(jobs) => r.ok(
-                        "data dir",
-                        format!("{} writable; {} stored jobs", config.storage.data_dir.display(), jobs.len()),
-                    ),
-                    Err(e) => r.problem("data dir", e),
-                },
-                Err(e) => r.problem("data dir", e),
-            }
+    // The store: Redis reachable, or the data directory writable; and its jobs readable.
+    if let Some(redis) = &config.storage.redis {
+        let timeout = config.homeservers.request_timeout;
+        match RedisStore::connect(&redis.url, &redis.prefix, timeout).await {
+            Ok(store) => match store.load().await {
+                Ok(jobs) => {
+                    r.ok("store", format!("Redis reachable (prefix {}); {} stored jobs", redis.prefix, jobs.len()))
+                }
+                Err(e) => r.problem("store", e),
+            },
+            Err(e) => r.problem("store", e),
         }
-        Err(e) => r.problem("data dir", format!("{} not writable: {e}", config.storage.data_dir.display())),
+    } else {
+        let probe = config.storage.data_dir.join(".rtc-leave-bridge-write-check");
+        match std::fs::create_dir_all(&config.storage.data_dir).and_then(|()| std::fs::write(&probe, b"ok")) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&probe);
+                match SqliteStore::open(&config.storage.data_dir) {
+                    Ok(store) => match store.load().await {
+                        Ok(jobs) => r.ok(
+                            "data dir",
+                            format!("{} writable; {} stored jobs", config.storage.data_dir.display(), jobs.len()),
+                        ),
+                        Err(e) => r.problem("data dir", e),
+                    },
+                    Err(e) => r.problem("data dir", e),
+                }
+            }
+            Err(e) => r.problem("data dir", format!("{} not writable: {e}", config.storage.data_dir.display())),
+        }
     }
 
     let clients = match Clients::new(hs.request_timeout, hs.insecure_skip_verify_tls, hs.allow_private) {

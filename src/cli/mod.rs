@@ -1,10 +1,11 @@
 //! The `rtc-leave-bridge` command line: one file per command, each loading only the settings it
 //! needs ([`serve`] and [`check_config`] everything, [`jobs`] the listen address and the LiveKit
-//! key, [`healthcheck`] the listen address alone).
+//! key, [`migrate_store`] the Redis key prefix, [`healthcheck`] the listen address alone).
 
 mod check_config;
 mod healthcheck;
 mod jobs;
+mod migrate_store;
 mod serve;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -40,6 +41,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy every tracked job from one store to another (`sqlite:DIR`, `redis://…`), to switch
+    /// stores with the service stopped. The source is left as it was.
+    MigrateStore {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Add to a destination that already holds jobs.
+        #[arg(long)]
+        merge: bool,
+    },
     /// Exit 0 if the service configured here answers on its listen address (for HEALTHCHECK).
     /// Reads only LIVEKIT_JWT_BIND (or LIVEKIT_JWT_PORT).
     Healthcheck,
@@ -62,6 +74,7 @@ pub fn run() -> ExitCode {
         Command::Serve => serve::run(&source),
         Command::CheckConfig => check_config::run(&source),
         Command::Jobs { json } => jobs::run(&source, json),
+        Command::MigrateStore { from, to, merge } => migrate_store::run(&source, &from, &to, merge),
         Command::Healthcheck => healthcheck::run(&source),
     }
 }

@@ -5,6 +5,9 @@
 //! A commit is atomic: a delegation that supersedes another is stored in the same transaction that
 //! deletes the old one, so a crash can never resurrect a superseded delay id.
 
+#[cfg(test)]
+pub mod conformance;
+pub mod redis;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -206,6 +206,18 @@ mod tests {
         Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, joined_at_ms: 3_000, room_sid: "RM".into() }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conforms_to_the_store_suite() {
+        crate::store::conformance::run(|| {
+            let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+            Box::new(move || {
+                let dir = dir.clone();
+                Box::pin(async move { Box::new(SqliteStore::open(dir.path()).unwrap()) as Box<dyn Store> })
+            })
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod hs_proxy;
 pub mod livekit;
+pub mod redis;
 pub mod synapse;
 
 use std::time::{Duration, Instant};

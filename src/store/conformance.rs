@@ -1,0 +1,116 @@
+//! The one conformance suite every [`Store`] passes (SQLite and Redis run it in their own test
+//! modules): what the engine relies on, stated once.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::{JobRecord, Store, StoreOp};
+use crate::delegation::{Delegation, JobId, Mode};
+use crate::lifecycle::{Binding, Durable, Trigger};
+
+/// Opens the store under test; every call opens a new handle on the same stored data (a restart
+/// of the service).
+pub type Open = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Box<dyn Store>>>>>;
+
+pub fn record(id: u64) -> JobRecord {
+    JobRecord {
+        id: JobId(id),
+        delegation: Delegation {
+            room_id: "!r:hs".into(),
+            slot_id: "m.call#ROOM".into(),
+            user_id: format!("@u{id}:hs"),
+            device_id: "DEV".into(),
+            member_id: format!("m{id}\nwith a newline"),
+            delay_id: format!("syd_{id}"),
+            delay_ms: 8_000,
+            cs_api_url: "https://hs".into(),
+            created_at_ms: 1,
+            mode: Mode::OpenId,
+            identity: (id % 2 == 0).then(|| format!("minted-{id}")),
+        },
+        state: Durable::Waiting,
+    }
+}
+
+fn connected() -> Durable {
+    let binding =
+        Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, joined_at_ms: 3_000, room_sid: "RM".into() };
+    Durable::Connected { binding, others: vec![] }
+}
+
+async fn sorted(store: &dyn Store) -> Vec<JobRecord> {
+    let mut jobs = store.load().await.unwrap();
+    jobs.sort_by_key(|j| j.id.0);
+    jobs
+}
+
+/// Runs every check, each on an empty store from `open`.
+pub async fn run(open: impl Fn() -> Open) {
+    empty_then_survives_reopen(open()).await;
+    phase_changes_of_missing_jobs_write_nothing(open()).await;
+    a_replacement_deletes_and_inserts_in_one_commit(open()).await;
+    inserting_an_existing_id_replaces_it(open()).await;
+    many_jobs_round_trip(open()).await;
+}
+
+async fn empty_then_survives_reopen(open: Open) {
+    let store = open().await;
+    assert!(store.load().await.unwrap().is_empty());
+    store.ping().await.unwrap();
+    store.commit(vec![]).await.unwrap();
+    store.commit(vec![StoreOp::Insert(Box::new(record(1))), StoreOp::Insert(Box::new(record(2)))]).await.unwrap();
+    store.commit(vec![StoreOp::SetState(JobId(1), connected()), StoreOp::Delete(JobId(2))]).await.unwrap();
+    drop(store);
+    let store = open().await;
+    let jobs = sorted(&*store).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].id, JobId(1));
+    assert_eq!(jobs[0].state, connected());
+    assert_eq!(jobs[0].delegation, record(1).delegation, "a delegation comes back exactly as stored");
+}
+
+async fn phase_changes_of_missing_jobs_write_nothing(open: Open) {
+    let store = open().await;
+    // A late phase change of a job deleted (or never stored) must not resurrect it.
+    store.commit(vec![StoreOp::SetState(JobId(7), connected())]).await.unwrap();
+    store.commit(vec![StoreOp::Insert(Box::new(record(8)))]).await.unwrap();
+    store.commit(vec![StoreOp::Delete(JobId(8)), StoreOp::SetState(JobId(8), connected())]).await.unwrap();
+    assert!(store.load().await.unwrap().is_empty());
+}
+
+async fn a_replacement_deletes_and_inserts_in_one_commit(open: Open) {
+    let store = open().await;
+    store.commit(vec![StoreOp::Insert(Box::new(record(1)))]).await.unwrap();
+    store.commit(vec![StoreOp::Insert(Box::new(record(2))), StoreOp::Delete(JobId(1))]).await.unwrap();
+    let jobs = sorted(&*store).await;
+    assert_eq!(jobs.iter().map(|j| j.id.0).collect::<Vec<_>>(), vec![2]);
+    // Ops apply in order: a phase change after its insert in the same commit holds.
+    let sending = Durable::Sending { trigger: Trigger::Departed };
+    store
+        .commit(vec![StoreOp::Insert(Box::new(record(3))), StoreOp::SetState(JobId(3), sending.clone())])
+        .await
+        .unwrap();
+    assert_eq!(sorted(&*store).await[1].state, sending);
+}
+
+async fn inserting_an_existing_id_replaces_it(open: Open) {
+    let store = open().await;
+    store.commit(vec![StoreOp::Insert(Box::new(record(1)))]).await.unwrap();
+    let mut again = record(1);
+    again.delegation.delay_id = "syd_other".into();
+    again.state = connected();
+    store.commit(vec![StoreOp::Insert(Box::new(again.clone()))]).await.unwrap();
+    assert_eq!(store.load().await.unwrap(), vec![again]);
+}
+
+async fn many_jobs_round_trip(open: Open) {
+    let store = open().await;
+    let n = 5_000;
+    for chunk in (1..=n).collect::<Vec<u64>>().chunks(500) {
+        let ops = chunk.iter().map(|i| StoreOp::Insert(Box::new(record(*i)))).collect();
+        store.commit(ops).await.unwrap();
+    }
+    let jobs = sorted(&*open().await).await;
+    assert_eq!(jobs.len(), n as usize);
+    assert!(jobs.iter().zip(1..).all(|(j, i)| j.id == JobId(i) && j.delegation == record(i).delegation));
+}

@@ -1,0 +1,80 @@
+//! The service on a real Redis: a job moved there from SQLite with `migrate-store` is resumed,
+//! survives a `kill -9` of the service and a crash of Redis (AOF), keeps its connected member in
+//! room state, and its leave is sent when the member leaves.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::bridge::{Bridge, SLOT};
+use common::hs_proxy::HsProxy;
+use common::livekit::LiveKit;
+use common::redis::Redis;
+use common::synapse::{Synapse, SynapseOptions};
+use rtc_leave_bridge::identity;
+
+const DELAY_MS: u64 = 3_000;
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+async fn jobs(bridge: &Bridge) -> f64 {
+    let m = bridge.metrics().await;
+    m.lines()
+        .filter(|l| l.starts_with("rtc_leave_bridge_jobs{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
+    let synapse = Synapse::start(SynapseOptions::default()).await;
+    let hs = HsProxy::start(&synapse.url).await;
+    let livekit = LiveKit::start().await;
+    let mut redis = Redis::start().await;
+    let mut bridge = Bridge::start(Bridge::env_for(&hs.url, &livekit)).await;
+    let alice = synapse.register("alice").await;
+    let room = synapse.create_room(&alice).await;
+    let lk_room = identity::livekit_room(&room, SLOT);
+    let delay_id = synapse.join_call(&alice, &room, DELAY_MS).await;
+    bridge.delegate(&synapse, &alice, &room, "m1", &delay_id, DELAY_MS).await;
+    let ident = identity::identity_three_part(&alice.user_id, &alice.device_id, "m1");
+    let p = livekit.join(&bridge.url, &lk_room, &ident).await;
+
+    // Stop the SQLite-backed service and move its job to Redis.
+    assert!(bridge.terminate().success());
+    let sqlite = format!("sqlite:{}", bridge.data.path().join("state").display());
+    let out = bridge.cli(&["migrate-store", "--from", &sqlite, "--to", &redis.url()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 job(s) copied"), "{}", text(&out));
+    // A second migration into a store that holds jobs is refused.
+    let again = bridge.cli(&["migrate-store", "--from", &sqlite, "--to", &redis.url()], &[]);
+    assert!(!again.status.success() && text(&again).contains("--merge"), "{}", text(&again));
+
+    // The service on Redis resumes it.
+    bridge.env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
+    bridge.env.insert("RTC_LEAVE_BRIDGE_DATA_DIR".into(), "/nonexistent/unused".into());
+    bridge.restart().await;
+    assert_eq!(jobs(&bridge).await, 1.0);
+    let out = bridge.cli(&["check-config"], &[]);
+    assert!(text(&out).contains("Redis reachable") && text(&out).contains("1 stored jobs"), "{}", text(&out));
+
+    // Both crash; the job is still there, and the member still in room state past its delay.
+    bridge.kill9();
+    redis.kill9();
+    redis.restart().await;
+    bridge.restart().await;
+    assert_eq!(jobs(&bridge).await, 1.0, "nothing lost across a crash of Redis (AOF) and of the service");
+    let until = Instant::now() + Duration::from_millis(2 * DELAY_MS + 1_000);
+    while Instant::now() < until {
+        assert!(synapse.is_member(&alice, &room).await, "removed while connected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // It leaves: the leave is the bridge's own send, within a second.
+    let since = Instant::now();
+    livekit.leave(&bridge.url, &lk_room, &p, "CLIENT_INITIATED").await;
+    let send = hs.wait_accepted_send(&delay_id, Duration::from_secs(2)).await.expect("the bridge sent the leave");
+    assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
+    assert!(!synapse.is_member(&alice, &room).await);
+}
