@@ -9,11 +9,11 @@
 //!   reconciles every job with LiveKit before trusting its phase, which re-derives them.
 //!
 //! This keeps an fsync off the webhook path, where LiveKit waits for our answer with one request
-//! in flight per room. Calls run on tokio's blocking pool; one connection is shared, so commits
-//! are serialised in the order the engine issues them.
+//! in flight per room. Statements run on one thread that owns the connection, so commits are
+//! serialised in the order the engine issues them.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -22,8 +22,14 @@ use super::{JobRecord, Store, StoreError, StoreOp};
 use crate::delegation::JobId;
 
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    /// To the thread that owns the connection and runs every statement, in order.
+    jobs: std::sync::mpsc::Sender<Work>,
+    /// Held while the store exists: the checkpoint thread stops when it is gone.
+    _alive: Arc<()>,
 }
+
+/// One piece of work for the connection's thread.
+type Work = Box<dyn FnOnce(&mut Connection) + Send>;
 
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
@@ -35,7 +41,8 @@ impl SqliteStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("cannot create data dir {}: {e}", dir.display())))?;
         let path = dir.join("jobs.sqlite3");
-        let conn = Connection::open(&path).map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        let mut conn =
+            Connection::open(&path).map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
@@ -53,37 +60,45 @@ impl SqliteStore {
         conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(err)?;
         let checkpointer = Connection::open(&path).map_err(err)?;
         checkpointer.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
-        let conn = Arc::new(Mutex::new(conn));
-        let alive = Arc::downgrade(&conn);
+        let alive = Arc::new(());
+        let watch = Arc::downgrade(&alive);
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, alive))
+            .spawn(move || checkpoint_loop(checkpointer, watch))
             .map_err(err)?;
-        Ok(SqliteStore { conn })
+        // Statements run on a thread of their own, which owns the connection: a commit costs a
+        // message to it and one back, not a tokio worker handing its tasks over to another
+        // thread (block_in_place) or a hop through the blocking pool. It ends with the store.
+        let (jobs, queue) = std::sync::mpsc::channel::<Work>();
+        std::thread::Builder::new()
+            .name("sqlite".into())
+            .spawn(move || {
+                for work in queue {
+                    // A statement that panics fails its own call (its answer is dropped), not
+                    // every later one.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut conn)));
+                }
+            })
+            .map_err(err)?;
+        Ok(SqliteStore { jobs, _alive: alive })
     }
 
     async fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = self.conn.clone();
-        let run = move || {
-            let mut conn = conn.lock().map_err(|_| StoreError("store lock poisoned".into()))?;
-            f(&mut conn)
-        };
-        // On the multi-threaded runtime, run in place (tokio moves this worker's other tasks
-        // elsewhere meanwhile): no hop to the blocking pool and back on every commit.
-        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            tokio::task::block_in_place(run)
-        } else {
-            tokio::task::spawn_blocking(run).await.map_err(err)?
-        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let work: Work = Box::new(move |conn| {
+            let _ = reply.send(f(conn));
+        });
+        self.jobs.send(work).map_err(|_| StoreError("the store's thread has stopped".into()))?;
+        answer.await.map_err(|_| StoreError("the store's thread has stopped".into()))?
     }
 }
 
 /// Once a second, a passive checkpoint (it never blocks the writer), for as long as the store
 /// (`alive`) exists.
-fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<Mutex<Connection>>) {
+fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<()>) {
     loop {
         std::thread::sleep(std::time::Duration::from_secs(1));
         if alive.strong_count() == 0 {
@@ -281,14 +296,14 @@ mod tests {
     async fn delegations_are_committed_with_full_sync_and_phase_changes_with_normal() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let synchronous = |store: &SqliteStore| {
-            store.conn.lock().unwrap().query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
-        };
+        async fn synchronous(store: &SqliteStore) -> Result<i64, StoreError> {
+            store.with_conn(|c| c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0)).map_err(err)).await
+        }
         const NORMAL: i64 = 1;
         const FULL: i64 = 2;
-        assert_eq!(synchronous(&store).unwrap(), NORMAL);
+        assert_eq!(synchronous(&store).await.unwrap(), NORMAL);
         store.commit(vec![StoreOp::Insert(Box::new(record(1)))]).await.unwrap();
-        assert_eq!(synchronous(&store).unwrap(), FULL, "a delegation must survive a power loss");
+        assert_eq!(synchronous(&store).await.unwrap(), FULL, "a delegation must survive a power loss");
         store
             .commit(vec![StoreOp::SetState(
                 JobId(1),
@@ -296,10 +311,11 @@ mod tests {
             )])
             .await
             .unwrap();
-        assert_eq!(synchronous(&store).unwrap(), NORMAL, "no fsync on the webhook path");
+        assert_eq!(synchronous(&store).await.unwrap(), NORMAL, "no fsync on the webhook path");
         store.commit(vec![StoreOp::Delete(JobId(1)), StoreOp::Insert(Box::new(record(2)))]).await.unwrap();
-        assert_eq!(synchronous(&store).unwrap(), FULL, "a replacement stores a delegation");
-        let journal: String = store.conn.lock().unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(synchronous(&store).await.unwrap(), FULL, "a replacement stores a delegation");
+        let journal: String =
+            store.with_conn(|c| c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(err)).await.unwrap();
         assert_eq!(journal, "wal");
     }
 }
