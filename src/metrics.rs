@@ -182,11 +182,64 @@ impl Metrics {
             "Time the engine task spent on one input, by kind: every job waits meanwhile",
             m.engine_busy.clone(),
         );
-        // Show every state from the start, zero included.
+        // Every family from the start, at zero for each of its known label values, so that
+        // dashboards show 0 rather than "No data" and rate-based alerts can fire on the first
+        // event ("avoid missing metrics").
         for state in crate::lifecycle::PhaseKind::LIVE {
             let _ = m.jobs.get_or_create(&StateLabel { state: state.as_str() });
         }
+        for outcome in ["sent", "gone", "expired", "unconfirmed", "superseded"] {
+            let _ = m.jobs_finished.get_or_create(&OutcomeLabel { outcome });
+        }
+        for outcome in ["accepted", "replaced", "repeated", "invalid", "unauthorized", "forbidden", "unavailable"] {
+            let _ = m.delegations.get_or_create(&OutcomeLabel { outcome });
+        }
+        for event in
+            ["participant_joined", "participant_left", "participant_connection_aborted", "room_finished", "other"]
+        {
+            for outcome in ["accepted", "ignored", "duplicate", "unavailable"] {
+                let _ = m.webhooks.get_or_create(&WebhookLabels { event, outcome });
+            }
+        }
+        for outcome in ["forged", "malformed"] {
+            let _ = m.webhooks.get_or_create(&WebhookLabels { event: "unknown", outcome });
+        }
+        for trigger in ["departed", "reconciled", "never_joined", "grace_expired", "room_finished"] {
+            let _ = m.leave_latency.get_or_create(&TriggerLabel { trigger });
+        }
+        for outcome in ["ok", "error"] {
+            let _ = m.livekit_requests.get_or_create(&OutcomeLabel { outcome });
+            let _ = m.room_creations.get_or_create(&OutcomeLabel { outcome });
+        }
+        for endpoint in ["get_token", "sfu_get", "proxied_get_token"] {
+            for outcome in ["issued", "invalid", "unauthorized", "forbidden", "unavailable"] {
+                let _ = m.tokens.get_or_create(&TokenLabels { endpoint, outcome });
+            }
+        }
+        for input in
+            ["listing", "webhook", "delegation", "call_answer", "commit", "timeouts", "reconcile", "effects", "jobs"]
+        {
+            let _ = m.engine_busy.get_or_create(&InputLabel { input });
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Shows the per-homeserver families at zero for homeservers the configuration names (others
+    /// appear with their first call).
+    pub fn preset_homeservers<'a>(&self, servers: impl IntoIterator<Item = &'a str>) {
+        use crate::homeserver::delayed_events::CallOutcome;
+        for server in servers {
+            let homeserver = self.homeserver_label(server);
+            let _ = self.openid_check_duration.get_or_create(&HomeserverLabel { homeserver: homeserver.clone() });
+            for action in ["restart", "send"] {
+                let labels = ActionLabels { action, homeserver: homeserver.clone() };
+                let _ = self.homeserver_request_duration.get_or_create(&labels);
+                for outcome in CallOutcome::ALL {
+                    let labels = CallLabels { action, homeserver: homeserver.clone(), outcome: outcome.as_str() };
+                    let _ = self.homeserver_requests.get_or_create(&labels);
+                }
+            }
+        }
     }
 
     /// `server` as a label value, or `other` once as many distinct homeservers have been seen
@@ -229,6 +282,26 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
+    }
+
+    /// Each family shows a sample before anything happened.
+    #[test]
+    fn every_family_has_samples_from_the_start() {
+        let m = Metrics::new();
+        m.preset_homeservers(["hs.test"]);
+        let text = m.encode();
+        let families: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+        assert!(families.len() >= 17, "{families:?}");
+        for family in families {
+            assert!(
+                text.lines().any(|l| !l.starts_with('#') && l.starts_with(family)),
+                "{family} has no sample at start:\n{text}"
+            );
+        }
+        assert!(text.contains(r#"rtc_leave_bridge_webhooks_total{event="participant_left",outcome="accepted"} 0"#));
+        assert!(text.contains(
+            r#"rtc_leave_bridge_homeserver_requests_total{action="send",homeserver="hs.test",outcome="auth"} 0"#
+        ));
     }
 
     #[test]

@@ -49,6 +49,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)
     .context("LIVEKIT_URL")?;
     let metrics = Arc::new(Metrics::new());
+    // The homeservers the configuration names: their families show from the start too.
+    let mut named: Vec<&str> =
+        hs.cs_overrides.keys().chain(hs.federation_overrides.keys()).map(String::as_str).collect();
+    if let AllowedHomeservers::Only(servers) = &hs.allowed {
+        named.extend(servers.iter().map(String::as_str));
+    }
+    if let Some(a) = &config.appservice {
+        named.push(&a.server_name);
+    }
+    named.sort_unstable();
+    named.dedup();
+    metrics.preset_homeservers(named);
     let path_styles = Arc::new(PathStyles::default());
     let (engine, engine_task) = engine::start(
         EngineConfig {

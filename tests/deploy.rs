@@ -271,6 +271,13 @@ async fn dashboard_and_alerts_query_only_metrics_the_bridge_exports() {
     let synapse = common::synapse::Synapse::start(common::synapse::SynapseOptions::default()).await;
     let livekit = common::livekit::LiveKit::start().await;
     let bridge = common::bridge::Bridge::start(common::bridge::Bridge::env_for(&synapse.url, &livekit)).await;
+    // A fresh bridge already has a sample for every series queried: the dashboard shows zeros,
+    // not "No data", and rate-based alerts can fire on the first event.
+    let fresh = bridge.metrics().await;
+    let sampled: BTreeSet<&str> =
+        fresh.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let missing: Vec<&String> = queried.iter().filter(|q| !sampled.contains(q.as_str())).collect();
+    assert!(missing.is_empty(), "no sample on a fresh bridge: {missing:?}\n{fresh}");
     let alice = synapse.register("alice").await;
     let room = synapse.create_room(&alice).await;
     let delay_id = synapse.join_call(&alice, &room, 60_000).await;

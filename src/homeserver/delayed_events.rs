@@ -104,6 +104,19 @@ pub enum CallOutcome {
 }
 
 impl CallOutcome {
+    pub const ALL: [CallOutcome; 10] = [
+        CallOutcome::Ok,
+        CallOutcome::Gone,
+        CallOutcome::RateLimited,
+        CallOutcome::ServerError,
+        CallOutcome::Network,
+        CallOutcome::Timeout,
+        CallOutcome::Auth,
+        CallOutcome::Unrecognized,
+        CallOutcome::ClientError,
+        CallOutcome::Unreachable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CallOutcome::Ok => "ok",
