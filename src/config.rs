@@ -25,7 +25,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     ("LIVEKIT_KEY", "", "LiveKit API key (webhook verification, RoomService)"),
     ("LIVEKIT_SECRET", "", "LiveKit API secret"),
-    ("LIVEKIT_KEY_FILE", "", "file holding `key: secret` (instead of LIVEKIT_KEY/LIVEKIT_SECRET)"),
+    (
+        "LIVEKIT_KEY_FILE",
+        "",
+        "LiveKit's key file: `key: secret` lines (instead of LIVEKIT_KEY/LIVEKIT_SECRET); the first signs, any verifies",
+    ),
     ("LIVEKIT_KEY_FROM_FILE", "", "file holding the API key"),
     ("LIVEKIT_SECRET_FROM_FILE", "", "file holding the API secret"),
     ("LIVEKIT_JWT_BIND", ":8080", "listen address: `:port`, `host:port` or `[v6]:port`"),
@@ -162,8 +166,12 @@ pub struct LiveKit {
     /// Where RoomService is called: `RTC_LEAVE_BRIDGE_LIVEKIT_API_URL`, else `url`, in http(s)
     /// form, path kept, no trailing slash.
     pub api_base: Url,
+    /// The key this service signs with (tokens, RoomService): the first of `keys`.
     pub key: String,
     pub secret: String,
+    /// Every key a webhook or operator token may be signed with (`LIVEKIT_KEY_FILE` may name
+    /// several, to rotate keys); the first is `key`.
+    pub keys: Vec<(String, String)>,
 }
 
 impl fmt::Debug for LiveKit {
@@ -180,13 +188,22 @@ impl Section for LiveKit {
         if let Some(api) = src.get("RTC_LEAVE_BRIDGE_LIVEKIT_API_URL") {
             api_base = livekit_http_base(api).map_err(|e| bad("RTC_LEAVE_BRIDGE_LIVEKIT_API_URL", e))?;
         }
+        let mut keys = Vec::new();
         let (key, secret) = if let Some(path) = src.get("LIVEKIT_KEY_FILE") {
             let text = read_file("LIVEKIT_KEY_FILE", path)?;
-            let (k, s) = text
-                .lines()
-                .find_map(|l| l.split_once(':'))
-                .ok_or_else(|| bad("LIVEKIT_KEY_FILE", "expected a line `key: secret`"))?;
-            (k.trim().to_owned(), s.trim().to_owned())
+            for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+                let (k, s) =
+                    line.split_once(':').ok_or_else(|| bad("LIVEKIT_KEY_FILE", "expected lines `key: secret`"))?;
+                let (k, s) = (k.trim().to_owned(), s.trim().to_owned());
+                if k.is_empty() || s.is_empty() {
+                    return Err(bad("LIVEKIT_KEY_FILE", "a key or a secret is empty"));
+                }
+                if keys.iter().any(|(other, _)| *other == k) {
+                    return Err(bad("LIVEKIT_KEY_FILE", format!("key {k} appears twice")));
+                }
+                keys.push((k, s));
+            }
+            keys.first().cloned().ok_or_else(|| bad("LIVEKIT_KEY_FILE", "expected lines `key: secret`"))?
         } else {
             let key = match src.get("LIVEKIT_KEY_FROM_FILE") {
                 Some(p) => read_file("LIVEKIT_KEY_FROM_FILE", p)?,
@@ -204,7 +221,10 @@ impl Section for LiveKit {
         if secret.is_empty() {
             return Err(bad("LIVEKIT_SECRET", "required (or LIVEKIT_KEY_FILE / LIVEKIT_SECRET_FROM_FILE)"));
         }
-        Ok(LiveKit { url, api_base, key, secret })
+        if keys.is_empty() {
+            keys.push((key.clone(), secret.clone()));
+        }
+        Ok(LiveKit { url, api_base, key, secret, keys })
     }
 }
 
@@ -770,6 +790,16 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((c.livekit.key.as_str(), c.livekit.secret.as_str()), ("lkkey", "lksecret"));
+        // Rotation: several keys, the first signs.
+        std::fs::write(&file, "# rotating\nnewkey: newsecret\nlkkey: lksecret\n").unwrap();
+        let lk = LiveKit::from_source(&Source::from_pairs([("LIVEKIT_URL", "ws://lk"), ("LIVEKIT_KEY_FILE", path)]))
+            .unwrap();
+        assert_eq!(lk.key, "newkey");
+        assert_eq!(lk.keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["newkey", "lkkey"]);
+        assert!(!format!("{lk:?}").contains("secret"), "secrets never printed");
+        std::fs::write(&file, "a: 1\na: 2\n").unwrap();
+        let twice = LiveKit::from_source(&Source::from_pairs([("LIVEKIT_URL", "ws://lk"), ("LIVEKIT_KEY_FILE", path)]));
+        assert_eq!(twice.unwrap_err().setting, "LIVEKIT_KEY_FILE");
         assert_eq!(c.homeservers.cs_overrides["hs2.test"].as_str(), "https://matrix.hs2.test/");
         assert!(c.homeservers.allowed.allows("hs1.test") && !c.homeservers.allowed.allows("evil.test"));
     }

@@ -88,11 +88,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let state = AppState {
         issuer,
         engine: engine.clone(),
-        verifier: WebhookVerifier::new(&config.livekit.key, &config.livekit.secret),
-        admin_verifier: livekit_api::access_token::TokenVerifier::with_api_key(
-            &config.livekit.key,
-            &config.livekit.secret,
-        ),
+        verifier: WebhookVerifier::new(&config.livekit.keys),
+        admin_verifier: api::operator::OperatorKeys::new(&config.livekit.keys),
         discovery,
         allowed: Arc::new(hs.allowed.clone()),
         metrics,

@@ -5,7 +5,7 @@
 pub mod appservice;
 mod delegation;
 mod member;
-mod operator;
+pub mod operator;
 pub mod token;
 mod webhook;
 
@@ -39,7 +39,7 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub verifier: WebhookVerifier,
     /// Checks operator tokens (signed with the LiveKit API secret).
-    pub admin_verifier: livekit_api::access_token::TokenVerifier,
+    pub admin_verifier: operator::OperatorKeys,
     pub discovery: Arc<Discovery>,
     pub allowed: Arc<AllowedHomeservers>,
     pub metrics: Arc<Metrics>,

@@ -35,7 +35,7 @@ pub async fn jobs(State(state): State<AppState>, headers: HeaderMap) -> Result<R
     let claims = state
         .admin_verifier
         .verify(token)
-        .map_err(|_| MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "invalid token"))?;
+        .ok_or_else(|| MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "invalid token"))?;
     if !(claims.video.room_admin && claims.video.room_list) {
         return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "requires roomAdmin and roomList grants"));
     }
@@ -45,4 +45,27 @@ pub async fn jobs(State(state): State<AppState>, headers: HeaderMap) -> Result<R
         .await
         .map_err(|e| MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", e.to_string()))?;
     Ok(Json(jobs).into_response())
+}
+
+/// Checks operator tokens (`rtc-leave-bridge jobs`) with whichever configured LiveKit key their
+/// `iss` names.
+#[derive(Clone)]
+pub struct OperatorKeys {
+    verifiers: Vec<(String, livekit_api::access_token::TokenVerifier)>,
+}
+
+impl OperatorKeys {
+    pub fn new(keys: &[(String, String)]) -> Self {
+        let verifiers = keys
+            .iter()
+            .map(|(k, s)| (k.clone(), livekit_api::access_token::TokenVerifier::with_api_key(k, s)))
+            .collect();
+        OperatorKeys { verifiers }
+    }
+
+    fn verify(&self, token: &str) -> Option<livekit_api::access_token::Claims> {
+        let key = crate::livekit::webhook::issuer(token)?;
+        let (_, verifier) = self.verifiers.iter().find(|(k, _)| *k == key)?;
+        verifier.verify(token).ok()
+    }
 }

@@ -272,9 +272,14 @@ async fn a_store_blocked_for_ten_seconds_delays_no_restart() {
     fakes.livekit.rooms.lock().unwrap().insert(room, listed);
     let started = futures::future::join_all(delegations.iter().map(|d| engine.delegate(d.clone()))).await;
     assert!(started.iter().all(Result::is_ok));
-    // From now on every commit holds its thread for 10 s (the bindings are being committed).
+    // From now on every commit holds its thread for 10 s. A second session of member 0 is a
+    // change to commit (whatever the listings already bound), so the webhook must wait.
     fakes.store.block_ms.store(10_000, Ordering::SeqCst);
-    let webhook = engine.webhook(joined(&delegations[0], "PA_0", "EV_1"));
+    let mut second = joined(&delegations[0], "PA_second", "EV_1");
+    if let SfuEventKind::ParticipantJoined(p) = &mut second.kind {
+        p.joined_at_ms = 2_000; // a newer session than the listed one
+    }
+    let webhook = engine.webhook(second);
     let stuck = tokio::time::timeout(Duration::from_secs(10), webhook).await;
     assert!(stuck.is_err(), "the webhook's answer waits for the store");
     let until = Instant::now();

@@ -24,14 +24,29 @@ pub enum RejectedWebhook {
     Malformed(String),
 }
 
+/// Verifies with whichever of the configured keys a token's `iss` names (several while keys
+/// rotate, as in LiveKit's key file).
 #[derive(Clone)]
 pub struct WebhookVerifier {
-    receiver: WebhookReceiver,
+    receivers: Vec<(String, WebhookReceiver)>,
+}
+
+/// The `iss` claim of a JWT, read without verifying it (to pick the key that will).
+pub fn issuer(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("iss")?.as_str().map(str::to_owned)
 }
 
 impl WebhookVerifier {
-    pub fn new(api_key: &str, api_secret: &str) -> Self {
-        WebhookVerifier { receiver: WebhookReceiver::new(TokenVerifier::with_api_key(api_key, api_secret)) }
+    pub fn new(keys: &[(String, String)]) -> Self {
+        let receivers = keys
+            .iter()
+            .map(|(key, secret)| (key.clone(), WebhookReceiver::new(TokenVerifier::with_api_key(key, secret))))
+            .collect();
+        WebhookVerifier { receivers }
     }
 
     /// Verifies `body` against the `Authorization` header value and decodes it.
@@ -41,7 +56,13 @@ impl WebhookVerifier {
             .map(|h| h.strip_prefix("Bearer ").unwrap_or(h).trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| RejectedWebhook::Unauthenticated("no Authorization header".into()))?;
-        match self.receiver.receive(body, token) {
+        let key = issuer(token).ok_or_else(|| RejectedWebhook::Unauthenticated("no issuer in the token".into()))?;
+        let (_, receiver) = self
+            .receivers
+            .iter()
+            .find(|(k, _)| *k == key)
+            .ok_or_else(|| RejectedWebhook::Unauthenticated(format!("unknown key {key:?}")))?;
+        match receiver.receive(body, token) {
             Ok(event) => from_proto(event),
             Err(WebhookError::InvalidData(e)) => {
                 // The signature and body hash verified; only the typed decoding failed.
@@ -166,8 +187,29 @@ mod tests {
     use sha2::Digest as _;
 
     fn sign(body: &str, secret: &str) -> String {
+        sign_with("key", body, secret)
+    }
+
+    fn sign_with(key: &str, body: &str, secret: &str) -> String {
         let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
-        livekit_api::access_token::AccessToken::with_api_key("key", secret).with_sha256(&hash).to_jwt().unwrap()
+        livekit_api::access_token::AccessToken::with_api_key(key, secret).with_sha256(&hash).to_jwt().unwrap()
+    }
+
+    #[test]
+    fn a_webhook_is_verified_with_the_key_its_issuer_names() {
+        let keys = [("new".to_owned(), "new-secret".to_owned()), ("old".to_owned(), "old-secret".to_owned())];
+        let v = WebhookVerifier::new(&keys);
+        assert!(v.verify(LEFT, Some(&sign_with("old", LEFT, "old-secret"))).is_ok(), "the old key, while rotating");
+        assert!(v.verify(LEFT, Some(&sign_with("new", LEFT, "new-secret"))).is_ok());
+        // The secret must be the one of the key named; an unknown key is refused.
+        let crossed = v.verify(LEFT, Some(&sign_with("new", LEFT, "old-secret")));
+        assert!(matches!(crossed, Err(RejectedWebhook::Unauthenticated(_))));
+        let unknown = v.verify(LEFT, Some(&sign_with("gone", LEFT, "gone-secret")));
+        assert!(
+            matches!(unknown, Err(RejectedWebhook::Unauthenticated(ref why)) if why.contains("unknown key")),
+            "{unknown:?}"
+        );
+        assert!(matches!(v.verify(LEFT, Some("not-a-jwt")), Err(RejectedWebhook::Unauthenticated(_))));
     }
 
     const LEFT: &str = r#"{"event":"participant_left","room":{"sid":"RM_1","name":"room"},
@@ -176,7 +218,7 @@ mod tests {
 
     #[test]
     fn accepts_a_signed_departure_and_classifies_its_reason() {
-        let v = WebhookVerifier::new("key", "secret");
+        let v = WebhookVerifier::new(&[("key".into(), "secret".into())]);
         let e = v.verify(LEFT, Some(&sign(LEFT, "secret"))).unwrap();
         assert_eq!(e.room, "room");
         assert_eq!(e.room_sid, "RM_1");
@@ -191,7 +233,7 @@ mod tests {
 
     #[test]
     fn rejects_forged_missing_and_tampered() {
-        let v = WebhookVerifier::new("key", "secret");
+        let v = WebhookVerifier::new(&[("key".into(), "secret".into())]);
         assert!(matches!(v.verify(LEFT, None), Err(RejectedWebhook::Unauthenticated(_))));
         assert!(matches!(v.verify(LEFT, Some(&sign(LEFT, "other"))), Err(RejectedWebhook::Unauthenticated(_))));
         let tampered = LEFT.replace("PA_1", "PA_2");
@@ -201,7 +243,7 @@ mod tests {
     #[test]
     fn an_unknown_reason_from_a_newer_livekit_is_a_final_departure() {
         let body = LEFT.replace("MIGRATION", "SOME_FUTURE_REASON");
-        let v = WebhookVerifier::new("key", "secret");
+        let v = WebhookVerifier::new(&[("key".into(), "secret".into())]);
         let e = v.verify(&body, Some(&format!("Bearer {}", sign(&body, "secret")))).unwrap();
         let SfuEventKind::ParticipantLeft { departure, .. } = e.kind else { panic!() };
         assert_eq!(departure, Departure::Final("SOME_FUTURE_REASON".into()));
@@ -209,7 +251,7 @@ mod tests {
 
     #[test]
     fn signed_garbage_is_malformed_not_unauthenticated() {
-        let v = WebhookVerifier::new("key", "secret");
+        let v = WebhookVerifier::new(&[("key".into(), "secret".into())]);
         let body = "{not json";
         assert!(matches!(v.verify(body, Some(&sign(body, "secret"))), Err(RejectedWebhook::Malformed(_))));
     }
