@@ -40,6 +40,24 @@ async fn healthcheck_check_config_and_jobs() {
     assert!(out.status.success(), "{}", text(&out));
     let out = bridge.cli(&["jobs"], &alone);
     assert_eq!(out.status.code(), Some(2), "jobs needs the LiveKit key: {}", text(&out));
+    // ... from a --config file too, with nothing in the environment; and it says why when not.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bridge.toml");
+    let healthcheck = |bind: &str| {
+        std::fs::write(&file, format!("LIVEKIT_JWT_BIND = \"{bind}\"\n")).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_rtc-leave-bridge"))
+            .args(["healthcheck", "--config"])
+            .arg(&file)
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let out = healthcheck(&format!("127.0.0.1:{port}"));
+    assert!(out.status.success(), "{}", text(&out));
+    let nobody = common::free_port();
+    let out = healthcheck(&format!("127.0.0.1:{nobody}"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains(&format!("unhealthy: http://127.0.0.1:{nobody}/healthz")), "{}", text(&out));
     let free = common::free_port().to_string();
     assert!(!bridge.cli(&["healthcheck"], &[("LIVEKIT_JWT_BIND", &format!(":{free}"))]).status.success());
 
