@@ -316,3 +316,20 @@ fn image_is_non_root_and_checks_itself() {
     assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/rtc-leave-bridge", "healthcheck"]"#));
     assert!(dockerfile.matches("FROM ").count() >= 2, "multi-stage");
 }
+
+/// The alert rules load, and each alert fires on the series that should fire it and not on a
+/// healthy bridge's (`deploy/prometheus/alerts.test.yml`), as Prometheus' own promtool judges.
+#[test]
+fn alert_rules_pass_promtool() {
+    let dir = root().join("deploy/prometheus");
+    for args in [&["check", "rules", "alerts.yml"][..], &["test", "rules", "alerts.test.yml"][..]] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool is installed (Debian package prometheus; scripts/test.sh installs it)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool {}: {text}", args.join(" "));
+        assert!(text.contains("SUCCESS"), "{text}");
+    }
+}
