@@ -564,16 +564,7 @@ async fn ingest(goals: &Goals) {
 // ---- 3 and 4. memory, punctuality, cold start at scale ----------------------------------------
 
 async fn settle(bridge: &Bridge, jobs: usize) {
-    loop {
-        let m = bridge.metrics().await;
-        let total: f64 = m
-            .lines()
-            .filter(|l| l.starts_with("rtc_leave_bridge_jobs{"))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum();
-        if total as usize >= jobs {
-            return;
-        }
+    while (bridge.jobs_tracked().await as usize) < jobs {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

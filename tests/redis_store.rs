@@ -19,14 +19,6 @@ fn text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-async fn jobs(bridge: &Bridge) -> f64 {
-    let m = bridge.metrics().await;
-    m.lines()
-        .filter(|l| l.starts_with("rtc_leave_bridge_jobs{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
     let synapse = Synapse::start(SynapseOptions::default()).await;
@@ -56,7 +48,7 @@ async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
     bridge.env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
     bridge.env.insert("RTC_LEAVE_BRIDGE_DATA_DIR".into(), "/nonexistent/unused".into());
     bridge.restart().await;
-    assert_eq!(jobs(&bridge).await, 1.0);
+    assert_eq!(bridge.jobs_tracked().await, 1.0);
     let out = bridge.cli(&["check-config"], &[]);
     assert!(text(&out).contains("Redis reachable") && text(&out).contains("1 stored jobs"), "{}", text(&out));
 
@@ -65,7 +57,7 @@ async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
     redis.kill9();
     redis.restart().await;
     bridge.restart().await;
-    assert_eq!(jobs(&bridge).await, 1.0, "nothing lost across a crash of Redis (AOF) and of the service");
+    assert_eq!(bridge.jobs_tracked().await, 1.0, "nothing lost across a crash of Redis (AOF) and of the service");
     let until = Instant::now() + Duration::from_millis(2 * DELAY_MS + 1_000);
     while Instant::now() < until {
         assert!(synapse.is_member(&alice, &room).await, "removed while connected");

@@ -67,15 +67,6 @@ impl World {
         body
     }
 
-    /// The number of jobs the bridge tracks.
-    async fn jobs(&self) -> f64 {
-        let m = self.bridge.metrics().await;
-        m.lines()
-            .filter(|l| l.starts_with("rtc_leave_bridge_jobs{"))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum()
-    }
-
     async fn still_member_after(&self, user: &MatrixUser, wait: Duration) -> bool {
         let until = Instant::now() + wait;
         while Instant::now() < until {
@@ -103,7 +94,7 @@ async fn get_token_mints_what_the_client_computes_and_the_leave_rides_along() {
     // The room was opened, with the default timeouts, before the answer.
     assert_eq!(w.livekit.created_rooms(), vec![(lk_room.clone(), 300, 20)]);
     // The delegation was stored before the answer, bound to that identity.
-    assert_eq!(w.jobs().await, 1.0);
+    assert_eq!(w.bridge.jobs_tracked().await, 1.0);
 
     // The member connects under the minted identity: kept alive past twice the delay.
     let p = w.livekit.join(&w.bridge.url, &lk_room, &identity).await;
@@ -198,12 +189,12 @@ async fn refusals_change_nothing() {
     assert_eq!(status, 503, "{v}");
     assert!(v.get("jwt").is_none());
     db.execute_batch("DROP TRIGGER refuse;").unwrap();
-    assert_eq!(w.jobs().await, 0.0, "no refusal left a job behind");
+    assert_eq!(w.bridge.jobs_tracked().await, 0.0, "no refusal left a job behind");
     // Once it works, the same request succeeds.
     let body = w.get_token_body(&w.alice, Some(&delay_id)).await;
     let (status, v) = w.post("/get_token", &body).await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!(w.jobs().await, 1.0);
+    assert_eq!(w.bridge.jobs_tracked().await, 1.0);
     let logs = w.bridge.logs();
     assert!(!logs.contains(v["jwt"].as_str().unwrap()), "a JWT was logged");
     assert!(!logs.contains(body["openid_token"]["access_token"].as_str().unwrap()), "an OpenID token was logged");
@@ -231,7 +222,7 @@ async fn a_restricted_user_gets_a_token_but_no_room_and_no_delegation() {
     );
     assert!(w.livekit.created_rooms().is_empty());
     assert!(!w.livekit.has_room(&lk_room));
-    assert_eq!(w.jobs().await, 0.0);
+    assert_eq!(w.bridge.jobs_tracked().await, 0.0);
     let m = w.bridge.metrics().await;
     assert!(m.contains(r#"rtc_leave_bridge_tokens_total{endpoint="get_token",outcome="issued"} 1"#), "{m}");
     assert!(m.contains(r#"rtc_leave_bridge_tokens_total{endpoint="get_token",outcome="invalid"} 1"#), "{m}");

@@ -134,6 +134,15 @@ impl Bridge {
     }
 
     /// The value of one sample line of `/metrics` (0 if absent).
+    /// How many jobs the bridge tracks (the `jobs` gauges summed over states).
+    pub async fn jobs_tracked(&self) -> f64 {
+        let m = self.metrics().await;
+        m.lines()
+            .filter(|l| l.starts_with("rtc_leave_bridge_jobs{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+
     pub async fn metric(&self, sample: &str) -> f64 {
         self.metrics()
             .await
