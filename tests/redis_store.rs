@@ -70,3 +70,60 @@ async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
     assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
     assert!(!synapse.is_member(&alice, &room).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_for_thirty_seconds_removes_nobody_and_everything_resumes() {
+    let synapse = Synapse::start(SynapseOptions::default()).await;
+    let hs = HsProxy::start(&synapse.url).await;
+    let livekit = LiveKit::start().await;
+    let mut redis = Redis::start().await;
+    let mut env = Bridge::env_for(&hs.url, &livekit);
+    env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
+    let bridge = Bridge::start(env).await;
+    let alice = synapse.register("alice").await;
+    let room = synapse.create_room(&alice).await;
+    let lk_room = identity::livekit_room(&room, SLOT);
+    let delay_id = synapse.join_call(&alice, &room, DELAY_MS).await;
+    bridge.delegate(&synapse, &alice, &room, "m1", &delay_id, DELAY_MS).await;
+    let ident = identity::identity_three_part(&alice.user_id, &alice.device_id, "m1");
+    let p = livekit.join(&bridge.url, &lk_room, &ident).await;
+
+    redis.kill9();
+    // While Redis is down: changes are refused with 503 (LiveKit retries; clients retry) ...
+    let again = livekit.connect(&lk_room, &ident);
+    let joined = livekit.participant_event("participant_joined", &lk_room, &again, None);
+    let auth = LiveKit::sign(&joined, common::livekit::API_SECRET);
+    assert_eq!(livekit.post_webhook(&bridge.url, &joined, Some(&auth)).await, 503);
+    let bob = synapse.register("bob").await;
+    synapse.join_room(&bob, &room).await;
+    let bobs = synapse.join_call(&bob, &room, 60_000).await;
+    let body = common::bridge::delegation_body(&synapse.openid_token(&bob).await, &bob, &room, "b1", &bobs, 60_000);
+    assert_eq!(bridge.delegate_raw(&body).await.0, 503);
+    // ... and the connected member is kept alive from memory for 30 s, ten times its delay.
+    let restarts_before = hs.count("restart", Some(200));
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        assert!(synapse.is_member(&alice, &room).await, "removed while connected, Redis down");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(hs.count("restart", Some(200)) >= restarts_before + 8, "restarts went on");
+    assert!(hs.accepted_send(&delay_id).is_none(), "nothing sent on a guess");
+
+    // Redis is back: no operator action; LiveKit's retry is applied, and the leave goes out.
+    redis.restart().await;
+    let mut applied = false;
+    for _ in 0..50 {
+        if livekit.post_webhook(&bridge.url, &joined, Some(&auth)).await == 200 {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(applied, "the webhook's retry was not applied after Redis came back");
+    assert_eq!(bridge.delegate_raw(&body).await.0, 200, "delegations accepted again");
+    let since = Instant::now();
+    livekit.leave(&bridge.url, &lk_room, &p, "CLIENT_INITIATED").await;
+    livekit.leave(&bridge.url, &lk_room, &again, "CLIENT_INITIATED").await;
+    let send = hs.wait_accepted_send(&delay_id, Duration::from_secs(2)).await.expect("the bridge sent the leave");
+    assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
+}
