@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod delegation;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod homeserver;
 pub mod identity;
 pub mod lifecycle;
