@@ -342,11 +342,7 @@ impl Registry {
                 // (job, participant) pairs, found through the identity index, grouped by job.
                 let mut matched: Vec<(JobId, usize)> = Vec::with_capacity(participants.len());
                 for (i, p) in participants.iter().enumerate() {
-                    for &id in self.by_identity.candidates(&(&*room, p.identity.as_str())) {
-                        if self.jobs.get(&id).is_some_and(|e| e.watches_in(&room, &p.identity)) {
-                            matched.push((id, i));
-                        }
-                    }
+                    matched.extend(self.watching(&room, &p.identity).map(|id| (id, i)));
                 }
                 matched.sort_unstable();
                 for id in ids {
@@ -562,13 +558,13 @@ impl Registry {
             .find(|id| self.jobs.get(id).is_some_and(|e| e.delegation.member_key() == key))
     }
 
-    fn watching(&self, room: &Arc<str>, identity: &str) -> Vec<JobId> {
+    /// The jobs watching `identity` in LiveKit room `room` (the index's candidates, checked).
+    fn watching<'a>(&'a self, room: &'a Arc<str>, identity: &'a str) -> impl Iterator<Item = JobId> + 'a {
         self.by_identity
             .candidates(&(&**room, identity))
             .iter()
             .copied()
-            .filter(|id| self.jobs.get(id).is_some_and(|e| e.watches_in(room, identity)))
-            .collect()
+            .filter(move |id| self.jobs.get(id).is_some_and(|e| e.watches_in(room, identity)))
     }
 
     // ---- driving jobs -------------------------------------------------------------------------
