@@ -8,9 +8,6 @@ use super::{load, runtime};
 use crate::config::{AllowedHomeservers, Config, Source};
 use crate::homeserver::{Clients, Discovery, api_url};
 use crate::livekit::room_service::{RoomService, RoomServiceError};
-use crate::store::Store;
-use crate::store::redis::RedisStore;
-use crate::store::sqlite::SqliteStore;
 
 pub fn run(source: &Source) -> ExitCode {
     let config: Config = match load(source) {
@@ -51,36 +48,29 @@ pub async fn check_config(config: &Config) -> ExitCode {
     let hs = &config.homeservers;
     r.ok("configuration", "all settings valid");
 
-    // The store: Redis reachable, or the data directory writable; and its jobs readable.
-    if let Some(redis) = &config.storage.redis {
-        let timeout = config.homeservers.request_timeout;
-        match RedisStore::connect(&redis.url, &redis.prefix, timeout).await {
+    // The store: the data directory writable (SQLite), then the store the service would open
+    // opens, and its jobs are readable.
+    let dir = &config.storage.data_dir;
+    let (what, shown) = match &config.storage.redis {
+        Some(redis) => ("store", format!("Redis reachable (prefix {})", redis.prefix)),
+        None => ("data dir", format!("{} writable", dir.display())),
+    };
+    let probe = dir.join(".rtc-leave-bridge-write-check");
+    let writable = match config.storage.redis {
+        Some(_) => Ok(()),
+        None => std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, b"ok")).map(|()| {
+            let _ = std::fs::remove_file(&probe);
+        }),
+    };
+    match writable {
+        Ok(()) => match crate::service::open_store(config).await {
             Ok(store) => match store.load().await {
-                Ok(jobs) => {
-                    r.ok("store", format!("Redis reachable (prefix {}); {} stored jobs", redis.prefix, jobs.len()))
-                }
-                Err(e) => r.problem("store", e),
+                Ok(jobs) => r.ok(what, format!("{shown}; {} stored jobs", jobs.len())),
+                Err(e) => r.problem(what, e),
             },
-            Err(e) => r.problem("store", e),
-        }
-    } else {
-        let probe = config.storage.data_dir.join(".rtc-leave-bridge-write-check");
-        match std::fs::create_dir_all(&config.storage.data_dir).and_then(|()| std::fs::write(&probe, b"ok")) {
-            Ok(()) => {
-                let _ = std::fs::remove_file(&probe);
-                match SqliteStore::open(&config.storage.data_dir) {
-                    Ok(store) => match store.load().await {
-                        Ok(jobs) => r.ok(
-                            "data dir",
-                            format!("{} writable; {} stored jobs", config.storage.data_dir.display(), jobs.len()),
-                        ),
-                        Err(e) => r.problem("data dir", e),
-                    },
-                    Err(e) => r.problem("data dir", e),
-                }
-            }
-            Err(e) => r.problem("data dir", format!("{} not writable: {e}", config.storage.data_dir.display())),
-        }
+            Err(e) => r.problem(what, format!("{e:#}")),
+        },
+        Err(e) => r.problem(what, format!("{} not writable: {e}", dir.display())),
     }
 
     let clients = match Clients::new(hs.request_timeout, hs.insecure_skip_verify_tls, hs.allow_private) {
