@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::bridge::{Bridge, SLOT};
 use common::hs_proxy::HsProxy;
-use common::livekit::LiveKit;
+use common::livekit::{LiveKit, Participant};
 use common::redis::Redis;
-use common::synapse::{Synapse, SynapseOptions};
+use common::synapse::{MatrixUser, Synapse, SynapseOptions};
 use rtc_leave_bridge::identity;
 
 const DELAY_MS: u64 = 3_000;
@@ -19,20 +19,48 @@ fn text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// Alice in a call: her delayed leave delegated to a bridge (on Redis, or on SQLite beside a
+/// Redis it may move to), and her session connected to LiveKit.
+struct Call {
+    synapse: Synapse,
+    hs: HsProxy,
+    livekit: LiveKit,
+    redis: Redis,
+    bridge: Bridge,
+    alice: MatrixUser,
+    room: String,
+    lk_room: String,
+    delay_id: String,
+    ident: String,
+    p: Participant,
+}
+
+impl Call {
+    async fn start(on_redis: bool) -> Call {
+        let synapse = Synapse::start(SynapseOptions::default()).await;
+        let hs = HsProxy::start(&synapse.url).await;
+        let livekit = LiveKit::start().await;
+        let redis = Redis::start().await;
+        let mut env = Bridge::env_for(&hs.url, &livekit);
+        if on_redis {
+            env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
+        }
+        let bridge = Bridge::start(env).await;
+        let alice = synapse.register("alice").await;
+        let room = synapse.create_room(&alice).await;
+        let lk_room = identity::livekit_room(&room, SLOT);
+        let delay_id = synapse.join_call(&alice, &room, DELAY_MS).await;
+        bridge.delegate(&synapse, &alice, &room, "m1", &delay_id, DELAY_MS).await;
+        let ident = identity::identity_three_part(&alice.user_id, &alice.device_id, "m1");
+        let p = livekit.join(&bridge.url, &lk_room, &ident).await;
+        Call { synapse, hs, livekit, redis, bridge, alice, room, lk_room, delay_id, ident, p }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
-    let synapse = Synapse::start(SynapseOptions::default()).await;
-    let hs = HsProxy::start(&synapse.url).await;
-    let livekit = LiveKit::start().await;
-    let mut redis = Redis::start().await;
-    let mut bridge = Bridge::start(Bridge::env_for(&hs.url, &livekit)).await;
-    let alice = synapse.register("alice").await;
-    let room = synapse.create_room(&alice).await;
-    let lk_room = identity::livekit_room(&room, SLOT);
-    let delay_id = synapse.join_call(&alice, &room, DELAY_MS).await;
-    bridge.delegate(&synapse, &alice, &room, "m1", &delay_id, DELAY_MS).await;
-    let ident = identity::identity_three_part(&alice.user_id, &alice.device_id, "m1");
-    let p = livekit.join(&bridge.url, &lk_room, &ident).await;
+    let Call { synapse, hs, livekit, mut redis, mut bridge, alice, room, lk_room, delay_id, p, .. } =
+        Call::start(false).await;
 
     // Stop the SQLite-backed service and move its job to Redis.
     assert!(bridge.terminate().success());
@@ -73,20 +101,8 @@ async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_for_thirty_seconds_removes_nobody_and_everything_resumes() {
-    let synapse = Synapse::start(SynapseOptions::default()).await;
-    let hs = HsProxy::start(&synapse.url).await;
-    let livekit = LiveKit::start().await;
-    let mut redis = Redis::start().await;
-    let mut env = Bridge::env_for(&hs.url, &livekit);
-    env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
-    let bridge = Bridge::start(env).await;
-    let alice = synapse.register("alice").await;
-    let room = synapse.create_room(&alice).await;
-    let lk_room = identity::livekit_room(&room, SLOT);
-    let delay_id = synapse.join_call(&alice, &room, DELAY_MS).await;
-    bridge.delegate(&synapse, &alice, &room, "m1", &delay_id, DELAY_MS).await;
-    let ident = identity::identity_three_part(&alice.user_id, &alice.device_id, "m1");
-    let p = livekit.join(&bridge.url, &lk_room, &ident).await;
+    let Call { synapse, hs, livekit, mut redis, bridge, alice, room, lk_room, delay_id, ident, p } =
+        Call::start(true).await;
 
     redis.kill9();
     // While Redis is down: changes are refused with 503 (LiveKit retries; clients retry) ...
