@@ -56,6 +56,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     ("RTC_LEAVE_BRIDGE_REDIS_PREFIX", "rtc-leave-bridge:", "prefix of every key in Redis (to share LiveKit's Redis)"),
     (
+        "RTC_LEAVE_BRIDGE_LEASE",
+        "2s",
+        "with Redis: how long an instance's claim on its shards of jobs lasts unrenewed, i.e. how soon the others take over from a dead one (1s–10s)",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_INSTANCE",
+        "(host name)",
+        "with Redis: this instance's name in logs, metrics and Redis (a random suffix is added per process)",
+    ),
+    (
         "RTC_LEAVE_BRIDGE_RESTART_AT",
         "0.8",
         "restart the delayed event when this fraction of its delay has elapsed (0.1–0.95)",
@@ -94,6 +104,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "a LiveKit room created for a full-access user closes this long after its last participant left (0–1h)",
     ),
     ("RTC_LEAVE_BRIDGE_MAX_DELAY", "24h", "largest delay_timeout accepted from a client (1s–7d)"),
+    (
+        "RTC_LEAVE_BRIDGE_MIN_DELAY",
+        "(1ms; with Redis: lease × 1.25 + 2s)",
+        "smallest delay_timeout accepted from a client; with Redis at least lease × 1.25 + 2s, so that a dead instance's members are taken over before their delay runs out (1ms–1h)",
+    ),
     (
         "RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS",
         "false",
@@ -277,6 +292,9 @@ pub struct Homeservers {
     pub request_timeout: Duration,
     /// Largest `delay_timeout` accepted from a client.
     pub max_delay: Duration,
+    /// Smallest `delay_timeout` accepted from a client (raised to what failover needs with Redis:
+    /// see [`Config`]).
+    pub min_delay: Duration,
 }
 
 impl Section for Homeservers {
@@ -315,6 +333,10 @@ impl Section for Homeservers {
             allow_private: src.flag("RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS")?,
             request_timeout: request_timeout(src)?,
             max_delay: src.duration("RTC_LEAVE_BRIDGE_MAX_DELAY", ms(1_000), hours(24 * 7))?,
+            min_delay: match src.get("RTC_LEAVE_BRIDGE_MIN_DELAY") {
+                Some(_) => src.duration("RTC_LEAVE_BRIDGE_MIN_DELAY", ms(1), hours(1))?,
+                None => ms(1),
+            },
         })
     }
 }
@@ -352,18 +374,50 @@ pub struct Storage {
     pub redis: Option<Redis>,
 }
 
-/// A Redis (or Valkey) store.
+/// A Redis (or Valkey) store, shared by every instance using the same prefix.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Redis {
     /// May carry a password: never printed.
     pub url: String,
     pub prefix: String,
+    /// How long a claim on a shard lasts unrenewed.
+    pub lease: Duration,
+    /// This instance's name (a random suffix is added per process).
+    pub instance: String,
+}
+
+impl Redis {
+    /// How often claims are renewed (and the cluster looked at).
+    pub fn renew_interval(&self) -> Duration {
+        self.lease / 4
+    }
+
+    /// The time from an instance's death to its members' next restart by another: its claims
+    /// run out, a survivor notices on its next look and loads the jobs; a second for loading
+    /// and the restart itself. Every job keeps this much of its delay in hand.
+    pub fn failover_headroom(&self) -> Duration {
+        self.lease + self.renew_interval() + Duration::from_secs(1)
+    }
 }
 
 impl fmt::Debug for Redis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Redis").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("Redis")
+            .field("prefix", &self.prefix)
+            .field("lease", &self.lease)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
     }
+}
+
+/// This machine's name, for instance names: `HOSTNAME`, else `/etc/hostname`, else `bridge`.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "bridge".to_owned())
 }
 
 impl Section for Storage {
@@ -376,7 +430,15 @@ impl Section for Storage {
                     return Err(bad("LIVEKIT_REDIS_URL", "expected redis://host[:port][/db] or rediss://…"));
                 }
                 let prefix = src.get_or_default("RTC_LEAVE_BRIDGE_REDIS_PREFIX").to_owned();
-                Some(Redis { url: url.to_owned(), prefix })
+                let lease = src.duration("RTC_LEAVE_BRIDGE_LEASE", ms(1_000), ms(10_000))?;
+                let instance = src.get("RTC_LEAVE_BRIDGE_INSTANCE").map(str::to_owned).unwrap_or_else(host_name);
+                if instance.is_empty()
+                    || instance.len() > 64
+                    || instance.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(bad("RTC_LEAVE_BRIDGE_INSTANCE", "1 to 64 characters, no spaces"));
+                }
+                Some(Redis { url: url.to_owned(), prefix, lease, instance })
             }
         };
         Ok(Storage { data_dir: PathBuf::from(src.get_or_default("RTC_LEAVE_BRIDGE_DATA_DIR")), redis })
@@ -404,6 +466,9 @@ pub struct Timing {
     pub backoff_initial: Millis,
     /// Ceiling of that backoff.
     pub backoff_max: Millis,
+    /// Delay kept in hand at every restart for another instance to take the job over (0 with a
+    /// single instance): restarts come at most `delay - failover_headroom` apart.
+    pub failover_headroom: Millis,
     /// A homeserver call (from when the shell started it) or a RoomService listing (from when it
     /// was asked for) whose answer has not come back by then counts as failed: a lost answer (a
     /// task that panicked or was cancelled) never stops the restarts.
@@ -444,6 +509,7 @@ impl Section for Timing {
             probe_retry: 5_000,
             backoff_initial: 1_000,
             backoff_max: 30_000,
+            failover_headroom: 0,
             call_timeout,
             absences_to_leave: 2,
             unconfirmed_limit: millis(src.duration("RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT", ms(10_000), hours(24))?),
@@ -501,8 +567,10 @@ pub struct Config {
 }
 
 impl Section for Config {
+    /// With Redis, every job keeps [`Redis::failover_headroom`] of its delay in hand, and a
+    /// delay must leave at least a second between restarts beyond it.
     fn from_source(src: &Source) -> Result<Self, ConfigError> {
-        Ok(Config {
+        let mut config = Config {
             livekit: LiveKit::from_source(src)?,
             tokens: Tokens::from_source(src)?,
             listen: Listen::from_source(src)?,
@@ -511,7 +579,28 @@ impl Section for Config {
             storage: Storage::from_source(src)?,
             engine: Engine::from_source(src)?,
             appservice: parse_appservice(src)?,
-        })
+        };
+        if let Some(redis) = &config.storage.redis {
+            let headroom = redis.failover_headroom();
+            let needed = headroom + Duration::from_secs(1);
+            let hs = &mut config.homeservers;
+            if src.get("RTC_LEAVE_BRIDGE_MIN_DELAY").is_none() {
+                hs.min_delay = needed;
+            } else if hs.min_delay < needed {
+                return Err(bad(
+                    "RTC_LEAVE_BRIDGE_MIN_DELAY",
+                    format!(
+                        "{:?} is shorter than what failover needs with RTC_LEAVE_BRIDGE_LEASE={:?}: at least {needed:?}",
+                        hs.min_delay, redis.lease
+                    ),
+                ));
+            }
+            if hs.max_delay < hs.min_delay {
+                return Err(bad("RTC_LEAVE_BRIDGE_MAX_DELAY", format!("below the smallest delay, {:?}", hs.min_delay)));
+            }
+            config.engine.timing.failover_headroom = headroom.as_millis() as Millis;
+        }
+        Ok(config)
     }
 }
 

@@ -846,8 +846,12 @@ impl Job {
                 let issued = self.calls.issued_at;
                 self.deadline = issued + self.delay;
                 self.calls.failures = 0;
+                // With several instances, enough of the delay stays in hand for another one to
+                // take over if this one dies right before its next restart.
+                let in_hand = self.delay.saturating_sub(self.timing.failover_headroom) as f64;
                 let interval = (self.delay as f64
                     * (self.timing.restart_fraction - self.timing.restart_jitter * self.jitter()))
+                .min(in_hand)
                 .max(1.0) as Millis;
                 self.calls.next_at = issued + interval;
             }

@@ -65,6 +65,25 @@ pub struct InputLabel {
     pub input: &'static str,
 }
 
+/// A Redis round trip, by what it was for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisOpLabel {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: &'static str,
+}
+
+/// What each Redis round trip is for (the `op` label of `redis_duration_seconds`).
+pub const REDIS_OPS: [&str; 7] = ["tick", "acquire", "release", "load", "inbox_add", "inbox_read", "commit"];
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -97,6 +116,12 @@ pub struct Metrics {
     pub reconciliation_departures: Counter,
     pub store_commit_duration: Histogram,
     pub store_errors: Counter,
+    pub shards_owned: Gauge,
+    pub instances: Gauge,
+    pub lease_renewals: Family<OutcomeLabel, Counter>,
+    pub handovers: Family<KindLabel, Counter>,
+    pub redis_duration: HistogramFamily<RedisOpLabel>,
+    pub calls_fenced: Family<ActionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -127,6 +152,12 @@ impl Metrics {
             reconciliation_departures: Counter::default(),
             store_commit_duration: latency_histogram(),
             store_errors: Counter::default(),
+            shards_owned: Gauge::default(),
+            instances: Gauge::default(),
+            lease_renewals: Family::default(),
+            handovers: Family::default(),
+            redis_duration: Family::new_with_constructor(latency_histogram),
+            calls_fenced: Family::default(),
             registry: Registry::default(),
         };
         registry.register("jobs", "Tracked delegations by lifecycle state", m.jobs.clone());
@@ -182,6 +213,36 @@ impl Metrics {
             "Time the engine task spent on one input, by kind: every job waits meanwhile",
             m.engine_busy.clone(),
         );
+        registry.register(
+            "shards_owned",
+            "Shards of jobs this instance drives (with Redis; 64 in all, spread over the instances)",
+            m.shards_owned.clone(),
+        );
+        registry.register(
+            "instances",
+            "Live instances sharing the Redis prefix, as this one sees them",
+            m.instances.clone(),
+        );
+        registry.register(
+            "lease_renewals",
+            "Renewals of this instance's shard leases: renewed, lost (another instance holds it), failed (Redis unreachable)",
+            m.lease_renewals.clone(),
+        );
+        registry.register(
+            "handovers",
+            "Shards acquired, released (handed over on purpose) and lost (lease ran out) by this instance",
+            m.handovers.clone(),
+        );
+        registry.register(
+            "redis_duration_seconds",
+            "Duration of Redis round trips, by purpose",
+            m.redis_duration.clone(),
+        );
+        registry.register(
+            "calls_fenced",
+            "Homeserver calls not made because this instance's lease on the job's shard had too little time left",
+            m.calls_fenced.clone(),
+        );
         // Every family from the start, at zero for each of its known label values, so that
         // dashboards show 0 rather than "No data" and rate-based alerts can fire on the first
         // event ("avoid missing metrics").
@@ -197,7 +258,7 @@ impl Metrics {
         for event in
             ["participant_joined", "participant_left", "participant_connection_aborted", "room_finished", "other"]
         {
-            for outcome in ["accepted", "ignored", "duplicate", "unavailable"] {
+            for outcome in ["accepted", "ignored", "duplicate", "queued", "unavailable"] {
                 let _ = m.webhooks.get_or_create(&WebhookLabels { event, outcome });
             }
         }
@@ -220,6 +281,18 @@ impl Metrics {
             ["listing", "webhook", "delegation", "call_answer", "commit", "timeouts", "reconcile", "effects", "jobs"]
         {
             let _ = m.engine_busy.get_or_create(&InputLabel { input });
+        }
+        for outcome in ["renewed", "lost", "failed"] {
+            let _ = m.lease_renewals.get_or_create(&OutcomeLabel { outcome });
+        }
+        for kind in ["acquired", "released", "lost"] {
+            let _ = m.handovers.get_or_create(&KindLabel { kind });
+        }
+        for op in REDIS_OPS {
+            let _ = m.redis_duration.get_or_create(&RedisOpLabel { op });
+        }
+        for action in ["restart", "send"] {
+            let _ = m.calls_fenced.get_or_create(&ActionLabel { action });
         }
         Metrics { registry, ..m }
     }

@@ -9,6 +9,7 @@
 
 use async_trait::async_trait;
 
+use crate::cluster::Shard;
 use crate::delegation::Delegation;
 use crate::lifecycle::HsAnswer;
 use crate::livekit::Participant;
@@ -48,4 +49,19 @@ pub struct Unobserved;
 pub trait Presence: Send + Sync + 'static {
     /// The connected participants of LiveKit room `room` (none if the room does not exist).
     async fn participants(&self, room: &str) -> Result<Vec<Participant>, Unobserved>;
+}
+
+/// Whether this instance may call a homeserver for a job of `shard` right now: with several
+/// instances, only while it surely holds the shard ([`crate::cluster::leases::Leases`]).
+pub trait CallGate: Send + Sync {
+    fn may_call(&self, shard: Shard, action: DelayedAction) -> bool;
+}
+
+/// The only instance: every call may be made.
+pub struct Sole;
+
+impl CallGate for Sole {
+    fn may_call(&self, _: Shard, _: DelayedAction) -> bool {
+        true
+    }
 }

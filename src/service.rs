@@ -1,5 +1,6 @@
-//! Wiring of a running service: store, outside parties, engine and HTTP server, and the order in
-//! which they stop on SIGTERM (stop accepting requests, drain homeserver calls, commit, exit).
+//! Wiring of a running service: store, outside parties, engine, cluster (with Redis) and HTTP
+//! server, and the order in which they stop on SIGTERM (stop accepting requests, drain homeserver
+//! calls, commit, hand the shards over, exit).
 
 use std::sync::Arc;
 
@@ -7,6 +8,9 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::api::{self, AppState};
+use crate::cluster::driver::{self, Settings};
+use crate::cluster::intake::Intake;
+use crate::cluster::leases::Leases;
 use crate::config::{AllowedHomeservers, Config};
 use crate::engine::{self, EngineConfig, Ports};
 use crate::homeserver::delayed_events::{HomeserverCalls, PathStyles};
@@ -14,6 +18,7 @@ use crate::homeserver::{Clients, Discovery};
 use crate::livekit::room_service::{Listings, RoomService};
 use crate::livekit::webhook::WebhookVerifier;
 use crate::metrics::Metrics;
+use crate::ports::{CallGate, Sole};
 use crate::store::Store;
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
@@ -30,7 +35,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if hs.insecure_skip_verify_tls {
         warn!("TLS certificate verification is disabled (LIVEKIT_INSECURE_SKIP_VERIFY_TLS)");
     }
-    let store = open_store(&config).await?;
+    let OpenedStore { store, shared } = open_store(&config).await?;
+    // With Redis, this instance is one of several: its name, and the leases it will hold.
+    let cluster_settings = config.storage.redis.as_ref().map(|r| Settings {
+        instance: format!("{}-{:04x}", r.instance, rand::random::<u16>()),
+        lease: r.lease,
+        renew_interval: r.renew_interval(),
+    });
+    let leases = cluster_settings.as_ref().map(|c| Arc::new(Leases::new(c.lease, c.renew_interval)));
+    let gate: Arc<dyn CallGate> = match &leases {
+        Some(leases) => leases.clone(),
+        None => Arc::new(Sole),
+    };
     let clients =
         Clients::new(hs.request_timeout, hs.insecure_skip_verify_tls, hs.allow_private).map_err(anyhow::Error::msg)?;
     let discovery = Arc::new(Discovery::new(
@@ -67,6 +83,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             timing: config.engine.timing.clone(),
             reconcile_interval: config.engine.reconcile_interval,
             limits: engine::Limits::default(),
+            instance: cluster_settings.as_ref().map(|c| c.instance.clone()),
         },
         Ports {
             store: store.clone(),
@@ -79,22 +96,33 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }),
             presence: Arc::new(Listings { room_service: room_service.clone(), metrics: metrics.clone() }),
             metrics: metrics.clone(),
+            gate,
         },
     )
     .await
     .context("loading stored jobs")?;
+    let (cluster, intake) = match (shared, cluster_settings, leases) {
+        (Some(shared), Some(settings), Some(leases)) => {
+            let cluster = driver::start(settings, shared.clone(), engine.clone(), leases, metrics.clone())
+                .await
+                .context("LIVEKIT_REDIS_URL")?;
+            (Some(cluster), Intake::Inbox { store: shared, metrics: metrics.clone() })
+        }
+        _ => (None, Intake::Engine(engine.clone())),
+    };
 
     let issuer = api::token::issuer(&config, room_service);
     let state = AppState {
         issuer,
         engine: engine.clone(),
+        intake,
         verifier: WebhookVerifier::new(&config.livekit.keys),
         admin_verifier: api::operator::OperatorKeys::new(&config.livekit.keys),
         discovery,
         allowed: Arc::new(hs.allowed.clone()),
         metrics,
         store,
-        max_delay_ms: hs.max_delay.as_millis() as u64,
+        delays: api::DelayRange { min_ms: hs.min_delay.as_millis() as u64, max_ms: hs.max_delay.as_millis() as u64 },
         appservice: config.appservice.clone().map(|a| {
             Arc::new(api::appservice::AppserviceState {
                 config: a,
@@ -110,24 +138,38 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     info!(addr = %listener.local_addr()?, livekit = %config.livekit.url, "rtc-leave-bridge listening");
     axum::serve(listener, api::router(state)).with_graceful_shutdown(termination()).await?;
     info!("no longer accepting requests; draining");
+    if let Some(cluster) = &cluster {
+        cluster.drain();
+    }
     engine.shutdown(config.engine.shutdown_timeout).await;
     let _ = engine_task.await;
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await;
+    }
     Ok(())
 }
 
+/// The configured store, and the same as a shared store if it is one.
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    /// Set with Redis: the store shared by several instances.
+    pub shared: Option<Arc<RedisStore>>,
+}
+
 /// The configured store: Redis if `LIVEKIT_REDIS_URL` is set, else SQLite in the data directory.
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
     Ok(match &config.storage.redis {
         Some(r) => {
-            info!(prefix = %r.prefix, "store: Redis");
-            warn!("one instance per Redis prefix: several instances do not yet share jobs safely");
+            info!(prefix = %r.prefix, "store: Redis, shared with every instance using the same prefix");
             let store = RedisStore::connect(&r.url, &r.prefix, config.homeservers.request_timeout).await;
-            Arc::new(store.context("LIVEKIT_REDIS_URL")?)
+            let store = Arc::new(store.context("LIVEKIT_REDIS_URL")?);
+            OpenedStore { store: store.clone(), shared: Some(store) }
         }
         None => {
             let dir = &config.storage.data_dir;
             let store = SqliteStore::open(dir);
-            Arc::new(store.with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", dir.display()))?)
+            let store = Arc::new(store.with_context(|| format!("RTC_LEAVE_BRIDGE_DATA_DIR={}", dir.display()))?);
+            OpenedStore { store, shared: None }
         }
     })
 }

@@ -230,9 +230,7 @@ async fn looked_up(
     if event.room_id != p.room_id.as_str() {
         return Err(invalid("delay_id: the delayed event belongs to another room"));
     }
-    if event.delay_ms <= 0 || event.delay_ms as u64 > state.max_delay_ms {
-        return Err(invalid(format!("the delayed event's delay ({} ms) is not usable", event.delay_ms)));
-    }
+    let delay_ms = state.delays.check("the delayed event's delay", event.delay_ms)?;
     Ok(Delegation {
         room_id: p.room_id.to_string(),
         slot_id: p.slot_id.clone(),
@@ -240,7 +238,7 @@ async fn looked_up(
         device_id: p.device_id.clone(),
         member_id: p.member_id.clone(),
         delay_id: delay_id.to_owned(),
-        delay_ms: event.delay_ms as u64,
+        delay_ms,
         cs_api_url: endpoint.base.to_string(),
         created_at_ms: now_unix_ms(),
         mode: Mode::Appservice,

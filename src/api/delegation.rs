@@ -53,9 +53,7 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
     check_text("member.id", &req.member.id)?;
     check_text("member.claimed_device_id", &req.member.claimed_device_id)?;
     check_text("delay_id", &req.delay_id)?;
-    if req.delay_timeout <= 0 || req.delay_timeout as u64 > state.max_delay_ms {
-        return Err(invalid(format!("delay_timeout must be between 1 and {} ms", state.max_delay_ms)));
-    }
+    let delay_ms = state.delays.check("delay_timeout", req.delay_timeout)?;
     let server = req.openid_token.server()?;
 
     // Who may delegate.
@@ -79,7 +77,7 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         device_id: req.member.claimed_device_id,
         member_id: req.member.id,
         delay_id: req.delay_id,
-        delay_ms: req.delay_timeout as u64,
+        delay_ms,
         cs_api_url: cs.base.to_string(),
         created_at_ms: now_unix_ms(),
         mode: crate::delegation::Mode::OpenId,

@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
+use crate::cluster::intake::Intake;
 use crate::delegation::DelayRef;
 use crate::engine::EngineHandle;
 use crate::homeserver::Discovery;
@@ -36,7 +37,10 @@ pub use crate::config::AllowedHomeservers;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// This instance's engine (what `/admin/jobs` shows: the jobs driven here).
     pub engine: EngineHandle,
+    /// Where webhooks and delegations go.
+    pub intake: Intake,
     pub verifier: WebhookVerifier,
     /// Checks operator tokens (signed with the LiveKit API secret).
     pub admin_verifier: operator::OperatorKeys,
@@ -44,8 +48,8 @@ pub struct AppState {
     pub allowed: Arc<AllowedHomeservers>,
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
-    /// Largest `delay_timeout` accepted, in milliseconds.
-    pub max_delay_ms: u64,
+    /// The `delay_timeout`s accepted.
+    pub delays: DelayRange,
     /// Set in appservice mode.
     pub appservice: Option<Arc<appservice::AppserviceState>>,
     /// Mints tokens and opens rooms.
@@ -157,6 +161,26 @@ pub fn invalid(msg: impl Into<String>) -> MatrixError {
     MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", msg)
 }
 
+/// The delays accepted from clients, in milliseconds: at most the configured maximum, at least
+/// what a takeover by another instance needs (see `RTC_LEAVE_BRIDGE_MIN_DELAY`).
+#[derive(Debug, Clone, Copy)]
+pub struct DelayRange {
+    pub min_ms: u64,
+    pub max_ms: u64,
+}
+
+impl DelayRange {
+    /// `what`'s delay in milliseconds, or 400 M_INVALID_PARAM saying which delays are accepted.
+    pub fn check(&self, what: &str, ms: i64) -> Result<u64, MatrixError> {
+        match u64::try_from(ms) {
+            Ok(ms) if (self.min_ms.max(1)..=self.max_ms).contains(&ms) => Ok(ms),
+            _ => {
+                Err(invalid(format!("{what} must be between {} and {} ms (got {ms})", self.min_ms.max(1), self.max_ms)))
+            }
+        }
+    }
+}
+
 /// A free-form identifier from a client: non-empty, bounded, printable.
 pub fn check_text(name: &str, value: &str) -> Result<(), MatrixError> {
     if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
@@ -169,9 +193,9 @@ pub fn check_text(name: &str, value: &str) -> Result<(), MatrixError> {
 pub async fn store_delegation(state: &AppState, delegation: crate::delegation::Delegation) -> Result<(), MatrixError> {
     let (user, room, delay_id) = (delegation.user_id.clone(), delegation.room_id.clone(), delegation.delay_id.clone());
     let (mode, identity) = (delegation.mode, delegation.identities().swap_remove(0));
-    match state.engine.delegate(delegation).await {
-        Ok(job) => {
-            tracing::info!(job = %job, room = %room, identity = %identity, user = %user, delay_id = %DelayRef(&delay_id),
+    match state.intake.delegate(delegation).await {
+        Ok(receipt) => {
+            tracing::info!(stored = %receipt, room = %room, identity = %identity, user = %user, delay_id = %DelayRef(&delay_id),
                 mode = ?mode, "delegation stored");
             Ok(())
         }

@@ -198,9 +198,7 @@ async fn issue(
         Some((delay_id, timeout)) => {
             check_text("delay_id", delay_id)?;
             let timeout = timeout.ok_or_else(|| invalid("delay_timeout is required with delay_id"))?;
-            if timeout <= 0 || timeout as u64 > state.max_delay_ms {
-                return Err(invalid(format!("delay_timeout must be between 1 and {} ms", state.max_delay_ms)));
-            }
+            let timeout = state.delays.check("delay_timeout", timeout)?;
             // Where its homeserver is, by our own means.
             let cs = state.discovery.client_server_api(server).await.map_err(|e| {
                 let e = upstream_error(server, OpenIdError::Discovery(e));
@@ -210,7 +208,7 @@ async fn issue(
                     format!("unable to resolve the client-server API: {}", e.error),
                 )
             })?;
-            Some(grant.delegation(delay_id, timeout as u64, cs.base.to_string(), Mode::OpenId))
+            Some(grant.delegation(delay_id, timeout, cs.base.to_string(), Mode::OpenId))
         }
     };
     grant_token(state, &grant, full_access, delegation).await

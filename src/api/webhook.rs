@@ -35,7 +35,7 @@ pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: By
     };
     let name = event_label(event.kind.name());
     let id = event.id.clone();
-    match state.engine.webhook(event).await {
+    match state.intake.webhook(event).await {
         Ok(outcome) => {
             count(name, outcome.as_str());
             debug!(webhook = %id, event = name, outcome = outcome.as_str(), "webhook handled");

@@ -64,7 +64,7 @@ pub async fn check_config(config: &Config) -> ExitCode {
     };
     match writable {
         Ok(()) => match crate::service::open_store(config).await {
-            Ok(store) => match store.load().await {
+            Ok(opened) => match opened.store.load().await {
                 Ok(jobs) => r.ok(what, format!("{shown}; {} stored jobs", jobs.len())),
                 Err(e) => r.problem(what, e),
             },

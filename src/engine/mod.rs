@@ -7,6 +7,11 @@
 //! commits ([`tasks`]) through the ports, and answer requests. The task never waits on anything
 //! but its inputs; in particular not on the store, whose commits run as tasks of their own.
 //!
+//! With several instances ([`crate::cluster`]) the engine starts empty; the cluster's driver
+//! hands it shards ([`EngineHandle::adopt`], [`EngineHandle::release`]) and their inbox entries
+//! ([`EngineHandle::consume`]); every homeserver call passes the [`CallGate`] first, and commits are
+//! fenced with this instance's name.
+//!
 //! Layout: [`registry`] (state machine), [`index`] (its compact indexes), [`tasks`] (spawned
 //! work), [`views`] (what operators see).
 
@@ -25,12 +30,13 @@ use tracing::{error, info, warn};
 pub use registry::{Limits, WebhookOutcome};
 pub use views::JobSummary;
 
+use crate::cluster::{EntryId, Inbound, Shard};
 use crate::delegation::{Delegation, JobId};
 use crate::lifecycle::{Millis, Timing};
 use crate::livekit::SfuEvent;
 use crate::metrics::{InputLabel, Metrics};
-use crate::ports::{DelayedEvents, Presence};
-use crate::store::{Store, StoreError};
+use crate::ports::{CallGate, DelayedEvents, Presence};
+use crate::store::{Fence, JobRecord, Store, StoreError};
 use registry::{Effect, Registry, Ticket};
 use tasks::Report;
 
@@ -44,6 +50,9 @@ pub struct EngineConfig {
     /// How often every room with jobs is listed through RoomService.
     pub reconcile_interval: Duration,
     pub limits: Limits,
+    /// With several instances, this one's name (the engine then starts with no shard, and its
+    /// commits are fenced); `None` for a single instance, which loads and drives every job.
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +69,8 @@ pub struct Ports {
     pub homeserver: Arc<dyn DelayedEvents>,
     pub presence: Arc<dyn Presence>,
     pub metrics: Arc<Metrics>,
+    /// Asked before every homeserver call ([`crate::ports::Sole`] for a single instance).
+    pub gate: Arc<dyn CallGate>,
 }
 
 enum Command {
@@ -67,6 +78,9 @@ enum Command {
     Delegate(Delegation, oneshot::Sender<Result<JobId, EngineError>>),
     Webhook(SfuEvent, oneshot::Sender<Result<WebhookOutcome, EngineError>>),
     Shutdown(Duration, oneshot::Sender<()>),
+    Adopt { shard: Shard, epoch: u64, applied: EntryId, records: Vec<JobRecord>, done: oneshot::Sender<()> },
+    Release(Shard, oneshot::Sender<()>),
+    Consume { shard: Shard, epoch: u64, entry: EntryId, inbound: Inbound },
 }
 
 /// A request waiting for the registry's answer.
@@ -102,6 +116,33 @@ impl EngineHandle {
         rx.await.map_err(|_| EngineError::Stopped)
     }
 
+    /// Takes shard `shard` over: resumes its stored jobs and takes its inbox in after `applied`.
+    pub async fn adopt(
+        &self,
+        shard: Shard,
+        epoch: u64,
+        applied: EntryId,
+        records: Vec<JobRecord>,
+    ) -> Result<(), EngineError> {
+        let (done, rx) = oneshot::channel();
+        let cmd = Command::Adopt { shard, epoch, applied, records, done };
+        self.tx.send(cmd).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Gives shard `shard` up; returns once no call for its jobs will be started here.
+    pub async fn release(&self, shard: Shard) -> Result<(), EngineError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Command::Release(shard, done)).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Hands over inbox entry `entry` of `shard`, read while it was held under `epoch`
+    /// (applied if the shard is still held so, and the entry is new to it).
+    pub async fn consume(&self, shard: Shard, epoch: u64, entry: EntryId, inbound: Inbound) -> Result<(), EngineError> {
+        self.tx.send(Command::Consume { shard, epoch, entry, inbound }).await.map_err(|_| EngineError::Stopped)
+    }
+
     /// Stops starting calls, waits up to `drain` for those in flight and for the store, and
     /// stops.
     pub async fn shutdown(&self, drain: Duration) {
@@ -132,14 +173,19 @@ struct Engine {
     replies: HashMap<Ticket, Reply>,
     next_ticket: u64,
     reports_tx: mpsc::Sender<Report>,
+    instance: Option<String>,
 }
 
-/// Loads every stored job, resumes it, and starts the engine task.
+/// Loads every stored job (a single instance; with several, jobs come with their shards),
+/// resumes it, and starts the engine task.
 pub async fn start(
     config: EngineConfig,
     ports: Ports,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), StoreError> {
-    let records = ports.store.load().await?;
+    let records = match config.instance {
+        None => ports.store.load().await?,
+        Some(_) => Vec::new(),
+    };
     let (tx, rx) = mpsc::channel(4_096);
     // Room for every report that can be outstanding: each started call, listing and commit
     // reports once, and the registry starts no more than its limits.
@@ -147,6 +193,9 @@ pub async fn start(
     let (reports_tx, reports_rx) = mpsc::channel(limits.restarts + limits.sends + limits.listings + 1);
     let clock = Clock(Instant::now());
     let mut registry = Registry::new(config.timing, config.limits, ports.metrics.clone());
+    if config.instance.is_some() {
+        registry = registry.sharded();
+    }
     let count = records.len();
     let now = clock.now();
     for record in records {
@@ -155,7 +204,8 @@ pub async fn start(
     if count > 0 {
         info!(jobs = count, "resumed stored jobs; reconciling them with LiveKit");
     }
-    let engine = Engine { registry, ports, clock, replies: HashMap::new(), next_ticket: 0, reports_tx };
+    let instance = config.instance;
+    let engine = Engine { registry, ports, clock, replies: HashMap::new(), next_ticket: 0, reports_tx, instance };
     let task = tokio::spawn(engine.run(rx, reports_rx, config.reconcile_interval));
     Ok((EngineHandle { tx }, task))
 }
@@ -260,6 +310,20 @@ impl Engine {
                 let _ = reply.send(self.registry.summaries(now));
                 self.busy("jobs", started);
             }
+            Command::Adopt { shard, epoch, applied, records, done } => {
+                self.registry.adopt(shard, epoch, applied, records, now);
+                let _ = done.send(());
+                self.busy("adopt", started);
+            }
+            Command::Release(shard, done) => {
+                self.registry.release(shard);
+                let _ = done.send(());
+                self.busy("release", started);
+            }
+            Command::Consume { shard, epoch, entry, inbound } => {
+                self.registry.consume(shard, epoch, entry, inbound, now);
+                self.busy("inbox", started);
+            }
             Command::Shutdown(drain, done) => {
                 info!(calls = self.registry.calls_in_flight(), "shutdown: draining homeserver calls");
                 self.registry.drain();
@@ -300,19 +364,31 @@ impl Engine {
         self.registry.flush(self.clock.now());
         while let Some(effect) = self.registry.poll_effect() {
             match effect {
-                Effect::Call { job, call, action, delegation, identity } => tasks::call(
-                    self.ports.homeserver.clone(),
+                Effect::Call { job, shard, call, action, delegation, identity } => tasks::call(
+                    tasks::CallPorts {
+                        homeserver: self.ports.homeserver.clone(),
+                        gate: self.ports.gate.clone(),
+                        metrics: self.ports.metrics.clone(),
+                    },
                     self.reports_tx.clone(),
-                    (job, call, action),
+                    (job, shard, call, action),
                     delegation,
                     identity,
                 ),
                 Effect::List { room, at } => {
                     tasks::list(self.ports.presence.clone(), self.reports_tx.clone(), room, at)
                 }
-                Effect::Commit(ops) => {
-                    tasks::commit(self.ports.store.clone(), self.ports.metrics.clone(), self.reports_tx.clone(), ops)
+                Effect::Commit { ops, fence } => {
+                    let fence = match (&self.instance, fence) {
+                        (Some(instance), Some(epochs)) => Some(Fence { instance: instance.clone(), epochs }),
+                        _ => None,
+                    };
+                    let store = self.ports.store.clone();
+                    tasks::commit(store, self.ports.metrics.clone(), self.reports_tx.clone(), ops, fence)
                 }
+                // Inbox entries were answered when they were queued.
+                Effect::Delegated { ticket: Ticket::INBOX, .. }
+                | Effect::WebhookHandled { ticket: Ticket::INBOX, .. } => {}
                 Effect::Delegated { ticket, result } => match self.replies.remove(&ticket) {
                     Some(Reply::Delegate(tx)) => {
                         let _ = tx.send(result.map_err(EngineError::Store));

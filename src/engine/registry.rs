@@ -10,6 +10,11 @@
 //! named by the shell's [`Ticket`]s. [`Registry::poll_timeout`] says when it next wants
 //! [`Registry::handle_timeout`].
 //!
+//! With several instances ([`crate::cluster`]) the registry drives only the shards it was given
+//! ([`Registry::adopt`], [`Registry::release`]); requests reach it through their shard's inbox
+//! ([`Registry::consume`]), and each entry's position is committed with its effects
+//! ([`StoreOp::Consumed`]), under the epochs of the shards' leases (the commit's fence).
+//!
 //! Durability rules kept here:
 //! * a delegation takes effect (and is answered) only once the commit that stores it (and
 //!   deletes the job it supersedes) succeeded;
@@ -18,13 +23,14 @@
 //! * restarts and sends never wait for the store: a slow or stuck store delays answers to LiveKit
 //!   and delegating clients, never a call to a homeserver.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use tracing::{debug, error, info, warn};
 
 use super::index::{HashIndex, JobIdHasher};
 use super::views::{self, JobSummary};
+use crate::cluster::{EntryId, Inbound, Shard, shard_of};
 use crate::delegation::{DelayRef, Delegation, JobId};
 use crate::identity::Watch;
 use crate::lifecycle::{Action, Durable, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, Session, Timing, Trigger};
@@ -61,6 +67,12 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ticket(pub u64);
 
+impl Ticket {
+    /// An inbox entry's: nobody waits for its answer (the entry was answered when it was
+    /// queued); a delegation from the inbox is never refused, only retried.
+    pub const INBOX: Ticket = Ticket(0);
+}
+
 /// How a webhook was handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WebhookOutcome {
@@ -70,6 +82,8 @@ pub enum WebhookOutcome {
     Ignored,
     /// Delivered before (LiveKit retries); nothing done.
     Duplicate,
+    /// Queued in its shard's inbox, for whichever instance holds the shard (several instances).
+    Queued,
 }
 
 impl WebhookOutcome {
@@ -78,6 +92,7 @@ impl WebhookOutcome {
             WebhookOutcome::Applied => "accepted",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::Duplicate => "duplicate",
+            WebhookOutcome::Queued => "queued",
         }
     }
 }
@@ -86,11 +101,13 @@ impl WebhookOutcome {
 #[derive(Debug)]
 pub enum Effect {
     /// Restart or send the job's delayed event; report with [`Registry::call_answered`].
-    Call { job: JobId, call: u64, action: DelayedAction, delegation: Arc<Delegation>, identity: String },
+    Call { job: JobId, shard: Shard, call: u64, action: DelayedAction, delegation: Arc<Delegation>, identity: String },
     /// Ask LiveKit who is in `room`; report with [`Registry::listed`], passing `at` back.
     List { room: Arc<str>, at: Millis },
-    /// Apply these changes atomically; report with [`Registry::committed`]. One at a time.
-    Commit(Vec<StoreOp>),
+    /// Apply these changes atomically; report with [`Registry::committed`]. One at a time. With
+    /// shards, `fence` has the lease epoch of each shard held: the commit is refused if another
+    /// instance took one of those it touches.
+    Commit { ops: Vec<StoreOp>, fence: Option<Vec<(Shard, u64)>> },
     /// Answer a delegation.
     Delegated { ticket: Ticket, result: Result<JobId, StoreError> },
     /// Answer a webhook.
@@ -101,6 +118,7 @@ pub enum Effect {
 #[derive(Debug)]
 struct Staged {
     id: JobId,
+    shard: Shard,
     delegation: Delegation,
     /// The job of the same member it replaces (tracked, or staged before it).
     replaces: Option<JobId>,
@@ -120,7 +138,7 @@ struct Waiter {
 #[derive(Debug)]
 struct Batch {
     /// The job changes in it, put back in front of newer ones if it fails.
-    ops: Vec<StoreOp>,
+    ops: Vec<(Shard, StoreOp)>,
     staged: Vec<Staged>,
     waiting: Vec<Waiter>,
 }
@@ -129,6 +147,7 @@ struct Entry {
     job: Job,
     delegation: Arc<Delegation>,
     room: Arc<str>,
+    shard: Shard,
     /// The LiveKit identities the member may connect under.
     watch: Watch,
 }
@@ -147,6 +166,14 @@ impl Entry {
         (Arc::ptr_eq(&self.room, room) || self.room == *room)
             && self.watch.matches(identity, &self.delegation.user_id, &self.delegation.device_id)
     }
+}
+
+/// A shard this instance holds.
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    epoch: u64,
+    /// The last inbox entry taken in (entries at or before it are not taken twice).
+    last: EntryId,
 }
 
 /// A room's listing: queued, or in flight (and wanted once more after it).
@@ -179,8 +206,8 @@ pub struct Registry {
     listings_in_flight: usize,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
-    /// Job changes not yet in a commit, in order.
-    pending: Vec<StoreOp>,
+    /// Job changes not yet in a commit, in order, with the shard of each.
+    pending: Vec<(Shard, StoreOp)>,
     /// Delegations not yet in a commit, in arrival order.
     staged: Vec<Staged>,
     /// Webhooks whose effects are in `pending`.
@@ -190,6 +217,9 @@ pub struct Registry {
     commit_not_before: Millis,
     draining: bool,
     effects: VecDeque<Effect>,
+    /// With several instances, the shards held; `None` for a single instance (it drives
+    /// everything).
+    owned: Option<BTreeMap<Shard, Owned>>,
 }
 
 impl Registry {
@@ -220,7 +250,18 @@ impl Registry {
             commit_not_before: 0,
             draining: false,
             effects: VecDeque::new(),
+            owned: None,
         }
+    }
+
+    /// A registry for one of several instances: it drives no shard until one is adopted.
+    pub fn sharded(mut self) -> Self {
+        self.owned = Some(BTreeMap::new());
+        self
+    }
+
+    fn owns(&self, shard: Shard) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.contains_key(&shard))
     }
 
     // ---- inputs -------------------------------------------------------------------------------
@@ -231,6 +272,70 @@ impl Registry {
         let (job, actions) = Job::resume(delegation.delay_ms, record.id.0, self.timing.clone(), record.state, now);
         self.insert(record.id, job, delegation);
         self.run(record.id, actions);
+    }
+
+    /// Takes shard `shard` over (lease epoch `epoch`): resumes its stored jobs (each restarts at
+    /// once and is reconciled with LiveKit) and takes in its inbox after `applied`.
+    pub fn adopt(&mut self, shard: Shard, epoch: u64, applied: EntryId, records: Vec<JobRecord>, now: Millis) {
+        let Some(owned) = &mut self.owned else { return };
+        if owned.insert(shard, Owned { epoch, last: applied }).is_some() {
+            error!(shard = %shard, "adopted a shard already held; its jobs are replaced by the stored ones");
+            self.release_jobs(shard);
+        }
+        let count = records.len();
+        for record in records {
+            if shard_of(&record.delegation.livekit_room()) != shard {
+                error!(job = %record.id, shard = %shard, "stored job in the wrong shard; skipped");
+                continue;
+            }
+            self.resume(record, now);
+        }
+        info!(shard = %shard, epoch, jobs = count, applied = %applied, "shard taken over; its jobs resumed");
+    }
+
+    /// Gives shard `shard` up: its jobs are forgotten without any call (another instance takes
+    /// them over from the store), with their changes not yet committed and its staged
+    /// delegations (still in the inbox, since their position was not committed either).
+    pub fn release(&mut self, shard: Shard) {
+        let Some(owned) = &mut self.owned else { return };
+        if owned.remove(&shard).is_none() {
+            return;
+        }
+        let jobs = self.release_jobs(shard);
+        info!(shard = %shard, jobs, "shard given up; its jobs are no longer driven here");
+    }
+
+    fn release_jobs(&mut self, shard: Shard) -> usize {
+        let ids: Vec<JobId> = self.jobs.iter().filter(|(_, e)| e.shard == shard).map(|(id, _)| *id).collect();
+        for &id in &ids {
+            if let Some(entry) = self.remove(id) {
+                views::move_gauge(&self.metrics, Some(entry.job.kind()), None);
+            }
+        }
+        self.pending.retain(|(s, _)| *s != shard);
+        self.staged.retain(|s| s.shard != shard);
+        ids.len()
+    }
+
+    /// Inbox entry `entry` of `shard`, read while the shard was held under `epoch`: applied like
+    /// a request, its position committed with its effects. Entries of shards not held, read under
+    /// another epoch (an earlier holding: they are read again), or at or before the last one
+    /// taken in, are ignored.
+    pub fn consume(&mut self, shard: Shard, epoch: u64, entry: EntryId, inbound: Inbound, now: Millis) {
+        let Some(owned) = self.owned.as_mut().and_then(|o| o.get_mut(&shard)) else {
+            debug!(shard = %shard, entry = %entry, "inbox entry of a shard not held; left for its holder");
+            return;
+        };
+        if owned.epoch != epoch || entry <= owned.last {
+            return;
+        }
+        owned.last = entry;
+        match inbound {
+            Inbound::Delegation(d) => self.delegate(d, Ticket::INBOX),
+            Inbound::Webhook(event) => self.webhook(event, Ticket::INBOX, now),
+            Inbound::Unreadable => {}
+        }
+        self.pending.push((shard, StoreOp::Consumed { shard, entry }));
     }
 
     /// A delegation: stored (replacing an older one of the same member) in the next commit, and
@@ -261,7 +366,8 @@ impl Registry {
             .find(|s| s.delegation.member_key() == key)
             .map(|s| s.id)
             .or_else(|| self.tracked_member(&d));
-        self.staged.push(Staged { id: JobId::random(), delegation: d, replaces, tickets: vec![ticket] });
+        let shard = shard_of(&d.livekit_room());
+        self.staged.push(Staged { id: JobId::random(), shard, delegation: d, replaces, tickets: vec![ticket] });
     }
 
     /// A verified webhook: applied to the jobs it concerns at once, answered once durable.
@@ -376,22 +482,37 @@ impl Registry {
             Ok(()) => {
                 self.answer_webhooks(batch.waiting, Ok(()));
                 for s in batch.staged {
-                    self.start_delegation(s, now);
+                    if self.owns(s.shard) {
+                        self.start_delegation(s, now);
+                    }
                 }
             }
             Err(e) => {
                 error!(changes = batch.ops.len(), delegations = batch.staged.len(), error = %e,
                     "store commit failed; webhooks answered 503, delegations refused, changes retried");
                 self.metrics.store_errors.inc();
-                let newer = std::mem::replace(&mut self.pending, batch.ops);
+                // Changes of shards given up meanwhile belong to their new holder now.
+                let mut retried: Vec<(Shard, StoreOp)> = batch.ops;
+                retried.retain(|(s, _)| self.owns(*s));
+                let newer = std::mem::replace(&mut self.pending, retried);
                 self.pending.extend(newer);
+                let mut kept = Vec::new();
                 for s in batch.staged {
+                    // An inbox entry was answered when it was queued: it is retried, never refused.
+                    if s.tickets.contains(&Ticket::INBOX) {
+                        if self.owns(s.shard) {
+                            kept.push(s);
+                        }
+                        continue;
+                    }
                     let d = &s.delegation;
                     error!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), "delegation not stored");
                     for ticket in s.tickets {
                         self.effects.push_back(Effect::Delegated { ticket, result: Err(e.clone()) });
                     }
                 }
+                let newer = std::mem::replace(&mut self.staged, kept);
+                self.staged.extend(newer);
                 self.answer_webhooks(batch.waiting, Err(e));
                 self.commit_not_before = now + self.limits.commit_retry;
             }
@@ -479,7 +600,7 @@ impl Registry {
 
     /// Starts a delegation whose record (and its predecessor's deletion) is committed.
     fn start_delegation(&mut self, staged: Staged, now: Millis) {
-        let Staged { id, delegation: d, replaces, tickets } = staged;
+        let Staged { id, delegation: d, replaces, tickets, .. } = staged;
         if let Some(old) = replaces {
             if let Some(entry) = self.jobs.get(&old) {
                 info!(job = %old, room = %entry.delegation.room_id, identity = entry.identity(),
@@ -520,7 +641,8 @@ impl Registry {
         self.by_member.insert(&delegation.member_key(), id);
         self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
         views::move_gauge(&self.metrics, None, Some(job.kind()));
-        self.jobs.insert(id, Box::new(Entry { job, delegation, room, watch }));
+        let shard = shard_of(&room);
+        self.jobs.insert(id, Box::new(Entry { job, delegation, room, shard, watch }));
     }
 
     fn remove(&mut self, id: JobId) -> Option<Box<Entry>> {
@@ -597,7 +719,7 @@ impl Registry {
                 }
                 Action::Persist => {
                     if let Some(state) = entry.job.durable() {
-                        self.pending.push(StoreOp::SetState(id, state));
+                        self.pending.push((entry.shard, StoreOp::SetState(id, state)));
                     }
                 }
                 Action::Finish(outcome) => self.finish(id, outcome),
@@ -640,7 +762,7 @@ impl Registry {
             // Its row was deleted in the commit that stored its successor.
             Outcome::Superseded => return,
         }
-        self.pending.push(StoreOp::Delete(id));
+        self.pending.push((entry.shard, StoreOp::Delete(id)));
     }
 
     /// Starts queued calls up to the limits, sends first. A call its job no longer awaits (the
@@ -673,7 +795,8 @@ impl Registry {
             warn!(job = %id, room = %d.room_id, identity, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
                 "restart issued after the event's estimated deadline");
         }
-        self.effects.push_back(Effect::Call { job: id, call, action, delegation: d, identity });
+        let shard = entry.shard;
+        self.effects.push_back(Effect::Call { job: id, shard, call, action, delegation: d, identity });
         true
     }
 
@@ -724,7 +847,7 @@ impl Registry {
         }
         let job_ops = std::mem::take(&mut self.pending);
         let staged = std::mem::take(&mut self.staged);
-        let mut ops = job_ops.clone();
+        let mut ops: Vec<StoreOp> = job_ops.iter().map(|(_, op)| op.clone()).collect();
         for s in &staged {
             ops.push(StoreOp::Insert(Box::new(JobRecord {
                 id: s.id,
@@ -733,9 +856,10 @@ impl Registry {
             })));
             ops.extend(s.replaces.map(StoreOp::Delete));
         }
+        let fence = self.owned.as_ref().map(|o| o.iter().map(|(s, held)| (*s, held.epoch)).collect());
         let waiting = std::mem::take(&mut self.waiting);
         self.committing = Some(Batch { ops: job_ops, staged, waiting });
-        self.effects.push_back(Effect::Commit(ops));
+        self.effects.push_back(Effect::Commit { ops, fence });
     }
 
     fn answer_webhooks(&mut self, waiting: Vec<Waiter>, result: Result<(), StoreError>) {

@@ -12,12 +12,13 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, error};
 
+use crate::cluster::Shard;
 use crate::delegation::{Delegation, JobId};
 use crate::lifecycle::{HsAnswer, Millis};
 use crate::livekit::Participant;
-use crate::metrics::Metrics;
-use crate::ports::{DelayedAction, DelayedEvents, Presence, Unobserved};
-use crate::store::{Store, StoreError, StoreOp};
+use crate::metrics::{ActionLabel, Metrics};
+use crate::ports::{CallGate, DelayedAction, DelayedEvents, Presence, Unobserved};
+use crate::store::{Fence, Store, StoreError, StoreOp};
 
 /// What a task reports.
 #[derive(Debug)]
@@ -58,12 +59,20 @@ impl Drop for ReportGuard {
     }
 }
 
-/// Spawns a restart or send of `delegation`'s delayed event. Every line logged about it names
-/// the job, the room and the member's identity.
+/// What a call goes through.
+pub struct CallPorts {
+    pub homeserver: Arc<dyn DelayedEvents>,
+    pub gate: Arc<dyn CallGate>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Spawns a restart or send of `delegation`'s delayed event, if the gate lets it through at the
+/// last moment (else it counts as failed, and the job tries again later). Every line logged
+/// about it names the job, the room and the member's identity.
 pub fn call(
-    port: Arc<dyn DelayedEvents>,
+    ports: CallPorts,
     reports: mpsc::Sender<Report>,
-    (job, call, action): (JobId, u64, DelayedAction),
+    (job, shard, call, action): (JobId, Shard, u64, DelayedAction),
     delegation: Arc<Delegation>,
     identity: String,
 ) {
@@ -71,7 +80,12 @@ pub fn call(
     let failed = Report::Call { job, call, action, answer: HsAnswer::Failed };
     let guard = ReportGuard::new(reports, failed, "homeserver call");
     let task = async move {
-        let answer = port.call(&delegation, action).await;
+        if !ports.gate.may_call(shard, action) {
+            ports.metrics.calls_fenced.get_or_create(&ActionLabel { action: action.as_str() }).inc();
+            tracing::warn!(shard = %shard, action = action.as_str(), "call not made: the lease on its shard is not sure");
+            return; // the guard reports it failed
+        }
+        let answer = ports.homeserver.call(&delegation, action).await;
         guard.done(Report::Call { job, call, action, answer });
     };
     tokio::spawn(task.instrument(span));
@@ -87,13 +101,22 @@ pub fn list(port: Arc<dyn Presence>, reports: mpsc::Sender<Report>, room: Arc<st
     });
 }
 
-/// Spawns a commit of `ops`.
-pub fn commit(store: Arc<dyn Store>, metrics: Arc<Metrics>, reports: mpsc::Sender<Report>, ops: Vec<StoreOp>) {
+/// Spawns a commit of `ops`, fenced if `fence` is given.
+pub fn commit(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    reports: mpsc::Sender<Report>,
+    ops: Vec<StoreOp>,
+    fence: Option<Fence>,
+) {
     let failed = Report::Committed(Err(StoreError("the commit task ended without an answer".into())));
     let guard = ReportGuard::new(reports, failed, "store commit");
     tokio::spawn(async move {
         let started = Instant::now();
-        let result = store.commit(ops).await;
+        let result = match &fence {
+            Some(fence) => store.commit_fenced(ops, fence).await,
+            None => store.commit(ops).await,
+        };
         metrics.store_commit_duration.observe(started.elapsed().as_secs_f64());
         guard.done(Report::Committed(result));
     });

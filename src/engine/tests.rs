@@ -54,6 +54,7 @@ impl Store for FakeStore {
                 StoreOp::Delete(id) => {
                     jobs.remove(&id);
                 }
+                StoreOp::Consumed { .. } => {}
             }
         }
         Ok(())
@@ -128,12 +129,14 @@ impl Fakes {
             timing: Timing::default(),
             reconcile_interval: Duration::from_secs(3600),
             limits: Limits::default(),
+            instance: None,
         };
         let ports = Ports {
             store: self.store.clone(),
             homeserver: self.hs.clone(),
             presence: self.livekit.clone(),
             metrics: self.metrics.clone(),
+            gate: Arc::new(crate::ports::Sole),
         };
         start(config, ports).await.unwrap().0
     }

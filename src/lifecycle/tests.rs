@@ -128,6 +128,24 @@ fn a_connected_member_is_kept_alive_with_headroom() {
 }
 
 #[test]
+fn with_several_instances_every_restart_leaves_the_failover_headroom_in_hand() {
+    // A 10 s delay, 6 s of it kept for a takeover: restarts at most 4 s apart, never at 80 %.
+    let timing = Timing { failover_headroom: 6_000, ..Timing::default() };
+    let (job, actions) = Job::new(DELAY, 7, timing, 0);
+    let mut h = Harness { job, now: 0, log: actions };
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    for _ in 0..10 {
+        let next = h.job.next_call().unwrap();
+        assert!(next + 6_000 <= h.job.deadline(), "{} ms in hand", h.job.deadline() - next);
+        let out = h.advance_to(next);
+        assert!(matches!(out.as_slice(), [Action::Restart { .. }]), "{out:?}");
+        h.answer_restart(HsAnswer::Ok);
+    }
+    assert_eq!(h.sends(), 0);
+}
+
+#[test]
 fn departure_of_the_bound_session_sends_at_once() {
     let mut h = Harness::bound("PA_a", 1);
     h.now = 3_000;

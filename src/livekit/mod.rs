@@ -7,7 +7,7 @@ pub mod token;
 pub mod webhook;
 
 /// One session of a participant as LiveKit reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Participant {
     pub identity: String,
     /// `PA_…`
@@ -23,7 +23,7 @@ pub fn joined_ms(joined_at_ms: i64, joined_at_secs: i64) -> i64 {
 }
 
 /// Why LiveKit says a participant left, as far as we need to know.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Departure {
     /// MIGRATION, SERVER_SHUTDOWN, DUPLICATE_IDENTITY: the member may reappear without a
     /// `participant_joined` webhook.
@@ -49,7 +49,7 @@ impl Departure {
 }
 
 /// A verified webhook, reduced to what the bridge acts on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SfuEvent {
     /// `EV_…`; LiveKit may deliver an event more than once.
     pub id: String,
@@ -60,7 +60,7 @@ pub struct SfuEvent {
     pub kind: SfuEventKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SfuEventKind {
     ParticipantJoined(Participant),
     /// `participant_left`, or `participant_connection_aborted` (`aborted`).

@@ -16,7 +16,8 @@ pub fn record(id: u64) -> JobRecord {
     JobRecord {
         id: JobId(id),
         delegation: Delegation {
-            room_id: "!r:hs".into(),
+            // Rooms in several shards.
+            room_id: format!("!r{}:hs", id % 3),
             slot_id: "m.call#ROOM".into(),
             user_id: format!("@u{id}:hs"),
             device_id: "DEV".into(),

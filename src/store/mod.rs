@@ -4,6 +4,11 @@
 //! phase changes, and deletes it when the job ends. On start it loads every job and resumes it.
 //! A commit is atomic: a delegation that supersedes another is stored in the same transaction that
 //! deletes the old one, so a crash can never resurrect a superseded delay id.
+//!
+//! Shared by several instances (Redis), a commit is also *fenced*: it names the lease epoch of
+//! every shard it touches, and is refused whole if another instance has taken one of them over
+//! since ([`Store::commit_fenced`]). It also records how far each shard's inbox has been applied
+//! ([`StoreOp::Consumed`]), in the same atomic step as the changes those entries caused.
 
 #[cfg(test)]
 pub mod conformance;
@@ -12,6 +17,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
+use crate::cluster::{EntryId, Shard};
 use crate::delegation::{Delegation, JobId};
 use crate::lifecycle::Durable;
 
@@ -30,6 +36,20 @@ pub enum StoreOp {
     Insert(Box<JobRecord>),
     SetState(JobId, Durable),
     Delete(JobId),
+    /// The inbox of `shard` has been applied up to `entry` (inclusive). Only shared stores have
+    /// inboxes; the others ignore it.
+    Consumed {
+        shard: Shard,
+        entry: EntryId,
+    },
+}
+
+/// The leases a fenced commit is made under: this instance's name and, for each shard it
+/// holds, the lease's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub instance: String,
+    pub epochs: Vec<(Shard, u64)>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,6 +62,12 @@ pub trait Store: Send + Sync + 'static {
     async fn load(&self) -> Result<Vec<JobRecord>, StoreError>;
     /// Applies all `ops` atomically and durably, or none of them.
     async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError>;
+    /// Like [`Store::commit`], refused whole unless every shard the changes touch is held
+    /// under `fence`. Only stores shared by several instances support it.
+    async fn commit_fenced(&self, ops: Vec<StoreOp>, fence: &Fence) -> Result<(), StoreError> {
+        let _ = (ops, fence);
+        Err(StoreError("this store is not shared: it takes no fenced commits".into()))
+    }
     /// Whether the store can be used right now.
     async fn ping(&self) -> Result<(), StoreError>;
 }

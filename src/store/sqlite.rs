@@ -175,6 +175,8 @@ impl Store for SqliteStore {
                             .execute(params![id.to_string()])
                             .map_err(err)?;
                     }
+                    // A single instance has no inbox: requests reach its engine directly.
+                    StoreOp::Consumed { .. } => {}
                 }
             }
             tx.commit().map_err(err)

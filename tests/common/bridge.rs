@@ -143,6 +143,18 @@ impl Bridge {
             .sum()
     }
 
+    /// Waits (up to `within`) until the bridge tracks `n` jobs; returns the last count seen.
+    pub async fn jobs_reach(&self, n: f64, within: Duration) -> f64 {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let count = self.jobs_tracked().await;
+            if count == n || std::time::Instant::now() > until {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn metric(&self, sample: &str) -> f64 {
         self.metrics()
             .await

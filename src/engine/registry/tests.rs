@@ -49,6 +49,7 @@ struct Rig {
     calls: Vec<(JobId, u64, DelayedAction, Arc<Delegation>)>,
     lists: Vec<(Arc<str>, Millis)>,
     commits: Vec<Vec<StoreOp>>,
+    fences: Vec<Option<Vec<(Shard, u64)>>>,
     delegated: Vec<(Ticket, Result<JobId, StoreError>)>,
     webhooks: Vec<(Ticket, Result<WebhookOutcome, StoreError>)>,
     next_ticket: u64,
@@ -65,6 +66,7 @@ impl Rig {
             calls: Vec::new(),
             lists: Vec::new(),
             commits: Vec::new(),
+            fences: Vec::new(),
             delegated: Vec::new(),
             webhooks: Vec::new(),
             next_ticket: 0,
@@ -80,7 +82,10 @@ impl Rig {
             match e {
                 Effect::Call { job, call, action, delegation, .. } => self.calls.push((job, call, action, delegation)),
                 Effect::List { room, at } => self.lists.push((room, at)),
-                Effect::Commit(ops) => self.commits.push(ops),
+                Effect::Commit { ops, fence } => {
+                    self.commits.push(ops);
+                    self.fences.push(fence);
+                }
                 Effect::Delegated { ticket, result } => self.delegated.push((ticket, result)),
                 Effect::WebhookHandled { ticket, result } => self.webhooks.push((ticket, result)),
             }
@@ -542,6 +547,7 @@ impl World {
                     StoreOp::Delete(id) => {
                         self.stored.remove(&id);
                     }
+                    StoreOp::Consumed { .. } => {}
                 }
             }
             self.rig.commit(Ok(()));
@@ -668,4 +674,111 @@ proptest! {
             w.rig.r.jobs.iter().filter_map(|(id, e)| e.job.durable().map(|s| (*id, s))).collect();
         prop_assert_eq!(&w.stored, &live);
     }
+}
+
+// ---- several instances: shards, inboxes, fencing ---------------------------------------------
+
+fn entry(ms: u64) -> EntryId {
+    EntryId { ms, seq: 0 }
+}
+
+/// A registry of one of several instances, holding the shard of room `!r:hs.test` under epoch 3.
+fn sharded() -> (Rig, Shard) {
+    let mut rig = Rig::new();
+    rig.r = Registry::new(Timing::default(), Limits::default(), Arc::new(Metrics::new())).sharded();
+    let shard = shard_of(&delegation("a", "DEV", "x").livekit_room());
+    rig.r.adopt(shard, 3, entry(0), Vec::new(), 0);
+    (rig, shard)
+}
+
+fn consume(rig: &mut Rig, shard: Shard, epoch: u64, at: u64, inbound: Inbound) {
+    rig.r.consume(shard, epoch, entry(at), inbound, rig.now);
+    rig.flush();
+}
+
+#[test]
+fn an_inbox_entry_takes_effect_once_and_its_position_is_committed_with_its_effects() {
+    let (mut rig, shard) = sharded();
+    let a = delegation("a", "DEV", "syd_a");
+    consume(&mut rig, shard, 3, 5, Inbound::Delegation(a.clone()));
+    assert_eq!(rig.commits.len(), 1);
+    let ops = &rig.commits[0];
+    assert!(
+        matches!(&ops[..], [StoreOp::Consumed { shard: s, entry: e }, StoreOp::Insert(r)] if *s == shard && *e == entry(5) && r.delegation == a),
+        "{ops:?}"
+    );
+    assert_eq!(rig.fences[0], Some(vec![(shard, 3)]), "fenced with the shard's epoch");
+    rig.commit(Ok(()));
+    assert_eq!(rig.r.len(), 1);
+    assert_eq!(rig.calls.len(), 1, "restarted at once");
+    // The same entry again (read twice), or an entry read under an earlier holding: nothing.
+    consume(&mut rig, shard, 3, 5, Inbound::Delegation(delegation("a", "DEV", "syd_other")));
+    consume(&mut rig, shard, 2, 6, Inbound::Delegation(delegation("a", "DEV", "syd_other")));
+    assert_eq!(rig.commits.len(), 1, "nothing to commit");
+    // An entry of a shard not held: left for its holder.
+    let other = Shard((shard.0 + 1) % crate::cluster::SHARDS);
+    consume(&mut rig, other, 3, 7, Inbound::Delegation(delegation("b", "DEV", "syd_b")));
+    assert_eq!(rig.commits.len(), 1);
+    // A webhook entry: its effects and its position in one commit.
+    consume(&mut rig, shard, 3, 8, Inbound::Webhook(joined(&a, "PA_1", "EV_1")));
+    assert_eq!(rig.commits.len(), 2);
+    assert!(
+        matches!(&rig.commits[1][..], [StoreOp::SetState(_, Durable::Connected { .. }), StoreOp::Consumed { entry: e, .. }] if *e == entry(8)),
+        "{:?}",
+        rig.commits[1]
+    );
+}
+
+#[test]
+fn a_failed_commit_retries_an_inbox_delegation_instead_of_refusing_it() {
+    let (mut rig, shard) = sharded();
+    let a = delegation("a", "DEV", "syd_a");
+    consume(&mut rig, shard, 3, 5, Inbound::Delegation(a.clone()));
+    rig.commit(Err(StoreError("FENCED or down".into())));
+    assert!(rig.delegated.is_empty(), "nobody waits for an inbox entry's answer");
+    rig.advance(Limits::default().commit_retry);
+    assert_eq!(rig.commits.len(), 2, "retried");
+    let ops = &rig.commits[1];
+    assert!(ops.iter().any(|op| matches!(op, StoreOp::Insert(r) if r.delegation == a)), "{ops:?}");
+    assert!(ops.iter().any(|op| matches!(op, StoreOp::Consumed { entry: e, .. } if *e == entry(5))), "{ops:?}");
+    rig.commit(Ok(()));
+    assert_eq!(rig.r.len(), 1);
+}
+
+#[test]
+fn a_released_shard_is_forgotten_without_a_call_and_its_changes_are_not_committed() {
+    let (mut rig, shard) = sharded();
+    let a = delegation("a", "DEV", "syd_a");
+    let binding = crate::lifecycle::Binding {
+        identity: a.identities()[0].clone(),
+        sid: "PA_1".into(),
+        joined_at: 1,
+        joined_at_ms: 1_000,
+        room_sid: "RM_1".into(),
+    };
+    let record =
+        JobRecord { id: JobId(7), delegation: a.clone(), state: Durable::Connected { binding, others: vec![] } };
+    rig.r.release(shard);
+    rig.r.adopt(shard, 4, entry(9), vec![record], rig.now);
+    rig.flush();
+    assert_eq!(rig.r.len(), 1);
+    assert_eq!(rig.calls.len(), 1, "a taken-over job restarts at once");
+    assert_eq!(rig.lists.len(), 1, "and is reconciled with LiveKit");
+    rig.answer_calls(HsAnswer::Ok);
+    // A departure is applied, its send queued; the commit of its phase is in flight.
+    consume(&mut rig, shard, 4, 10, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
+    let sends_before = rig.sends().len();
+    assert_eq!(sends_before, 1);
+    let commits = rig.commits.len();
+    // A second departure piles a change up behind the commit in flight; then the shard is lost.
+    consume(&mut rig, shard, 4, 11, Inbound::Webhook(joined(&a, "PA_2", "EV_3")));
+    rig.r.release(shard);
+    assert!(rig.r.is_empty());
+    rig.commit(Err(StoreError("FENCED shard".into())));
+    rig.advance(rig.now + 10 * DELAY);
+    assert_eq!(rig.commits.len(), commits, "nothing of the shard is committed any more");
+    assert_eq!(rig.sends().len(), sends_before, "no further call");
+    // The answer to the call made before comes back: ignored.
+    rig.answer_calls(HsAnswer::Ok);
+    assert!(rig.r.is_empty() && rig.calls.is_empty());
 }

@@ -1,0 +1,84 @@
+//! Where a verified webhook or a validated delegation goes: straight to this instance's engine
+//! (a single instance), or into the inbox of its shard (several instances), to be applied there
+//! by whichever instance holds the shard. Either way the caller is answered only once the
+//! request is durable: stored by the engine's commit, or held by Redis.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{EntryId, Inbound, Shard, shard_of};
+use crate::delegation::{Delegation, JobId};
+use crate::engine::{EngineError, EngineHandle, WebhookOutcome};
+use crate::livekit::{SfuEvent, SfuEventKind};
+use crate::metrics::{Metrics, RedisOpLabel};
+use crate::store::StoreError;
+use crate::store::redis::RedisStore;
+
+#[derive(Clone)]
+pub enum Intake {
+    Engine(EngineHandle),
+    Inbox { store: Arc<RedisStore>, metrics: Arc<Metrics> },
+}
+
+/// What became of an accepted request, for logs.
+#[derive(Debug, Clone, Copy)]
+pub enum Receipt {
+    /// Stored as this job.
+    Job(JobId),
+    /// Queued as this entry of this shard's inbox.
+    Queued(Shard, EntryId),
+}
+
+impl fmt::Display for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Receipt::Job(id) => write!(f, "job {id}"),
+            Receipt::Queued(shard, entry) => write!(f, "inbox of shard {shard}, entry {entry}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Intake {
+    pub async fn delegate(&self, delegation: Delegation) -> Result<Receipt, IntakeError> {
+        match self {
+            Intake::Engine(engine) => Ok(Receipt::Job(engine.delegate(delegation).await?)),
+            Intake::Inbox { .. } => {
+                let shard = shard_of(&delegation.livekit_room());
+                self.queue(shard, Inbound::Delegation(delegation)).await
+            }
+        }
+    }
+
+    pub async fn webhook(&self, event: SfuEvent) -> Result<WebhookOutcome, IntakeError> {
+        match self {
+            Intake::Engine(engine) => Ok(engine.webhook(event).await?),
+            // Nothing acts on other events: not worth a round trip.
+            Intake::Inbox { .. } if matches!(event.kind, SfuEventKind::Other(_)) => Ok(WebhookOutcome::Ignored),
+            Intake::Inbox { .. } => {
+                let shard = shard_of(&event.room);
+                self.queue(shard, Inbound::Webhook(event)).await?;
+                Ok(WebhookOutcome::Queued)
+            }
+        }
+    }
+
+    async fn queue(&self, shard: Shard, inbound: Inbound) -> Result<Receipt, IntakeError> {
+        let Intake::Inbox { store, metrics } = self else { unreachable!("only inbox intakes queue") };
+        let started = Instant::now();
+        let pushed = store.push(shard, &inbound).await;
+        metrics
+            .redis_duration
+            .get_or_create(&RedisOpLabel { op: "inbox_add" })
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Receipt::Queued(shard, pushed?))
+    }
+}

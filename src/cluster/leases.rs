@@ -1,0 +1,133 @@
+//! The shards this instance holds, with the epoch of each lease and until when it is surely
+//! still ours; the gate every homeserver call passes ([`crate::ports::CallGate`]).
+//!
+//! "Surely ours": a lease renewed by a request sent at `t` lasts in Redis until at least
+//! `t + lease` (Redis starts counting later, when the request arrives), so this side's clock only
+//! errs towards giving up early. A call needs half a lease left: a paused or partitioned
+//! instance stops calling well before another can take its shards over.
+//!
+//! One exception, for when Redis is unreachable while this instance is alive and trying: its
+//! members are still restarted from memory (keeping a member alive never removes anyone; a
+//! takeover elsewhere would only restart them too), but nothing is sent. An instance that was
+//! paused sees its last attempt long ago, and makes no call before it has looked again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::Shard;
+use crate::ports::{CallGate, DelayedAction};
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    until: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    held: HashMap<Shard, Held>,
+    /// When the last look at Redis ended, and whether it failed.
+    last_look: Instant,
+    unreachable: bool,
+}
+
+#[derive(Debug)]
+pub struct Leases {
+    lease: Duration,
+    renew_interval: Duration,
+    state: Mutex<State>,
+}
+
+impl Leases {
+    pub fn new(lease: Duration, renew_interval: Duration) -> Self {
+        let state = State { held: HashMap::new(), last_look: Instant::now(), unreachable: false };
+        Leases { lease, renew_interval, state: Mutex::new(state) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `shard`'s lease (epoch `epoch`) was acquired or renewed by a request sent at `asked_at`.
+    pub fn renewed(&self, shard: Shard, epoch: u64, asked_at: Instant) {
+        self.state().held.insert(shard, Held { epoch, until: asked_at + self.lease });
+    }
+
+    /// `shard` is no longer ours.
+    pub fn forget(&self, shard: Shard) {
+        self.state().held.remove(&shard);
+    }
+
+    /// A look at Redis ended now, successfully or not.
+    pub fn looked(&self, reachable: bool) {
+        let mut state = self.state();
+        state.last_look = Instant::now();
+        state.unreachable = !reachable;
+    }
+
+    /// The shards held, with their epochs.
+    pub fn held(&self) -> BTreeMap<Shard, u64> {
+        self.state().held.iter().map(|(s, h)| (*s, h.epoch)).collect()
+    }
+
+    fn allows(&self, shard: Shard, action: DelayedAction, now: Instant) -> bool {
+        let state = self.state();
+        let Some(held) = state.held.get(&shard) else { return false };
+        if held.until >= now + self.lease / 2 {
+            return true;
+        }
+        action == DelayedAction::Restart
+            && state.unreachable
+            && now.saturating_duration_since(state.last_look) <= 3 * self.renew_interval
+    }
+}
+
+impl CallGate for Leases {
+    fn may_call(&self, shard: Shard, action: DelayedAction) -> bool {
+        self.allows(shard, action, Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(2);
+    const RENEW: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn calls_need_half_a_lease_left() {
+        let leases = Leases::new(LEASE, RENEW);
+        let t0 = Instant::now();
+        assert!(!leases.allows(Shard(3), DelayedAction::Restart, t0), "not held");
+        leases.renewed(Shard(3), 7, t0);
+        leases.looked(true);
+        assert!(leases.allows(Shard(3), DelayedAction::Send, t0 + Duration::from_millis(900)));
+        assert!(!leases.allows(Shard(3), DelayedAction::Send, t0 + Duration::from_millis(1_100)));
+        assert!(!leases.allows(Shard(3), DelayedAction::Restart, t0 + Duration::from_millis(1_100)));
+        assert!(!leases.allows(Shard(4), DelayedAction::Restart, t0));
+        assert_eq!(leases.held(), BTreeMap::from([(Shard(3), 7)]));
+        leases.forget(Shard(3));
+        assert!(!leases.allows(Shard(3), DelayedAction::Restart, t0));
+    }
+
+    #[test]
+    fn while_redis_is_unreachable_restarts_go_on_and_sends_stop() {
+        let leases = Leases::new(LEASE, RENEW);
+        let t0 = Instant::now();
+        leases.renewed(Shard(1), 1, t0);
+        leases.looked(false);
+        // The lease is no longer sure, the last (failed) look was recent.
+        let unsure = t0 + Duration::from_millis(1_200);
+        assert!(leases.allows(Shard(1), DelayedAction::Restart, unsure));
+        assert!(!leases.allows(Shard(1), DelayedAction::Send, unsure));
+        // A process paused past its lease: its last look was long ago.
+        assert!(!leases.allows(Shard(1), DelayedAction::Restart, Instant::now() + 4 * RENEW));
+        // Redis back and the lease renewed: calls again.
+        let t1 = Instant::now();
+        leases.renewed(Shard(1), 1, t1);
+        leases.looked(true);
+        assert!(leases.allows(Shard(1), DelayedAction::Send, t1));
+    }
+}
