@@ -310,6 +310,7 @@ impl Drop for Synapse {
     }
 }
 
+#[derive(Clone)]
 pub struct MatrixUser {
     pub user_id: String,
     pub device_id: String,

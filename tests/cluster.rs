@@ -1,0 +1,310 @@
+//! Three instances on one real Redis in front of one real Synapse, each instance with its own
+//! recording proxy to the homeserver (so every call is counted per instance): webhooks and
+//! delegations reach random instances; the owner of live members is killed, paused past its
+//! lease, stopped gracefully; Redis itself crashes. Connected members stay in room state
+//! throughout, and a departure still yields a leave within a second.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::bridge::{Bridge, SLOT};
+use common::hs_proxy::HsProxy;
+use common::livekit::{LiveKit, Participant};
+use common::redis::Redis;
+use common::synapse::{MatrixUser, Synapse, SynapseOptions};
+use rand::{Rng, SeedableRng};
+use rtc_leave_bridge::identity;
+
+const DELAY_MS: u64 = 4_000;
+const LEASE: Duration = Duration::from_secs(1);
+const MEMBERS: usize = 4;
+
+/// One instance and the proxy it reaches the homeserver through.
+struct Instance {
+    bridge: Bridge,
+    hs: HsProxy,
+}
+
+struct Member {
+    user: MatrixUser,
+    delay_id: String,
+    p: Participant,
+}
+
+struct World {
+    synapse: Synapse,
+    livekit: LiveKit,
+    redis: Redis,
+    instances: Vec<Instance>,
+    room: String,
+    lk_room: String,
+    members: Vec<Member>,
+    rng: rand::rngs::StdRng,
+    /// When every member was delegated and connected.
+    started: Instant,
+}
+
+impl World {
+    /// Three instances sharing one Redis; `MEMBERS` members of one call (one LiveKit room, so one
+    /// shard and one owner), each delegated through and announced to a random instance.
+    async fn start(seed: u64) -> World {
+        let synapse = Synapse::start(SynapseOptions::default()).await;
+        let livekit = LiveKit::start().await;
+        let redis = Redis::start().await;
+        let mut instances = Vec::new();
+        for i in 0..3 {
+            let hs = HsProxy::start(&synapse.url).await;
+            let mut env = Bridge::env_for(&hs.url, &livekit);
+            env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
+            env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), format!("{}ms", LEASE.as_millis()));
+            env.insert("RTC_LEAVE_BRIDGE_INSTANCE".into(), format!("bridge{i}"));
+            instances.push(Instance { bridge: Bridge::start(env).await, hs });
+        }
+        let owner = synapse.register("owner").await;
+        let room = synapse.create_room(&owner).await;
+        let lk_room = identity::livekit_room(&room, SLOT);
+        let mut w = World {
+            synapse,
+            livekit,
+            redis,
+            instances,
+            room,
+            lk_room,
+            members: Vec::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            started: Instant::now(),
+        };
+        w.wait_balanced().await;
+        for i in 0..MEMBERS {
+            let user = w.synapse.register(&format!("member{i}")).await;
+            w.synapse.join_room(&user, &w.room).await;
+            let delay_id = w.synapse.join_call(&user, &w.room, DELAY_MS).await;
+            let at = w.random_live();
+            w.instances[at].bridge.delegate(&w.synapse, &user, &w.room, "m1", &delay_id, DELAY_MS).await;
+            let ident = identity::identity_three_part(&user.user_id, &user.device_id, "m1");
+            let at = w.random_live();
+            let p = w.livekit.join(&w.instances[at].bridge.url, &w.lk_room, &ident).await;
+            w.members.push(Member { user, delay_id, p });
+        }
+        w.started = Instant::now();
+        w
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.instances.len()).filter(|i| self.instances[*i].bridge.pid().is_some()).collect()
+    }
+
+    fn random_live(&mut self) -> usize {
+        let live = self.live();
+        live[self.rng.random_range(0..live.len())]
+    }
+
+    /// Waits until the live instances hold every shard, evenly (±1).
+    async fn wait_balanced(&self) {
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut owned = Vec::new();
+        while Instant::now() < until {
+            owned.clear();
+            for i in self.live() {
+                owned.push(self.instances[i].bridge.metric("rtc_leave_bridge_shards_owned").await as i64);
+            }
+            let (min, max) = (owned.iter().min().unwrap(), owned.iter().max().unwrap());
+            if owned.iter().sum::<i64>() == 64 && max - min <= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("shards not spread evenly: {owned:?}");
+    }
+
+    /// The instance driving the call's jobs (all of them: one room, one shard), once one does.
+    async fn owner(&self, within: Duration) -> usize {
+        let until = Instant::now() + within;
+        let jobs = self.members.len() as f64;
+        loop {
+            for i in self.live() {
+                if self.instances[i].bridge.jobs_tracked().await == jobs {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < until, "no instance drives the {jobs} jobs");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Asserts every member stays in room state for `how_long`.
+    async fn all_stay(&self, how_long: Duration, why: &str) {
+        let until = Instant::now() + how_long;
+        while Instant::now() < until {
+            for m in &self.members {
+                assert!(
+                    self.synapse.is_member(&m.user, &self.room).await,
+                    "{} removed while connected: {why}",
+                    m.user.user_id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Member `i` leaves LiveKit (the webhook to a random live instance); returns how long after
+    /// the departure some instance's send of its delay id was accepted. It is no longer a member.
+    async fn leave(&mut self, i: usize) -> Duration {
+        let at = self.random_live();
+        let since = Instant::now();
+        let m = &self.members[i];
+        self.livekit.leave(&self.instances[at].bridge.url, &self.lk_room, &m.p, "CLIENT_INITIATED").await;
+        let until = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(send) = self.instances.iter().find_map(|x| x.hs.accepted_send(&m.delay_id)) {
+                self.members.remove(i);
+                return send.answered.saturating_duration_since(since);
+            }
+            assert!(Instant::now() < until, "no leave sent for a departed member");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Calls instance `i` made to its homeserver after `since`.
+    fn calls_since(&self, i: usize, since: Instant) -> usize {
+        self.instances[i].hs.calls().iter().filter(|c| c.received > since).count()
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_owner_is_taken_over_within_a_lease_and_nobody_connected_is_removed() {
+    let mut w = World::start(1).await;
+    let owner = w.owner(Duration::from_secs(5)).await;
+    w.all_stay(Duration::from_millis(DELAY_MS), "before any fault").await;
+    assert_eq!(
+        w.calls_since((owner + 1) % 3, w.started) + w.calls_since((owner + 2) % 3, w.started),
+        0,
+        "only the owner calls the homeserver for its jobs"
+    );
+
+    // kill -9 of the owner: another instance drives the jobs within a lease (and a look).
+    w.instances[owner].bridge.kill9();
+    let killed = Instant::now();
+    let next = w.owner(LEASE * 3).await;
+    let failover = killed.elapsed();
+    assert_ne!(next, owner);
+    assert!(failover <= LEASE + Duration::from_secs(1), "failover took {failover:?}");
+    eprintln!("failover after kill -9: {failover:?} (lease {LEASE:?})");
+    w.all_stay(Duration::from_millis(2 * DELAY_MS), "after the owner's kill -9").await;
+    assert!(w.instances[next].hs.count("restart", Some(200)) >= MEMBERS, "the new owner restarts them");
+    let latency = w.leave(0).await;
+    assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
+
+    // Redis crashes (AOF) for 30 s: requests are refused (503: LiveKit and clients retry), the
+    // members are restarted from memory, nobody is removed; then it returns and nothing is lost.
+    w.redis.kill9();
+    let at = w.random_live();
+    let m = &w.members[0];
+    let body = w.livekit.participant_event("participant_joined", &w.lk_room, &m.p, None);
+    let auth = LiveKit::sign(&body, common::livekit::API_SECRET);
+    assert_eq!(w.livekit.post_webhook(&w.instances[at].bridge.url, &body, Some(&auth)).await, 503);
+    w.all_stay(Duration::from_secs(30), "while Redis was down").await;
+    w.redis.restart().await;
+    w.owner(Duration::from_secs(5)).await;
+    w.all_stay(Duration::from_millis(DELAY_MS), "after Redis crashed and came back").await;
+    let latency = w.leave(0).await;
+    assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
+
+    // The killed instance comes back: the shards spread over three again.
+    let dead = w.instances.iter().position(|i| i.bridge.pid().is_none()).unwrap();
+    w.instances[dead].bridge.restart().await;
+    w.wait_balanced().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_paused_past_its_lease_makes_no_call_once_it_resumes_and_never_sends_a_superseded_delay_id() {
+    let mut w = World::start(2).await;
+    let owner = w.owner(Duration::from_secs(5)).await;
+    let pid = w.instances[owner].bridge.pid().unwrap();
+
+    signal(pid, "-STOP");
+    let paused = Instant::now();
+    // Its leases run out; another instance takes the jobs over.
+    let others: Vec<usize> = w.live().into_iter().filter(|i| *i != owner).collect();
+    let until = Instant::now() + LEASE * 4;
+    let next = 'found: loop {
+        for &i in &others {
+            if w.instances[i].bridge.jobs_tracked().await == MEMBERS as f64 {
+                break 'found i;
+            }
+        }
+        assert!(Instant::now() < until, "nobody took over from the paused owner");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    // Meanwhile member 0 rejoins: the client cancels its delayed leave, schedules a new one and
+    // delegates it (to an instance that is not paused).
+    let old = w.members[0].delay_id.clone();
+    let user = w.members[0].user.clone();
+    w.synapse.cancel_delayed(&user, &old).await;
+    let new = w.synapse.join_call(&user, &w.room, DELAY_MS).await;
+    let at = others[w.rng.random_range(0..others.len())];
+    w.instances[at].bridge.delegate(&w.synapse, &user, &w.room, "m1", &new, DELAY_MS).await;
+    w.members[0].delay_id = new.clone();
+    tokio::time::sleep((LEASE * 3).saturating_sub(paused.elapsed())).await;
+
+    signal(pid, "-CONT");
+    let resumed = Instant::now();
+    w.all_stay(Duration::from_millis(DELAY_MS), "after the ex-owner resumed").await;
+    // Its timers were overdue when it resumed: the gate refused those calls. It may drive the
+    // call's shard again only after a look at Redis shows its lease lost and, one look (a quarter
+    // lease) later, the others have handed shards back: nothing can be legitimate before.
+    let fenced = w.instances[owner].bridge.metric(r#"rtc_leave_bridge_calls_fenced_total{action="restart"}"#).await;
+    assert!(fenced >= 1.0, "the resumed ex-owner's overdue restarts were not stopped by its gate");
+    let early: Vec<_> = w.instances[owner]
+        .hs
+        .calls()
+        .into_iter()
+        .filter(|c| c.received > resumed && c.received < resumed + LEASE / 5)
+        .collect();
+    assert!(early.is_empty(), "the ex-owner called before it could hold the shard again: {early:?}");
+    for c in w.instances[owner].hs.calls().into_iter().filter(|c| c.received > resumed) {
+        assert_ne!(c.delay_id.as_deref(), Some(old.as_str()), "the ex-owner called with the superseded delay id");
+    }
+    assert!(w.instances[next].hs.count("restart", Some(200)) >= MEMBERS);
+    let latency = w.leave(0).await;
+    assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
+    for (i, x) in w.instances.iter().enumerate() {
+        assert!(x.hs.calls_of(&old, "send").is_empty(), "instance {i} sent the superseded delay id");
+    }
+    // The ex-owner takes its share again.
+    w.wait_balanced().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_the_shards_over_in_under_a_second() {
+    let mut w = World::start(3).await;
+    let owner = w.owner(Duration::from_secs(5)).await;
+    let stopping = Instant::now();
+    signal(w.instances[owner].bridge.pid().unwrap(), "-TERM");
+    let until = Instant::now() + Duration::from_secs(5);
+    let next = 'found: loop {
+        for i in w.live() {
+            if i != owner && w.instances[i].bridge.jobs_tracked().await == MEMBERS as f64 {
+                break 'found i;
+            }
+        }
+        assert!(Instant::now() < until, "nobody took over from the stopped owner");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let handover = stopping.elapsed();
+    eprintln!("handover after SIGTERM: {handover:?}");
+    assert!(handover < Duration::from_secs(1), "handover took {handover:?}");
+    w.instances[owner].bridge.kill9(); // reaps it
+    assert!(w.instances[owner].bridge.logs().contains("left the cluster"), "{}", w.instances[owner].bridge.logs());
+    w.all_stay(Duration::from_millis(2 * DELAY_MS), "after a graceful stop").await;
+    assert!(w.instances[next].hs.count("restart", Some(200)) >= MEMBERS);
+    let latency = w.leave(1).await;
+    assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
+    w.wait_balanced().await;
+}
