@@ -277,9 +277,20 @@ impl Metrics {
                 let _ = m.tokens.get_or_create(&TokenLabels { endpoint, outcome });
             }
         }
-        for input in
-            ["listing", "webhook", "delegation", "call_answer", "commit", "timeouts", "reconcile", "effects", "jobs"]
-        {
+        for input in [
+            "listing",
+            "webhook",
+            "delegation",
+            "call_answer",
+            "commit",
+            "timeouts",
+            "reconcile",
+            "effects",
+            "jobs",
+            "inbox",
+            "adopt",
+            "release",
+        ] {
             let _ = m.engine_busy.get_or_create(&InputLabel { input });
         }
         for outcome in ["renewed", "lost", "failed"] {

@@ -35,6 +35,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if hs.insecure_skip_verify_tls {
         warn!("TLS certificate verification is disabled (LIVEKIT_INSECURE_SKIP_VERIFY_TLS)");
     }
+    // One instance per SQLite data directory; with Redis, any number.
+    let _claim = match &config.storage.redis {
+        None => Some(SqliteStore::claim(&config.storage.data_dir).context("RTC_LEAVE_BRIDGE_DATA_DIR")?),
+        Some(_) => None,
+    };
     let OpenedStore { store, shared } = open_store(&config).await?;
     // With Redis, this instance is one of several: its name, and the leases it will hold.
     let cluster_settings = config.storage.redis.as_ref().map(|r| Settings {

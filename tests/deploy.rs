@@ -108,6 +108,29 @@ impl Stack {
         let bind = self.service_env("rtc-leave-bridge", "LIVEKIT_JWT_BIND");
         bind.rsplit(':').next().unwrap().parse().unwrap()
     }
+    /// The proxy in front of every bridge instance: the port it listens on inside the stack, the
+    /// port it publishes on the host, and the upstream (name, port) its Caddyfile names.
+    fn proxy(&self) -> (u16, u16, (String, u16)) {
+        let caddyfile =
+            std::fs::read_to_string(root().join(self.host_file("bridge-proxy", "/etc/caddy/Caddyfile"))).unwrap();
+        let listen: u16 = caddyfile
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(':')?.strip_suffix('{')?.trim().parse().ok())
+            .expect("the Caddyfile listens on :PORT");
+        let upstream = caddyfile
+            .lines()
+            .find_map(|l| {
+                let mut words = l.trim().strip_prefix("dynamic a ")?.split_whitespace();
+                Some((words.next()?.to_owned(), words.next()?.parse().ok()?))
+            })
+            .expect("the Caddyfile names its upstreams by DNS");
+        let published = self.service_ports("bridge-proxy");
+        let host_port = published
+            .iter()
+            .find_map(|p| p.strip_suffix(&format!(":{listen}"))?.parse().ok())
+            .unwrap_or_else(|| panic!("the proxy's port {listen} is not published: {published:?}"));
+        (listen, host_port, upstream)
+    }
 }
 
 fn url_parts(url: &str) -> (String, u16, String) {
@@ -151,16 +174,17 @@ fn every_mounted_file_exists_and_every_required_variable_is_documented() {
 fn services_agree_on_addresses_ports_and_keys() {
     let stack = Stack::load();
     let bridge_port = stack.bridge_port();
-    let bridge_ports = stack.service_ports("rtc-leave-bridge");
-    assert!(
-        bridge_ports.iter().any(|p| p.ends_with(&format!(":{bridge_port}"))),
-        "bridge port published: {bridge_ports:?}"
-    );
+    // Instances publish nothing (several can run); the proxy publishes one port and spreads
+    // requests over every instance of the service.
+    assert!(stack.service_ports("rtc-leave-bridge").is_empty(), "replicas cannot share a host port");
+    let (proxy_port, proxy_public_port, upstream) = stack.proxy();
+    assert_eq!(upstream, ("rtc-leave-bridge".to_owned(), bridge_port), "the proxy forwards to every instance");
+    assert_eq!(stack.service("rtc-leave-bridge")["deploy"]["replicas"].as_str(), Some("${BRIDGE_REPLICAS:-1}"));
 
-    // LiveKit → bridge: webhook URL and the key it signs with.
+    // LiveKit → bridge (through the proxy): webhook URL and the key it signs with.
     let livekit = yaml(&stack.host_file("livekit", "/etc/livekit.yaml"));
     let webhook_url = livekit["webhook"]["urls"][0].as_str().unwrap();
-    assert_eq!(url_parts(webhook_url), ("rtc-leave-bridge".into(), bridge_port, "/sfu_webhook".into()));
+    assert_eq!(url_parts(webhook_url), ("bridge-proxy".into(), proxy_port, "/sfu_webhook".into()));
     let key = stack.service_env("rtc-leave-bridge", "LIVEKIT_KEY");
     assert_eq!(livekit["webhook"]["api_key"].as_str(), Some(key.as_str()), "webhook api_key = bridge key");
     let keys = stack.service_env("livekit", "LIVEKIT_KEYS");
@@ -182,7 +206,7 @@ fn services_agree_on_addresses_ports_and_keys() {
     let synapse_cfg = yaml(&stack.host_file("synapse", "/config/homeserver.yaml"));
     assert_eq!(synapse_cfg["experimental_features"]["msc4143_enabled"].as_bool(), Some(true));
     let service_url = synapse_cfg["matrix_rtc"]["transports"][0]["livekit_service_url"].as_str().unwrap();
-    assert_eq!(url_parts(service_url).1, bridge_port, "{service_url}");
+    assert_eq!(url_parts(service_url).1, proxy_public_port, "{service_url}");
 
     // Bridge ↔ Synapse: server name, client-server URL, appservice registration.
     let synapse = yaml(&stack.host_file("synapse", "/config/homeserver.yaml"));
@@ -204,7 +228,7 @@ fn services_agree_on_addresses_ports_and_keys() {
     let registration = yaml(&synapse_registration);
     for field in ["url", "io.element.msc4512.proxy_url"] {
         let (host, port, _) = url_parts(registration[field].as_str().unwrap());
-        assert_eq!((host.as_str(), port), ("rtc-leave-bridge", bridge_port), "{field}");
+        assert_eq!((host.as_str(), port), ("bridge-proxy", proxy_port), "{field}");
     }
     assert_eq!(registration["io.element.msc4512.proxy_prefix"].as_str(), Some("rtc/livekit"));
     assert_eq!(registration["rate_limited"].as_bool(), Some(false));
@@ -215,13 +239,29 @@ fn services_agree_on_addresses_ports_and_keys() {
     let prometheus = yaml(&stack.host_file("prometheus", "/etc/prometheus/prometheus.yml"));
     let job = &prometheus["scrape_configs"][0];
     assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
-    assert_eq!(
-        job["static_configs"][0]["targets"][0].as_str(),
-        Some(format!("rtc-leave-bridge:{bridge_port}").as_str())
-    );
+    // Each instance scraped on its own, found through the service's DNS name.
+    let sd = &job["dns_sd_configs"][0];
+    assert_eq!(sd["names"][0].as_str(), Some("rtc-leave-bridge"));
+    assert_eq!((sd["type"].as_str(), sd["port"].as_u64()), (Some("A"), Some(u64::from(bridge_port))));
     for rules in prometheus["rule_files"].as_sequence().unwrap() {
         assert!(root().join(stack.host_file("prometheus", rules.as_str().unwrap())).exists());
     }
+    // Several instances: Redis with every write on disk before it is acknowledged, at the
+    // address .env.example gives.
+    let redis = stack.service("redis");
+    assert_eq!(redis["profiles"][0].as_str(), Some("ha"));
+    let command: Vec<&str> = redis["command"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(command.windows(2).any(|w| w == ["--appendonly", "yes"]), "{command:?}");
+    assert!(command.windows(2).any(|w| w == ["--appendfsync", "always"]), "{command:?}");
+    let example = std::fs::read_to_string(root().join(".env.example")).unwrap();
+    let redis_url = example
+        .lines()
+        .find_map(|l| l.trim_start_matches(['#', ' ']).strip_prefix("LIVEKIT_REDIS_URL="))
+        .expect(".env.example shows LIVEKIT_REDIS_URL");
+    assert_eq!((url_parts(redis_url).0.as_str(), url_parts(redis_url).1), ("redis", 6379));
+    assert!(example.contains("BRIDGE_REPLICAS=2") && example.contains("COMPOSE_PROFILES=stack,ha"));
+    assert_eq!(stack.service_env("rtc-leave-bridge", "LIVEKIT_REDIS_URL"), "", "SQLite unless .env says otherwise");
+
     let datasources = yaml(&stack.host_file("grafana", "/etc/grafana/provisioning/datasources/prometheus.yml"));
     assert_eq!(url_parts(datasources["datasources"][0]["url"].as_str().unwrap()).0, "prometheus");
     let providers = yaml(&stack.host_file("grafana", "/etc/grafana/provisioning/dashboards/dashboards.yml"));

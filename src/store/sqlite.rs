@@ -37,6 +37,30 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 
 impl SqliteStore {
     /// Opens (creating if needed) `jobs.sqlite3` in `dir`.
+    /// Claims `dir` for this process: a second instance on the same data directory would drive
+    /// the same jobs twice (several instances need Redis). Held until the returned file is
+    /// dropped (or the process ends, however it ends: the lock is the kernel's).
+    pub fn claim(dir: &Path) -> Result<std::fs::File, StoreError> {
+        use std::os::fd::AsRawFd as _;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError(format!("cannot create data dir {}: {e}", dir.display())))?;
+        let path = dir.join("instance.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StoreError(format!(
+                "another instance is running on {}: several instances must share Redis (LIVEKIT_REDIS_URL)",
+                dir.display()
+            )));
+        }
+        Ok(file)
+    }
+
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("cannot create data dir {}: {e}", dir.display())))?;
@@ -196,6 +220,16 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_instance_on_the_same_data_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = SqliteStore::claim(dir.path()).unwrap();
+        let second = SqliteStore::claim(dir.path()).unwrap_err();
+        assert!(second.0.contains("LIVEKIT_REDIS_URL"), "{second}");
+        drop(held);
+        SqliteStore::claim(dir.path()).expect("free once the first one is gone");
+    }
     use crate::delegation::Delegation;
     use crate::lifecycle::{Binding, Durable};
 
