@@ -2,7 +2,7 @@
 //! machine. Not part of `cargo test`.
 //!
 //!     cargo bench --bench bench                       # all
-//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens
+//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster
 //!
 //! * `leave`: `participant_left` webhook posted → Synapse's 200 to the bridge's send, over 200
 //!   leaves against a real Synapse, vs the bench's own `send` to the same Synapse; both timed to
@@ -24,6 +24,10 @@
 //! * `tokens`: `/get_token` latency (one at a time) and throughput (32 clients) for a restricted
 //!   user (OpenID check, mint) and a full-access one (also CreateRoom), against a homeserver
 //!   answering userinfo in 10 ms, vs the same calls made directly by the bench.
+//! * `cluster`: several instances on a real Redis (AOF, fsync always): webhook ingest on Redis
+//!   (applied and committed) vs SQLite, the same webhooks; Redis memory per connected member;
+//!   failover after kill -9 of the instance driving the most jobs (lease 2 s); restart throughput
+//!   of a cold start with 100k stored jobs, three instances started together vs one.
 //!
 //! Every goal is checked: a run that misses one says which and exits non-zero.
 
@@ -39,7 +43,11 @@ use axum::extract::{Path, Query, State};
 use common::bridge::{Bridge, SLOT};
 use common::hs_proxy::HsProxy;
 use common::livekit::{API_SECRET, LiveKit};
+use rtc_leave_bridge::delegation::{Delegation, JobId, Mode};
 use rtc_leave_bridge::identity;
+use rtc_leave_bridge::lifecycle::Durable;
+use rtc_leave_bridge::store::redis::RedisStore;
+use rtc_leave_bridge::store::{JobRecord, Store as _, StoreOp};
 use serde_json::{Value, json};
 
 const FAKE_SERVER: &str = "bench.test";
@@ -462,6 +470,30 @@ fn assert_durably_bound(bridge: &Bridge, sessions: &[(String, common::livekit::P
     }
 }
 
+/// Signed webhooks that each change a job's durable phase, `n` rounds of them: every session
+/// leaves (MIGRATION: grace) and joins again under its next SID (bound to it).
+fn migration_rounds(
+    livekit: &LiveKit,
+    sessions: &mut [(String, common::livekit::Participant)],
+    n: usize,
+) -> Vec<(String, String)> {
+    let mut bodies = Vec::new();
+    for _ in 0..n {
+        for (room, p) in sessions.iter_mut() {
+            // The session moves to a new SID, as LiveKit would list it.
+            let left = livekit.participant_event("participant_left", room, p, Some("MIGRATION"));
+            livekit.disconnect(room, &p.sid);
+            *p = livekit.connect(room, &p.identity.clone());
+            let joined = livekit.participant_event("participant_joined", room, p, None);
+            for b in [left, joined] {
+                let auth = LiveKit::sign(&b, API_SECRET);
+                bodies.push((b, auth));
+            }
+        }
+    }
+    bodies
+}
+
 async fn ingest(goals: &Goals) {
     const MEMBERS: usize = 1_000;
     const ROUNDS: usize = 10; // each round: every member migrates away and back (2 state changes)
@@ -475,25 +507,8 @@ async fn ingest(goals: &Goals) {
         let (ident, room) = member(i);
         sessions.push((room.clone(), livekit.join(&bridge.url, &room, &ident).await));
     }
-    // Webhooks that each change a job's durable phase: left (MIGRATION) → grace, joined → bound
-    // to the session's next SID.
-    let rounds = |sessions: &mut Vec<(String, common::livekit::Participant)>, n: usize| {
-        let mut bodies = Vec::new();
-        for _ in 0..n {
-            for (room, p) in sessions.iter_mut() {
-                // The session moves to a new SID, as LiveKit would list it.
-                let left = livekit.participant_event("participant_left", room, p, Some("MIGRATION"));
-                livekit.disconnect(room, &p.sid);
-                *p = livekit.connect(room, &p.identity.clone());
-                let joined = livekit.participant_event("participant_joined", room, p, None);
-                for b in [left, joined] {
-                    let auth = LiveKit::sign(&b, API_SECRET);
-                    bodies.push((b, auth));
-                }
-            }
-        }
-        bodies
-    };
+    let rounds =
+        |sessions: &mut Vec<(String, common::livekit::Participant)>, n: usize| migration_rounds(&livekit, sessions, n);
     let bodies = Arc::new(rounds(&mut sessions, ROUNDS));
     let (bridge_rps, bridge_lat) =
         closed_loop(&format!("{}/sfu_webhook", bridge.url), bodies.clone(), CONCURRENCY).await;
@@ -953,6 +968,206 @@ async fn tokens(goals: &Goals) {
     );
 }
 
+// ---- 6. several instances on Redis -----------------------------------------------------------
+
+/// Whether every stored job (in Redis) is bound to the session `sessions` says it is in.
+async fn redis_all_bound(store: &RedisStore, sessions: &[(String, common::livekit::Participant)]) -> bool {
+    let jobs = store.load().await.unwrap();
+    jobs.len() == sessions.len()
+        && jobs.iter().all(|j| {
+            let i: usize = j.delegation.delay_id.trim_start_matches("syd_").parse().unwrap();
+            matches!(&j.state, Durable::Connected { binding, .. } if binding.sid == sessions[i].1.sid)
+        })
+}
+
+/// Members `0..n` delegated to `bridge` and connected (joined webhooks through `bridge`).
+async fn connected_members(
+    bridge: &Bridge,
+    livekit: &LiveKit,
+    n: usize,
+    delay_ms: u64,
+) -> Vec<(String, common::livekit::Participant)> {
+    delegate_many(&bridge.url, 0..n, delay_ms, 32).await;
+    let mut sessions = Vec::new();
+    let mut bodies = Vec::new();
+    for i in 0..n {
+        let (ident, room) = member(i);
+        let p = livekit.connect(&room, &ident);
+        let b = livekit.participant_event("participant_joined", &room, &p, None);
+        let auth = LiveKit::sign(&b, API_SECRET);
+        bodies.push((b, auth));
+        sessions.push((room, p));
+    }
+    closed_loop(&format!("{}/sfu_webhook", bridge.url), Arc::new(bodies), 32).await;
+    sessions
+}
+
+/// Sum of the jobs the instances drive.
+async fn jobs_driven(bridges: &[&Bridge]) -> usize {
+    let mut sum = 0.0;
+    for b in bridges {
+        sum += b.jobs_tracked().await;
+    }
+    sum as usize
+}
+
+async fn cluster(goals: &Goals) {
+    const MEMBERS: usize = 1_000;
+    const ROUNDS: usize = 10;
+    println!("several instances on Redis ({}; Redis {}, AOF appendfsync always):", machine(), redis_version());
+    let (hs, fake) = fake_homeserver(Duration::from_secs(60)).await;
+    let livekit = LiveKit::start().await;
+
+    // Ingest: the same webhooks through one instance on SQLite and one on Redis. On Redis a
+    // webhook is answered once it is in its shard's inbox; it counts here once applied and
+    // committed (every job bound to its last session in Redis).
+    let sqlite = Bridge::start(fake_env(&livekit, &hs, "30s")).await;
+    let mut sessions = connected_members(&sqlite, &livekit, MEMBERS, 60_000).await;
+    let bodies = Arc::new(migration_rounds(&livekit, &mut sessions, ROUNDS));
+    let (sqlite_rps, _) = closed_loop(&format!("{}/sfu_webhook", sqlite.url), bodies.clone(), 32).await;
+    assert_durably_bound(&sqlite, &sessions);
+    drop(sqlite);
+    let redis = common::redis::Redis::start().await;
+    let mut env = fake_env(&livekit, &hs, "30s");
+    env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
+    let on_redis = Bridge::start(env.clone()).await;
+    let store = RedisStore::connect(&redis.url(), "rtc-leave-bridge:", Duration::from_secs(5)).await.unwrap();
+    let used = |store_url: String| async move {
+        let mut c = redis::Client::open(store_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await.unwrap();
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse::<f64>().unwrap()
+    };
+    let empty = used(redis.url()).await;
+    let mut sessions = connected_members(&on_redis, &livekit, MEMBERS, 60_000).await;
+    while !redis_all_bound(&store, &sessions).await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let per_member = (used(redis.url()).await - empty) / MEMBERS as f64;
+    let bodies = Arc::new(migration_rounds(&livekit, &mut sessions, ROUNDS));
+    let started = Instant::now();
+    let (acked_rps, _) = closed_loop(&format!("{}/sfu_webhook", on_redis.url), bodies.clone(), 32).await;
+    while !redis_all_bound(&store, &sessions).await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied_rps = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    let ratio = applied_rps / sqlite_rps;
+    println!("  webhook ingest ({} webhooks changing durable state, 32 connections):", bodies.len());
+    println!("    SQLite, one instance          {sqlite_rps:8.0} req/s (answered once committed)");
+    println!(
+        "    Redis, one instance           {applied_rps:8.0} req/s applied and committed ({acked_rps:.0} req/s answered, once in the inbox)"
+    );
+    println!("    ratio {ratio:.2}x (goal >= 0.5x: {})", goals.check("Redis ingest >= 0.5x SQLite", ratio >= 0.5));
+    println!(
+        "  Redis memory per tracked member (connected, {MEMBERS} members): {per_member:.0} B (goal <= 1024: {})",
+        goals.check("Redis memory per member <= 1 KiB", per_member <= 1024.0)
+    );
+    drop(on_redis);
+
+    // Failover: three instances; the one driving the most jobs is killed.
+    let lease = Duration::from_secs(2); // the default
+    let mut three = Vec::new();
+    for _ in 0..3 {
+        three.push(Bridge::start(env.clone()).await);
+    }
+    let refs: Vec<&Bridge> = three.iter().collect();
+    while jobs_driven(&refs).await < MEMBERS {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut most = (0, 0.0);
+    for (i, b) in three.iter().enumerate() {
+        let n = b.jobs_tracked().await;
+        if n > most.1 {
+            most = (i, n);
+        }
+    }
+    three[most.0].kill9();
+    let killed = Instant::now();
+    let survivors: Vec<&Bridge> = three.iter().enumerate().filter(|(i, _)| *i != most.0).map(|(_, b)| b).collect();
+    while jobs_driven(&survivors).await < MEMBERS {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failover = killed.elapsed();
+    println!(
+        "  failover after kill -9 of the instance driving {} of {MEMBERS} jobs: {:.2} s until the others drive them all (goal <= lease {} s + 1 s: {})",
+        most.1,
+        failover.as_secs_f64(),
+        lease.as_secs(),
+        goals.check("failover <= lease + 1 s", failover <= lease + Duration::from_secs(1))
+    );
+    drop(three);
+
+    // Restart throughput at 100k members: every stored job restarted at once by a cold start of
+    // one instance, then of three started together.
+    const BIG: usize = 100_000;
+    let redis = common::redis::Redis::start().await;
+    env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
+    let store = RedisStore::connect(&redis.url(), "rtc-leave-bridge:", Duration::from_secs(10)).await.unwrap();
+    for chunk in (0..BIG).collect::<Vec<_>>().chunks(1_000) {
+        let ops = chunk
+            .iter()
+            .map(|&i| {
+                let (ident, room) = member(i);
+                livekit.connect(&room, &ident);
+                let user = format!("@u{i}:{FAKE_SERVER}");
+                StoreOp::Insert(Box::new(JobRecord {
+                    id: JobId(i as u64 + 1),
+                    delegation: Delegation {
+                        room_id: format!("!room{}:{FAKE_SERVER}", i / 100),
+                        slot_id: SLOT.into(),
+                        user_id: user,
+                        device_id: format!("D{i}"),
+                        member_id: format!("m{i}"),
+                        delay_id: format!("syd_{i}"),
+                        delay_ms: 60_000,
+                        cs_api_url: format!("{hs}/"),
+                        created_at_ms: 0,
+                        mode: Mode::OpenId,
+                        identity: None,
+                    },
+                    state: Durable::Waiting,
+                }))
+            })
+            .collect();
+        store.commit(ops).await.unwrap();
+    }
+    let mut times = Vec::new();
+    for n in [1usize, 3] {
+        let t0 = Instant::now();
+        let starts: Vec<_> = (0..n).map(|_| Bridge::start(env.clone())).collect();
+        let bridges = futures::future::join_all(starts).await;
+        while fake.restarted_since(t0) < BIG {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = t0.elapsed();
+        println!(
+            "  {BIG} stored jobs restarted at the homeserver by {n} instance(s) started together: {:.2} s",
+            took.as_secs_f64()
+        );
+        times.push(took);
+        drop(bridges);
+        // Their leases run out before the next start.
+        tokio::time::sleep(lease + Duration::from_millis(500)).await;
+    }
+    println!(
+        "  three instances vs one: {:.2}x the restart throughput (2 cores shared by all of them and the fake homeserver)",
+        times[0].as_secs_f64() / times[1].as_secs_f64()
+    );
+}
+
+fn redis_version() -> String {
+    std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("v="))
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -983,6 +1198,9 @@ fn main() {
     }
     if wants("tokens") {
         rt.block_on(tokens(&goals));
+    }
+    if wants("cluster") {
+        rt.block_on(cluster(&goals));
     }
     let missed = goals.missed.into_inner().unwrap();
     if !missed.is_empty() {

@@ -82,7 +82,7 @@ pub struct ActionLabel {
 }
 
 /// What each Redis round trip is for (the `op` label of `redis_duration_seconds`).
-pub const REDIS_OPS: [&str; 7] = ["tick", "acquire", "release", "load", "inbox_add", "inbox_read", "commit"];
+pub const REDIS_OPS: [&str; 6] = ["tick", "acquire", "release", "load", "inbox_add", "inbox_read"];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 

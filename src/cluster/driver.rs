@@ -106,6 +106,15 @@ pub async fn start(
         failures: 0,
         draining: draining.clone(),
     };
+    // Before taking anything: a heartbeat, then a renewal interval for instances started at the
+    // same time to show theirs, so that they split the shards at once instead of the first one
+    // taking them all and handing most over again.
+    let s = &driver.settings;
+    let beat = driver.coordination.look(&s.instance, s.lease, s.lease, &BTreeMap::new()).await;
+    if let Err(e) = beat {
+        warn!(error = %e, "Redis unreachable at start; shards are taken once it answers");
+    }
+    tokio::time::sleep(driver.settings.renew_interval).await;
     // A first look before requests are served: alone, or first up, this instance holds its
     // shards (and their jobs are resumed) by the time it answers.
     driver.look().await;
