@@ -47,7 +47,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         lease: r.lease,
         renew_interval: r.renew_interval(),
     });
-    let leases = cluster_settings.as_ref().map(|c| Arc::new(Leases::new(c.lease, c.renew_interval)));
+    let leases = cluster_settings.as_ref().map(|c| Arc::new(Leases::new(c.lease)));
     let gate: Arc<dyn CallGate> = match &leases {
         Some(leases) => leases.clone(),
         None => Arc::new(Sole),

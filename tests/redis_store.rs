@@ -124,7 +124,11 @@ async fn redis_stopped_for_thirty_seconds_removes_nobody_and_everything_resumes(
     let restarts_before = hs.count("restart", Some(200));
     let until = Instant::now() + Duration::from_secs(30);
     while Instant::now() < until {
-        assert!(synapse.is_member(&alice, &room).await, "removed while connected, Redis down");
+        assert!(
+            synapse.is_member(&alice, &room).await,
+            "removed while connected, Redis down; fenced {}",
+            bridge.logs().matches("call not made").count()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(hs.count("restart", Some(200)) >= restarts_before + 8, "restarts went on");
@@ -142,6 +146,8 @@ async fn redis_stopped_for_thirty_seconds_removes_nobody_and_everything_resumes(
     }
     assert!(applied, "the webhook's retry was not applied after Redis came back");
     assert_eq!(bridge.delegate_raw(&body).await.0, 200, "delegations accepted again");
+    // Recovered: the shard held again, its inbox read (Bob's delegation applied).
+    assert_eq!(bridge.jobs_reach(2.0, Duration::from_secs(10)).await, 2.0, "{}", bridge.logs());
     let since = Instant::now();
     livekit.leave(&bridge.url, &lk_room, &p, "CLIENT_INITIATED").await;
     livekit.leave(&bridge.url, &lk_room, &again, "CLIENT_INITIATED").await;

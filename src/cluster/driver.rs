@@ -145,6 +145,7 @@ impl Driver {
 
     async fn look(&mut self) {
         let asked = Instant::now();
+        self.leases.looking();
         let held = self.leases.held();
         let s = &self.settings;
         let look = self.coordination.look(&s.instance, s.lease, s.lease, &held).await;

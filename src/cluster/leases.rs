@@ -8,8 +8,11 @@
 //!
 //! One exception, for when Redis is unreachable while this instance is alive and trying: its
 //! members are still restarted from memory (keeping a member alive never removes anyone; a
-//! takeover elsewhere would only restart them too), but nothing is sent. An instance that was
-//! paused sees its last attempt long ago, and makes no call before it has looked again.
+//! takeover elsewhere would only restart them too), but nothing is sent. "Alive and trying": the
+//! last look at Redis failed and the latest one started less than two leases ago. The window is
+//! generous on purpose — refusing restarts while Redis is down would let the homeserver remove
+//! connected members — and still closed to an instance that was paused: the look it had failed
+//! before, and the look it starts on waking, says whether Redis is reachable before it calls.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -27,22 +30,21 @@ struct Held {
 #[derive(Debug)]
 struct State {
     held: HashMap<Shard, Held>,
-    /// When the last look at Redis ended, and whether it failed.
-    last_look: Instant,
+    /// When the latest look at Redis started, and whether the last one to end failed.
+    last_start: Instant,
     unreachable: bool,
 }
 
 #[derive(Debug)]
 pub struct Leases {
     lease: Duration,
-    renew_interval: Duration,
     state: Mutex<State>,
 }
 
 impl Leases {
-    pub fn new(lease: Duration, renew_interval: Duration) -> Self {
-        let state = State { held: HashMap::new(), last_look: Instant::now(), unreachable: false };
-        Leases { lease, renew_interval, state: Mutex::new(state) }
+    pub fn new(lease: Duration) -> Self {
+        let state = State { held: HashMap::new(), last_start: Instant::now(), unreachable: false };
+        Leases { lease, state: Mutex::new(state) }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -59,11 +61,14 @@ impl Leases {
         self.state().held.remove(&shard);
     }
 
-    /// A look at Redis ended now, successfully or not.
+    /// A look at Redis starts now.
+    pub fn looking(&self) {
+        self.state().last_start = Instant::now();
+    }
+
+    /// A look at Redis ended, successfully or not.
     pub fn looked(&self, reachable: bool) {
-        let mut state = self.state();
-        state.last_look = Instant::now();
-        state.unreachable = !reachable;
+        self.state().unreachable = !reachable;
     }
 
     /// The shards held, with their epochs.
@@ -79,7 +84,7 @@ impl Leases {
         }
         action == DelayedAction::Restart
             && state.unreachable
-            && now.saturating_duration_since(state.last_look) <= 3 * self.renew_interval
+            && now.saturating_duration_since(state.last_start) <= 2 * self.lease
     }
 }
 
@@ -94,11 +99,10 @@ mod tests {
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(2);
-    const RENEW: Duration = Duration::from_millis(500);
 
     #[test]
     fn calls_need_half_a_lease_left() {
-        let leases = Leases::new(LEASE, RENEW);
+        let leases = Leases::new(LEASE);
         let t0 = Instant::now();
         assert!(!leases.allows(Shard(3), DelayedAction::Restart, t0), "not held");
         leases.renewed(Shard(3), 7, t0);
@@ -114,16 +118,25 @@ mod tests {
 
     #[test]
     fn while_redis_is_unreachable_restarts_go_on_and_sends_stop() {
-        let leases = Leases::new(LEASE, RENEW);
+        let leases = Leases::new(LEASE);
         let t0 = Instant::now();
         leases.renewed(Shard(1), 1, t0);
+        leases.looking();
         leases.looked(false);
         // The lease is no longer sure, the last (failed) look was recent.
         let unsure = t0 + Duration::from_millis(1_200);
         assert!(leases.allows(Shard(1), DelayedAction::Restart, unsure));
         assert!(!leases.allows(Shard(1), DelayedAction::Send, unsure));
-        // A process paused past its lease: its last look was long ago.
-        assert!(!leases.allows(Shard(1), DelayedAction::Restart, Instant::now() + 4 * RENEW));
+        // Looks keep failing (each starting anew): restarts go on, however long Redis is down.
+        leases.looking();
+        leases.looked(false);
+        assert!(leases.allows(Shard(1), DelayedAction::Restart, Instant::now() + LEASE / 2));
+        // A process paused past its lease: its latest look started long ago.
+        assert!(!leases.allows(
+            Shard(1),
+            DelayedAction::Restart,
+            Instant::now() + 2 * LEASE + Duration::from_millis(100)
+        ));
         // Redis back and the lease renewed: calls again.
         let t1 = Instant::now();
         leases.renewed(Shard(1), 1, t1);
