@@ -475,6 +475,9 @@ pub struct Timing {
     pub call_timeout: Millis,
     /// Consecutive RoomService listings without the bound member that prove it gone.
     pub absences_to_leave: u8,
+    /// Those listings must have started at least this far apart: two started moments apart can
+    /// both fall in the gap of one reconnection (a migration, a new session replacing the old).
+    pub absence_spacing: Millis,
     /// How long a member whose presence must be confirmed (never joined, or gone for a migration)
     /// is kept alive while LiveKit cannot be asked. After that the job stops restarting and the
     /// homeserver's own timer decides: the last safety net against ghosts.
@@ -512,6 +515,7 @@ impl Section for Timing {
             failover_headroom: 0,
             call_timeout,
             absences_to_leave: 2,
+            absence_spacing: 1_500,
             unconfirmed_limit: millis(src.duration("RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT", ms(10_000), hours(24))?),
         })
     }

@@ -270,13 +270,16 @@ struct Live {
     binding: Binding,
     /// When the job learnt of it: only a listing started later can prove it absent.
     since: Millis,
-    /// Consecutive such listings without it.
+    /// Consecutive such listings without it, each started at least
+    /// [`Timing::absence_spacing`] after the previous one counted.
     absences: u8,
+    /// When the last listing counted here started.
+    last_absent: Option<Millis>,
 }
 
 impl Live {
     fn new(binding: Binding, now: Millis) -> Self {
-        Live { binding, since: now, absences: 0 }
+        Live { binding, since: now, absences: 0, last_absent: None }
     }
 }
 
@@ -365,16 +368,21 @@ fn reconcile(
     present: &[Session],
     at: Millis,
     now: Millis,
-    absences_to_leave: u8,
+    timing: &Timing,
 ) -> bool {
     for live in sessions.iter_mut() {
         if present.iter().any(|s| s.sid == live.binding.sid) {
             live.absences = 0;
-        } else if at > live.since {
+            live.last_absent = None;
+        } else if at > live.since && live.last_absent.is_none_or(|last| at >= last + timing.absence_spacing) {
+            // Listings started moments apart (a periodic one and another job's probe of the same
+            // room) can both fall in one reconnection's gap: together they prove nothing more
+            // than one of them.
             live.absences += 1;
+            live.last_absent = Some(at);
         }
     }
-    prune(sessions, gone, now, |l| l.absences < absences_to_leave)
+    prune(sessions, gone, now, |l| l.absences < timing.absences_to_leave)
 }
 
 /// The newest of `sessions` (by `joinedAt`; of equals, the one learnt last).
@@ -399,6 +407,9 @@ pub struct Job {
     deadline: Millis,
     /// A RoomService listing is wanted at this time (and none has been asked for since).
     probe_at: Option<Millis>,
+    /// Waiting or in grace: when the first listing that found the member absent past its
+    /// deadline started. A second one, at least [`Timing::absence_spacing`] later, proves it gone.
+    first_absence: Option<Millis>,
     /// A listing was asked for; unanswered by then, it counts as failed.
     probe_expires: Option<Millis>,
     /// Sessions we have seen leave; a late or duplicated `participant_joined` for them is stale.
@@ -427,6 +438,7 @@ impl Job {
             deadline: now + delay,
             probe_at: Some(now),
             probe_expires: None,
+            first_absence: None,
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
@@ -467,6 +479,7 @@ impl Job {
             deadline: now + delay,
             probe_at,
             probe_expires: None,
+            first_absence: None,
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
@@ -689,6 +702,7 @@ impl Job {
                         note_gone(&mut self.gone_sids, &binding.sid, now);
                         let until = now + self.timing.grace;
                         self.phase = Phase::Grace { binding, since: now, until };
+                        self.first_absence = None;
                         self.probe_at = Some(until);
                         out.push(Action::Persist);
                     }
@@ -749,7 +763,7 @@ impl Job {
             }
             Phase::Connected { sessions } => {
                 let mut changed =
-                    reconcile(sessions, &mut self.gone_sids, &present, at, now, self.timing.absences_to_leave);
+                    reconcile(sessions, &mut self.gone_sids, &present, at, now, &self.timing);
                 // Listed sessions the job did not know: reconnections whose join it missed.
                 for s in present {
                     changed |= admit(sessions, &mut self.gone_sids, Binding::of(s), now);
@@ -775,7 +789,9 @@ impl Job {
         match &mut self.phase {
             Phase::Waiting { join_deadline } => {
                 if at >= *join_deadline {
-                    self.start_sending(Trigger::NeverJoined, now, out);
+                    if self.absence_confirmed(at, now) {
+                        self.start_sending(Trigger::NeverJoined, now, out);
+                    }
                 } else if asked {
                     // Too early to prove anything: ask again at the deadline (or now, if our
                     // answer came from a listing started before it).
@@ -783,7 +799,7 @@ impl Job {
                 }
             }
             Phase::Connected { sessions } => {
-                let changed = reconcile(sessions, &mut self.gone_sids, &[], at, now, self.timing.absences_to_leave);
+                let changed = reconcile(sessions, &mut self.gone_sids, &[], at, now, &self.timing);
                 if sessions.is_empty() {
                     self.start_sending(Trigger::Reconciled, now, out);
                 } else if changed {
@@ -792,12 +808,32 @@ impl Job {
             }
             Phase::Grace { until, .. } => {
                 if at >= *until {
-                    self.start_sending(Trigger::GraceExpired, now, out);
+                    if self.absence_confirmed(at, now) {
+                        self.start_sending(Trigger::GraceExpired, now, out);
+                    }
                 } else if asked && now >= *until {
                     self.probe_at = Some(now);
                 }
             }
             Phase::Sending { .. } | Phase::Done(_) => {}
+        }
+    }
+
+    /// Past a deadline, a listing (started at `at`) found the member absent: whether that proves
+    /// it gone. The first such listing does not — it may have fallen in a reconnection's gap —
+    /// and asks for another, far enough apart not to fall in the same one.
+    fn absence_confirmed(&mut self, at: Millis, now: Millis) -> bool {
+        match self.first_absence {
+            Some(first) if at >= first + self.timing.absence_spacing => true,
+            Some(first) => {
+                self.probe_at = Some(now.max(first + self.timing.absence_spacing));
+                false
+            }
+            None => {
+                self.first_absence = Some(at);
+                self.probe_at = Some(now.max(at + self.timing.absence_spacing));
+                false
+            }
         }
     }
 
@@ -888,11 +924,12 @@ impl Job {
     /// the migrating one will not come back; listings prune it if it does not.
     fn bind(&mut self, sessions: Vec<Binding>, now: Millis, out: &mut Vec<Action>) {
         debug_assert!(!sessions.is_empty());
+        self.first_absence = None;
         // Sized exactly: a job is usually bound to one session, and a Vec grown by push would
         // reserve room for four (400 bytes per member).
         let mut live = Vec::with_capacity(sessions.len() + usize::from(matches!(self.phase, Phase::Grace { .. })));
         if let Phase::Grace { binding, since, .. } = &self.phase {
-            live.push(Live { binding: binding.clone(), since: *since, absences: 0 });
+            live.push(Live { binding: binding.clone(), since: *since, absences: 0, last_absent: None });
         }
         for b in sessions {
             admit(&mut live, &mut self.gone_sids, b, now);

@@ -40,7 +40,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => Some(SqliteStore::claim(&config.storage.data_dir).context("RTC_LEAVE_BRIDGE_DATA_DIR")?),
         Some(_) => None,
     };
-    let OpenedStore { store, shared } = open_store(&config).await?;
+    let OpenedStore { store, shared } = open_store(&config, REDIS_WAIT).await?;
     // With Redis, this instance is one of several: its name, and the leases it will hold.
     let cluster_settings = config.storage.redis.as_ref().map(|r| Settings {
         instance: format!("{}-{:04x}", r.instance, rand::random::<u16>()),
@@ -161,13 +161,13 @@ pub struct OpenedStore {
     pub shared: Option<Arc<RedisStore>>,
 }
 
-/// The configured store: Redis if `LIVEKIT_REDIS_URL` is set, else SQLite in the data directory.
-pub async fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
+/// The configured store: Redis if `LIVEKIT_REDIS_URL` is set (waited for up to `patience`), else
+/// SQLite in the data directory.
+pub async fn open_store(config: &Config, patience: std::time::Duration) -> anyhow::Result<OpenedStore> {
     Ok(match &config.storage.redis {
         Some(r) => {
             info!(prefix = %r.prefix, "store: Redis, shared with every instance using the same prefix");
-            let store = RedisStore::connect(&r.url, &r.prefix, config.homeservers.request_timeout).await;
-            let store = Arc::new(store.context("LIVEKIT_REDIS_URL")?);
+            let store = Arc::new(connect_redis(r, config.homeservers.request_timeout, patience).await?);
             OpenedStore { store: store.clone(), shared: Some(store) }
         }
         None => {
@@ -178,6 +178,32 @@ pub async fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
         }
     })
 }
+
+/// Connects to Redis, waiting for it (unreachable, or loading its data after a restart) for up to
+/// `patience`: instances and Redis restarted together come up without an operator.
+async fn connect_redis(
+    r: &crate::config::Redis,
+    timeout: std::time::Duration,
+    patience: std::time::Duration,
+) -> anyhow::Result<RedisStore> {
+    let started = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        match RedisStore::connect(&r.url, &r.prefix, timeout).await {
+            Ok(store) => return Ok(store),
+            Err(e) if started.elapsed() + wait < patience => {
+                warn!(error = %e, retry_in = ?wait, "Redis not ready; waiting for it");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("LIVEKIT_REDIS_URL")),
+        }
+    }
+}
+
+/// How long a starting instance waits for Redis before giving up (and exiting, for its supervisor
+/// to start it again).
+const REDIS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn termination() {
     let ctrl_c = tokio::signal::ctrl_c();

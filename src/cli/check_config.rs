@@ -63,7 +63,7 @@ pub async fn check_config(config: &Config) -> ExitCode {
         }),
     };
     match writable {
-        Ok(()) => match crate::service::open_store(config).await {
+        Ok(()) => match crate::service::open_store(config, std::time::Duration::ZERO).await {
             Ok(opened) => match opened.store.load().await {
                 Ok(jobs) => r.ok(what, format!("{shown}; {} stored jobs", jobs.len())),
                 Err(e) => r.problem(what, e),

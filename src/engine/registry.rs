@@ -457,7 +457,12 @@ impl Registry {
                         .iter()
                         .take_while(|(j, _)| *j == id)
                         .map(|(_, i)| session(&participants[*i], ""))
-                        .collect();
+                        .collect::<Vec<_>>();
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let sids: Vec<&str> = present.iter().map(|s| s.sid.as_str()).collect();
+                        let phase = self.jobs.get(&id).map(|e| e.job.kind().as_str()).unwrap_or("gone");
+                        debug!(job = %id, phase, started_ms_ago = now.saturating_sub(at), present = ?sids, "listing applied");
+                    }
                     self.apply(id, Event::Observed { at, present }, now);
                 }
             }

@@ -45,6 +45,16 @@ impl Harness {
         h.ev(Event::Joined(session(sid, joined_at)));
         h
     }
+    /// Past a deadline: a listing finds the member absent, which alone proves nothing (it may
+    /// fall in a reconnection's gap) and asks for another; that one, far enough apart, finds it
+    /// absent too. Returns what the second led to.
+    fn absent_twice(&mut self) -> Vec<Action> {
+        let out = self.ev(Event::Observed { at: self.now, present: vec![] });
+        assert!(!sends(&out), "one absent listing sent: {out:?}");
+        let out = self.advance_to(self.now + Timing::default().absence_spacing);
+        assert!(out.contains(&Action::Probe), "no second listing asked for: {out:?}");
+        self.ev(Event::Observed { at: self.now, present: vec![] })
+    }
     fn ev(&mut self, e: Event) -> Vec<Action> {
         let mut out = Vec::new();
         self.job.handle(e, self.now, &mut out);
@@ -200,8 +210,24 @@ fn migration_without_return_sends_after_confirmation() {
     h.ev(Event::Left { session: session("PA_a", 1), reason: LeaveReason::MayReturn });
     h.advance_to(Timing::default().grace);
     assert_eq!(h.sends(), 0);
-    let out = h.ev(Event::Observed { at: h.now, present: vec![] });
+    let out = h.absent_twice();
     assert!(sends(&out));
+}
+
+/// Found by the chaos suite: at the end of a grace period, a listing fell in the gap of the
+/// member's next migration (its join webhook lost) and sent the leave of a connected member.
+#[test]
+fn one_listing_in_a_reconnection_gap_after_grace_proves_nothing() {
+    let mut h = Harness::in_grace_since(1_000);
+    let until = 1_000 + Timing::default().grace;
+    h.advance_to(until);
+    let out = h.ev(Event::Observed { at: until, present: vec![] });
+    assert!(!sends(&out));
+    // The next listing, asked for a moment later, finds the member's new session.
+    h.advance_to(until + Timing::default().absence_spacing);
+    h.ev(Event::Observed { at: h.now, present: vec![session("PA_b", 2)] });
+    assert_eq!(h.job.kind(), PhaseKind::Connected);
+    assert_eq!(h.sends(), 0);
 }
 
 #[test]
@@ -218,8 +244,7 @@ fn never_joined_member_is_sent_only_after_livekit_confirms() {
     h.advance_to(join_timeout + 2 * DELAY);
     assert_eq!(h.sends(), 0);
     assert!(h.log.iter().filter(|a| **a == Action::Probe).count() >= 3);
-    let at = h.now;
-    let out = h.ev(Event::Observed { at, present: vec![] });
+    let out = h.absent_twice();
     assert!(sends(&out));
 }
 
@@ -259,7 +284,35 @@ fn lost_departure_is_caught_by_two_listings() {
     h.ev(Event::Observed { at: 200, present: vec![session("PA_a", 1)] }); // resets
     h.ev(Event::Observed { at: 300, present: vec![] });
     assert_eq!(h.sends(), 0);
-    let out = h.ev(Event::Observed { at: 400, present: vec![] });
+    h.now = 2_300;
+    let out = h.ev(Event::Observed { at: 2_300, present: vec![] });
+    assert!(sends(&out));
+}
+
+/// Found by the chaos suite: a periodic listing and another job's probe of the same room,
+/// started 59 ms apart, both fell in the gap of one migration and "proved" a connected member
+/// gone.
+#[test]
+fn two_listings_moments_apart_in_a_reconnection_gap_prove_nothing() {
+    let mut h = Harness::new();
+    h.now = 60;
+    h.ev(Event::Joined(session("PA_a", 1)));
+    h.now = 5_000;
+    h.ev(Event::Observed { at: 5_000, present: vec![] });
+    h.now = 5_059;
+    h.ev(Event::Observed { at: 5_059, present: vec![] });
+    h.now = 6_400;
+    h.ev(Event::Observed { at: 6_400, present: vec![] });
+    assert_eq!(h.sends(), 0, "three listings within 1.5 s of the first counted are one absence");
+    // Back (its join webhook lost): seen by the next listing; an absence after it starts over.
+    h.now = 7_500;
+    h.ev(Event::Observed { at: 7_500, present: vec![session("PA_a", 1)] });
+    h.now = 9_000;
+    h.ev(Event::Observed { at: 9_000, present: vec![] });
+    assert_eq!(h.sends(), 0);
+    // Gone for good: a second absence at least 1.5 s after the first proves it.
+    h.now = 11_000;
+    let out = h.ev(Event::Observed { at: 11_000, present: vec![] });
     assert!(sends(&out));
 }
 
@@ -428,7 +481,8 @@ fn a_migrating_session_stays_counted_when_another_one_shows_up() {
     // If the migrated session never shows up in listings, they prune it and the leave goes out.
     h.now = 1_000;
     h.ev(Event::Observed { at: 1_000, present: vec![] });
-    let out = h.ev(Event::Observed { at: 2_000, present: vec![] });
+    h.now = 3_000;
+    let out = h.ev(Event::Observed { at: 3_000, present: vec![] });
     assert!(sends(&out), "{out:?}");
 }
 
@@ -860,7 +914,7 @@ fn a_listing_older_than_a_departure_does_not_bring_the_session_back() {
     assert_eq!(h.job.kind(), PhaseKind::Grace, "an older listing brought the session back");
     let grace_end = 1_000 + Timing::default().grace;
     h.advance_to(grace_end);
-    let out = h.ev(Event::Observed { at: grace_end, present: vec![] });
+    let out = h.absent_twice();
     assert!(sends(&out), "{out:?}");
     // A listing started after the departure does show it back.
     let mut h = Harness::new();
@@ -886,6 +940,8 @@ fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
     job.handle(Event::Observed { at: at + t.join_timeout - 1, present: vec![] }, at + t.join_timeout, &mut out);
     assert!(!sends(&out), "sent before the join timeout ran again: {out:?}");
     job.handle(Event::Observed { at: at + t.join_timeout, present: vec![] }, at + t.join_timeout, &mut out);
+    let again = at + t.join_timeout + t.absence_spacing;
+    job.handle(Event::Observed { at: again, present: vec![] }, again, &mut out);
     assert!(sends(&out));
 
     let binding = session_binding("PA_a");
@@ -896,6 +952,8 @@ fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
     job.handle(Event::Observed { at: at + t.grace - 1, present: vec![] }, at + t.grace, &mut out);
     assert!(!sends(&out), "sent before the grace period ran again: {out:?}");
     job.handle(Event::Observed { at: at + t.grace, present: vec![] }, at + t.grace, &mut out);
+    let again = at + t.grace + t.absence_spacing;
+    job.handle(Event::Observed { at: again, present: vec![] }, again, &mut out);
     assert!(sends(&out));
 
     let (_, actions) = Job::resume(DELAY, 1, t, Durable::Sending { trigger: Trigger::Departed }, at);
@@ -984,7 +1042,8 @@ fn pruning_one_of_two_sessions_is_persisted() {
     h.ev(Event::Joined(b.clone()));
     h.now = 100;
     h.ev(Event::Observed { at: 100, present: vec![b.clone()] });
-    let out = h.ev(Event::Observed { at: 200, present: vec![b] });
+    h.now = 2_100;
+    let out = h.ev(Event::Observed { at: 2_100, present: vec![b] });
     assert!(out.contains(&Action::Persist), "{out:?}");
     match h.job.durable() {
         Some(Durable::Connected { binding, others }) => {
@@ -1074,8 +1133,8 @@ fn a_listing_from_the_instant_a_session_was_learnt_does_not_count_it_absent() {
     h.now = 100;
     h.ev(Event::Observed { at: 100, present: vec![b.clone()] });
     assert_eq!(h.job.live_sessions(), 2, "one absence only");
-    h.now = 200;
-    h.ev(Event::Observed { at: 200, present: vec![b] });
+    h.now = 2_100;
+    h.ev(Event::Observed { at: 2_100, present: vec![b] });
     assert_eq!(h.job.live_sessions(), 1);
 }
 
@@ -1156,7 +1215,7 @@ fn a_listing_from_during_grace_does_not_undo_the_send_it_led_to() {
     h.advance_to(next);
     h.answer_restart(HsAnswer::Ok); // the event is kept alive meanwhile
     h.advance_to(until);
-    h.ev(Event::Observed { at: until, present: vec![] });
+    h.absent_twice();
     assert_eq!(h.sends(), 1);
     h.answer_send(HsAnswer::Failed);
     h.ev(Event::Observed { at: 5_000, present: vec![session("PA_a", 1)] }); // started mid-grace

@@ -157,8 +157,9 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<F
             upstream = upstream.header(name, value);
         }
     }
-    let record = |status: Option<u16>| Call {
-        method: parts.method.to_string(),
+    let method = parts.method.to_string();
+    let record = move |status: Option<u16>| Call {
+        method,
         path: path.clone(),
         delay_id: delay_id.clone(),
         action: action.clone(),
@@ -166,23 +167,29 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<F
         received,
         answered: Instant::now(),
     };
-    let answer = match upstream.send().await {
-        Ok(resp) => {
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            match resp.bytes().await {
-                Ok(bytes) => Some((status, headers, bytes)),
-                Err(_) => None,
+    // Forwarded and recorded by a task of its own: a bridge that gives up on the call (its
+    // timeout, or kill -9) drops this handler, but Synapse may still carry the call out, and the
+    // record must say so.
+    let recorder = inner.clone();
+    let exchange = tokio::spawn(async move {
+        let answer = match upstream.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let headers = resp.headers().clone();
+                match resp.bytes().await {
+                    Ok(bytes) => Some((status, headers, bytes)),
+                    Err(_) => None,
+                }
             }
-        }
-        Err(_) => None,
-    };
-    let Some((status, headers, bytes)) = answer else {
-        inner.calls.lock().unwrap().push(record(None));
+            Err(_) => None,
+        };
+        recorder.calls.lock().unwrap().push(record(answer.as_ref().map(|(status, ..)| status.as_u16())));
+        answer
+    });
+    let Some((status, headers, bytes)) = exchange.await.map_err(std::io::Error::other)? else {
         // Homeserver down: hyper closes the bridge's connection without an answer.
         return Err(std::io::Error::other("homeserver unreachable"));
     };
-    inner.calls.lock().unwrap().push(record(Some(status.as_u16())));
     let mut resp = Response::builder().status(status);
     for (name, value) in &headers {
         if name != hyper::header::CONTENT_LENGTH && name != hyper::header::TRANSFER_ENCODING {

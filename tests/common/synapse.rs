@@ -112,6 +112,7 @@ rc_login:
 rc_joins:
   local: {{per_second: 1000, burst_count: 1000}}
 rc_joins_per_room: {{per_second: 1000, burst_count: 1000}}
+rc_room_creation: {{per_second: 1000, burst_count: 1000}}
 "#
         );
         std::fs::write(dir.path().join("homeserver.yaml"), config).unwrap();
@@ -292,15 +293,19 @@ rc_joins_per_room: {{per_second: 1000, burst_count: 1000}}
 
     /// Cancels a delayed event as its owner would.
     pub async fn cancel_delayed(&self, user: &MatrixUser, delay_id: &str) {
-        let (status, v) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{}/cancel", enc(delay_id)),
-                Some(&user.token),
-                json!({}),
-            )
-            .await;
+        let (status, v) = self.try_cancel_delayed(user, delay_id).await;
         assert_eq!(status, 200, "{v}");
+    }
+
+    /// As [`Synapse::cancel_delayed`]; the answer, whatever it is (404: already sent or expired).
+    pub async fn try_cancel_delayed(&self, user: &MatrixUser, delay_id: &str) -> (u16, Value) {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{}/cancel", enc(delay_id)),
+            Some(&user.token),
+            json!({}),
+        )
+        .await
     }
 }
 
