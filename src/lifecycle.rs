@@ -762,8 +762,7 @@ impl Job {
                 self.bind(present.into_iter().map(Binding::of).collect(), now, out)
             }
             Phase::Connected { sessions } => {
-                let mut changed =
-                    reconcile(sessions, &mut self.gone_sids, &present, at, now, &self.timing);
+                let mut changed = reconcile(sessions, &mut self.gone_sids, &present, at, now, &self.timing);
                 // Listed sessions the job did not know: reconnections whose join it missed.
                 for s in present {
                     changed |= admit(sessions, &mut self.gone_sids, Binding::of(s), now);

@@ -176,13 +176,8 @@ async fn live_member(
         let delay_id = synapse.join_call(&m.user, &m.room, DELAY_MS).await;
         let body = delegation_body(&synapse.openid_token(&m.user).await, &m.user, &m.room, "m1", &delay_id, DELAY_MS);
         net.delegate(&body, &mut rng).await;
-        let mut life = Life {
-            member: i,
-            state_key: m.user.state_key(),
-            started,
-            delay_ids: vec![delay_id],
-            disconnected: None,
-        };
+        let mut life =
+            Life { member: i, state_key: m.user.state_key(), started, delay_ids: vec![delay_id], disconnected: None };
         let mut session = livekit.connect(&m.lk_room, &m.ident);
         net.webhook(livekit.participant_event("participant_joined", &m.lk_room, &session, None), &mut rng);
         let stay = Instant::now() + Duration::from_millis(rng.random_range(10_000..40_000));
@@ -198,7 +193,8 @@ async fn live_member(
                     continue;
                 }
                 let new = synapse.join_call(&m.user, &m.room, DELAY_MS).await;
-                let body = delegation_body(&synapse.openid_token(&m.user).await, &m.user, &m.room, "m1", &new, DELAY_MS);
+                let body =
+                    delegation_body(&synapse.openid_token(&m.user).await, &m.user, &m.room, "m1", &new, DELAY_MS);
                 net.delegate(&body, &mut rng).await;
                 life.delay_ids.push(new);
                 net.tally.lock().unwrap().refreshes += 1;
@@ -216,7 +212,8 @@ async fn live_member(
                 // new one and drops the old with DUPLICATE_IDENTITY.
                 let new = livekit.connect(&m.lk_room, &m.ident);
                 livekit.disconnect(&m.lk_room, &session.sid);
-                let left = livekit.participant_event("participant_left", &m.lk_room, &session, Some("DUPLICATE_IDENTITY"));
+                let left =
+                    livekit.participant_event("participant_left", &m.lk_room, &session, Some("DUPLICATE_IDENTITY"));
                 let joined = livekit.participant_event("participant_joined", &m.lk_room, &new, None);
                 net.webhook(joined, &mut rng);
                 net.webhook(left, &mut rng);
@@ -365,10 +362,13 @@ async fn chaos() {
     }
     let sends: Vec<common::hs_proxy::Call> = proxies.iter().flat_map(|p| p.calls()).collect();
     let sent_ok = |delay_id: &str| {
-        sends.iter().any(|c| c.delay_id.as_deref() == Some(delay_id) && c.action.as_deref() == Some("send") && c.status == Some(200))
+        sends.iter().any(|c| {
+            c.delay_id.as_deref() == Some(delay_id) && c.action.as_deref() == Some("send") && c.status == Some(200)
+        })
     };
     let bound = leave_bound().as_millis() as i64;
-    let (mut premature, mut late, mut missing, mut superseded_sent, mut by_timer) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut premature, mut late, mut missing, mut superseded_sent, mut by_timer) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut worst_ms = 0i64;
     let mut leaves = 0;
     for life in &lives {
@@ -392,7 +392,8 @@ async fn chaos() {
             }
         }
         for old in &life.delay_ids[..life.delay_ids.len() - 1] {
-            if sends.iter().any(|c| c.delay_id.as_deref() == Some(old.as_str()) && c.action.as_deref() == Some("send")) {
+            if sends.iter().any(|c| c.delay_id.as_deref() == Some(old.as_str()) && c.action.as_deref() == Some("send"))
+            {
                 superseded_sent.push((life.member, old.clone()));
             }
         }
@@ -423,14 +424,22 @@ async fn chaos() {
         superseded_sent.len(),
         by_timer.len(),
     );
-    let fail = !(premature.is_empty() && late.is_empty() && missing.is_empty() && superseded_sent.is_empty() && by_timer.is_empty());
+    let fail = !(premature.is_empty()
+        && late.is_empty()
+        && missing.is_empty()
+        && superseded_sent.is_empty()
+        && by_timer.is_empty());
     if fail {
         // What happened to the first few: every call made for their delay ids, and their
         // memberships' timeline, relative to the life's start.
         let now_ms = unix_ms(SystemTime::now());
         let show = |what: &str, life: &Life| {
             let started = unix_ms(life.started);
-            eprintln!("{what}: member {} started at +0, disconnected at +{} ms", life.member, unix_ms(life.disconnected.unwrap()) - started);
+            eprintln!(
+                "{what}: member {} started at +0, disconnected at +{} ms",
+                life.member,
+                unix_ms(life.disconnected.unwrap()) - started
+            );
             for (i, id) in life.delay_ids.iter().enumerate() {
                 for c in sends.iter().filter(|c| c.delay_id.as_deref() == Some(id.as_str())) {
                     let at = now_ms - c.received.elapsed().as_millis() as i64 - started;

@@ -17,7 +17,9 @@
 //!
 //! Durability rules kept here:
 //! * a delegation takes effect (and is answered) only once the commit that stores it (and
-//!   deletes the job it supersedes) succeeded;
+//!   deletes the job it supersedes) succeeded — except one from an inbox, durable there and
+//!   answered already, which takes effect at once so that the entries after it (the member's
+//!   departure) apply to it;
 //! * a webhook is answered only once the commit holding its effects succeeded (a webhook with no
 //!   effects waits for the commit in flight, if any);
 //! * restarts and sends never wait for the store: a slow or stuck store delays answers to LiveKit
@@ -69,7 +71,7 @@ pub struct Ticket(pub u64);
 
 impl Ticket {
     /// An inbox entry's: nobody waits for its answer (the entry was answered when it was
-    /// queued); a delegation from the inbox is never refused, only retried.
+    /// queued).
     pub const INBOX: Ticket = Ticket(0);
 }
 
@@ -331,11 +333,29 @@ impl Registry {
         }
         owned.last = entry;
         match inbound {
-            Inbound::Delegation(d) => self.delegate(d, Ticket::INBOX),
+            Inbound::Delegation(d) => self.delegate_from_inbox(d, now),
             Inbound::Webhook(event) => self.webhook(event, Ticket::INBOX, now),
             Inbound::Unreadable => {}
         }
         self.pending.push((shard, StoreOp::Consumed { shard, entry }));
+    }
+
+    /// A delegation from an inbox: already durable there, and already answered, so it takes effect
+    /// at once — before the entries after it, a departure of the member among them — and its
+    /// record goes into the commit that also records its position. A crash before that commit
+    /// replays the entry, with the same outcome.
+    fn delegate_from_inbox(&mut self, d: Delegation, now: Millis) {
+        let server = d.server_name().to_owned();
+        if let Some(id) = self.tracked_delay(&server, &d.delay_id) {
+            debug!(job = %id, room = %d.room_id, delay_id = %DelayRef(&d.delay_id), "delegation repeated; already tracked");
+            self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
+            return;
+        }
+        let (id, shard, replaces) = (JobId::random(), shard_of(&d.livekit_room()), self.tracked_member(&d));
+        let record = JobRecord { id, delegation: d.clone(), state: Durable::Waiting };
+        self.pending.push((shard, StoreOp::Insert(Box::new(record))));
+        self.pending.extend(replaces.map(|old| (shard, StoreOp::Delete(old))));
+        self.start_delegation(Staged { id, shard, delegation: d, replaces, tickets: vec![Ticket::INBOX] }, now);
     }
 
     /// A delegation: stored (replacing an older one of the same member) in the next commit, and
@@ -501,23 +521,15 @@ impl Registry {
                 retried.retain(|(s, _)| self.owns(*s));
                 let newer = std::mem::replace(&mut self.pending, retried);
                 self.pending.extend(newer);
-                let mut kept = Vec::new();
+                // (Inbox delegations are never staged: in effect at once, their records are in
+                // the changes retried above.)
                 for s in batch.staged {
-                    // An inbox entry was answered when it was queued: it is retried, never refused.
-                    if s.tickets.contains(&Ticket::INBOX) {
-                        if self.owns(s.shard) {
-                            kept.push(s);
-                        }
-                        continue;
-                    }
                     let d = &s.delegation;
                     error!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), "delegation not stored");
                     for ticket in s.tickets {
                         self.effects.push_back(Effect::Delegated { ticket, result: Err(e.clone()) });
                     }
                 }
-                let newer = std::mem::replace(&mut self.staged, kept);
-                self.staged.extend(newer);
                 self.answer_webhooks(batch.waiting, Err(e));
                 self.commit_not_before = now + self.limits.commit_retry;
             }

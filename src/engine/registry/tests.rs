@@ -704,13 +704,14 @@ fn an_inbox_entry_takes_effect_once_and_its_position_is_committed_with_its_effec
     assert_eq!(rig.commits.len(), 1);
     let ops = &rig.commits[0];
     assert!(
-        matches!(&ops[..], [StoreOp::Consumed { shard: s, entry: e }, StoreOp::Insert(r)] if *s == shard && *e == entry(5) && r.delegation == a),
+        matches!(&ops[..], [StoreOp::Insert(r), StoreOp::Consumed { shard: s, entry: e }] if *s == shard && *e == entry(5) && r.delegation == a),
         "{ops:?}"
     );
     assert_eq!(rig.fences[0], Some(vec![(shard, 3)]), "fenced with the shard's epoch");
-    rig.commit(Ok(()));
+    // Durable in the inbox already: in effect at once, restarted at once.
     assert_eq!(rig.r.len(), 1);
-    assert_eq!(rig.calls.len(), 1, "restarted at once");
+    assert_eq!(rig.calls.len(), 1);
+    rig.commit(Ok(()));
     // The same entry again (read twice), or an entry read under an earlier holding: nothing.
     consume(&mut rig, shard, 3, 5, Inbound::Delegation(delegation("a", "DEV", "syd_other")));
     consume(&mut rig, shard, 2, 6, Inbound::Delegation(delegation("a", "DEV", "syd_other")));
@@ -735,7 +736,7 @@ fn a_failed_commit_retries_an_inbox_delegation_instead_of_refusing_it() {
     let a = delegation("a", "DEV", "syd_a");
     consume(&mut rig, shard, 3, 5, Inbound::Delegation(a.clone()));
     rig.commit(Err(StoreError("FENCED or down".into())));
-    assert!(rig.delegated.is_empty(), "nobody waits for an inbox entry's answer");
+    assert!(rig.delegated.iter().all(|(t, _)| *t == Ticket::INBOX), "nobody waits for an inbox entry's answer");
     rig.advance(Limits::default().commit_retry);
     assert_eq!(rig.commits.len(), 2, "retried");
     let ops = &rig.commits[1];
@@ -781,4 +782,27 @@ fn a_released_shard_is_forgotten_without_a_call_and_its_changes_are_not_committe
     // The answer to the call made before comes back: ignored.
     rig.answer_calls(HsAnswer::Ok);
     assert!(rig.r.is_empty() && rig.calls.is_empty());
+}
+
+/// Found by the chaos suite: a client refreshed its delayed leave (new delegation, in the inbox)
+/// and then hung up; the departure, queued after the delegation, was applied to the old job
+/// while the new one waited for its commit — and the superseded delay id was sent.
+#[test]
+fn an_inbox_delegation_takes_effect_before_the_departure_queued_after_it() {
+    let (mut rig, shard) = sharded();
+    let old = delegation("a", "DEV", "syd_old");
+    consume(&mut rig, shard, 3, 1, Inbound::Delegation(old.clone()));
+    rig.commit(Ok(()));
+    rig.answer_calls(HsAnswer::Ok);
+    consume(&mut rig, shard, 3, 2, Inbound::Webhook(joined(&old, "PA_1", "EV_1")));
+    rig.commit(Ok(()));
+    // The refresh, then the hang-up, one right after the other in the inbox; a commit is in
+    // flight meanwhile.
+    let new = delegation("a", "DEV", "syd_new");
+    consume(&mut rig, shard, 3, 3, Inbound::Delegation(new.clone()));
+    consume(&mut rig, shard, 3, 4, Inbound::Webhook(left(&new, "PA_1", "EV_2")));
+    let sent: Vec<&str> =
+        rig.calls.iter().filter(|c| c.2 == DelayedAction::Send).map(|c| c.3.delay_id.as_str()).collect();
+    assert!(!sent.contains(&"syd_old"), "the superseded delay id was sent: {sent:?}");
+    assert_eq!(rig.r.len(), 1);
 }
