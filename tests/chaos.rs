@@ -10,8 +10,9 @@
 //! membership was published and when its leave landed, by the homeserver's own clock):
 //! (a) no leave while the member was connected (premature) — a migration or a duplicate identity
 //!     is a reconnection, not a departure;
-//! (b) every departed member's leave within join timeout + 2 reconciliation intervals + a takeover
-//!     + a RoomService outage;
+//! (b) every departed member's leave within join timeout + 2 reconciliation intervals + the
+//!     spacing of the two listings that prove absence + a RoomService outage (+ 2 s), and one
+//!     takeover more per kill of an instance meanwhile;
 //! (c) no superseded delay id ever sent;
 //! (d) no delegation answered 200 lost: every member's last delayed leave sent by the bridge, none
 //!     left to the homeserver's own timer.
