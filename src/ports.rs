@@ -1,6 +1,7 @@
 //! The engine's outbound ports, next to [`crate::store::Store`]: restarting and sending a
-//! member's delayed event on its homeserver ([`DelayedEvents`]) and asking LiveKit who is in a
-//! room ([`Presence`]).
+//! member's delayed event on its homeserver ([`DelayedEvents`]), asking LiveKit who is in a
+//! room ([`Presence`]), and asking whether this instance may call for a job right now
+//! ([`CallGate`]: always, alone; with several instances, while it surely holds the job's shard).
 //!
 //! The engine knows only these traits; the adapters that speak HTTP live with the party they
 //! talk to ([`crate::homeserver::delayed_events::HomeserverCalls`],
