@@ -332,10 +332,7 @@ async fn chaos() {
     let mut bridges = Vec::new();
     for i in 0..INSTANCES {
         let hs = HsProxy::start(&synapse.url).await;
-        let mut env = Bridge::env_for(&hs.url, &livekit);
-        env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
-        env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), format!("{}ms", LEASE.as_millis()));
-        env.insert("RTC_LEAVE_BRIDGE_INSTANCE".into(), format!("chaos{i}"));
+        let mut env = Bridge::env_for_cluster(&hs.url, &livekit, &redis.url(), LEASE, &format!("chaos{i}"));
         env.insert("LIVEKIT_LOG_LEVEL".into(), std::env::var("CHAOS_LOG_LEVEL").unwrap_or_else(|_| "info".into()));
         bridges.push(Bridge::start(env).await);
         proxies.push(hs);

@@ -55,10 +55,7 @@ impl World {
         let mut instances = Vec::new();
         for i in 0..3 {
             let hs = HsProxy::start(&synapse.url).await;
-            let mut env = Bridge::env_for(&hs.url, &livekit);
-            env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
-            env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), format!("{}ms", LEASE.as_millis()));
-            env.insert("RTC_LEAVE_BRIDGE_INSTANCE".into(), format!("bridge{i}"));
+            let env = Bridge::env_for_cluster(&hs.url, &livekit, &redis.url(), LEASE, &format!("bridge{i}"));
             instances.push(Instance { bridge: Bridge::start(env).await, hs });
         }
         let owner = synapse.register("owner").await;

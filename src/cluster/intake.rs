@@ -51,9 +51,9 @@ impl Intake {
     pub async fn delegate(&self, delegation: Delegation) -> Result<Receipt, IntakeError> {
         match self {
             Intake::Engine(engine) => Ok(Receipt::Job(engine.delegate(delegation).await?)),
-            Intake::Inbox { .. } => {
+            Intake::Inbox { store, metrics } => {
                 let shard = shard_of(&delegation.livekit_room());
-                self.queue(shard, Inbound::Delegation(delegation)).await
+                queue(store, metrics, shard, Inbound::Delegation(delegation)).await
             }
         }
     }
@@ -63,22 +63,19 @@ impl Intake {
             Intake::Engine(engine) => Ok(engine.webhook(event).await?),
             // Nothing acts on other events: not worth a round trip.
             Intake::Inbox { .. } if matches!(event.kind, SfuEventKind::Other(_)) => Ok(WebhookOutcome::Ignored),
-            Intake::Inbox { .. } => {
+            Intake::Inbox { store, metrics } => {
                 let shard = shard_of(&event.room);
-                self.queue(shard, Inbound::Webhook(event)).await?;
+                queue(store, metrics, shard, Inbound::Webhook(event)).await?;
                 Ok(WebhookOutcome::Queued)
             }
         }
     }
+}
 
-    async fn queue(&self, shard: Shard, inbound: Inbound) -> Result<Receipt, IntakeError> {
-        let Intake::Inbox { store, metrics } = self else { unreachable!("only inbox intakes queue") };
-        let started = Instant::now();
-        let pushed = store.push(shard, &inbound).await;
-        metrics
-            .redis_duration
-            .get_or_create(&RedisOpLabel { op: "inbox_add" })
-            .observe(started.elapsed().as_secs_f64());
-        Ok(Receipt::Queued(shard, pushed?))
-    }
+/// Appends `inbound` to `shard`'s inbox, timed.
+async fn queue(store: &RedisStore, metrics: &Metrics, shard: Shard, inbound: Inbound) -> Result<Receipt, IntakeError> {
+    let started = Instant::now();
+    let pushed = store.push(shard, &inbound).await;
+    metrics.redis_duration.get_or_create(&RedisOpLabel { op: "inbox_add" }).observe(started.elapsed().as_secs_f64());
+    Ok(Receipt::Queued(shard, pushed?))
 }

@@ -120,7 +120,6 @@ pub enum Effect {
 #[derive(Debug)]
 struct Staged {
     id: JobId,
-    shard: Shard,
     delegation: Delegation,
     /// The job of the same member it replaces (tracked, or staged before it).
     replaces: Option<JobId>,
@@ -296,8 +295,8 @@ impl Registry {
     }
 
     /// Gives shard `shard` up: its jobs are forgotten without any call (another instance takes
-    /// them over from the store), with their changes not yet committed and its staged
-    /// delegations (still in the inbox, since their position was not committed either).
+    /// them over from the store), with their changes not yet committed (the inbox entries behind
+    /// them too: their positions were not committed either).
     pub fn release(&mut self, shard: Shard) {
         let Some(owned) = &mut self.owned else { return };
         if owned.remove(&shard).is_none() {
@@ -315,7 +314,6 @@ impl Registry {
             }
         }
         self.pending.retain(|(s, _)| *s != shard);
-        self.staged.retain(|s| s.shard != shard);
         ids.len()
     }
 
@@ -345,31 +343,37 @@ impl Registry {
     /// record goes into the commit that also records its position. A crash before that commit
     /// replays the entry, with the same outcome.
     fn delegate_from_inbox(&mut self, d: Delegation, now: Millis) {
-        let server = d.server_name().to_owned();
-        if let Some(id) = self.tracked_delay(&server, &d.delay_id) {
-            debug!(job = %id, room = %d.room_id, delay_id = %DelayRef(&d.delay_id), "delegation repeated; already tracked");
-            self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
+        if self.repeated(&d).is_some() {
             return;
         }
         let (id, shard, replaces) = (JobId::random(), shard_of(&d.livekit_room()), self.tracked_member(&d));
         let record = JobRecord { id, delegation: d.clone(), state: Durable::Waiting };
         self.pending.push((shard, StoreOp::Insert(Box::new(record))));
         self.pending.extend(replaces.map(|old| (shard, StoreOp::Delete(old))));
-        self.start_delegation(Staged { id, shard, delegation: d, replaces, tickets: vec![Ticket::INBOX] }, now);
+        self.start_delegation(Staged { id, delegation: d, replaces, tickets: vec![Ticket::INBOX] }, now);
+    }
+
+    /// The job already tracking `d`'s delay id, if any (a client repeating itself), counted and
+    /// logged as such.
+    fn repeated(&self, d: &Delegation) -> Option<JobId> {
+        let id = self.tracked_delay(d.server_name(), &d.delay_id)?;
+        debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %DelayRef(&d.delay_id),
+            "delegation repeated; already tracked");
+        self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
+        Some(id)
     }
 
     /// A delegation: stored (replacing an older one of the same member) in the next commit, and
     /// started once that commit succeeded. A repeat of a tracked or staged one is answered with
-    /// its job.
+    /// its job. A single instance's way in: with shards, delegations come through their inbox
+    /// ([`Registry::consume`]).
     pub fn delegate(&mut self, d: Delegation, ticket: Ticket) {
-        let server = d.server_name().to_owned();
-        if let Some(id) = self.tracked_delay(&server, &d.delay_id) {
-            debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %DelayRef(&d.delay_id),
-                "delegation repeated; already tracked");
-            self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
+        debug_assert!(self.owned.is_none(), "a sharded registry takes delegations from inboxes only");
+        if let Some(id) = self.repeated(&d) {
             self.effects.push_back(Effect::Delegated { ticket, result: Ok(id) });
             return;
         }
+        let server = d.server_name();
         let same_delay = |s: &&mut Staged| s.delegation.server_name() == server && s.delegation.delay_id == d.delay_id;
         let in_flight = self.committing.as_mut().map(|b| &mut b.staged);
         if let Some(s) = self.staged.iter_mut().chain(in_flight.into_iter().flatten()).find(same_delay) {
@@ -386,8 +390,7 @@ impl Registry {
             .find(|s| s.delegation.member_key() == key)
             .map(|s| s.id)
             .or_else(|| self.tracked_member(&d));
-        let shard = shard_of(&d.livekit_room());
-        self.staged.push(Staged { id: JobId::random(), shard, delegation: d, replaces, tickets: vec![ticket] });
+        self.staged.push(Staged { id: JobId::random(), delegation: d, replaces, tickets: vec![ticket] });
     }
 
     /// A verified webhook: applied to the jobs it concerns at once, answered once durable.
@@ -507,9 +510,7 @@ impl Registry {
             Ok(()) => {
                 self.answer_webhooks(batch.waiting, Ok(()));
                 for s in batch.staged {
-                    if self.owns(s.shard) {
-                        self.start_delegation(s, now);
-                    }
+                    self.start_delegation(s, now);
                 }
             }
             Err(e) => {
@@ -617,7 +618,7 @@ impl Registry {
 
     /// Starts a delegation whose record (and its predecessor's deletion) is committed.
     fn start_delegation(&mut self, staged: Staged, now: Millis) {
-        let Staged { id, delegation: d, replaces, tickets, .. } = staged;
+        let Staged { id, delegation: d, replaces, tickets } = staged;
         if let Some(old) = replaces {
             if let Some(entry) = self.jobs.get(&old) {
                 info!(job = %old, room = %entry.delegation.room_id, identity = entry.identity(),

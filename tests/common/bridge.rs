@@ -42,6 +42,22 @@ impl Bridge {
         .collect()
     }
 
+    /// As [`Bridge::env_for`], for one of several instances sharing `redis_url`, named
+    /// `instance`, with leases of `lease`.
+    pub fn env_for_cluster(
+        homeserver_url: &str,
+        livekit: &LiveKit,
+        redis_url: &str,
+        lease: Duration,
+        instance: &str,
+    ) -> HashMap<String, String> {
+        let mut env = Bridge::env_for(homeserver_url, livekit);
+        env.insert("LIVEKIT_REDIS_URL".into(), redis_url.into());
+        env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), format!("{}ms", lease.as_millis()));
+        env.insert("RTC_LEAVE_BRIDGE_INSTANCE".into(), instance.into());
+        env
+    }
+
     pub async fn start(env: HashMap<String, String>) -> Bridge {
         Bridge::start_on(super::free_port(), env).await
     }
