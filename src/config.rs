@@ -473,7 +473,8 @@ pub struct Timing {
     /// was asked for) whose answer has not come back by then counts as failed: a lost answer (a
     /// task that panicked or was cancelled) never stops the restarts.
     pub call_timeout: Millis,
-    /// Consecutive RoomService listings without the bound member that prove it gone.
+    /// Consecutive RoomService listings without the bound member that prove it gone: with two,
+    /// each may fall in the gap of another reconnection whose webhooks were lost.
     pub absences_to_leave: u8,
     /// Those listings must have started at least this far apart: two started moments apart can
     /// both fall in the gap of one reconnection (a migration, a new session replacing the old).
@@ -514,7 +515,7 @@ impl Section for Timing {
             backoff_max: 30_000,
             failover_headroom: 0,
             call_timeout,
-            absences_to_leave: 2,
+            absences_to_leave: 3,
             absence_spacing: 1_500,
             unconfirmed_limit: millis(src.duration("RTC_LEAVE_BRIDGE_UNCONFIRMED_LIMIT", ms(10_000), hours(24))?),
         })

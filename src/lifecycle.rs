@@ -270,16 +270,51 @@ struct Live {
     binding: Binding,
     /// When the job learnt of it: only a listing started later can prove it absent.
     since: Millis,
-    /// Consecutive such listings without it, each started at least
-    /// [`Timing::absence_spacing`] after the previous one counted.
-    absences: u8,
-    /// When the last listing counted here started.
-    last_absent: Option<Millis>,
+    /// Listings that did not show it since one last did.
+    absent: Absences,
 }
 
 impl Live {
     fn new(binding: Binding, now: Millis) -> Self {
-        Live { binding, since: now, absences: 0, last_absent: None }
+        Live { binding, since: now, absent: Absences::default() }
+    }
+}
+
+/// Listings that found a session (or the member) absent, since one last found it: the evidence
+/// that it is gone. One listing is no proof, nor are two: each may fall in the gap of a
+/// reconnection whose webhooks were lost (a migration, a new session replacing the old), and a
+/// member can reconnect twice between two listings. Gone means [`Timing::absences_to_leave`]
+/// listings without it, each started at least [`Timing::absence_spacing`] after the previous one
+/// counted (listings started moments apart fall in the same gap), spanning at least `span`: the
+/// time a reconnection is given when we know of it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Absences {
+    /// How many listings counted; the first and the last of them started at these times.
+    count: u8,
+    first: Millis,
+    last: Millis,
+}
+
+impl Absences {
+    /// Counts a listing started at `at` that did not show it (unless it started too soon after
+    /// the last one counted).
+    fn note(&mut self, at: Millis, timing: &Timing) {
+        if self.count == 0 {
+            *self = Absences { count: 1, first: at, last: at };
+        } else if at >= self.last + timing.absence_spacing {
+            self.count = self.count.saturating_add(1);
+            self.last = at;
+        }
+    }
+
+    fn proven(&self, span: Millis, timing: &Timing) -> bool {
+        self.count >= timing.absences_to_leave && self.last >= self.first + span
+    }
+
+    /// When a listing can next add to the evidence, if it is still short of proof.
+    fn next_listing(&self, span: Millis, timing: &Timing) -> Option<Millis> {
+        (self.count > 0 && !self.proven(span, timing))
+            .then(|| (self.last + timing.absence_spacing).max(self.first + span))
     }
 }
 
@@ -360,8 +395,9 @@ fn prune(
 
 /// Applies a listing started at `at` that shows `present` to the live `sessions`: listed ones are
 /// confirmed; one the job knew before the listing started (a listing started earlier may predate
-/// its join) and that it does not show is one absence closer to being pruned, and pruned at
-/// `absences_to_leave`. Whether any was pruned.
+/// its join) and that it does not show is one absence closer to being pruned, and pruned once its
+/// absence is proven over the grace period: a session that vanished without a departure is given
+/// the time a migration announced by a webhook is given. Whether any was pruned.
 fn reconcile(
     sessions: &mut Vec<Live>,
     gone: &mut Vec<(String, Millis)>,
@@ -372,17 +408,24 @@ fn reconcile(
 ) -> bool {
     for live in sessions.iter_mut() {
         if present.iter().any(|s| s.sid == live.binding.sid) {
-            live.absences = 0;
-            live.last_absent = None;
-        } else if at > live.since && live.last_absent.is_none_or(|last| at >= last + timing.absence_spacing) {
-            // Listings started moments apart (a periodic one and another job's probe of the same
-            // room) can both fall in one reconnection's gap: together they prove nothing more
-            // than one of them.
-            live.absences += 1;
-            live.last_absent = Some(at);
+            live.absent = Absences::default();
+        } else if at > live.since {
+            live.absent.note(at, timing);
         }
     }
-    prune(sessions, gone, now, |l| l.absences < timing.absences_to_leave)
+    prune(sessions, gone, now, |l| !l.absent.proven(timing.grace, timing))
+}
+
+/// When a listing can next add to the evidence against one of `sessions`.
+fn next_listing(sessions: &[Live], timing: &Timing) -> Option<Millis> {
+    sessions.iter().filter_map(|l| l.absent.next_listing(timing.grace, timing)).min()
+}
+
+/// Asks for a listing at `at` (not before `now`), unless one is asked for sooner already.
+fn want_listing(probe_at: &mut Option<Millis>, at: Option<Millis>, now: Millis) {
+    if let Some(at) = at {
+        *probe_at = Some(probe_at.map_or(at, |p| p.min(at)).max(now));
+    }
 }
 
 /// The newest of `sessions` (by `joinedAt`; of equals, the one learnt last).
@@ -407,9 +450,8 @@ pub struct Job {
     deadline: Millis,
     /// A RoomService listing is wanted at this time (and none has been asked for since).
     probe_at: Option<Millis>,
-    /// Waiting or in grace: when the first listing that found the member absent past its
-    /// deadline started. A second one, at least [`Timing::absence_spacing`] later, proves it gone.
-    first_absence: Option<Millis>,
+    /// Waiting or in grace: the listings that found the member absent past its deadline.
+    absent: Absences,
     /// A listing was asked for; unanswered by then, it counts as failed.
     probe_expires: Option<Millis>,
     /// Sessions we have seen leave; a late or duplicated `participant_joined` for them is stale.
@@ -438,7 +480,7 @@ impl Job {
             deadline: now + delay,
             probe_at: Some(now),
             probe_expires: None,
-            first_absence: None,
+            absent: Absences::default(),
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
@@ -479,7 +521,7 @@ impl Job {
             deadline: now + delay,
             probe_at,
             probe_expires: None,
-            first_absence: None,
+            absent: Absences::default(),
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
@@ -702,7 +744,7 @@ impl Job {
                         note_gone(&mut self.gone_sids, &binding.sid, now);
                         let until = now + self.timing.grace;
                         self.phase = Phase::Grace { binding, since: now, until };
-                        self.first_absence = None;
+                        self.absent = Absences::default();
                         self.probe_at = Some(until);
                         out.push(Action::Persist);
                     }
@@ -767,6 +809,7 @@ impl Job {
                 for s in present {
                     changed |= admit(sessions, &mut self.gone_sids, Binding::of(s), now);
                 }
+                want_listing(&mut self.probe_at, next_listing(sessions, &self.timing), now);
                 if changed {
                     out.push(Action::Persist);
                 }
@@ -799,6 +842,7 @@ impl Job {
             }
             Phase::Connected { sessions } => {
                 let changed = reconcile(sessions, &mut self.gone_sids, &[], at, now, &self.timing);
+                want_listing(&mut self.probe_at, next_listing(sessions, &self.timing), now);
                 if sessions.is_empty() {
                     self.start_sending(Trigger::Reconciled, now, out);
                 } else if changed {
@@ -818,19 +862,15 @@ impl Job {
         }
     }
 
-    /// Past a deadline, a listing (started at `at`) found the member absent: whether that proves
-    /// it gone. The first such listing does not — it may have fallen in a reconnection's gap —
-    /// and asks for another, far enough apart not to fall in the same one.
+    /// Past a deadline (which gave the member its time already), a listing started at `at` found
+    /// it absent: whether the absence is proven. If not, another listing is asked for as soon as
+    /// it can add to the evidence.
     fn absence_confirmed(&mut self, at: Millis, now: Millis) -> bool {
-        match self.first_absence {
-            Some(first) if at >= first + self.timing.absence_spacing => true,
-            Some(first) => {
-                self.probe_at = Some(now.max(first + self.timing.absence_spacing));
-                false
-            }
-            None => {
-                self.first_absence = Some(at);
-                self.probe_at = Some(now.max(at + self.timing.absence_spacing));
+        self.absent.note(at, &self.timing);
+        match self.absent.next_listing(0, &self.timing) {
+            None => true,
+            Some(next) => {
+                self.probe_at = Some(now.max(next));
                 false
             }
         }
@@ -846,6 +886,7 @@ impl Job {
         self.probe_at = match self.phase {
             Phase::Waiting { join_deadline } => Some(retry.max(join_deadline)),
             Phase::Grace { until, .. } => Some(retry.max(until)),
+            Phase::Connected { ref sessions } => next_listing(sessions, &self.timing).map(|t| t.max(retry)),
             _ => None,
         };
     }
@@ -923,12 +964,12 @@ impl Job {
     /// the migrating one will not come back; listings prune it if it does not.
     fn bind(&mut self, sessions: Vec<Binding>, now: Millis, out: &mut Vec<Action>) {
         debug_assert!(!sessions.is_empty());
-        self.first_absence = None;
+        self.absent = Absences::default();
         // Sized exactly: a job is usually bound to one session, and a Vec grown by push would
         // reserve room for four (400 bytes per member).
         let mut live = Vec::with_capacity(sessions.len() + usize::from(matches!(self.phase, Phase::Grace { .. })));
         if let Phase::Grace { binding, since, .. } = &self.phase {
-            live.push(Live { binding: binding.clone(), since: *since, absences: 0, last_absent: None });
+            live.push(Live { binding: binding.clone(), since: *since, absent: Absences::default() });
         }
         for b in sessions {
             admit(&mut live, &mut self.gone_sids, b, now);
