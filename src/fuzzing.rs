@@ -36,6 +36,49 @@ pub fn webhook_signed(data: &[u8]) {
     let _ = verifier().verify(&body, Some(&token));
 }
 
+/// The delays the request targets accept (the service's defaults with one instance).
+const DELAYS: crate::api::DelayRange = crate::api::DelayRange { min_ms: 1, max_ms: 24 * 3600 * 1000 };
+
+/// A `POST /delegate_delayed_leave` body (OpenID mode): parsed and checked for shape and syntax
+/// as the endpoint does before asking anyone.
+pub fn delegation_body(data: &[u8]) {
+    let _ = crate::api::delegation::check(data, &DELAYS);
+}
+
+/// A token request body: the first byte picks `/sfu/get` (odd) or `/get_token` (even), the rest
+/// is the body, checked with its delayed leave as the endpoints do before asking anyone.
+pub fn token_body(data: &[u8]) {
+    let Some((first, body)) = data.split_first() else { return };
+    let _ = crate::api::token::check_body(body, first % 2 == 1, &DELAYS);
+}
+
+/// A homeserver-proxied request (appservice mode) as the homeserver forwards it: the first line
+/// is the `Authorization` header, the second `X-Matrix-User-Identifier`, the rest the body; the
+/// hs_token checked, the member taken from the header, the body checked.
+pub fn appservice_request(data: &[u8]) {
+    use crate::api::appservice::{AppserviceState, TokenQuery, proxied};
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\n');
+    let (auth, user, body) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let mut headers = axum::http::HeaderMap::new();
+    for (name, value) in [("authorization", auth), ("x-matrix-user-identifier", user)] {
+        if let Ok(value) = axum::http::HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    }
+    let state = AppserviceState {
+        config: crate::config::Appservice {
+            as_token: "fuzz-as-token".into(),
+            hs_token: "fuzz-hs-token".into(),
+            server_name: "hs.test".into(),
+        },
+        livekit_url: "https://sfu.example.org".into(),
+        path_styles: Default::default(),
+        request_timeout: std::time::Duration::from_secs(1),
+    };
+    let _ = proxied(&state, &headers, &TokenQuery::default(), body.as_bytes());
+}
+
 /// Settings as `NAME=value` lines (only names the service knows are kept).
 pub fn config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
@@ -68,15 +111,18 @@ mod tests {
     #[test]
     fn every_kept_fuzz_input_runs_without_panicking() {
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 4] = [
+        let targets: [(&str, Target); 7] = [
             ("webhook_unsigned", super::webhook_unsigned),
             ("webhook_signed", super::webhook_signed),
             ("config", super::config),
             ("server_name", super::server_name),
+            ("delegation_body", super::delegation_body),
+            ("token_body", super::token_body),
+            ("appservice_request", super::appservice_request),
         ];
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-        let mut replayed = 0;
         for (name, target) in targets {
+            let mut replayed = 0;
             for kind in ["corpus", "crashes"] {
                 let Ok(entries) = std::fs::read_dir(root.join(kind).join(name)) else { continue };
                 for entry in entries {
@@ -87,7 +133,7 @@ mod tests {
                     }
                 }
             }
+            assert!(replayed > 0, "the corpus of {name} is missing");
         }
-        assert!(replayed >= 4, "the seed corpus is missing: {replayed} inputs");
     }
 }

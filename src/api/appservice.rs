@@ -35,9 +35,9 @@ pub struct AppserviceState {
     pub request_timeout: Duration,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 pub struct TokenQuery {
-    access_token: Option<String>,
+    pub access_token: Option<String>,
 }
 
 /// Checks the homeserver's `hs_token` (header, or the legacy `access_token` query parameter).
@@ -105,7 +105,7 @@ struct Member {
 }
 
 /// A request the homeserver forwarded: who it is from, and what it asks about.
-struct Proxied<'a> {
+pub(crate) struct Proxied<'a> {
     a: &'a AppserviceState,
     user_id: ruma::OwnedUserId,
     room_id: ruma::OwnedRoomId,
@@ -144,14 +144,14 @@ fn trim_url(url: &str) -> &str {
     url.trim().trim_end_matches('/')
 }
 
-/// Authenticates the homeserver, takes the member from it, and checks the body.
-fn proxied<'a>(
-    state: &'a AppState,
+/// Authenticates the homeserver, takes the member from it, and checks the body: no I/O (a fuzz
+/// target).
+pub(crate) fn proxied<'a>(
+    a: &'a AppserviceState,
     headers: &HeaderMap,
     query: &TokenQuery,
     body: &[u8],
 ) -> Result<Proxied<'a>, MatrixError> {
-    let a = appservice(state)?;
     check_hs_token(a, headers, query)?;
     let server = a.config.server_name.as_str();
 
@@ -252,7 +252,7 @@ async fn handle_delegation(
     query: &TokenQuery,
     body: &[u8],
 ) -> Result<(), MatrixError> {
-    let p = proxied(state, headers, query, body)?;
+    let p = proxied(appservice(state)?, headers, query, body)?;
     let missing = |field: &str| {
         MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("invalid request: missing field `{field}`"))
     };
@@ -270,7 +270,7 @@ async fn handle_get_token(
     query: &TokenQuery,
     body: &[u8],
 ) -> Result<super::token::Answer, MatrixError> {
-    let p = proxied(state, headers, query, body)?;
+    let p = proxied(appservice(state)?, headers, query, body)?;
     let server = p.a.config.server_name.as_str();
     let grant = super::token::Grant {
         identity: crate::identity::identity_two_part(p.user_id.as_str(), &p.member_id),

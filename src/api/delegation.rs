@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use super::member::{OpenIdToken, upstream_error, verified_user};
-use super::{AppState, MatrixError, check_text, invalid, parse_json};
+use super::{AppState, DelayRange, MatrixError, check_text, invalid, parse_json};
 use crate::delegation::{Delegation, now_unix_ms};
 use crate::homeserver::openid::OpenIdError;
 
@@ -42,10 +42,18 @@ pub async fn delegate(State(state): State<AppState>, body: Bytes) -> Result<Resp
     super::delegation_answer(&state, handle(&state, &body).await)
 }
 
-async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
-    let req: Request = parse_json(body)?;
+/// A request whose every field is well-formed; nothing asked of anyone yet.
+pub(crate) struct Checked {
+    req: Request,
+    room_id: ruma::OwnedRoomId,
+    user_id: ruma::OwnedUserId,
+    delay_ms: u64,
+}
 
-    // Shape and syntax.
+/// Parses `body` and checks the shape and syntax of every field, delays within `delays`: no I/O
+/// (a fuzz target).
+pub(crate) fn check(body: &[u8], delays: &DelayRange) -> Result<Checked, MatrixError> {
+    let req: Request = parse_json(body)?;
     let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
     let user_id = ruma::OwnedUserId::try_from(req.member.claimed_user_id.as_str())
         .map_err(|e| invalid(format!("member.claimed_user_id: {e}")))?;
@@ -53,7 +61,13 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
     check_text("member.id", &req.member.id)?;
     check_text("member.claimed_device_id", &req.member.claimed_device_id)?;
     check_text("delay_id", &req.delay_id)?;
-    let delay_ms = state.delays.check("delay_timeout", req.delay_timeout)?;
+    let delay_ms = delays.check("delay_timeout", req.delay_timeout)?;
+    req.openid_token.server()?;
+    Ok(Checked { req, room_id, user_id, delay_ms })
+}
+
+async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
+    let Checked { req, room_id, user_id, delay_ms } = check(body, &state.delays)?;
     let server = req.openid_token.server()?;
 
     // Who may delegate.

@@ -3,7 +3,7 @@
 //! over to the engine; errors are Matrix-style `{"errcode", "error"}` bodies.
 
 pub mod appservice;
-mod delegation;
+pub(crate) mod delegation;
 mod member;
 pub mod operator;
 pub mod token;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::member::{OpenIdToken, upstream_error, verified_user};
-use super::{AppState, MatrixError, check_text, invalid, parse_json};
+use super::{AppState, DelayRange, MatrixError, check_text, invalid, parse_json};
 use crate::delegation::{DelayRef, Delegation, Mode, now_unix_ms};
 use crate::homeserver::openid::OpenIdError;
 use crate::identity;
@@ -50,7 +50,7 @@ pub struct Answer {
 }
 
 #[derive(Deserialize)]
-struct TokenRequest {
+pub(crate) struct TokenRequest {
     room_id: String,
     slot_id: String,
     openid_token: OpenIdToken,
@@ -67,7 +67,7 @@ struct Member {
 }
 
 #[derive(Deserialize)]
-struct LegacyRequest {
+pub(crate) struct LegacyRequest {
     room: String,
     openid_token: OpenIdToken,
     device_id: String,
@@ -93,6 +93,44 @@ impl DelayFields {
     fn requested(&self) -> Option<(&str, Option<i64>)> {
         self.delay_id.as_deref().filter(|id| !id.is_empty()).map(|id| (id, self.delay_timeout))
     }
+
+    /// The delayed leave handed over, checked: `(delay_id, delay in ms)`.
+    fn checked(&self, delays: &DelayRange) -> Result<Option<(&str, u64)>, MatrixError> {
+        let Some((delay_id, timeout)) = self.requested() else { return Ok(None) };
+        check_text("delay_id", delay_id)?;
+        let timeout = timeout.ok_or_else(|| invalid("delay_timeout is required with delay_id"))?;
+        Ok(Some((delay_id, delays.check("delay_timeout", timeout)?)))
+    }
+}
+
+/// A `/get_token` body, parsed and checked for shape and syntax (but its delayed leave, checked
+/// once the user's access is known): no I/O (a fuzz target).
+pub(crate) fn check_get_token(body: &[u8]) -> Result<(TokenRequest, ruma::OwnedUserId), MatrixError> {
+    let req: TokenRequest = parse_json(body)?;
+    ruma::RoomId::parse(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
+    let claimed = ruma::OwnedUserId::try_from(req.member.claimed_user_id.as_str())
+        .map_err(|e| invalid(format!("member.claimed_user_id: {e}")))?;
+    check_text("slot_id", &req.slot_id)?;
+    check_text("member.id", &req.member.id)?;
+    check_text("member.claimed_device_id", &req.member.claimed_device_id)?;
+    req.openid_token.server()?;
+    Ok((req, claimed))
+}
+
+/// A `/sfu/get` body, likewise.
+pub(crate) fn check_sfu_get(body: &[u8]) -> Result<LegacyRequest, MatrixError> {
+    let req: LegacyRequest = parse_json(body)?;
+    ruma::RoomId::parse(req.room.as_str()).map_err(|e| invalid(format!("room: {e}")))?;
+    check_text("device_id", &req.device_id)?;
+    req.openid_token.server()?;
+    Ok(req)
+}
+
+/// Both token request bodies and their delayed leaves, as the endpoints check them before asking
+/// anyone: `legacy` picks `/sfu/get`.
+pub(crate) fn check_body(body: &[u8], legacy: bool, delays: &DelayRange) -> Result<(), MatrixError> {
+    let delay = if legacy { check_sfu_get(body)?.delay } else { check_get_token(body)?.0.delay };
+    delay.checked(delays).map(drop)
 }
 
 /// Who gets a token for what.
@@ -140,20 +178,14 @@ pub async fn get_token(State(state): State<AppState>, body: Bytes) -> Result<Jso
 }
 
 async fn get_token_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
-    let req: TokenRequest = parse_json(body)?;
-    let room_id = ruma::OwnedRoomId::try_from(req.room_id.as_str()).map_err(|e| invalid(format!("room_id: {e}")))?;
-    let claimed = ruma::OwnedUserId::try_from(req.member.claimed_user_id.as_str())
-        .map_err(|e| invalid(format!("member.claimed_user_id: {e}")))?;
-    check_text("slot_id", &req.slot_id)?;
-    check_text("member.id", &req.member.id)?;
-    check_text("member.claimed_device_id", &req.member.claimed_device_id)?;
+    let (req, claimed) = check_get_token(body)?;
     let user_id = verified_user(state, &req.openid_token, Some(&claimed)).await?;
     let identity = identity::identity_three_part(user_id.as_str(), &req.member.claimed_device_id, &req.member.id);
     let grant = Grant {
         user_id,
         device_id: req.member.claimed_device_id,
         member_id: req.member.id,
-        room_id: room_id.to_string(),
+        room_id: req.room_id,
         slot_id: req.slot_id,
         identity,
     };
@@ -166,9 +198,7 @@ pub async fn sfu_get(State(state): State<AppState>, body: Bytes) -> Result<Json<
 }
 
 async fn sfu_get_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
-    let req: LegacyRequest = parse_json(body)?;
-    let room_id = ruma::OwnedRoomId::try_from(req.room.as_str()).map_err(|e| invalid(format!("room: {e}")))?;
-    check_text("device_id", &req.device_id)?;
+    let req = check_sfu_get(body)?;
     let user_id = verified_user(state, &req.openid_token, None).await?;
     let identity = identity::identity_legacy(user_id.as_str(), &req.device_id);
     let grant = Grant {
@@ -176,7 +206,7 @@ async fn sfu_get_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixEr
         // The legacy membership is keyed by the device: that is its member id too.
         member_id: req.device_id.clone(),
         device_id: req.device_id,
-        room_id: room_id.to_string(),
+        room_id: req.room,
         slot_id: LEGACY_SLOT.to_owned(),
         identity,
     };
@@ -195,10 +225,8 @@ async fn issue(
     let delegation = match delay.requested() {
         None => None,
         Some(_) if !full_access => return Err(not_full_access(server, &grant.user_id)),
-        Some((delay_id, timeout)) => {
-            check_text("delay_id", delay_id)?;
-            let timeout = timeout.ok_or_else(|| invalid("delay_timeout is required with delay_id"))?;
-            let timeout = state.delays.check("delay_timeout", timeout)?;
+        Some(_) => {
+            let (delay_id, timeout) = delay.checked(&state.delays)?.expect("a delayed leave was handed over");
             // Where its homeserver is, by our own means.
             let cs = state.discovery.client_server_api(server).await.map_err(|e| {
                 let e = upstream_error(server, OpenIdError::Discovery(e));
