@@ -1,24 +1,32 @@
 //! The chaos suite: 200 members of 20 calls join, leave, rejoin with new delegations, refresh
 //! their delayed leave (superseding the delegated one), migrate and reconnect under a duplicate
-//! identity, against three instances on a real Redis and a real Synapse, while faults are
-//! injected at seeded random times: kill -9 of an instance (and its restart) every few seconds,
-//! 30 % of webhooks lost, 10 % delivered twice, deliveries delayed and reordered, LiveKit's
-//! RoomService down for seconds at a time, Redis crashed and restarted (store errors).
+//! identity against a real Synapse, while faults are injected at seeded random times: kill -9 of
+//! an instance every few seconds (and its restart), 30 % of webhooks lost, 10 % delivered twice,
+//! deliveries delayed and reordered, LiveKit's RoomService down or slow (listings 0–1.4 s late)
+//! for seconds at a time. Two runs: three instances on a real Redis — crashed and restarted once
+//! (store errors), and the homeserver out of the bridge's reach for 60 s (connections dropped,
+//! or requests held unanswered) while Synapse and its timers run on; and the default deployment,
+//! one instance on its embedded SQLite store.
 //!
 //! The oracle reads the truth from the two sides the bridge sits between: the LiveKit emulator's
 //! record of when each member's sessions were connected, and Synapse's room timelines (when each
 //! membership was published and when its leave landed, by the homeserver's own clock):
 //! (a) no leave while the member was connected (premature) — a migration or a duplicate identity
-//!     is a reconnection, not a departure;
+//!     is a reconnection, not a departure — except by the homeserver's own timer while the
+//!     homeserver was out of reach (and moments after: an event whose last chance fell in it), or
+//!     of an event the bridge was handed only after it had fired;
 //! (b) every departed member's leave within join timeout + 2 reconciliation intervals + the
-//!     spacing of the two listings that prove absence + a RoomService outage (+ 2 s), and one
-//!     takeover more per kill of an instance meanwhile;
+//!     listings that prove absence + a RoomService outage + a slow listing (+ 2 s), and one
+//!     takeover more per kill of an instance meanwhile; a member who left while the homeserver
+//!     was out of reach, within its delay after the homeserver returned;
 //! (c) no superseded delay id ever sent;
 //! (d) no delegation answered 200 lost: every member's last delayed leave sent by the bridge, none
-//!     left to the homeserver's own timer.
+//!     left to the homeserver's own timer (but those (a) and (b) allow in the outage).
 //!
 //! `CHAOS_SEED` replays a run (a failing run prints its seed); `CHAOS_SECONDS` sets how long faults
-//! are injected (90 s by default; the README's long run: `CHAOS_SECONDS=1800`).
+//! are injected (100 s on Redis, 30 s on SQLite by default; the README's long run:
+//! `CHAOS_SECONDS=1800 cargo test --test chaos chaos_three_instances_on_redis`); the homeserver
+//! outage starts a fifth of the way in, in runs long enough for it and 20 s of recovery.
 
 mod common;
 
@@ -27,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::bridge::{Bridge, SLOT, delegation_body};
-use common::hs_proxy::HsProxy;
+use common::hs_proxy::{HsProxy, Outage};
 use common::livekit::{API_SECRET, LiveKit};
 use common::redis::Redis;
 use common::synapse::{MatrixUser, Synapse, SynapseOptions, enc};
@@ -38,7 +46,8 @@ use serde_json::Value;
 
 const ROOMS: usize = 20;
 const PER_ROOM: usize = 10;
-const INSTANCES: usize = 3;
+/// A killed instance is restarted within this.
+const DOWNTIME: Duration = Duration::from_millis(1_500);
 const DELAY_MS: u64 = 15_000;
 const LEASE: Duration = Duration::from_secs(1);
 /// `Bridge::env_for`'s join timeout and reconciliation interval.
@@ -46,21 +55,44 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 const RECONCILE: Duration = Duration::from_secs(2);
 /// The longest RoomService outage injected.
 const LIVEKIT_OUTAGE: Duration = Duration::from_secs(3);
-/// A listing that finds a member absent proves nothing alone; the next one counts if it started
-/// this long after (the bridge's `absence_spacing`).
-const ABSENCE_SPACING: Duration = Duration::from_millis(1_500);
+/// While RoomService is slow, a listing reads the room up to this long after it was asked for,
+/// and answers up to this long after that.
+const LIVEKIT_SLOW: Duration = Duration::from_millis(700);
+/// How long the homeserver is out of the bridge's reach.
+const HS_OUTAGE: Duration = Duration::from_secs(60);
+/// After a homeserver outage, how long the homeserver's timer may still fire events the bridge
+/// could not restart in time: one whose last chance (a tenth of the delay before its deadline)
+/// fell in the outage, or whose restart was held unanswered until the bridge's request timeout.
+const HS_OUTAGE_SLACK: Duration = Duration::from_millis(DELAY_MS / 10 + 2_000 + 1_500);
+/// A listing that finds a member absent proves nothing alone: three do, each started at least
+/// 1.5 s after the previous one (the bridge's `absence_spacing`), over at least its grace period
+/// (2 s here) when the member was connected.
+const ABSENCE_PROOF: Duration = Duration::from_millis(2 * 1_500);
 /// How late a departed member's leave may land: (b) — join timeout + 2 reconciliation intervals
-/// (+ the spacing of the two listings that prove absence), a RoomService outage, and two seconds
-/// for the homeserver under this load; each takeover of the member's shard meanwhile (its owner
+/// (+ the listings that prove absence), a RoomService outage, a slow listing, and two seconds for
+/// the homeserver under this load; each takeover of the member's shard meanwhile (its owner
 /// killed) adds [`takeover`].
 fn leave_bound() -> Duration {
-    JOIN_TIMEOUT + 2 * RECONCILE + ABSENCE_SPACING + LIVEKIT_OUTAGE + Duration::from_secs(2)
+    JOIN_TIMEOUT + 2 * RECONCILE + ABSENCE_PROOF + LIVEKIT_OUTAGE + 2 * LIVEKIT_SLOW + Duration::from_secs(2)
 }
 
-/// What a kill of the owner adds: its lease runs out, another instance loads the jobs, and the
-/// absence is proven again from the start.
-fn takeover() -> Duration {
-    LEASE * 5 / 4 + Duration::from_secs(1) + RECONCILE + ABSENCE_SPACING
+/// What is run: how many instances, on which store.
+struct Setup {
+    instances: usize,
+    /// On a shared Redis; on the embedded SQLite otherwise (one instance).
+    redis: bool,
+    /// How long faults are injected unless `CHAOS_SECONDS` says otherwise.
+    seconds: u64,
+}
+
+impl Setup {
+    /// What a kill of the member's instance adds: with several, its lease runs out and another
+    /// one loads the jobs; alone, it is restarted and loads them from its store. Either way the
+    /// absence is then proven again from the start.
+    fn takeover(&self) -> Duration {
+        let resumed = if self.instances > 1 { LEASE * 5 / 4 } else { DOWNTIME };
+        resumed + Duration::from_secs(1) + RECONCILE + ABSENCE_PROOF
+    }
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -77,10 +109,14 @@ struct Tally {
     lost: usize,
     duplicated: usize,
     livekit_outages: usize,
+    /// Periods of slow RoomService listings.
+    livekit_slow: usize,
     redis_crashes: usize,
     refreshes: usize,
     migrations: usize,
     duplicate_identities: usize,
+    /// The homeserver outage, when it began and ended.
+    hs_outage: Option<(SystemTime, SystemTime)>,
 }
 
 /// The instances as the members see them: addresses, and which are up.
@@ -102,12 +138,13 @@ impl Net {
     /// Delivers a webhook as an unreliable LiveKit would: lost (30 %), delivered twice (10 %),
     /// after a random delay (so deliveries reorder), each delivery retried on 5xx or a refused
     /// connection (a killed instance) at another instance, as a load balancer would.
-    fn webhook(self: &Arc<Self>, body: String, rng: &mut StdRng) {
+    /// Delivers a webhook, or loses it; says which.
+    fn webhook(self: &Arc<Self>, body: String, rng: &mut StdRng) -> &'static str {
         let mut tally = self.tally.lock().unwrap();
         tally.webhooks += 1;
         if rng.random_bool(0.3) {
             tally.lost += 1;
-            return;
+            return "lost";
         }
         let copies = if rng.random_bool(0.1) {
             tally.duplicated += 1;
@@ -132,23 +169,26 @@ impl Net {
                 }
             });
         }
+        if copies == 2 { "sent twice" } else { "sent" }
     }
 
-    /// Delegates until an instance answers 200 (a client retries 503 and refused connections).
-    async fn delegate(&self, body: &Value, rng: &mut StdRng) {
+    /// Delegates until an instance answers 200 (a client retries 503, 502 — the homeserver
+    /// could not check its OpenID token — and refused connections); returns when.
+    async fn delegate(&self, body: &Value, rng: &mut StdRng) -> SystemTime {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-        for _ in 0..200 {
+        let until = Instant::now() + HS_OUTAGE + Duration::from_secs(40);
+        while Instant::now() < until {
             let url = self.pick(rng);
             if let Ok(r) = http.post(format!("{url}/delegate_delayed_leave")).json(body).send().await {
                 match r.status().as_u16() {
-                    200 => return,
-                    503 => {}
+                    200 => return SystemTime::now(),
+                    502 | 503 => {}
                     other => panic!("delegation refused with {other}: {}", r.text().await.unwrap_or_default()),
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        panic!("no instance took a delegation for 40 s");
+        panic!("no instance took a delegation for {:?}", HS_OUTAGE + Duration::from_secs(40));
     }
 }
 
@@ -161,9 +201,20 @@ struct Life {
     started: SystemTime,
     /// Every delay id delegated in this life; the last one is the live one.
     delay_ids: Vec<String>,
+    /// When the bridge took each of them.
+    delegated: Vec<SystemTime>,
     /// Connected intervals of the member's sessions as LiveKit saw them, merged: a reconnection
     /// within the grace period (migration, duplicate identity) is no departure.
     disconnected: Option<SystemTime>,
+    /// What LiveKit did for the member's sessions, and what became of each webhook: told when
+    /// the oracle finds fault with the life.
+    story: Vec<(SystemTime, String)>,
+}
+
+impl Life {
+    fn tell(&mut self, what: String) {
+        self.story.push((SystemTime::now(), what));
+    }
 }
 
 struct Member {
@@ -190,11 +241,19 @@ async fn live_member(
         let started = SystemTime::now();
         let delay_id = synapse.join_call(&m.user, &m.room, DELAY_MS).await;
         let body = delegation_body(&synapse.openid_token(&m.user).await, &m.user, &m.room, "m1", &delay_id, DELAY_MS);
-        net.delegate(&body, &mut rng).await;
-        let mut life =
-            Life { member: i, state_key: m.user.state_key(), started, delay_ids: vec![delay_id], disconnected: None };
+        let delegated = net.delegate(&body, &mut rng).await;
+        let mut life = Life {
+            member: i,
+            state_key: m.user.state_key(),
+            started,
+            delay_ids: vec![delay_id],
+            delegated: vec![delegated],
+            disconnected: None,
+            story: Vec::new(),
+        };
         let mut session = livekit.connect(&m.lk_room, &m.ident);
-        net.webhook(livekit.participant_event("participant_joined", &m.lk_room, &session, None), &mut rng);
+        let fate = net.webhook(livekit.participant_event("participant_joined", &m.lk_room, &session, None), &mut rng);
+        life.tell(format!("{} connected, joined {fate}", session.sid));
         let stay = Instant::now() + Duration::from_millis(rng.random_range(10_000..40_000));
         while Instant::now() < stay.min(until) {
             tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..4_000))).await;
@@ -210,17 +269,20 @@ async fn live_member(
                 let new = synapse.join_call(&m.user, &m.room, DELAY_MS).await;
                 let body =
                     delegation_body(&synapse.openid_token(&m.user).await, &m.user, &m.room, "m1", &new, DELAY_MS);
-                net.delegate(&body, &mut rng).await;
+                life.delegated.push(net.delegate(&body, &mut rng).await);
                 life.delay_ids.push(new);
                 net.tally.lock().unwrap().refreshes += 1;
             } else if roll < 0.15 {
                 // A migration: the session leaves (MIGRATION) and comes back under a new SID.
                 livekit.disconnect(&m.lk_room, &session.sid);
                 let left = livekit.participant_event("participant_left", &m.lk_room, &session, Some("MIGRATION"));
-                net.webhook(left, &mut rng);
+                let fate = net.webhook(left, &mut rng);
+                life.tell(format!("{} left (MIGRATION), left {fate}", session.sid));
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
                 session = livekit.connect(&m.lk_room, &m.ident);
-                net.webhook(livekit.participant_event("participant_joined", &m.lk_room, &session, None), &mut rng);
+                let joined = livekit.participant_event("participant_joined", &m.lk_room, &session, None);
+                let fate = net.webhook(joined, &mut rng);
+                life.tell(format!("{} connected, joined {fate}", session.sid));
                 net.tally.lock().unwrap().migrations += 1;
             } else if roll < 0.25 {
                 // The client reconnects while its old session is still there: LiveKit keeps the
@@ -230,8 +292,11 @@ async fn live_member(
                 let left =
                     livekit.participant_event("participant_left", &m.lk_room, &session, Some("DUPLICATE_IDENTITY"));
                 let joined = livekit.participant_event("participant_joined", &m.lk_room, &new, None);
-                net.webhook(joined, &mut rng);
-                net.webhook(left, &mut rng);
+                let (joined, left) = (net.webhook(joined, &mut rng), net.webhook(left, &mut rng));
+                life.tell(format!(
+                    "{} replaced {} (DUPLICATE_IDENTITY), joined {joined}, left {left}",
+                    new.sid, session.sid
+                ));
                 session = new;
                 net.tally.lock().unwrap().duplicate_identities += 1;
             }
@@ -240,7 +305,8 @@ async fn live_member(
         livekit.disconnect(&m.lk_room, &session.sid);
         life.disconnected = Some(SystemTime::now());
         let left = livekit.participant_event("participant_left", &m.lk_room, &session, Some("CLIENT_INITIATED"));
-        net.webhook(left, &mut rng);
+        let fate = net.webhook(left, &mut rng);
+        life.tell(format!("{} hung up, left {fate}", session.sid));
         lives.push(life);
         // Its leave lands before it calls again, however late (the oracle judges that): a leave
         // landing after the next membership would be taken for that one's.
@@ -250,15 +316,15 @@ async fn live_member(
     lives
 }
 
-/// Kills an instance every few seconds (at least one stays up) and restarts it; takes RoomService
-/// down now and then; crashes Redis once.
-async fn inject_faults(
+/// Kills an instance every few seconds and restarts it moments later (with several, at least
+/// one stays up); crashes Redis once, if there is one.
+async fn kill_instances(
     mut bridges: Vec<Bridge>,
-    mut redis: Redis,
+    mut redis: Option<Redis>,
     net: Arc<Net>,
     seed: u64,
     until: Instant,
-) -> (Vec<Bridge>, Redis) {
+) -> (Vec<Bridge>, Option<Redis>) {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1));
     let redis_crash_at = Instant::now() + (until - Instant::now()) / 2;
     let mut redis_crashed = false;
@@ -272,15 +338,8 @@ async fn inject_faults(
             tally.kills += 1;
             tally.kill_times.push(SystemTime::now());
         }
-        if rng.random_bool(0.3) {
-            net.livekit.set_unavailable(true);
-            tokio::time::sleep(Duration::from_millis(rng.random_range(500..LIVEKIT_OUTAGE.as_millis() as u64))).await;
-            net.livekit.set_unavailable(false);
-            net.tally.lock().unwrap().livekit_outages += 1;
-        } else {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(300..1_500))).await;
-        }
-        if !redis_crashed && Instant::now() > redis_crash_at {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..DOWNTIME.as_millis() as u64))).await;
+        if let Some(redis) = redis.as_mut().filter(|_| !redis_crashed && Instant::now() > redis_crash_at) {
             redis_crashed = true;
             redis.kill9();
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..2_000))).await;
@@ -292,6 +351,46 @@ async fn inject_faults(
     }
     // Both live on until the members' last leaves have landed.
     (bridges, redis)
+}
+
+/// Now and then takes LiveKit's RoomService down (503) or makes its listings slow, for seconds.
+async fn livekit_faults(net: Arc<Net>, seed: u64, until: Instant) {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(3));
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(3_000..10_000))).await;
+        if rng.random_bool(0.5) {
+            net.livekit.set_unavailable(true);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..LIVEKIT_OUTAGE.as_millis() as u64))).await;
+            net.livekit.set_unavailable(false);
+            net.tally.lock().unwrap().livekit_outages += 1;
+        } else {
+            net.livekit.set_slow(Some(LIVEKIT_SLOW));
+            tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..5_000))).await;
+            net.livekit.set_slow(None);
+            net.tally.lock().unwrap().livekit_slow += 1;
+        }
+    }
+}
+
+/// Takes the homeserver out of every instance's reach at `at` for [`HS_OUTAGE`] — connections
+/// dropped, or requests held unanswered until it ends, switching every few seconds — while Synapse
+/// and its timers run on.
+async fn homeserver_outage(proxies: Vec<HsProxy>, net: Arc<Net>, seed: u64, at: Instant) {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
+    tokio::time::sleep_until(at.into()).await;
+    let began = SystemTime::now();
+    let end = Instant::now() + HS_OUTAGE;
+    while let Some(left) = end.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        let how = if rng.random_bool(0.5) { Outage::Drop } else { Outage::Stall };
+        for p in &proxies {
+            p.outage(Some(how));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..10_000)).min(left)).await;
+    }
+    for p in &proxies {
+        p.outage(None);
+    }
+    net.tally.lock().unwrap().hs_outage = Some((began, SystemTime::now()));
 }
 
 /// Every call-membership event of `room`, in timeline order: (state key, is a leave, timestamp).
@@ -320,19 +419,41 @@ async fn membership_events(synapse: &Synapse, token: &str, room: &str) -> Vec<(S
     }
 }
 
+/// The two runs share the machine's two cores: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos() {
+async fn chaos_three_instances_on_redis() {
+    run(Setup { instances: 3, redis: true, seconds: 100 }).await
+}
+
+/// The default deployment: one instance on its embedded SQLite store, killed and restarted; no
+/// homeserver outage by default (it needs 100 s of faults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_one_instance_on_sqlite() {
+    run(Setup { instances: 1, redis: false, seconds: 30 }).await
+}
+
+async fn run(setup: Setup) {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    let seconds: u64 = std::env::var("CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(90);
-    eprintln!("chaos: seed {seed} (replay: CHAOS_SEED={seed}), {seconds} s of faults");
+    let seconds: u64 = std::env::var("CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(setup.seconds);
+    let store = if setup.redis { "Redis" } else { "SQLite" };
+    eprintln!(
+        "chaos: {} instance(s) on {store}, seed {seed} (replay: CHAOS_SEED={seed}), {seconds} s of faults",
+        setup.instances
+    );
     let synapse = Arc::new(Synapse::start(SynapseOptions::default()).await);
     let livekit = LiveKit::start().await;
-    let redis = Redis::start().await;
+    let redis = if setup.redis { Some(Redis::start().await) } else { None };
     let mut proxies = Vec::new();
     let mut bridges = Vec::new();
-    for i in 0..INSTANCES {
+    for i in 0..setup.instances {
         let hs = HsProxy::start(&synapse.url).await;
-        let mut env = Bridge::env_for_cluster(&hs.url, &livekit, &redis.url(), LEASE, &format!("chaos{i}"));
+        let mut env = match &redis {
+            Some(redis) => Bridge::env_for_cluster(&hs.url, &livekit, &redis.url(), LEASE, &format!("chaos{i}")),
+            None => Bridge::env_for(&hs.url, &livekit),
+        };
         env.insert("LIVEKIT_LOG_LEVEL".into(), std::env::var("CHAOS_LOG_LEVEL").unwrap_or_else(|_| "info".into()));
         bridges.push(Bridge::start(env).await);
         proxies.push(hs);
@@ -351,18 +472,28 @@ async fn chaos() {
     }
     let net = Arc::new(Net {
         urls: bridges.iter().map(|b| b.url.clone()).collect(),
-        up: Mutex::new(vec![true; INSTANCES]),
+        up: Mutex::new(vec![true; setup.instances]),
         livekit: livekit.clone(),
         tally: Mutex::new(Tally::default()),
     });
 
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let faults = tokio::spawn(inject_faults(bridges, redis, net.clone(), seed, until));
+    let begin = Instant::now();
+    let until = begin + Duration::from_secs(seconds);
+    let kills = tokio::spawn(kill_instances(bridges, redis, net.clone(), seed, until));
+    let livekit_faults = tokio::spawn(livekit_faults(net.clone(), seed, until));
+    // The homeserver outage, a fifth of the way in, if it fits with 20 s of recovery after it.
+    let outage_at = begin + Duration::from_secs(seconds) / 5;
+    let outage = (outage_at + HS_OUTAGE + Duration::from_secs(20) <= until)
+        .then(|| tokio::spawn(homeserver_outage(proxies.clone(), net.clone(), seed, outage_at)));
     let mut tasks = Vec::new();
     for (i, m) in members.iter().enumerate() {
         tasks.push(tokio::spawn(live_member(i, m.clone(), synapse.clone(), net.clone(), seed, until)));
     }
-    let (bridges, _redis) = faults.await.unwrap();
+    let (bridges, _redis) = kills.await.unwrap();
+    livekit_faults.await.unwrap();
+    if let Some(outage) = outage {
+        outage.await.unwrap();
+    }
     let mut lives: Vec<Life> = Vec::new();
     for t in tasks {
         lives.extend(t.await.unwrap());
@@ -384,12 +515,22 @@ async fn chaos() {
         })
     };
     let kill_times: Vec<i64> = net.tally.lock().unwrap().kill_times.iter().map(|t| unix_ms(*t)).collect();
+    let hs_outage = net.tally.lock().unwrap().hs_outage.map(|(a, b)| (unix_ms(a), unix_ms(b)));
+    let slack = HS_OUTAGE_SLACK.as_millis() as i64;
+    // A leave at `ts` the bridge did not send (the homeserver's timer): forgivable if the
+    // homeserver was out of the bridge's reach then, or if the bridge was handed the event only
+    // after it had fired.
+    let timer_forgiven = |life: &Life, ts: i64| {
+        hs_outage.is_some_and(|(began, ended)| ts >= began && ts <= ended + slack)
+            || life.delegated.iter().any(|d| unix_ms(*d) >= ts)
+    };
+    let mut by_timer_in_outage = 0;
     // The bound of a departure at `ended`: each kill within it extends it by a takeover.
     let bound_for = |ended: i64| {
         let mut bound = leave_bound().as_millis() as i64;
         loop {
             let kills = kill_times.iter().filter(|k| **k >= ended && **k <= ended + bound).count() as i64;
-            let extended = leave_bound().as_millis() as i64 + kills * takeover().as_millis() as i64;
+            let extended = leave_bound().as_millis() as i64 + kills * setup.takeover().as_millis() as i64;
             if extended == bound {
                 return bound;
             }
@@ -410,13 +551,21 @@ async fn chaos() {
             .flatten()
             .find(|(leave, ts)| *leave && *ts >= started)
             .map(|(_, ts)| *ts);
+        let bridge_sent = life.delay_ids.iter().any(|id| sent_ok(id));
+        let forgiven = first_leave.is_some_and(|ts| !bridge_sent && timer_forgiven(life, ts));
+        by_timer_in_outage += usize::from(forgiven);
         match first_leave {
             None => missing.push(life.clone()),
+            Some(_) if forgiven => {}
             Some(ts) if ts < ended => premature.push((life.clone(), ended - ts)),
             Some(ts) => {
                 leaves += 1;
                 worst_ms = worst_ms.max(ts - ended);
-                if ts - ended > bound_for(ended) {
+                // A member who left while the homeserver was out of reach: within its delay
+                // after the homeserver returned.
+                let in_outage = hs_outage.filter(|(began, back)| ended >= *began && ended <= *back);
+                let bound = in_outage.map_or(0, |(_, back)| back + DELAY_MS as i64 + slack - ended);
+                if ts - ended > bound_for(ended).max(bound) {
                     late.push((life.clone(), ts - ended));
                 }
             }
@@ -427,25 +576,29 @@ async fn chaos() {
                 superseded_sent.push((life.member, old.clone()));
             }
         }
-        if !sent_ok(life.delay_ids.last().unwrap()) {
+        if !sent_ok(life.delay_ids.last().unwrap()) && !forgiven {
             by_timer.push(life.clone());
         }
     }
     let tally = net.tally.lock().unwrap();
     eprintln!(
-        "chaos report (seed {seed}): {} members, {} lives, {} leaves, worst lateness {} ms (bound {} ms, + {} ms per takeover meanwhile); faults: {} kill -9, {} webhooks of which {} lost and {} duplicated, {} RoomService outages, {} Redis crash(es); {} refreshes, {} migrations, {} duplicate identities; premature {}, late {}, missing {}, superseded sent {}, left to the homeserver's timer {}",
+        "chaos report ({} instance(s) on {store}, seed {seed}): {} members, {} lives, {} leaves, worst lateness {} ms (bound {} ms, + {} ms per takeover meanwhile); faults: {} kill -9, {} webhooks of which {} lost and {} duplicated, {} RoomService outages, {} slow periods, {} Redis crash(es), homeserver out of reach {} s ({} leaves by its own timer meanwhile); {} refreshes, {} migrations, {} duplicate identities; premature {}, late {}, missing {}, superseded sent {}, left to the homeserver's timer {}",
+        setup.instances,
         members.len(),
         lives.len(),
         leaves,
         worst_ms,
         bound,
-        takeover().as_millis(),
+        setup.takeover().as_millis(),
         tally.kills,
         tally.webhooks,
         tally.lost,
         tally.duplicated,
         tally.livekit_outages,
+        tally.livekit_slow,
         tally.redis_crashes,
+        hs_outage.map_or(0, |(began, back)| (back - began) / 1_000),
+        by_timer_in_outage,
         tally.refreshes,
         tally.migrations,
         tally.duplicate_identities,
@@ -477,7 +630,12 @@ async fn chaos() {
                     eprintln!("    delay id #{i}: {:?} → {:?} at +{at} ms", c.action, c.status);
                 }
             }
-            for (leave, ts) in timeline.get(&life.state_key).into_iter().flatten() {
+            for (at, what) in &life.story {
+                eprintln!("    livekit: {what} at +{} ms", unix_ms(*at) - started);
+            }
+            for (leave, ts) in
+                timeline.get(&life.state_key).into_iter().flatten().filter(|(_, ts)| *ts >= started - 1_000)
+            {
                 eprintln!("    timeline: {} at +{} ms", if *leave { "leave" } else { "join" }, ts - started);
             }
         };

@@ -8,8 +8,11 @@
 //! have been answered `404`. A membership that disappears without such a send was removed by the
 //! homeserver's timer, which is exactly what a broken bridge would leave behind.
 //!
-//! It can also stall calls of one kind (to catch them in flight) and, when Synapse is down, closes
-//! the bridge's connection without an answer, as a dead homeserver would.
+//! It can also stall calls of one kind (to catch them in flight), and fake an outage of the
+//! homeserver as the bridge would see it — connections dropped without an answer, or requests
+//! held unanswered until the outage ends — while Synapse itself, and its timers, run on. When
+//! Synapse is down, it closes the bridge's connection without an answer, as a dead homeserver
+//! would.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -42,7 +45,17 @@ struct Inner {
     calls: Mutex<Vec<Call>>,
     /// Calls of this action are held this long before being forwarded.
     stall: Mutex<Option<(String, Duration)>>,
+    outage: Mutex<Option<Outage>>,
     http: reqwest::Client,
+}
+
+/// How the homeserver fails while it is "down" (for the bridge only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outage {
+    /// Connections are closed without an answer.
+    Drop,
+    /// Requests are held unanswered until the outage ends, then dropped.
+    Stall,
 }
 
 #[derive(Clone)]
@@ -81,6 +94,11 @@ impl HsProxy {
     /// `None` stops stalling.
     pub fn stall(&self, stall: Option<(&str, Duration)>) {
         *self.inner.stall.lock().unwrap() = stall.map(|(a, d)| (a.to_owned(), d));
+    }
+
+    /// Starts (or changes, or with `None` ends) an outage: no call reaches Synapse meanwhile.
+    pub fn outage(&self, outage: Option<Outage>) {
+        *self.inner.outage.lock().unwrap() = outage;
     }
 
     /// Every call so far, in arrival order.
@@ -144,6 +162,25 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<F
     let body = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
     let path = parts.uri.path().to_owned();
     let (delay_id, action) = delayed_event_call(&parts.method, &path, &body);
+    let outage = *inner.outage.lock().unwrap();
+    if let Some(outage) = outage {
+        if outage == Outage::Stall {
+            while inner.outage.lock().unwrap().is_some() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let call = Call {
+            method: parts.method.to_string(),
+            path,
+            delay_id,
+            action,
+            status: None,
+            received,
+            answered: Instant::now(),
+        };
+        inner.calls.lock().unwrap().push(call);
+        return Err(std::io::Error::other("homeserver unreachable (outage)"));
+    }
     let stall = inner.stall.lock().unwrap().clone();
     if let Some((stalled, wait)) = stall {
         if action.as_deref() == Some(stalled.as_str()) {

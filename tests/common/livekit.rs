@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -58,6 +58,10 @@ struct Inner {
     rooms: Mutex<HashMap<String, Room>>,
     /// When set, RoomService answers 503 (LiveKit down).
     unavailable: AtomicBool,
+    /// When not 0, a listing waits up to this many milliseconds before it reads the room and
+    /// as long again before it answers (LiveKit slow): the world it shows is from some instant
+    /// after the request was made, and is already old when the answer arrives.
+    slow_ms: AtomicU64,
     /// Answer listings of a room that does not exist with Twirp `not_found` instead of the empty
     /// list LiveKit's server answers.
     missing_room_not_found: AtomicBool,
@@ -101,6 +105,11 @@ impl LiveKit {
     /// Makes LiveKit's RoomService unreachable (503) or reachable again.
     pub fn set_unavailable(&self, down: bool) {
         self.inner.unavailable.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes listings slow (see `Inner::slow_ms`), or prompt again with `None`.
+    pub fn set_slow(&self, slow: Option<Duration>) {
+        self.inner.slow_ms.store(slow.map_or(0, |d| d.as_millis() as u64), Ordering::SeqCst);
     }
 
     /// Answers listings of rooms that do not exist with Twirp `not_found` rather than the empty
@@ -323,7 +332,22 @@ async fn create_room(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
 }
 
 async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
-    inner.list_calls.fetch_add(1, Ordering::SeqCst);
+    let calls = inner.list_calls.fetch_add(1, Ordering::SeqCst);
+    let slow = inner.slow_ms.load(Ordering::SeqCst);
+    // Waits of 0 to `slow` ms, varied by call (the emulator has no random source of its own).
+    let wait = |salt: u64| Duration::from_millis((calls.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt) % (slow + 1));
+    if slow > 0 {
+        tokio::time::sleep(wait(0)).await;
+    }
+    let answer = list_now(&inner, &headers, &body);
+    if slow > 0 {
+        tokio::time::sleep(wait(0x5555)).await;
+    }
+    answer
+}
+
+/// A listing of the room as it is now.
+fn list_now(inner: &Inner, headers: &HeaderMap, body: &Bytes) -> Response {
     if inner.unavailable.load(Ordering::SeqCst) {
         return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "service unavailable");
     }
@@ -332,7 +356,7 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let room = if is_json {
-        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["room"].as_str().map(str::to_owned))
+        serde_json::from_slice::<Value>(body).ok().and_then(|v| v["room"].as_str().map(str::to_owned))
     } else {
         proto::ListParticipantsRequest::decode(body.as_ref()).ok().map(|r| r.room)
     };
@@ -340,7 +364,7 @@ async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, 
         return twirp_error(StatusCode::BAD_REQUEST, "malformed", "cannot decode request");
     };
     // Authorization: Bearer <JWT> with video.roomAdmin and video.room == room.
-    let Some(claims) = claims(&headers) else {
+    let Some(claims) = claims(headers) else {
         return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid token");
     };
     let video = &claims["video"];
