@@ -215,11 +215,12 @@ rc_room_creation: {{per_second: 1000, burst_count: 1000}}
 
     /// Publishes a legacy call membership and schedules its delayed leave; returns the delay id.
     pub async fn join_call(&self, user: &MatrixUser, room: &str, delay_ms: u64) -> String {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/state/org.matrix.msc3401.call.member/{}",
-            enc(room),
-            enc(&user.state_key())
-        );
+        self.join_call_as(user, room, &user.state_key(), delay_ms).await
+    }
+
+    /// As [`Synapse::join_call`], under state key `key`.
+    pub async fn join_call_as(&self, user: &MatrixUser, room: &str, key: &str, delay_ms: u64) -> String {
+        let path = format!("/_matrix/client/v3/rooms/{}/state/org.matrix.msc3401.call.member/{}", enc(room), enc(key));
         // As MatrixRTC clients do: schedule the leave first, then publish the membership.
         let (status, v) = self
             .call(
@@ -243,20 +244,32 @@ rc_room_creation: {{per_second: 1000, burst_count: 1000}}
 
     /// Whether `user`'s call membership in `room` is present (a leave leaves `{}`).
     pub async fn is_member(&self, user: &MatrixUser, room: &str) -> bool {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/state/org.matrix.msc3401.call.member/{}",
-            enc(room),
-            enc(&user.state_key())
-        );
+        self.membership(user, room, &user.state_key()).await == Some(true)
+    }
+
+    /// Whether the call membership under `key` is present; `None` if Synapse did not say (an
+    /// error, an overloaded server).
+    pub async fn membership(&self, user: &MatrixUser, room: &str, key: &str) -> Option<bool> {
+        let path = format!("/_matrix/client/v3/rooms/{}/state/org.matrix.msc3401.call.member/{}", enc(room), enc(key));
         let (status, v) = self.call(reqwest::Method::GET, &path, Some(&user.token), Value::Null).await;
-        status == 200 && v.as_object().is_some_and(|o| !o.is_empty())
+        match status {
+            200 => Some(v.as_object().is_some_and(|o| !o.is_empty())),
+            404 => Some(false),
+            _ => None,
+        }
     }
 
     /// Polls until the membership is gone; returns how long that took, or `None` after `within`.
     pub async fn wait_left(&self, user: &MatrixUser, room: &str, within: Duration) -> Option<Duration> {
+        self.wait_left_as(user, room, &user.state_key(), within).await
+    }
+
+    /// As [`Synapse::wait_left`], for the membership under `key`: an answer Synapse could not
+    /// give is no departure.
+    pub async fn wait_left_as(&self, user: &MatrixUser, room: &str, key: &str, within: Duration) -> Option<Duration> {
         let started = Instant::now();
         while started.elapsed() < within {
-            if !self.is_member(user, room).await {
+            if self.membership(user, room, key).await == Some(false) {
                 return Some(started.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
