@@ -222,11 +222,14 @@ async fn issue(
 ) -> Result<Answer, MatrixError> {
     let server = token.server()?;
     let full_access = state.allowed.allows(server);
-    let delegation = match delay.requested() {
+    // A user who may not delegate learns that first (clients then retry without the fields),
+    // before anything about the fields themselves.
+    if delay.requested().is_some() && !full_access {
+        return Err(not_full_access(server, &grant.user_id));
+    }
+    let delegation = match delay.checked(&state.delays)? {
         None => None,
-        Some(_) if !full_access => return Err(not_full_access(server, &grant.user_id)),
-        Some(_) => {
-            let (delay_id, timeout) = delay.checked(&state.delays)?.expect("a delayed leave was handed over");
+        Some((delay_id, timeout)) => {
             // Where its homeserver is, by our own means.
             let cs = state.discovery.client_server_api(server).await.map_err(|e| {
                 let e = upstream_error(server, OpenIdError::Discovery(e));
