@@ -162,38 +162,8 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<F
     let body = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
     let path = parts.uri.path().to_owned();
     let (delay_id, action) = delayed_event_call(&parts.method, &path, &body);
-    let outage = *inner.outage.lock().unwrap();
-    if let Some(outage) = outage {
-        if outage == Outage::Stall {
-            while inner.outage.lock().unwrap().is_some() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        let call = Call {
-            method: parts.method.to_string(),
-            path,
-            delay_id,
-            action,
-            status: None,
-            received,
-            answered: Instant::now(),
-        };
-        inner.calls.lock().unwrap().push(call);
-        return Err(std::io::Error::other("homeserver unreachable (outage)"));
-    }
     let stall = inner.stall.lock().unwrap().clone();
-    if let Some((stalled, wait)) = stall {
-        if action.as_deref() == Some(stalled.as_str()) {
-            tokio::time::sleep(wait).await;
-        }
-    }
-    let target = format!("{}{}", inner.upstream, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-    let mut upstream = inner.http.request(parts.method.clone(), target).body(body);
-    for (name, value) in &parts.headers {
-        if name != hyper::header::HOST && name != hyper::header::CONTENT_LENGTH {
-            upstream = upstream.header(name, value);
-        }
-    }
+    let stall = stall.filter(|(stalled, _)| action.as_deref() == Some(stalled.as_str())).map(|(_, wait)| wait);
     let method = parts.method.to_string();
     let record = move |status: Option<u16>| Call {
         method,
@@ -204,6 +174,26 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<F
         received,
         answered: Instant::now(),
     };
+    let outage = *inner.outage.lock().unwrap();
+    if let Some(outage) = outage {
+        if outage == Outage::Stall {
+            while inner.outage.lock().unwrap().is_some() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        inner.calls.lock().unwrap().push(record(None));
+        return Err(std::io::Error::other("homeserver unreachable (outage)"));
+    }
+    if let Some(wait) = stall {
+        tokio::time::sleep(wait).await;
+    }
+    let target = format!("{}{}", inner.upstream, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let mut upstream = inner.http.request(parts.method.clone(), target).body(body);
+    for (name, value) in &parts.headers {
+        if name != hyper::header::HOST && name != hyper::header::CONTENT_LENGTH {
+            upstream = upstream.header(name, value);
+        }
+    }
     // Forwarded and recorded by a task of its own: a bridge that gives up on the call (its
     // timeout, or kill -9) drops this handler, but Synapse may still carry the call out, and the
     // record must say so.
