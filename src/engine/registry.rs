@@ -133,6 +133,9 @@ struct Waiter {
     webhook_id: String,
     outcome: WebhookOutcome,
     ticket: Ticket,
+    /// The shard whose inbox it was read from: if that shard is given up before its effects are
+    /// committed, it is read again by the next holder and must not count as handled here.
+    inbox: Option<Shard>,
 }
 
 /// The commit in flight, and what waits for it.
@@ -314,6 +317,9 @@ impl Registry {
             }
         }
         self.pending.retain(|(s, _)| *s != shard);
+        // Their entries are read again by the shard's next holder (this instance too): handled
+        // here only if a commit in flight makes them durable.
+        self.waiting.retain(|w| w.inbox != Some(shard));
         ids.len()
     }
 
@@ -332,7 +338,7 @@ impl Registry {
         owned.last = entry;
         match inbound {
             Inbound::Delegation(d) => self.delegate_from_inbox(d, now),
-            Inbound::Webhook(event) => self.webhook(event, Ticket::INBOX, now),
+            Inbound::Webhook(event) => self.take_webhook(event, Ticket::INBOX, Some(shard), now),
             Inbound::Unreadable => {}
         }
         self.pending.push((shard, StoreOp::Consumed { shard, entry }));
@@ -395,6 +401,10 @@ impl Registry {
 
     /// A verified webhook: applied to the jobs it concerns at once, answered once durable.
     pub fn webhook(&mut self, event: SfuEvent, ticket: Ticket, now: Millis) {
+        self.take_webhook(event, ticket, None, now);
+    }
+
+    fn take_webhook(&mut self, event: SfuEvent, ticket: Ticket, inbox: Option<Shard>, now: Millis) {
         if !event.id.is_empty() && self.seen.contains(&event.id) {
             let result = Ok(WebhookOutcome::Duplicate);
             self.effects.push_back(Effect::WebhookHandled { ticket, result });
@@ -443,7 +453,7 @@ impl Registry {
             }
             self.apply(id, ev, now);
         }
-        self.waiting.push(Waiter { webhook_id: event.id, outcome, ticket });
+        self.waiting.push(Waiter { webhook_id: event.id, outcome, ticket, inbox });
     }
 
     /// The answer to an [`Effect::Call`].

@@ -784,6 +784,48 @@ fn a_released_shard_is_forgotten_without_a_call_and_its_changes_are_not_committe
     assert!(rig.r.is_empty() && rig.calls.is_empty());
 }
 
+/// Found by the Redis outage test: while Redis was down, a departure was read from the inbox and
+/// applied, its commit waiting for a retry; the shard's lease had run out meanwhile, so it was
+/// released and taken again under a new epoch. Releasing it emptied the changes to commit, and
+/// the departure's webhook id, left with nothing to wait for, was remembered as handled: read
+/// again under the new epoch, the departure was dropped as a duplicate and the leave not sent.
+#[test]
+fn an_entry_applied_but_not_committed_is_applied_again_when_its_shard_is_held_again() {
+    let (mut rig, shard) = sharded();
+    let a = delegation("a", "DEV", "syd_a");
+    consume(&mut rig, shard, 3, 1, Inbound::Delegation(a.clone()));
+    rig.commit(Ok(()));
+    rig.answer_calls(HsAnswer::Ok);
+    consume(&mut rig, shard, 3, 2, Inbound::Webhook(joined(&a, "PA_1", "EV_1")));
+    rig.commit(Ok(()));
+    // Redis down: a commit fails; the departure, read once Redis answers again, waits for the
+    // retry behind it; the shard's lease ran out meanwhile, so it is released before the retry.
+    consume(&mut rig, shard, 3, 3, Inbound::Webhook(joined(&a, "PA_1", "EV_2")));
+    rig.commit(Err(StoreError("store unavailable".into())));
+    consume(&mut rig, shard, 3, 4, Inbound::Webhook(left(&a, "PA_1", "EV_3")));
+    let commits = rig.commits.len();
+    rig.r.release(shard);
+    rig.flush();
+    assert_eq!(rig.commits.len(), commits, "nothing of the shard committed");
+    // Held again: the job as committed (connected), and the entries after the position.
+    let binding = crate::lifecycle::Binding {
+        identity: a.identities()[0].clone(),
+        sid: "PA_1".into(),
+        joined_at: 1,
+        joined_at_ms: 1_000,
+        room_sid: "RM_1".into(),
+    };
+    let record =
+        JobRecord { id: JobId(1), delegation: a.clone(), state: Durable::Connected { binding, others: vec![] } };
+    rig.r.adopt(shard, 4, entry(2), vec![record], rig.now);
+    rig.flush();
+    rig.answer_calls(HsAnswer::Ok);
+    let sends = rig.sends().len();
+    consume(&mut rig, shard, 4, 3, Inbound::Webhook(joined(&a, "PA_1", "EV_2")));
+    consume(&mut rig, shard, 4, 4, Inbound::Webhook(left(&a, "PA_1", "EV_3")));
+    assert_eq!(rig.sends().len(), sends + 1, "the departure read again is applied: the leave is sent");
+}
+
 /// Found by the chaos suite: a client refreshed its delayed leave (new delegation, in the inbox)
 /// and then hung up; the departure, queued after the delegation, was applied to the old job
 /// while the new one waited for its commit — and the superseded delay id was sent.
