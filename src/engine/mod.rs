@@ -337,8 +337,8 @@ impl Engine {
         let started = Instant::now();
         let now = self.clock.now();
         let input = match report {
-            Report::Call { job, call, action, answer } => {
-                self.registry.call_answered(job, call, action, answer, now);
+            Report::Call { call, action, answer } => {
+                self.registry.call_answered(call, action, answer, now);
                 "call_answer"
             }
             Report::Listing { room, at, result } => {
@@ -364,14 +364,14 @@ impl Engine {
         self.registry.flush(self.clock.now());
         while let Some(effect) = self.registry.poll_effect() {
             match effect {
-                Effect::Call { job, shard, call, action, delegation, identity } => tasks::call(
+                Effect::Call { call, shard, action, delegation, identity } => tasks::call(
                     tasks::CallPorts {
                         homeserver: self.ports.homeserver.clone(),
                         gate: self.ports.gate.clone(),
                         metrics: self.ports.metrics.clone(),
                     },
                     self.reports_tx.clone(),
-                    (job, shard, call, action),
+                    (call, shard, action),
                     delegation,
                     identity,
                 ),

@@ -99,11 +99,21 @@ impl WebhookOutcome {
     }
 }
 
+/// Names one homeserver call of a job, in the job's current holding: a job given up with its
+/// shard and taken over again by this instance (same id, calls counted from zero again) never
+/// takes a late answer to a call of its earlier holding for one of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CallRef {
+    pub job: JobId,
+    incarnation: u64,
+    call: u64,
+}
+
 /// Something the shell must do.
 #[derive(Debug)]
 pub enum Effect {
     /// Restart or send the job's delayed event; report with [`Registry::call_answered`].
-    Call { job: JobId, shard: Shard, call: u64, action: DelayedAction, delegation: Arc<Delegation>, identity: String },
+    Call { call: CallRef, shard: Shard, action: DelayedAction, delegation: Arc<Delegation>, identity: String },
     /// Ask LiveKit who is in `room`; report with [`Registry::listed`], passing `at` back.
     List { room: Arc<str>, at: Millis },
     /// Apply these changes atomically; report with [`Registry::committed`]. One at a time. With
@@ -149,6 +159,8 @@ struct Batch {
 
 struct Entry {
     job: Job,
+    /// Which of the job's lives in this process (see [`CallRef`]).
+    incarnation: u64,
     delegation: Arc<Delegation>,
     room: Arc<str>,
     shard: Shard,
@@ -205,6 +217,8 @@ pub struct Registry {
     send_queue: VecDeque<(JobId, u64)>,
     restarts_in_flight: usize,
     sends_in_flight: usize,
+    /// Entries inserted so far (the last [`Entry::incarnation`]).
+    incarnations: u64,
     listings: HashMap<Arc<str>, Listing>,
     listing_queue: VecDeque<Arc<str>>,
     listings_in_flight: usize,
@@ -242,6 +256,7 @@ impl Registry {
             send_queue: VecDeque::new(),
             restarts_in_flight: 0,
             sends_in_flight: 0,
+            incarnations: 0,
             listings: HashMap::new(),
             listing_queue: VecDeque::new(),
             listings_in_flight: 0,
@@ -262,10 +277,6 @@ impl Registry {
     pub fn sharded(mut self) -> Self {
         self.owned = Some(BTreeMap::new());
         self
-    }
-
-    fn owns(&self, shard: Shard) -> bool {
-        self.owned.as_ref().is_none_or(|o| o.contains_key(&shard))
     }
 
     // ---- inputs -------------------------------------------------------------------------------
@@ -317,6 +328,11 @@ impl Registry {
             }
         }
         self.pending.retain(|(s, _)| *s != shard);
+        // Nor retried if the commit in flight fails: they belong to the shard's next holding,
+        // which starts again from the store (this instance's too, under a new epoch).
+        if let Some(batch) = &mut self.committing {
+            batch.ops.retain(|(s, _)| *s != shard);
+        }
         // Their entries are read again by the shard's next holder (this instance too): handled
         // here only if a commit in flight makes them durable.
         self.waiting.retain(|w| w.inbox != Some(shard));
@@ -457,17 +473,20 @@ impl Registry {
     }
 
     /// The answer to an [`Effect::Call`].
-    pub fn call_answered(&mut self, job: JobId, call: u64, action: DelayedAction, answer: HsAnswer, now: Millis) {
+    pub fn call_answered(&mut self, call: CallRef, action: DelayedAction, answer: HsAnswer, now: Millis) {
         match action {
             DelayedAction::Restart => self.restarts_in_flight -= 1,
             DelayedAction::Send => self.sends_in_flight -= 1,
         }
+        // A job that ended meanwhile, or was given up and taken again, ignores it.
+        if self.jobs.get(&call.job).is_none_or(|e| e.incarnation != call.incarnation) {
+            return;
+        }
         let event = match action {
-            DelayedAction::Restart => Event::Restarted { call, answer },
-            DelayedAction::Send => Event::SendAnswered { call, answer },
+            DelayedAction::Restart => Event::Restarted { call: call.call, answer },
+            DelayedAction::Send => Event::SendAnswered { call: call.call, answer },
         };
-        // A job that ended meanwhile ignores it.
-        self.apply(job, event, now);
+        self.apply(call.job, event, now);
     }
 
     /// The answer to an [`Effect::List`] started at `at`. Costs O(participants + jobs of the
@@ -527,10 +546,8 @@ impl Registry {
                 error!(changes = batch.ops.len(), delegations = batch.staged.len(), error = %e,
                     "store commit failed; webhooks answered 503, delegations refused, changes retried");
                 self.metrics.store_errors.inc();
-                // Changes of shards given up meanwhile belong to their new holder now.
-                let mut retried: Vec<(Shard, StoreOp)> = batch.ops;
-                retried.retain(|(s, _)| self.owns(*s));
-                let newer = std::mem::replace(&mut self.pending, retried);
+                // (Changes of shards given up meanwhile were taken out of the batch then.)
+                let newer = std::mem::replace(&mut self.pending, batch.ops);
                 self.pending.extend(newer);
                 // (Inbox delegations are never staged: in effect at once, their records are in
                 // the changes retried above.)
@@ -670,7 +687,9 @@ impl Registry {
         self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
         views::move_gauge(&self.metrics, None, Some(job.kind()));
         let shard = shard_of(&room);
-        self.jobs.insert(id, Box::new(Entry { job, delegation, room, shard, watch }));
+        self.incarnations += 1;
+        let incarnation = self.incarnations;
+        self.jobs.insert(id, Box::new(Entry { job, incarnation, delegation, room, shard, watch }));
     }
 
     fn remove(&mut self, id: JobId) -> Option<Box<Entry>> {
@@ -823,8 +842,8 @@ impl Registry {
             warn!(job = %id, room = %d.room_id, identity, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
                 "restart issued after the event's estimated deadline");
         }
-        let shard = entry.shard;
-        self.effects.push_back(Effect::Call { job: id, shard, call, action, delegation: d, identity });
+        let (shard, call) = (entry.shard, CallRef { job: id, incarnation: entry.incarnation, call });
+        self.effects.push_back(Effect::Call { call, shard, action, delegation: d, identity });
         true
     }
 

@@ -12,8 +12,9 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, error};
 
+use super::registry::CallRef;
 use crate::cluster::Shard;
-use crate::delegation::{Delegation, JobId};
+use crate::delegation::Delegation;
 use crate::lifecycle::{HsAnswer, Millis};
 use crate::livekit::Participant;
 use crate::metrics::{ActionLabel, Metrics};
@@ -23,7 +24,7 @@ use crate::store::{Fence, Store, StoreError, StoreOp};
 /// What a task reports.
 #[derive(Debug)]
 pub enum Report {
-    Call { job: JobId, call: u64, action: DelayedAction, answer: HsAnswer },
+    Call { call: CallRef, action: DelayedAction, answer: HsAnswer },
     Listing { room: Arc<str>, at: Millis, result: Result<Vec<Participant>, Unobserved> },
     Committed(Result<(), StoreError>),
 }
@@ -72,12 +73,12 @@ pub struct CallPorts {
 pub fn call(
     ports: CallPorts,
     reports: mpsc::Sender<Report>,
-    (job, shard, call, action): (JobId, Shard, u64, DelayedAction),
+    (call, shard, action): (CallRef, Shard, DelayedAction),
     delegation: Arc<Delegation>,
     identity: String,
 ) {
-    let span = tracing::info_span!("call", job = %job, room = %delegation.room_id, identity);
-    let failed = Report::Call { job, call, action, answer: HsAnswer::Failed };
+    let span = tracing::info_span!("call", job = %call.job, room = %delegation.room_id, identity);
+    let failed = Report::Call { call, action, answer: HsAnswer::Failed };
     let guard = ReportGuard::new(reports, failed, "homeserver call");
     let task = async move {
         if !ports.gate.may_call(shard, action) {
@@ -86,7 +87,7 @@ pub fn call(
             return; // the guard reports it failed
         }
         let answer = ports.homeserver.call(&delegation, action).await;
-        guard.done(Report::Call { job, call, action, answer });
+        guard.done(Report::Call { call, action, answer });
     };
     tokio::spawn(task.instrument(span));
 }

@@ -46,7 +46,7 @@ fn left(d: &Delegation, sid: &str, id: &str) -> SfuEvent {
 struct Rig {
     r: Registry,
     now: Millis,
-    calls: Vec<(JobId, u64, DelayedAction, Arc<Delegation>)>,
+    calls: Vec<(JobId, CallRef, DelayedAction, Arc<Delegation>)>,
     lists: Vec<(Arc<str>, Millis)>,
     commits: Vec<Vec<StoreOp>>,
     fences: Vec<Option<Vec<(Shard, u64)>>>,
@@ -80,7 +80,7 @@ impl Rig {
         self.r.flush(self.now);
         while let Some(e) = self.r.poll_effect() {
             match e {
-                Effect::Call { job, call, action, delegation, .. } => self.calls.push((job, call, action, delegation)),
+                Effect::Call { call, action, delegation, .. } => self.calls.push((call.job, call, action, delegation)),
                 Effect::List { room, at } => self.lists.push((room, at)),
                 Effect::Commit { ops, fence } => {
                     self.commits.push(ops);
@@ -120,8 +120,8 @@ impl Rig {
         self.webhooks.iter().find(|(x, _)| *x == t).map(|(_, r)| r)
     }
     fn answer_calls(&mut self, answer: HsAnswer) {
-        for (job, call, action, _) in std::mem::take(&mut self.calls) {
-            self.r.call_answered(job, call, action, answer, self.now);
+        for (_, call, action, _) in std::mem::take(&mut self.calls) {
+            self.r.call_answered(call, action, answer, self.now);
         }
         self.flush();
     }
@@ -469,7 +469,7 @@ struct World {
     /// Every webhook ticket handed out, and how often each was answered.
     tickets: BTreeMap<Ticket, usize>,
     /// Sends already checked when they were issued.
-    checked: HashSet<(JobId, u64)>,
+    checked: HashSet<CallRef>,
 }
 
 impl World {
@@ -505,7 +505,7 @@ impl World {
     /// Looks at what the registry asked for since the last look.
     fn take_effects(&mut self) {
         for (job, call, action, d) in &self.rig.calls {
-            if *action != DelayedAction::Send || !self.checked.insert((*job, *call)) {
+            if *action != DelayedAction::Send || !self.checked.insert(*call) {
                 continue;
             }
             let m = self.member_of(&d.identities()[0]).unwrap();
@@ -614,13 +614,13 @@ impl World {
                 self.rig.flush();
             }
             Op::Answer(i, kind) if !self.rig.calls.is_empty() => {
-                let (job, call, action, _) = self.rig.calls.remove(i % self.rig.calls.len());
+                let (_, call, action, _) = self.rig.calls.remove(i % self.rig.calls.len());
                 let answer = match kind % 6 {
                     0 => HsAnswer::Failed,
                     1 => HsAnswer::RetryAfter(u64::from(kind) * 10),
                     _ => HsAnswer::Ok,
                 };
-                self.rig.r.call_answered(job, call, action, answer, self.rig.now);
+                self.rig.r.call_answered(call, action, answer, self.rig.now);
                 self.rig.flush();
             }
             Op::Commit(ok) => self.settle_commit(ok),
@@ -629,8 +629,8 @@ impl World {
                 let (restarts, others): (Vec<_>, Vec<_>) =
                     std::mem::take(&mut self.rig.calls).into_iter().partition(|c| c.2 == DelayedAction::Restart);
                 self.rig.calls = others;
-                for (job, call, action, _) in restarts {
-                    self.rig.r.call_answered(job, call, action, HsAnswer::Ok, self.rig.now);
+                for (_, call, action, _) in restarts {
+                    self.rig.r.call_answered(call, action, HsAnswer::Ok, self.rig.now);
                 }
                 self.rig.flush();
                 let to = self.rig.now + Millis::from(ms);
@@ -824,6 +824,62 @@ fn an_entry_applied_but_not_committed_is_applied_again_when_its_shard_is_held_ag
     consume(&mut rig, shard, 4, 3, Inbound::Webhook(joined(&a, "PA_1", "EV_2")));
     consume(&mut rig, shard, 4, 4, Inbound::Webhook(left(&a, "PA_1", "EV_3")));
     assert_eq!(rig.sends().len(), sends + 1, "the departure read again is applied: the leave is sent");
+}
+
+/// A commit in flight when its shard is given up and taken again by this instance (a lease that
+/// ran out while Redis was away, say): if it fails, its changes belong to the earlier holding and
+/// are not retried under the new one, whose jobs and position start again from the store.
+#[test]
+fn a_failed_commit_of_an_earlier_holding_is_not_retried_under_the_next() {
+    let (mut rig, shard) = sharded();
+    let a = delegation("a", "DEV", "syd_a");
+    consume(&mut rig, shard, 3, 1, Inbound::Delegation(a.clone()));
+    rig.commit(Ok(()));
+    rig.answer_calls(HsAnswer::Ok);
+    consume(&mut rig, shard, 3, 2, Inbound::Webhook(joined(&a, "PA_1", "EV_1")));
+    let commits = rig.commits.len();
+    rig.r.release(shard);
+    let stored = JobRecord { id: JobId(1), delegation: a.clone(), state: Durable::Waiting };
+    rig.r.adopt(shard, 4, entry(1), vec![stored], rig.now);
+    rig.commit(Err(StoreError("FENCED shard".into())));
+    rig.advance(Limits::default().commit_retry);
+    assert_eq!(rig.commits.len(), commits, "nothing of the earlier holding retried");
+    // The entry read again under the new holding: its effects and position committed now.
+    consume(&mut rig, shard, 4, 2, Inbound::Webhook(joined(&a, "PA_1", "EV_1")));
+    assert_eq!(rig.commits.len(), commits + 1);
+    assert_eq!(rig.fences.last().unwrap(), &Some(vec![(shard, 4)]));
+    assert!(
+        matches!(&rig.commits[commits][..], [StoreOp::SetState(..), StoreOp::Consumed { entry: e, .. }] if *e == entry(2)),
+        "{:?}",
+        rig.commits[commits]
+    );
+}
+
+/// A job given up with a restart in flight and taken over again by this instance keeps its id
+/// and counts its calls from zero again: the late answer to the earlier holding's call must not
+/// be taken for the answer to the new one.
+#[test]
+fn a_late_answer_to_a_call_of_an_earlier_holding_is_not_taken_for_the_next_ones() {
+    let (mut rig, shard) = sharded();
+    let a = delegation("a", "DEV", "syd_a");
+    let stored = || JobRecord { id: JobId(7), delegation: a.clone(), state: Durable::Waiting };
+    rig.r.release(shard);
+    rig.r.adopt(shard, 4, entry(0), vec![stored()], rig.now);
+    rig.flush();
+    let earlier = std::mem::take(&mut rig.calls);
+    assert_eq!(earlier.len(), 1, "restarted at once");
+    rig.r.release(shard);
+    rig.r.adopt(shard, 5, entry(0), vec![stored()], rig.now);
+    rig.flush();
+    assert_eq!(rig.calls.len(), 1, "restarted at once again");
+    assert_ne!(rig.calls[0].1, earlier[0].1, "another call");
+    // The earlier call's answer (404: as seen then) comes back late: not this holding's call.
+    rig.r.call_answered(earlier[0].1, earlier[0].2, HsAnswer::Gone, rig.now);
+    rig.flush();
+    assert_eq!(rig.r.len(), 1, "still tracked");
+    rig.answer_calls(HsAnswer::Ok);
+    assert_eq!(rig.r.len(), 1);
+    assert!(rig.calls.is_empty() && rig.r.calls_in_flight() == 0, "its own answer taken");
 }
 
 /// Found by the chaos suite: a client refreshed its delayed leave (new delegation, in the inbox)
