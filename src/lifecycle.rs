@@ -502,8 +502,13 @@ impl Job {
         let timing = timing.into();
         let phase = match durable {
             Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
-            Durable::Connected { binding, others } => {
-                Phase::Connected { sessions: others.into_iter().chain([binding]).map(|b| Live::new(b, now)).collect() }
+            Durable::Connected { binding, mut others } => {
+                // Back where it was among them: before every session that joined no earlier, so
+                // that it is the newest again (ties go to the session admitted first), and the
+                // job's durable phase reads as stored until something changes.
+                let at = others.iter().position(|o| o.joined_ms() >= binding.joined_ms()).unwrap_or(others.len());
+                others.insert(at, binding);
+                Phase::Connected { sessions: others.into_iter().map(|b| Live::new(b, now)).collect() }
             }
             Durable::Grace { binding } => Phase::Grace { binding, since: now, until: now + timing.grace },
             Durable::Sending { trigger } => Phase::Sending { trigger, since: now, returned: Vec::new() },

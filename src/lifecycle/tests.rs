@@ -443,6 +443,32 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
     assert!(actions.contains(&Action::Send { call: 1 }));
 }
 
+/// Found by the registry's property test with handovers: two sessions that joined in the same
+/// millisecond, stored with the first one admitted as the binding, were resumed with the other
+/// one bound; the job's phase no longer read as stored although nothing had happened.
+#[test]
+fn a_resumed_job_reads_as_it_was_stored() {
+    let session = |identity: &str, sid: &str, joined_at_ms| Binding {
+        identity: identity.into(),
+        sid: sid.into(),
+        joined_at: 1,
+        joined_at_ms,
+        room_sid: "RM_1".into(),
+    };
+    let stored = [
+        Durable::Connected { binding: session("a", "PA_1", 1_000), others: vec![session("b", "PA_2", 1_000)] },
+        Durable::Connected { binding: session("b", "PA_2", 1_000), others: vec![session("a", "PA_1", 1_000)] },
+        Durable::Connected {
+            binding: session("b", "PA_2", 2_000),
+            others: vec![session("a", "PA_1", 1_000), session("c", "PA_3", 2_000)],
+        },
+    ];
+    for durable in stored {
+        let (job, _) = Job::resume(DELAY, 1, Timing::default(), durable.clone(), 0);
+        assert_eq!(job.durable(), Some(durable));
+    }
+}
+
 /// LiveKit keeps one session per identity: a later session of the identity ends the earlier
 /// one (DUPLICATE_IDENTITY), whether or not that departure is ever reported.
 #[test]
