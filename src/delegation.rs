@@ -13,12 +13,6 @@ use crate::identity;
 #[serde(transparent)]
 pub struct JobId(pub u64);
 
-impl JobId {
-    pub fn random() -> Self {
-        JobId(rand::random())
-    }
-}
-
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)

@@ -114,8 +114,11 @@ pub enum Durable {
     Grace {
         binding: Binding,
     },
+    /// `returned`: sessions of the member seen connected again while the send was in flight.
     Sending {
         trigger: Trigger,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        returned: Vec<Binding>,
     },
 }
 
@@ -359,11 +362,14 @@ fn admit(sessions: &mut Vec<Live>, gone: &mut Vec<(String, Millis)>, b: Binding,
 }
 
 /// Remembers that session `b` was seen back while a send was in flight (once, and as many as
-/// [`MAX_SESSIONS`]).
-fn note_return(returned: &mut Vec<Binding>, b: Binding) {
+/// [`MAX_SESSIONS`]); whether it was new. Stored: a job taken over must not send again for a
+/// member its previous holder saw back.
+fn note_return(returned: &mut Vec<Binding>, b: Binding) -> bool {
     if returned.len() < MAX_SESSIONS && !returned.iter().any(|r| r.sid == b.sid) {
         returned.push(b);
+        return true;
     }
+    false
 }
 
 /// Records that the job stopped counting on session `sid` at `at`.
@@ -500,6 +506,8 @@ impl Job {
         now: Millis,
     ) -> (Job, Vec<Action>) {
         let timing = timing.into();
+        // Bound to the sessions that came back: a phase to store in place of the stored one.
+        let rebound = matches!(&durable, Durable::Sending { returned, .. } if !returned.is_empty());
         let phase = match durable {
             Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
             Durable::Connected { binding, mut others } => {
@@ -511,7 +519,13 @@ impl Job {
                 Phase::Connected { sessions: others.into_iter().map(|b| Live::new(b, now)).collect() }
             }
             Durable::Grace { binding } => Phase::Grace { binding, since: now, until: now + timing.grace },
-            Durable::Sending { trigger } => Phase::Sending { trigger, since: now, returned: Vec::new() },
+            // The member came back while the send was in flight: whether it went out is not
+            // known here. Kept alive instead of sent again: if it did go out, the first restart
+            // answers that the event is gone.
+            Durable::Sending { returned, .. } if !returned.is_empty() => {
+                Phase::Connected { sessions: returned.into_iter().map(|b| Live::new(b, now)).collect() }
+            }
+            Durable::Sending { trigger, .. } => Phase::Sending { trigger, since: now, returned: Vec::new() },
         };
         let probe_at = match phase {
             Phase::Sending { .. } => None,
@@ -530,7 +544,7 @@ impl Job {
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
-        let mut actions = Vec::new();
+        let mut actions = if rebound { vec![Action::Persist] } else { Vec::new() };
         job.handle_timeout(now, &mut actions);
         (job, actions)
     }
@@ -555,7 +569,9 @@ impl Job {
                 Durable::Connected { binding, others }
             }
             Phase::Grace { binding, .. } => Durable::Grace { binding: binding.clone() },
-            Phase::Sending { trigger, .. } => Durable::Sending { trigger: *trigger },
+            Phase::Sending { trigger, returned, .. } => {
+                Durable::Sending { trigger: *trigger, returned: returned.clone() }
+            }
             Phase::Done(_) => return None,
         })
     }
@@ -712,8 +728,8 @@ impl Job {
                 // if the send fails, and ends if it succeeded.)
                 if !self.calls.in_flight {
                     self.bind(vec![Binding::of(session)], now, out);
-                } else {
-                    note_return(returned, Binding::of(session));
+                } else if note_return(returned, Binding::of(session)) {
+                    out.push(Action::Persist);
                 }
             }
             Phase::Done(_) => {}
@@ -760,7 +776,11 @@ impl Job {
             }
             // A session that came back while the send was in flight and has left again for good.
             Phase::Sending { returned, .. } if reason == LeaveReason::Final => {
-                returned.retain(|b| b.sid != session.sid)
+                let before = returned.len();
+                returned.retain(|b| b.sid != session.sid);
+                if returned.len() != before {
+                    out.push(Action::Persist);
+                }
             }
             // Not bound, or waiting for the bound session to return: says nothing.
             _ => {}
@@ -774,7 +794,13 @@ impl Job {
         match &mut self.phase {
             // A member that never connected may still be connecting to a new instance.
             Phase::Waiting { .. } | Phase::Done(_) => {}
-            Phase::Sending { returned, .. } => returned.retain(|b| !of_finished_room(b)),
+            Phase::Sending { returned, .. } => {
+                let before = returned.len();
+                returned.retain(|b| !of_finished_room(b));
+                if returned.len() != before {
+                    out.push(Action::Persist);
+                }
+            }
             Phase::Grace { binding, .. } => {
                 if of_finished_room(binding) {
                     self.start_sending(Trigger::RoomFinished, now, out);
@@ -823,8 +849,12 @@ impl Job {
                 if !self.calls.in_flight {
                     self.bind(present.into_iter().map(Binding::of).collect(), now, out);
                 } else {
+                    let mut changed = false;
                     for s in present {
-                        note_return(returned, Binding::of(s));
+                        changed |= note_return(returned, Binding::of(s));
+                    }
+                    if changed {
+                        out.push(Action::Persist);
                     }
                 }
             }

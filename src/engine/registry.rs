@@ -28,6 +28,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use tracing::{debug, error, info, warn};
 
 use super::index::{HashIndex, JobIdHasher};
@@ -238,6 +240,9 @@ pub struct Registry {
     /// With several instances, the shards held; `None` for a single instance (it drives
     /// everything).
     owned: Option<BTreeMap<Shard, Owned>>,
+    /// Draws job ids (which also seed each job's jitter): the only randomness here, seeded, so
+    /// that a test can replay a run exactly.
+    ids: StdRng,
 }
 
 impl Registry {
@@ -270,7 +275,19 @@ impl Registry {
             draining: false,
             effects: VecDeque::new(),
             owned: None,
+            ids: StdRng::seed_from_u64(rand::random()),
         }
+    }
+
+    /// Draws job ids from `seed` (a test replaying a run exactly).
+    #[cfg(test)]
+    pub fn with_ids_from(mut self, seed: u64) -> Self {
+        self.ids = StdRng::seed_from_u64(seed);
+        self
+    }
+
+    fn new_id(&mut self) -> JobId {
+        JobId(self.ids.random())
     }
 
     /// A registry for one of several instances: it drives no shard until one is adopted.
@@ -368,7 +385,7 @@ impl Registry {
         if self.repeated(&d).is_some() {
             return;
         }
-        let (id, shard, replaces) = (JobId::random(), shard_of(&d.livekit_room()), self.tracked_member(&d));
+        let (id, shard, replaces) = (self.new_id(), shard_of(&d.livekit_room()), self.tracked_member(&d));
         let record = JobRecord { id, delegation: d.clone(), state: Durable::Waiting };
         self.pending.push((shard, StoreOp::Insert(Box::new(record))));
         self.pending.extend(replaces.map(|old| (shard, StoreOp::Delete(old))));
@@ -412,7 +429,8 @@ impl Registry {
             .find(|s| s.delegation.member_key() == key)
             .map(|s| s.id)
             .or_else(|| self.tracked_member(&d));
-        self.staged.push(Staged { id: JobId::random(), delegation: d, replaces, tickets: vec![ticket] });
+        let id = self.new_id();
+        self.staged.push(Staged { id, delegation: d, replaces, tickets: vec![ticket] });
     }
 
     /// A verified webhook: applied to the jobs it concerns at once, answered once durable.

@@ -439,7 +439,8 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
     let mut out = Vec::new();
     job.handle(Event::Observed { at: 1_000, present: vec![] }, 1_010, &mut out);
     assert_eq!(job.kind(), PhaseKind::Connected, "a listing from the resume instant is not proof");
-    let (_, actions) = Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed }, 0);
+    let (_, actions) =
+        Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed, returned: vec![] }, 0);
     assert!(actions.contains(&Action::Send { call: 1 }));
 }
 
@@ -528,6 +529,32 @@ fn a_member_back_during_a_failed_send_is_kept_alive_not_sent_again() {
     h.ev(Event::Joined(session("PA_2", 2)));
     let out = h.answer_send(HsAnswer::Ok);
     assert!(matches!(out.as_slice(), [Action::Finish(Outcome::Sent { .. })]), "{out:?}");
+}
+
+/// Found by the registry's property test with handovers: the member came back while the send
+/// was in flight; the shard changed hands before the send's answer, and the next holder, which
+/// resumed the job as "sending" (the return was not stored), sent again while the member was
+/// connected. The return is stored now, and a job resumed with one is kept alive.
+#[test]
+fn a_member_back_during_a_send_is_kept_alive_by_the_next_holder() {
+    let mut h = Harness::bound("PA_1", 1);
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    assert_eq!(h.sends(), 1);
+    let out = h.ev(Event::Joined(session("PA_2", 2))); // while the send is in flight
+    assert!(out.contains(&Action::Persist), "the return is stored: {out:?}");
+    let stored = h.job.durable().unwrap();
+    assert!(matches!(&stored, Durable::Sending { returned, .. } if returned.len() == 1 && returned[0].sid == "PA_2"));
+    // The next holder: kept alive at once, its phase stored, nothing sent.
+    let (job, actions) = Job::resume(DELAY, 1, Timing::default(), stored, 0);
+    assert_eq!(job.kind(), PhaseKind::Connected);
+    assert_eq!(job.binding().unwrap().sid, "PA_2");
+    assert!(actions.contains(&Action::Persist) && actions.contains(&Action::Restart { call: 1 }), "{actions:?}");
+    assert!(!sends(&actions));
+    // Gone again for good before the answer: stored too; the next holder sends.
+    let out = h.ev(Event::Left { session: session("PA_2", 2), reason: LeaveReason::Final });
+    assert!(out.contains(&Action::Persist), "{out:?}");
+    let (_, actions) = Job::resume(DELAY, 1, Timing::default(), h.job.durable().unwrap(), 0);
+    assert!(sends(&actions), "{actions:?}");
 }
 
 /// Found by the property test: while the job waited for a migrating session to come back, a
@@ -1020,7 +1047,7 @@ fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
     }
     assert!(sends(&out));
 
-    let (_, actions) = Job::resume(DELAY, 1, t, Durable::Sending { trigger: Trigger::Departed }, at);
+    let (_, actions) = Job::resume(DELAY, 1, t, Durable::Sending { trigger: Trigger::Departed, returned: vec![] }, at);
     assert!(actions.contains(&Action::Send { call: 1 }));
     assert!(!actions.contains(&Action::Probe), "{actions:?}");
 }

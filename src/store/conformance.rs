@@ -86,7 +86,7 @@ async fn a_replacement_deletes_and_inserts_in_one_commit(open: Open) {
     let jobs = sorted(&*store).await;
     assert_eq!(jobs.iter().map(|j| j.id.0).collect::<Vec<_>>(), vec![2]);
     // Ops apply in order: a phase change after its insert in the same commit holds.
-    let sending = Durable::Sending { trigger: Trigger::Departed };
+    let sending = Durable::Sending { trigger: Trigger::Departed, returned: vec![] };
     store
         .commit(vec![StoreOp::Insert(Box::new(record(3))), StoreOp::SetState(JobId(3), sending.clone())])
         .await

@@ -611,7 +611,10 @@ mod tests {
                 vec![
                     StoreOp::SetState(
                         JobId(1),
-                        crate::lifecycle::Durable::Sending { trigger: crate::lifecycle::Trigger::Departed },
+                        crate::lifecycle::Durable::Sending {
+                            trigger: crate::lifecycle::Trigger::Departed,
+                            returned: vec![],
+                        },
                     ),
                     StoreOp::Delete(JobId(1)),
                 ],

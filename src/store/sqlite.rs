@@ -343,7 +343,7 @@ mod tests {
         store
             .commit(vec![StoreOp::SetState(
                 JobId(1),
-                Durable::Sending { trigger: crate::lifecycle::Trigger::Departed },
+                Durable::Sending { trigger: crate::lifecycle::Trigger::Departed, returned: vec![] },
             )])
             .await
             .unwrap();

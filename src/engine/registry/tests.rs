@@ -61,7 +61,7 @@ impl Rig {
     }
     fn with(limits: Limits) -> Self {
         Rig {
-            r: Registry::new(Timing::default(), limits, Arc::new(Metrics::new())),
+            r: Registry::new(Timing::default(), limits, Arc::new(Metrics::new())).with_ids_from(0),
             now: 0,
             calls: Vec::new(),
             lists: Vec::new(),
@@ -290,7 +290,7 @@ fn a_cold_start_starts_calls_up_to_the_limits_and_sends_never_queue_behind_resta
     }
     let resumed_sending = JobId(1_000);
     let d = delegation("gone", "DEV", "syd_gone");
-    let state = Durable::Sending { trigger: Trigger::Departed };
+    let state = Durable::Sending { trigger: Trigger::Departed, returned: vec![] };
     rig.r.resume(JobRecord { id: resumed_sending, delegation: d, state }, 0);
     rig.flush();
     assert_eq!(rig.calls.len(), 11, "10 restarts and the send");
@@ -533,7 +533,9 @@ impl World {
         };
         match &w.holding {
             Some(h) => {
-                rig.r = Registry::new(Timing::default(), Limits::default(), Arc::new(Metrics::new())).sharded();
+                rig.r = Registry::new(Timing::default(), Limits::default(), Arc::new(Metrics::new()))
+                    .sharded()
+                    .with_ids_from(0);
                 rig.r.adopt(h.shard, h.epoch, h.applied, Vec::new(), 0);
                 std::mem::swap(&mut w.rig, &mut rig);
                 for d in members {
@@ -861,7 +863,7 @@ fn entry(ms: u64) -> EntryId {
 /// A registry of one of several instances, holding the shard of room `!r:hs.test` under epoch 3.
 fn sharded() -> (Rig, Shard) {
     let mut rig = Rig::new();
-    rig.r = Registry::new(Timing::default(), Limits::default(), Arc::new(Metrics::new())).sharded();
+    rig.r = Registry::new(Timing::default(), Limits::default(), Arc::new(Metrics::new())).sharded().with_ids_from(0);
     let shard = shard_of(&delegation("a", "DEV", "x").livekit_room());
     rig.r.adopt(shard, 3, entry(0), Vec::new(), 0);
     (rig, shard)
