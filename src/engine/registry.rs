@@ -275,7 +275,7 @@ impl Registry {
             draining: false,
             effects: VecDeque::new(),
             owned: None,
-            ids: StdRng::seed_from_u64(rand::random()),
+            ids: StdRng::from_rng(&mut rand::rng()),
         }
     }
 
