@@ -874,6 +874,27 @@ fn consume(rig: &mut Rig, shard: Shard, epoch: u64, at: u64, inbound: Inbound) {
     rig.flush();
 }
 
+/// Job `id` of member `d` as stored connected in session `PA_1`.
+fn stored_connected(id: JobId, d: &Delegation) -> JobRecord {
+    let binding = crate::lifecycle::Binding {
+        identity: d.identities()[0].clone(),
+        sid: "PA_1".into(),
+        joined_at: 1,
+        joined_at_ms: 1_000,
+        room_sid: "RM_1".into(),
+    };
+    JobRecord { id, delegation: d.clone(), state: Durable::Connected { binding, others: vec![] } }
+}
+
+/// Member `d` delegated through the inbox (entry 1), its first restart answered, then joined as
+/// `PA_1` (entry 2, its commit started but not answered).
+fn delegated_and_joining(rig: &mut Rig, shard: Shard, d: &Delegation) {
+    consume(rig, shard, 3, 1, Inbound::Delegation(d.clone()));
+    rig.commit(Ok(()));
+    rig.answer_calls(HsAnswer::Ok);
+    consume(rig, shard, 3, 2, Inbound::Webhook(joined(d, "PA_1", "EV_1")));
+}
+
 #[test]
 fn an_inbox_entry_takes_effect_once_and_its_position_is_committed_with_its_effects() {
     let (mut rig, shard) = sharded();
@@ -928,15 +949,7 @@ fn a_failed_commit_retries_an_inbox_delegation_instead_of_refusing_it() {
 fn a_released_shard_is_forgotten_without_a_call_and_its_changes_are_not_committed() {
     let (mut rig, shard) = sharded();
     let a = delegation("a", "DEV", "syd_a");
-    let binding = crate::lifecycle::Binding {
-        identity: a.identities()[0].clone(),
-        sid: "PA_1".into(),
-        joined_at: 1,
-        joined_at_ms: 1_000,
-        room_sid: "RM_1".into(),
-    };
-    let record =
-        JobRecord { id: JobId(7), delegation: a.clone(), state: Durable::Connected { binding, others: vec![] } };
+    let record = stored_connected(JobId(7), &a);
     rig.r.release(shard);
     rig.r.adopt(shard, 4, entry(9), vec![record], rig.now);
     rig.flush();
@@ -971,10 +984,7 @@ fn a_released_shard_is_forgotten_without_a_call_and_its_changes_are_not_committe
 fn an_entry_applied_but_not_committed_is_applied_again_when_its_shard_is_held_again() {
     let (mut rig, shard) = sharded();
     let a = delegation("a", "DEV", "syd_a");
-    consume(&mut rig, shard, 3, 1, Inbound::Delegation(a.clone()));
-    rig.commit(Ok(()));
-    rig.answer_calls(HsAnswer::Ok);
-    consume(&mut rig, shard, 3, 2, Inbound::Webhook(joined(&a, "PA_1", "EV_1")));
+    delegated_and_joining(&mut rig, shard, &a);
     rig.commit(Ok(()));
     // Redis down: a commit fails; the departure, read once Redis answers again, waits for the
     // retry behind it; the shard's lease ran out meanwhile, so it is released before the retry.
@@ -986,15 +996,7 @@ fn an_entry_applied_but_not_committed_is_applied_again_when_its_shard_is_held_ag
     rig.flush();
     assert_eq!(rig.commits.len(), commits, "nothing of the shard committed");
     // Held again: the job as committed (connected), and the entries after the position.
-    let binding = crate::lifecycle::Binding {
-        identity: a.identities()[0].clone(),
-        sid: "PA_1".into(),
-        joined_at: 1,
-        joined_at_ms: 1_000,
-        room_sid: "RM_1".into(),
-    };
-    let record =
-        JobRecord { id: JobId(1), delegation: a.clone(), state: Durable::Connected { binding, others: vec![] } };
+    let record = stored_connected(JobId(1), &a);
     rig.r.adopt(shard, 4, entry(2), vec![record], rig.now);
     rig.flush();
     rig.answer_calls(HsAnswer::Ok);
@@ -1011,10 +1013,7 @@ fn an_entry_applied_but_not_committed_is_applied_again_when_its_shard_is_held_ag
 fn a_failed_commit_of_an_earlier_holding_is_not_retried_under_the_next() {
     let (mut rig, shard) = sharded();
     let a = delegation("a", "DEV", "syd_a");
-    consume(&mut rig, shard, 3, 1, Inbound::Delegation(a.clone()));
-    rig.commit(Ok(()));
-    rig.answer_calls(HsAnswer::Ok);
-    consume(&mut rig, shard, 3, 2, Inbound::Webhook(joined(&a, "PA_1", "EV_1")));
+    delegated_and_joining(&mut rig, shard, &a);
     let commits = rig.commits.len();
     rig.r.release(shard);
     let stored = JobRecord { id: JobId(1), delegation: a.clone(), state: Durable::Waiting };
@@ -1067,10 +1066,7 @@ fn a_late_answer_to_a_call_of_an_earlier_holding_is_not_taken_for_the_next_ones(
 fn an_inbox_delegation_takes_effect_before_the_departure_queued_after_it() {
     let (mut rig, shard) = sharded();
     let old = delegation("a", "DEV", "syd_old");
-    consume(&mut rig, shard, 3, 1, Inbound::Delegation(old.clone()));
-    rig.commit(Ok(()));
-    rig.answer_calls(HsAnswer::Ok);
-    consume(&mut rig, shard, 3, 2, Inbound::Webhook(joined(&old, "PA_1", "EV_1")));
+    delegated_and_joining(&mut rig, shard, &old);
     rig.commit(Ok(()));
     // The refresh, then the hang-up, one right after the other in the inbox; a commit is in
     // flight meanwhile.
