@@ -818,6 +818,16 @@ impl Job {
     }
 
     fn on_observed(&mut self, at: Millis, present: Vec<Session>, now: Millis, out: &mut Vec<Action>) {
+        // A listing started before the job was (the room's, already running when the job asked)
+        // says nothing of it: binding a session from it would bind one that may have left, and
+        // whose departure would then send the leave although a newer session joined meanwhile
+        // (that join came before the job, which cannot have counted it). The job's own listing
+        // follows.
+        if let Phase::Waiting { join_deadline } = self.phase
+            && at < join_deadline.saturating_sub(self.timing.join_timeout)
+        {
+            return;
+        }
         let asked = self.probe_expires.take().is_some();
         // LiveKit lists a departing session for a moment: one we saw leave is not there, and
         // one we stopped counting on is back only if the listing started after that.

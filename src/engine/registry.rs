@@ -931,7 +931,11 @@ impl Registry {
         for w in waiting {
             let result = match &result {
                 Ok(()) => {
-                    self.remember_webhook(w.webhook_id);
+                    // Only what took effect: the same webhook delivered again once a job cares
+                    // (its delegation took effect meanwhile) must not be dropped as a duplicate.
+                    if w.outcome == WebhookOutcome::Applied {
+                        self.remember_webhook(w.webhook_id);
+                    }
                     Ok(w.outcome)
                 }
                 Err(e) => Err(e.clone()),

@@ -470,6 +470,22 @@ fn a_resumed_job_reads_as_it_was_stored() {
     }
 }
 
+/// Found by the property tests: a listing of the room already running when the job was created
+/// bound the job to a session that had left meanwhile; that session's departure then sent the
+/// leave, although the member had joined again before the job existed (a join the job could not
+/// count). A listing started before the job says nothing of it; its own listing follows.
+#[test]
+fn a_listing_started_before_the_job_binds_nothing() {
+    let (mut job, _) = Job::new(DELAY, 7, Timing::default(), 1_000);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: 500, present: vec![session("PA_1", 1)] }, 1_010, &mut out);
+    assert_eq!(job.kind(), PhaseKind::Waiting, "{out:?}");
+    job.handle(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final }, 1_020, &mut out);
+    assert!(!sends(&out), "{out:?}");
+    job.handle(Event::Observed { at: 1_000, present: vec![session("PA_3", 2)] }, 1_030, &mut out);
+    assert_eq!(job.binding().map(|b| b.sid.as_str()), Some("PA_3"));
+}
+
 /// LiveKit keeps one session per identity: a later session of the identity ends the earlier
 /// one (DUPLICATE_IDENTITY), whether or not that departure is ever reported.
 #[test]
