@@ -372,6 +372,13 @@ fn note_return(returned: &mut Vec<Binding>, b: Binding) -> bool {
     false
 }
 
+/// Forgets the sessions seen back that are `gone`; whether any was.
+fn forget_returns(returned: &mut Vec<Binding>, gone: impl Fn(&Binding) -> bool) -> bool {
+    let before = returned.len();
+    returned.retain(|b| !gone(b));
+    returned.len() != before
+}
+
 /// Records that the job stopped counting on session `sid` at `at`.
 fn note_gone(gone: &mut Vec<(String, Millis)>, sid: &str, at: Millis) {
     gone.retain(|(s, _)| s != sid);
@@ -776,11 +783,7 @@ impl Job {
             }
             // A session that came back while the send was in flight and has left again for good.
             Phase::Sending { returned, .. } if reason == LeaveReason::Final => {
-                let before = returned.len();
-                returned.retain(|b| b.sid != session.sid);
-                if returned.len() != before {
-                    out.push(Action::Persist);
-                }
+                out.extend(forget_returns(returned, |b| b.sid == session.sid).then_some(Action::Persist));
             }
             // Not bound, or waiting for the bound session to return: says nothing.
             _ => {}
@@ -795,11 +798,7 @@ impl Job {
             // A member that never connected may still be connecting to a new instance.
             Phase::Waiting { .. } | Phase::Done(_) => {}
             Phase::Sending { returned, .. } => {
-                let before = returned.len();
-                returned.retain(|b| !of_finished_room(b));
-                if returned.len() != before {
-                    out.push(Action::Persist);
-                }
+                out.extend(forget_returns(returned, of_finished_room).then_some(Action::Persist));
             }
             Phase::Grace { binding, .. } => {
                 if of_finished_room(binding) {
