@@ -206,6 +206,8 @@ fn fake_env(livekit: &LiveKit, hs: &str, delay_reconcile: &str) -> HashMap<Strin
         ("LIVEKIT_FEDERATION_URL_OVERRIDES", o.as_str()),
         ("LIVEKIT_LOG_LEVEL", "warn"),
         ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", delay_reconcile),
+        // Every bench member is a user of the one fake homeserver, delegating at full speed.
+        ("RTC_LEAVE_BRIDGE_HOMESERVER_RATE", "1000000/s"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -884,6 +886,9 @@ async fn tokens(goals: &Goals) {
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     env.insert("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL".into(), "30s".into());
+    env.insert("RTC_LEAVE_BRIDGE_HOMESERVER_RATE".into(), "1000000/s".into());
+    env.insert("RTC_LEAVE_BRIDGE_USER_RATE".into(), "1000000/s".into());
+    env.insert("RTC_LEAVE_BRIDGE_HOMESERVER_CHECKS".into(), "1024".into());
     let bridge = Bridge::start(env).await;
     println!("tokens ({}; the homeserver answers userinfo after {} ms):", machine(), RTT.as_millis());
     let http = reqwest::Client::new();

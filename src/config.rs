@@ -34,7 +34,56 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("LIVEKIT_SECRET_FROM_FILE", "", "file holding the API secret"),
     ("LIVEKIT_JWT_BIND", ":8080", "listen address: `:port`, `host:port` or `[v6]:port`"),
     ("LIVEKIT_JWT_PORT", "", "deprecated: port to listen on all interfaces, if LIVEKIT_JWT_BIND is unset"),
-    ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "*", "comma-separated server names whose users may delegate; `*` = any"),
+    (
+        "RTC_LEAVE_BRIDGE_OPERATOR_BIND",
+        "",
+        "where `/metrics` and `/admin/jobs` are served (and `/healthz`, `/readyz` too), off the public listener: `:port`, `host:port`; unset: on LIVEKIT_JWT_BIND",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_HEADER_TIMEOUT",
+        "10s",
+        "a client must send a request's headers within this (slow-header connections are closed) (1s–5m)",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_HTTP_TIMEOUT",
+        "60s",
+        "a request must be read and answered within this, else 503 and the connection is closed (5s–10m)",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_MAX_CONNECTIONS",
+        "4096",
+        "client connections open at most on the public listener; more are closed at once (16–1000000)",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_USER_RATE",
+        "30/m",
+        "token and delegation requests per Matrix user: `N/s`, `N/m` or `N/h`, in bursts of up to N; more get 429",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_HOMESERVER_RATE",
+        "3000/m",
+        "token and delegation requests of all users of one homeserver, likewise",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_HOMESERVER_CHECKS",
+        "32",
+        "OpenID checks and discovery requests in flight at most towards one homeserver; more wait up to 5 s, then get 429 (1–1024)",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_HOMESERVER_CALLS",
+        "128",
+        "restarts (and, apart, sends) in flight at most towards one homeserver; homeservers take turns, so a slow one delays only its own members (1–4096)",
+    ),
+    (
+        "RTC_LEAVE_BRIDGE_JOBS_PER_USER",
+        "50",
+        "delegated leaves in effect at most for one Matrix user (a device replacing its own does not count twice; with Redis, per instance) (1–100000)",
+    ),
+    (
+        "LIVEKIT_FULL_ACCESS_HOMESERVERS",
+        "(required)",
+        "comma-separated server names whose users may open LiveKit rooms and delegate; `*` = any homeserver on the internet (warned about)",
+    ),
     ("LIVEKIT_CS_API_URL_OVERRIDES", "", "`server=url,…`: client-server API base per homeserver (else well-known)"),
     ("LIVEKIT_FEDERATION_URL_OVERRIDES", "", "`server=url,…`: federation API base per homeserver, for OpenID checks"),
     ("LIVEKIT_AS_REGISTRATION_FILE", "", "appservice mode: the registration YAML (source of as_token and hs_token)"),
@@ -106,8 +155,8 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("RTC_LEAVE_BRIDGE_MAX_DELAY", "24h", "largest delay_timeout accepted from a client (1s–7d)"),
     (
         "RTC_LEAVE_BRIDGE_MIN_DELAY",
-        "(1ms; with Redis: lease × 1.25 + 2s)",
-        "smallest delay_timeout accepted from a client; with Redis at least lease × 1.25 + 2s, so that a dead instance's members are taken over before their delay runs out (1ms–1h)",
+        "5s",
+        "smallest delay_timeout accepted from a client: a delay shorter than a few seconds leaves no room for a slow answer; with Redis at least lease × 1.25 + 2s, so that a dead instance's members are taken over before their delay runs out (1s–1h)",
     ),
     (
         "RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS",
@@ -157,10 +206,19 @@ pub trait Section: Sized {
     fn from_source(src: &Source) -> Result<Self, ConfigError>;
 }
 
-/// Where the service listens (`healthcheck` needs nothing else).
+/// Where the service listens, and what a connection may take (`healthcheck` needs nothing
+/// else).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listen {
     pub bind: SocketAddr,
+    /// The operator endpoints' own listener, if they have one.
+    pub operator_bind: Option<SocketAddr>,
+    /// A request's headers must arrive within this.
+    pub header_timeout: Duration,
+    /// A request must be read and answered within this.
+    pub request_timeout: Duration,
+    /// Connections open at most on the public listener.
+    pub max_connections: usize,
 }
 
 impl Section for Listen {
@@ -169,7 +227,70 @@ impl Section for Listen {
             (None, Some(port)) => parse_bind("LIVEKIT_JWT_PORT", &format!(":{port}"))?,
             _ => parse_bind("LIVEKIT_JWT_BIND", src.get_or_default("LIVEKIT_JWT_BIND"))?,
         };
-        Ok(Listen { bind })
+        let operator_bind = src
+            .get("RTC_LEAVE_BRIDGE_OPERATOR_BIND")
+            .map(|b| parse_bind("RTC_LEAVE_BRIDGE_OPERATOR_BIND", b))
+            .transpose()?;
+        if operator_bind.is_some_and(|o| o.port() == bind.port() && o.port() != 0) {
+            return Err(bad("RTC_LEAVE_BRIDGE_OPERATOR_BIND", "must differ from LIVEKIT_JWT_BIND's port"));
+        }
+        Ok(Listen {
+            bind,
+            operator_bind,
+            header_timeout: src.duration("RTC_LEAVE_BRIDGE_HEADER_TIMEOUT", ms(1_000), ms(300_000))?,
+            request_timeout: src.duration("RTC_LEAVE_BRIDGE_HTTP_TIMEOUT", ms(5_000), ms(600_000))?,
+            max_connections: src.count("RTC_LEAVE_BRIDGE_MAX_CONNECTIONS", 16, 1_000_000)?,
+        })
+    }
+}
+
+/// What one user or one homeserver may ask of the bridge: request rates, OpenID checks in
+/// flight, homeserver calls in flight, live jobs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fairness {
+    pub user_rate: Rate,
+    pub homeserver_rate: Rate,
+    /// OpenID checks and discovery requests in flight towards one homeserver.
+    pub homeserver_checks: usize,
+    /// Restarts (and, apart, sends) in flight towards one homeserver.
+    pub homeserver_calls: usize,
+    pub jobs_per_user: usize,
+}
+
+impl Section for Fairness {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        Ok(Fairness {
+            user_rate: src.rate("RTC_LEAVE_BRIDGE_USER_RATE")?,
+            homeserver_rate: src.rate("RTC_LEAVE_BRIDGE_HOMESERVER_RATE")?,
+            homeserver_checks: src.count("RTC_LEAVE_BRIDGE_HOMESERVER_CHECKS", 1, 1_024)?,
+            homeserver_calls: src.count("RTC_LEAVE_BRIDGE_HOMESERVER_CALLS", 1, 4_096)?,
+            jobs_per_user: src.count("RTC_LEAVE_BRIDGE_JOBS_PER_USER", 1, 100_000)?,
+        })
+    }
+}
+
+/// `N` requests per `per`, in bursts of up to `N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub requests: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// `30/m`, `5/s`, `1000/h`.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let (n, unit) = text.trim().split_once('/').ok_or_else(|| format!("{text:?} is not like 30/m"))?;
+        let requests: u32 = n.trim().parse().map_err(|_| format!("{text:?}: {n:?} is not a whole number"))?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => return Err(format!("{text:?}: unit {other:?} is not s, m or h")),
+        };
+        if requests == 0 {
+            return Err(format!("{text:?}: at least 1 request"));
+        }
+        Ok(Rate { requests, per })
     }
 }
 
@@ -299,7 +420,12 @@ pub struct Homeservers {
 
 impl Section for Homeservers {
     fn from_source(src: &Source) -> Result<Self, ConfigError> {
-        let allowed_text = src.get_or_default("LIVEKIT_FULL_ACCESS_HOMESERVERS");
+        let allowed_text = src.get("LIVEKIT_FULL_ACCESS_HOMESERVERS").ok_or_else(|| {
+            bad(
+                "LIVEKIT_FULL_ACCESS_HOMESERVERS",
+                "required: the server names whose users may open LiveKit rooms and delegate (`*` for any homeserver on the internet)",
+            )
+        })?;
         let names: Vec<&str> = allowed_text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
         let allowed = if names.contains(&"*") {
             AllowedHomeservers::Any
@@ -333,10 +459,7 @@ impl Section for Homeservers {
             allow_private: src.flag("RTC_LEAVE_BRIDGE_ALLOW_PRIVATE_HOMESERVERS")?,
             request_timeout: request_timeout(src)?,
             max_delay: src.duration("RTC_LEAVE_BRIDGE_MAX_DELAY", ms(1_000), hours(24 * 7))?,
-            min_delay: match src.get("RTC_LEAVE_BRIDGE_MIN_DELAY") {
-                Some(_) => src.duration("RTC_LEAVE_BRIDGE_MIN_DELAY", ms(1), hours(1))?,
-                None => ms(1),
-            },
+            min_delay: src.duration("RTC_LEAVE_BRIDGE_MIN_DELAY", ms(1_000), hours(1))?,
         })
     }
 }
@@ -567,6 +690,7 @@ pub struct Config {
     pub logging: Logging,
     pub storage: Storage,
     pub engine: Engine,
+    pub fairness: Fairness,
     /// Set when the appservice settings are.
     pub appservice: Option<Appservice>,
 }
@@ -583,6 +707,7 @@ impl Section for Config {
             logging: Logging::from_source(src)?,
             storage: Storage::from_source(src)?,
             engine: Engine::from_source(src)?,
+            fairness: Fairness::from_source(src)?,
             appservice: parse_appservice(src)?,
         };
         if let Some(redis) = &config.storage.redis {
@@ -590,7 +715,7 @@ impl Section for Config {
             let needed = headroom + Duration::from_secs(1);
             let hs = &mut config.homeservers;
             if src.get("RTC_LEAVE_BRIDGE_MIN_DELAY").is_none() {
-                hs.min_delay = needed;
+                hs.min_delay = hs.min_delay.max(needed);
             } else if hs.min_delay < needed {
                 return Err(bad(
                     "RTC_LEAVE_BRIDGE_MIN_DELAY",
@@ -600,10 +725,11 @@ impl Section for Config {
                     ),
                 ));
             }
-            if hs.max_delay < hs.min_delay {
-                return Err(bad("RTC_LEAVE_BRIDGE_MAX_DELAY", format!("below the smallest delay, {:?}", hs.min_delay)));
-            }
             config.engine.timing.failover_headroom = headroom.as_millis() as Millis;
+        }
+        let hs = &config.homeservers;
+        if hs.max_delay < hs.min_delay {
+            return Err(bad("RTC_LEAVE_BRIDGE_MAX_DELAY", format!("below the smallest delay, {:?}", hs.min_delay)));
         }
         Ok(config)
     }
@@ -673,6 +799,20 @@ impl Source {
     pub fn get_or_default<'a>(&'a self, name: &str) -> &'a str {
         self.get(name)
             .unwrap_or_else(|| SETTINGS.iter().find(|(n, ..)| *n == name).map(|(_, d, _)| *d).unwrap_or_default())
+    }
+
+    /// Whole-number setting `name`, which must lie within `min..=max`.
+    fn count(&self, name: &str, min: usize, max: usize) -> Result<usize, ConfigError> {
+        let text = self.get_or_default(name);
+        let n: usize = text.parse().map_err(|_| bad(name, format!("{text:?} is not a whole number")))?;
+        if n < min || n > max {
+            return Err(bad(name, format!("{n} is outside {min}..={max}")));
+        }
+        Ok(n)
+    }
+
+    fn rate(&self, name: &str) -> Result<Rate, ConfigError> {
+        Rate::parse(self.get_or_default(name)).map_err(|e| bad(name, e))
     }
 
     /// Duration setting `name`, which must lie within `min..=max`.
@@ -793,7 +933,12 @@ mod tests {
     use super::*;
 
     fn base() -> Vec<(&'static str, &'static str)> {
-        vec![("LIVEKIT_URL", "wss://sfu.example.com"), ("LIVEKIT_KEY", "k"), ("LIVEKIT_SECRET", "s")]
+        vec![
+            ("LIVEKIT_URL", "wss://sfu.example.com"),
+            ("LIVEKIT_KEY", "k"),
+            ("LIVEKIT_SECRET", "s"),
+            ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "hs.example"),
+        ]
     }
 
     fn with<'a>(extra: &[(&'a str, &'a str)]) -> Result<Config, ConfigError> {
@@ -806,7 +951,15 @@ mod tests {
     fn defaults() {
         let c = with(&[]).unwrap();
         assert_eq!(c.listen.bind, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(c.homeservers.allowed, AllowedHomeservers::Any);
+        assert_eq!(c.homeservers.allowed, AllowedHomeservers::Only(["hs.example".to_owned()].into()));
+        assert_eq!(c.homeservers.min_delay, ms(5_000), "a few seconds on every store");
+        let l = &c.listen;
+        assert_eq!((l.operator_bind, l.header_timeout, l.request_timeout), (None, ms(10_000), ms(60_000)));
+        assert_eq!(l.max_connections, 4096);
+        let f = &c.fairness;
+        assert_eq!(f.user_rate, Rate { requests: 30, per: ms(60_000) });
+        assert_eq!(f.homeserver_rate, Rate { requests: 3000, per: ms(60_000) });
+        assert_eq!((f.homeserver_checks, f.homeserver_calls, f.jobs_per_user), (32, 128, 50));
         assert_eq!(c.engine.timing, Timing::default());
         assert_eq!(c.engine.timing.join_timeout, 30_000);
         assert_eq!(c.engine.timing.call_timeout, 21_000, "twice the request timeout, and a second");
@@ -824,6 +977,59 @@ mod tests {
         assert_eq!(internal.livekit.url, "wss://sfu.example.com", "clients are still told the public URL");
         assert_eq!(internal.livekit.api_base.as_str(), "http://livekit:7880/lk");
         assert!(!format!("{c:?}").contains("\"s\""), "secret never printed");
+    }
+
+    #[test]
+    fn full_access_homeservers_must_be_named_and_any_only_when_written() {
+        let none = Config::from_source(&Source::from_pairs([
+            ("LIVEKIT_URL", "wss://sfu.example.com"),
+            ("LIVEKIT_KEY", "k"),
+            ("LIVEKIT_SECRET", "s"),
+        ]));
+        let e = none.unwrap_err();
+        assert_eq!(e.setting, "LIVEKIT_FULL_ACCESS_HOMESERVERS");
+        assert!(e.reason.contains("required"), "{e}");
+        assert_eq!(
+            with(&[("LIVEKIT_FULL_ACCESS_HOMESERVERS", "*")]).unwrap().homeservers.allowed,
+            AllowedHomeservers::Any
+        );
+        assert_eq!(
+            with(&[("LIVEKIT_FULL_ACCESS_HOMESERVERS", " , ")]).unwrap_err().setting,
+            "LIVEKIT_FULL_ACCESS_HOMESERVERS"
+        );
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        assert_eq!(Rate::parse("5/s").unwrap(), Rate { requests: 5, per: ms(1_000) });
+        assert_eq!(Rate::parse(" 100 / h ").unwrap(), Rate { requests: 100, per: hours(1) });
+        for bad in ["0/m", "5", "5/d", "x/s", "-1/s"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+        for (name, value) in [
+            ("RTC_LEAVE_BRIDGE_MIN_DELAY", "500ms"),
+            ("RTC_LEAVE_BRIDGE_USER_RATE", "fast"),
+            ("RTC_LEAVE_BRIDGE_HOMESERVER_RATE", "0/s"),
+            ("RTC_LEAVE_BRIDGE_HOMESERVER_CHECKS", "0"),
+            ("RTC_LEAVE_BRIDGE_HOMESERVER_CALLS", "5000"),
+            ("RTC_LEAVE_BRIDGE_JOBS_PER_USER", "-3"),
+            ("RTC_LEAVE_BRIDGE_MAX_CONNECTIONS", "2"),
+            ("RTC_LEAVE_BRIDGE_HEADER_TIMEOUT", "10ms"),
+            ("RTC_LEAVE_BRIDGE_HTTP_TIMEOUT", "1h"),
+            ("RTC_LEAVE_BRIDGE_OPERATOR_BIND", "nope"),
+            ("RTC_LEAVE_BRIDGE_OPERATOR_BIND", ":8080"),
+        ] {
+            assert_eq!(with(&[(name, value)]).unwrap_err().setting, name, "{name}={value}");
+        }
+        let c = with(&[("RTC_LEAVE_BRIDGE_MIN_DELAY", "1s"), ("RTC_LEAVE_BRIDGE_OPERATOR_BIND", "127.0.0.1:9090")])
+            .unwrap();
+        assert_eq!(c.homeservers.min_delay, ms(1_000));
+        assert_eq!(c.listen.operator_bind, Some("127.0.0.1:9090".parse().unwrap()));
+        // With Redis the default is raised to what failover needs, never lowered.
+        let r = with(&[("LIVEKIT_REDIS_URL", "redis://r"), ("RTC_LEAVE_BRIDGE_LEASE", "8s")]).unwrap();
+        assert_eq!(r.homeservers.min_delay, ms(8_000 + 2_000 + 1_000 + 1_000));
+        let r = with(&[("LIVEKIT_REDIS_URL", "redis://r")]).unwrap();
+        assert_eq!(r.homeservers.min_delay, ms(5_000));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    raise_file_limit();
     rtc_leave_bridge::cli::run()
 }
 
@@ -16,5 +17,21 @@ fn limit_malloc_arenas() {
     // SAFETY: mallopt only sets an allocator tunable; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Lets the process hold as many connections as its hard limit allows (the soft limit is often
+/// 1024): `RTC_LEAVE_BRIDGE_MAX_CONNECTIONS`, not the soft limit, decides how many clients are
+/// served at once, and slow clients cannot run the service out of file descriptors first.
+fn raise_file_limit() {
+    #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed; called before any
+    // other thread exists.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }

@@ -81,6 +81,17 @@ pub struct ActionLabel {
     pub action: &'static str,
 }
 
+/// A request refused by a limit ([`LIMITS`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub endpoint: &'static str,
+    pub limit: &'static str,
+}
+
+/// The `limit` label of `requests_limited_total`: the user's request rate, its homeserver's, or
+/// its homeserver's OpenID checks already in flight.
+pub const LIMITS: [&str; 3] = ["user_rate", "homeserver_rate", "homeserver_busy"];
+
 /// What each Redis round trip is for (the `op` label of `redis_duration_seconds`).
 pub const REDIS_OPS: [&str; 6] = ["tick", "acquire", "release", "load", "inbox_add", "inbox_read"];
 
@@ -122,6 +133,10 @@ pub struct Metrics {
     pub handovers: Family<KindLabel, Counter>,
     pub redis_duration: HistogramFamily<RedisOpLabel>,
     pub calls_fenced: Family<ActionLabel, Counter>,
+    pub calls_waiting: Family<ActionLabel, Gauge>,
+    pub requests_limited: Family<LimitLabels, Counter>,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -158,6 +173,10 @@ impl Metrics {
             handovers: Family::default(),
             redis_duration: Family::new_with_constructor(latency_histogram),
             calls_fenced: Family::default(),
+            calls_waiting: Family::default(),
+            requests_limited: Family::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("jobs", "Tracked delegations by lifecycle state", m.jobs.clone());
@@ -243,6 +262,22 @@ impl Metrics {
             "Homeserver calls not made because this instance's lease on the job's shard had too little time left",
             m.calls_fenced.clone(),
         );
+        registry.register(
+            "calls_waiting",
+            "Homeserver calls issued and waiting for a slot (each homeserver has its own cap, homeservers take turns)",
+            m.calls_waiting.clone(),
+        );
+        registry.register(
+            "requests_limited",
+            "Token and delegation requests refused with 429, by endpoint and the limit they hit",
+            m.requests_limited.clone(),
+        );
+        registry.register("http_connections", "Client connections open on the public listener", m.connections.clone());
+        registry.register(
+            "http_connections_refused",
+            "Client connections closed at once because the listener had RTC_LEAVE_BRIDGE_MAX_CONNECTIONS open",
+            m.connections_refused.clone(),
+        );
         // Every family from the start, at zero for each of its known label values, so that
         // dashboards show 0 rather than "No data" and rate-based alerts can fire on the first
         // event ("avoid missing metrics").
@@ -252,7 +287,18 @@ impl Metrics {
         for outcome in ["sent", "gone", "expired", "unconfirmed", "superseded"] {
             let _ = m.jobs_finished.get_or_create(&OutcomeLabel { outcome });
         }
-        for outcome in ["accepted", "replaced", "repeated", "invalid", "unauthorized", "forbidden", "unavailable"] {
+        for outcome in [
+            "accepted",
+            "replaced",
+            "repeated",
+            "conflict",
+            "over_user_limit",
+            "limited",
+            "invalid",
+            "unauthorized",
+            "forbidden",
+            "unavailable",
+        ] {
             let _ = m.delegations.get_or_create(&OutcomeLabel { outcome });
         }
         for event in
@@ -273,7 +319,7 @@ impl Metrics {
             let _ = m.room_creations.get_or_create(&OutcomeLabel { outcome });
         }
         for endpoint in ["get_token", "sfu_get", "proxied_get_token"] {
-            for outcome in ["issued", "invalid", "unauthorized", "forbidden", "unavailable"] {
+            for outcome in ["issued", "limited", "invalid", "unauthorized", "forbidden", "unavailable"] {
                 let _ = m.tokens.get_or_create(&TokenLabels { endpoint, outcome });
             }
         }
@@ -304,6 +350,12 @@ impl Metrics {
         }
         for action in ["restart", "send"] {
             let _ = m.calls_fenced.get_or_create(&ActionLabel { action });
+            let _ = m.calls_waiting.get_or_create(&ActionLabel { action });
+        }
+        for endpoint in ["get_token", "sfu_get", "delegate", "proxied_get_token", "proxied_delegate"] {
+            for limit in LIMITS {
+                let _ = m.requests_limited.get_or_create(&LimitLabels { endpoint, limit });
+            }
         }
         Metrics { registry, ..m }
     }

@@ -13,7 +13,7 @@ use crate::cluster::intake::Intake;
 use crate::cluster::leases::Leases;
 use crate::config::{AllowedHomeservers, Config};
 use crate::engine::{self, EngineConfig, Ports};
-use crate::homeserver::delayed_events::{HomeserverCalls, PathStyles};
+use crate::homeserver::delayed_events::{AppserviceCaller, HomeserverCalls, PathStyles};
 use crate::homeserver::{Clients, Discovery};
 use crate::livekit::room_service::{Listings, RoomService};
 use crate::livekit::webhook::WebhookVerifier;
@@ -27,7 +27,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     crate::homeserver::install_crypto_provider();
     let hs = &config.homeservers;
     if matches!(hs.allowed, AllowedHomeservers::Any) {
-        warn!("LIVEKIT_FULL_ACCESS_HOMESERVERS is '*': users of any homeserver may delegate");
+        warn!(
+            "LIVEKIT_FULL_ACCESS_HOMESERVERS is '*': users of any homeserver on the internet may open LiveKit rooms and delegate"
+        );
     }
     if let Some(a) = &config.appservice {
         info!(server = %a.server_name, "appservice mode on: delegations proxied by this homeserver are accepted");
@@ -43,7 +45,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let OpenedStore { store, shared } = open_store(&config, REDIS_WAIT).await?;
     // With Redis, this instance is one of several: its name, and the leases it will hold.
     let cluster_settings = config.storage.redis.as_ref().map(|r| Settings {
-        instance: format!("{}-{:04x}", r.instance, rand::random::<u16>()),
+        // 64 random bits: two processes never take each other's leases for their own.
+        instance: format!("{}-{:016x}", r.instance, rand::random::<u64>()),
         lease: r.lease,
         renew_interval: r.renew_interval(),
     });
@@ -87,15 +90,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         EngineConfig {
             timing: config.engine.timing.clone(),
             reconcile_interval: config.engine.reconcile_interval,
-            limits: engine::Limits::default(),
+            limits: engine::Limits {
+                per_homeserver: config.fairness.homeserver_calls,
+                jobs_per_user: config.fairness.jobs_per_user,
+                ..engine::Limits::default()
+            },
             instance: cluster_settings.as_ref().map(|c| c.instance.clone()),
+            appservice_server: config.appservice.as_ref().map(|a| a.server_name.clone()),
         },
         Ports {
             store: store.clone(),
             homeserver: Arc::new(HomeserverCalls {
                 discovery: discovery.clone(),
                 path_styles: path_styles.clone(),
-                as_token: config.appservice.as_ref().map(|a| Arc::from(a.as_token.as_str())),
+                appservice: config.appservice.as_ref().map(|a| AppserviceCaller {
+                    as_token: Arc::from(a.as_token.as_str()),
+                    server_name: a.server_name.clone(),
+                }),
                 timeout: hs.request_timeout,
                 metrics: metrics.clone(),
             }),
@@ -125,8 +136,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         admin_verifier: api::operator::OperatorKeys::new(&config.livekit.keys),
         discovery,
         allowed: Arc::new(hs.allowed.clone()),
-        metrics,
+        metrics: metrics.clone(),
         store,
+        limits: Arc::new(api::limits::Limits::new(&config.fairness)),
+        request_timeout: config.listen.request_timeout,
         delays: api::DelayRange { min_ms: hs.min_delay.as_millis() as u64, max_ms: hs.max_delay.as_millis() as u64 },
         appservice: config.appservice.clone().map(|a| {
             Arc::new(api::appservice::AppserviceState {
@@ -137,12 +150,43 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             })
         }),
     };
-    let listener = tokio::net::TcpListener::bind(config.listen.bind)
+    let listen = &config.listen;
+    let listener = tokio::net::TcpListener::bind(listen.bind)
         .await
-        .with_context(|| format!("LIVEKIT_JWT_BIND: cannot listen on {}", config.listen.bind))?;
+        .with_context(|| format!("LIVEKIT_JWT_BIND: cannot listen on {}", listen.bind))?;
     info!(addr = %listener.local_addr()?, livekit = %config.livekit.url, "rtc-leave-bridge listening");
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(termination()).await?;
+    // In-flight requests get the drain time; a request is answered within its own deadline.
+    let settings = api::listener::Settings {
+        header_timeout: listen.header_timeout,
+        max_connections: listen.max_connections,
+        drain: config.engine.shutdown_timeout.min(listen.request_timeout),
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let operator = match listen.operator_bind {
+        None => None,
+        Some(bind) => {
+            let l = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("RTC_LEAVE_BRIDGE_OPERATOR_BIND: cannot listen on {bind}"))?;
+            info!(addr = %l.local_addr()?, "operator endpoints (/metrics, /admin/jobs) listening apart");
+            let app = api::operator_router(state.clone());
+            Some(tokio::spawn(api::listener::serve(l, app, settings, None, stopped(stop.clone()))))
+        }
+    };
+    let public = tokio::spawn(api::listener::serve(
+        listener,
+        api::router(state, operator.is_some()),
+        settings,
+        Some(metrics),
+        stopped(stop),
+    ));
+    termination().await;
     info!("no longer accepting requests; draining");
+    let _ = stop_tx.send(true);
+    let _ = public.await;
     if let Some(cluster) = &cluster {
         cluster.drain();
     }
@@ -150,6 +194,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = engine_task.await;
     if let Some(cluster) = cluster {
         cluster.shutdown().await;
+    }
+    if let Some(operator) = operator {
+        let _ = operator.await;
     }
     Ok(())
 }

@@ -193,7 +193,8 @@ impl Net {
     }
 
     /// Delegates until an instance answers 200 (a client retries 503, 502 — the homeserver
-    /// could not check its OpenID token — and refused connections); returns when.
+    /// could not check its OpenID token —, 429 after the wait it is told — the homeserver's
+    /// checks already in flight, while it hangs —, and refused connections); returns when.
     async fn delegate(&self, body: &Value, rng: &mut StdRng) -> SystemTime {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
         let until = Instant::now() + HS_OUTAGE + Duration::from_secs(40);
@@ -203,6 +204,11 @@ impl Net {
                 match r.status().as_u16() {
                     200 => return SystemTime::now(),
                     502 | 503 => {}
+                    429 => {
+                        let v: Value = r.json().await.unwrap_or_default();
+                        let wait = v["retry_after_ms"].as_u64().expect("a 429 says how long to wait");
+                        tokio::time::sleep(Duration::from_millis(wait.min(5_000))).await;
+                    }
                     other => panic!("delegation refused with {other}: {}", r.text().await.unwrap_or_default()),
                 }
             }

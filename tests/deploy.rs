@@ -242,7 +242,11 @@ fn services_agree_on_addresses_ports_and_keys() {
     // Each instance scraped on its own, found through the service's DNS name.
     let sd = &job["dns_sd_configs"][0];
     assert_eq!(sd["names"][0].as_str(), Some("rtc-leave-bridge"));
-    assert_eq!((sd["type"].as_str(), sd["port"].as_u64()), (Some("A"), Some(u64::from(bridge_port))));
+    // On the operator listener, apart from the public one the proxy forwards to.
+    let operator = stack.service_env("rtc-leave-bridge", "RTC_LEAVE_BRIDGE_OPERATOR_BIND");
+    let operator_port: u16 = operator.trim_start_matches(':').parse().unwrap();
+    assert_ne!(operator_port, bridge_port, "the operator endpoints stay off the public proxy");
+    assert_eq!((sd["type"].as_str(), sd["port"].as_u64()), (Some("A"), Some(u64::from(operator_port))));
     for rules in prometheus["rule_files"].as_sequence().unwrap() {
         assert!(root().join(stack.host_file("prometheus", rules.as_str().unwrap())).exists());
     }

@@ -107,3 +107,61 @@ async fn healthcheck_check_config_and_jobs() {
     let out = bridge.cli(&["check-config"], &[]);
     assert!(!out.status.success() && text(&out).contains("PROBLEM  homeserver hs1.test"), "{}", text(&out));
 }
+
+/// With `RTC_LEAVE_BRIDGE_OPERATOR_BIND`, `/metrics` and `/admin/jobs` leave the public listener
+/// (`/healthz` and `/readyz` stay on both), and `rtc-leave-bridge jobs` finds them there. The job
+/// listing wants an admin token with no room scope; the full-access homeservers must be named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoints_apart_and_unscoped_admin_tokens() {
+    let livekit = LiveKit::start().await;
+    let operator_port = common::free_port();
+    let operator = format!("http://127.0.0.1:{operator_port}");
+    let mut env = Bridge::env_for("http://127.0.0.1:9", &livekit);
+    env.insert("RTC_LEAVE_BRIDGE_OPERATOR_BIND".into(), format!("127.0.0.1:{operator_port}"));
+    let bridge = Bridge::start(env).await;
+    let get = |url: String, token: Option<String>| async move {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    for path in ["/metrics", "/admin/jobs"] {
+        let (status, body) = get(format!("{}{path}", bridge.url), None).await;
+        assert_eq!(status, 404, "{path} on the public listener: {body}");
+        assert!(body.contains("M_UNRECOGNIZED"), "{body}");
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(get(format!("{}{path}", bridge.url), None).await.0, 200, "{path} public");
+        assert_eq!(get(format!("{operator}{path}"), None).await.0, 200, "{path} operator");
+    }
+    let (status, metrics) = get(format!("{operator}/metrics"), None).await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("rtc_leave_bridge_http_connections"), "{metrics}");
+    let out = bridge.cli(&["jobs"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("0 job(s)"), "{}", text(&out));
+
+    // Admin tokens: both grants and no room scope.
+    let token = |room: &str| {
+        let grants = livekit_api::access_token::VideoGrants {
+            room_admin: true,
+            room_list: true,
+            room: room.to_owned(),
+            ..Default::default()
+        };
+        livekit_api::access_token::AccessToken::with_api_key(common::livekit::API_KEY, common::livekit::API_SECRET)
+            .with_grants(grants)
+            .to_jwt()
+            .unwrap()
+    };
+    assert_eq!(get(format!("{operator}/admin/jobs"), Some(token(""))).await.0, 200);
+    let (status, body) = get(format!("{operator}/admin/jobs"), Some(token("some-room"))).await;
+    assert_eq!(status, 403, "a room-scoped admin token: {body}");
+
+    // LIVEKIT_FULL_ACCESS_HOMESERVERS is required: the service does not start without it.
+    let out = bridge.cli(&["check-config"], &[("LIVEKIT_FULL_ACCESS_HOMESERVERS", "")]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("LIVEKIT_FULL_ACCESS_HOMESERVERS: required"), "{}", text(&out));
+}

@@ -45,6 +45,8 @@ impl Call {
         let redis = Redis::start().await;
         let mut env = Bridge::env_for(&hs.url, &livekit);
         env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), LEASE.into());
+        // What failover allows on Redis (below the 5 s default), for both stores alike.
+        env.insert("RTC_LEAVE_BRIDGE_MIN_DELAY".into(), format!("{DELAY_MS}ms"));
         if on_redis {
             env.insert("LIVEKIT_REDIS_URL".into(), redis.url());
         }
@@ -120,6 +122,11 @@ async fn redis_stopped_for_thirty_seconds_removes_nobody_and_everything_resumes(
     let bobs = synapse.join_call(&bob, &room, 60_000).await;
     let body = common::bridge::delegation_body(&synapse.openid_token(&bob).await, &bob, &room, "b1", &bobs, 60_000);
     assert_eq!(bridge.delegate_raw(&body).await.0, 503);
+    // Not ready, and saying so without the store's internals (addresses, driver errors).
+    let ready = reqwest::get(format!("{}/readyz", bridge.url)).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let answer: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(answer, serde_json::json!({"errcode": "M_UNKNOWN", "error": "store unavailable"}));
     // ... and the connected member is kept alive from memory for 30 s, seven times its delay.
     let restarts_before = hs.count("restart", Some(200));
     let until = Instant::now() + Duration::from_secs(30);

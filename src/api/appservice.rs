@@ -64,15 +64,43 @@ fn appservice(state: &AppState) -> Result<&AppserviceState, MatrixError> {
         .ok_or_else(|| MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "appservice mode is not configured"))
 }
 
-/// `GET`/`PUT`/`POST /_matrix/app/v1/ping` (the homeserver checking it can reach us) and
-/// `PUT /_matrix/app/v1/transactions/{txn}` (room events it pushes; we need none): answered once
-/// the hs_token checks out.
+/// `GET`/`PUT`/`POST /_matrix/app/v1/ping` (the homeserver checking it can reach us): answered
+/// once the hs_token checks out.
 pub async fn acknowledge(
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Query<TokenQuery>,
 ) -> Result<Response, MatrixError> {
     check_hs_token(appservice(&state)?, &headers, &query)?;
+    Ok(empty_ok())
+}
+
+/// `PUT /_matrix/app/v1/transactions/{txn}`: room events the homeserver pushes (the users
+/// namespace the bridge needs to act as members makes that much of the server's traffic). None
+/// is needed: once the hs_token checks out, the body is read to its end and dropped chunk by
+/// chunk, whatever its size, and `200 {}` answered. A homeserver retries a refused transaction
+/// forever, holding every later one behind it: it is never refused for its size. (It is read
+/// rather than left unread, so that the homeserver, still writing, is not cut off before it
+/// reads the answer.)
+pub async fn transaction(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Query<TokenQuery>,
+    body: axum::body::Body,
+) -> Result<Response, MatrixError> {
+    check_hs_token(appservice(&state)?, &headers, &query)?;
+    let mut chunks = body.into_data_stream();
+    let mut size = 0usize;
+    while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
+        match chunk {
+            Ok(c) => size += c.len(),
+            Err(e) => {
+                warn!(read = size, error = %e, "appservice transaction cut off while being read");
+                return Err(MatrixError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "transaction body cut off"));
+            }
+        }
+    }
+    tracing::debug!(bytes = size, "appservice transaction acknowledged; events not needed");
     Ok(empty_ok())
 }
 
@@ -155,11 +183,16 @@ pub(crate) fn proxied<'a>(
     check_hs_token(a, headers, query)?;
     let server = a.config.server_name.as_str();
 
-    // The member, as its homeserver authenticated it.
-    let user_header = headers
-        .get("x-matrix-user-identifier")
+    // The member, as its homeserver authenticated it: exactly one, never a choice between two.
+    let mut user_headers = headers.get_all("x-matrix-user-identifier").iter();
+    let user_header = user_headers
+        .next()
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| MatrixError::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", "no X-Matrix-User-Identifier"))?;
+    if user_headers.next().is_some() {
+        warn!("appservice request with several X-Matrix-User-Identifier headers refused");
+        return Err(invalid("several X-Matrix-User-Identifier headers"));
+    }
     let user_id =
         ruma::OwnedUserId::try_from(user_header).map_err(|e| invalid(format!("X-Matrix-User-Identifier: {e}")))?;
     if user_id.server_name().as_str() != server {
@@ -207,6 +240,7 @@ async fn looked_up(
     identity: Option<String>,
 ) -> Result<Delegation, MatrixError> {
     let (a, server) = (p.a, p.a.config.server_name.as_str());
+    let _slot = super::member::check_slot(state, "proxied_delegate", server).await?;
     let endpoint = state.discovery.client_server_api(server).await.map_err(|e| {
         error!(server, error = %e, "cannot locate our homeserver's client-server API");
         MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "homeserver unreachable")
@@ -253,6 +287,7 @@ async fn handle_delegation(
     body: &[u8],
 ) -> Result<(), MatrixError> {
     let p = proxied(appservice(state)?, headers, query, body)?;
+    super::member::take_budget(state, "proxied_delegate", &p.user_id)?;
     let missing = |field: &str| {
         MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("invalid request: missing field `{field}`"))
     };
@@ -271,6 +306,7 @@ async fn handle_get_token(
     body: &[u8],
 ) -> Result<super::token::Answer, MatrixError> {
     let p = proxied(appservice(state)?, headers, query, body)?;
+    super::member::take_budget(state, "proxied_get_token", &p.user_id)?;
     let server = p.a.config.server_name.as_str();
     let grant = super::token::Grant {
         identity: crate::identity::identity_two_part(p.user_id.as_str(), &p.member_id),
@@ -287,4 +323,33 @@ async fn handle_get_token(
         Some(delay_id) => Some(looked_up(state, &p, delay_id, Some(grant.identity.clone())).await?),
     };
     super::token::grant_token(state, &grant, full_access, delegation).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AppserviceState {
+        AppserviceState {
+            config: Appservice { as_token: "as".into(), hs_token: "hs".into(), server_name: "hs.test".into() },
+            livekit_url: "https://sfu.example.org".into(),
+            path_styles: Default::default(),
+            request_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_member_is_named_by_exactly_one_header() {
+        let a = state();
+        let body = br#"{"room_id": "!r:hs.test", "slot_id": "m.call#ROOM", "member_id": "m"}"#;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer hs".parse().unwrap());
+        headers.append("x-matrix-user-identifier", "@a:hs.test".parse().unwrap());
+        let p = proxied(&a, &headers, &TokenQuery::default(), body).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(p.user_id.as_str(), "@a:hs.test");
+        // A second header (whichever a proxy would pass on): refused, not one of them chosen.
+        headers.append("x-matrix-user-identifier", "@victim:hs.test".parse().unwrap());
+        let e = proxied(&a, &headers, &TokenQuery::default(), body).err().unwrap();
+        assert_eq!((e.status, e.errcode), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"));
+    }
 }

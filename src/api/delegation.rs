@@ -75,9 +75,10 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         warn!(server, user = %user_id, "delegation refused: homeserver not allowed");
         return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "this homeserver may not delegate here"));
     }
-    let user_id = verified_user(state, &req.openid_token, Some(&user_id)).await?;
+    let user_id = verified_user(state, "delegate", &req.openid_token, Some(&user_id)).await?;
 
     // Where its homeserver is, by our own means.
+    let _slot = super::member::check_slot(state, "delegate", server).await?;
     let cs = state
         .discovery
         .client_server_api(server)

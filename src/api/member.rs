@@ -40,9 +40,12 @@ impl OpenIdToken {
 }
 
 /// The user the token belongs to, as its homeserver says: a user of that homeserver, and the one
-/// the request claims to be, if it claims one (`401 M_UNAUTHORIZED` otherwise).
+/// the request claims to be, if it claims one (`401 M_UNAUTHORIZED` otherwise). The check takes
+/// one of the homeserver's slots ([`super::limits`]), and the verified request one request of the
+/// user's and the homeserver's budgets (`429` over any of them).
 pub async fn verified_user(
     state: &AppState,
+    endpoint: &'static str,
     token: &OpenIdToken,
     claimed: Option<&ruma::UserId>,
 ) -> Result<ruma::OwnedUserId, MatrixError> {
@@ -51,8 +54,10 @@ pub async fn verified_user(
     if claimed.is_some_and(|user| user.server_name().as_str() != server) {
         return Err(unauthorized("member.claimed_user_id does not belong to openid_token.matrix_server_name"));
     }
+    let slot = check_slot(state, endpoint, server).await?;
     let started = Instant::now();
     let result = openid::userinfo(&state.discovery, server, &token.access_token).await;
+    drop(slot);
     state
         .metrics
         .openid_check_duration
@@ -72,7 +77,26 @@ pub async fn verified_user(
             "request refused: OpenID token belongs to another user");
         return Err(unauthorized("OpenID token does not belong to the member"));
     }
+    take_budget(state, endpoint, &user)?;
     Ok(user)
+}
+
+/// One of `server`'s slots for a request towards it (an OpenID check, a discovery), or `429`.
+pub async fn check_slot(
+    state: &AppState,
+    endpoint: &'static str,
+    server: &str,
+) -> Result<super::limits::Slot, MatrixError> {
+    state.limits.check_slot(server).await.map_err(|l| super::limited(state, endpoint, server, None, l))
+}
+
+/// One request of authenticated `user`'s budget and of its homeserver's, or `429`.
+pub fn take_budget(state: &AppState, endpoint: &'static str, user: &ruma::UserId) -> Result<(), MatrixError> {
+    let server = user.server_name().as_str();
+    state
+        .limits
+        .take(user.as_str(), server, Instant::now())
+        .map_err(|l| super::limited(state, endpoint, server, Some(user.as_str()), l))
 }
 
 /// A homeserver that cannot be asked, or that refuses: why, as the client should see it.

@@ -4,6 +4,8 @@
 
 pub mod appservice;
 pub(crate) mod delegation;
+pub mod limits;
+pub mod listener;
 mod member;
 pub mod operator;
 pub mod token;
@@ -20,9 +22,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::cluster::intake::Intake;
+use crate::cluster::intake::{Intake, IntakeError};
 use crate::delegation::DelayRef;
-use crate::engine::EngineHandle;
+use crate::engine::{EngineError, EngineHandle, Refusal};
 use crate::homeserver::Discovery;
 use crate::livekit::webhook::WebhookVerifier;
 use crate::metrics::Metrics;
@@ -54,9 +56,16 @@ pub struct AppState {
     pub appservice: Option<Arc<appservice::AppserviceState>>,
     /// Mints tokens and opens rooms.
     pub issuer: Arc<token::Issuer>,
+    /// What one user or one homeserver may ask.
+    pub limits: Arc<limits::Limits>,
+    /// A request must be read and answered within this.
+    pub request_timeout: std::time::Duration,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The public endpoints; the operator endpoints too unless `operator_apart` (they then have
+/// their own listener, [`operator_router`]; `/healthz` and `/readyz` stay here as well, for load
+/// balancers).
+pub fn router(state: AppState, operator_apart: bool) -> Router {
     // Browsers call the delegation endpoint directly, as they do lk-jwt-service's.
     let cors = CorsLayer::new()
         .allow_origin(Any)
@@ -82,23 +91,48 @@ pub fn router(state: AppState) -> Router {
             "/_matrix/app/v1/ping",
             get(appservice::acknowledge).put(appservice::acknowledge).post(appservice::acknowledge),
         )
-        .route("/_matrix/app/v1/transactions/{txn}", axum::routing::put(appservice::acknowledge))
         .layer(axum::middleware::from_fn_with_state(DELEGATION_BODY_LIMIT, enforce_body_limit))
         .layer(DefaultBodyLimit::max(DELEGATION_BODY_LIMIT));
+    // Any size: read and dropped as it comes (never held, never refused for its size).
+    let transactions = Router::new()
+        .route("/_matrix/app/v1/transactions/{txn}", axum::routing::put(appservice::transaction))
+        .layer(DefaultBodyLimit::disable());
     let webhook = Router::new()
         .route("/sfu_webhook", post(webhook::receive))
         .layer(axum::middleware::from_fn_with_state(WEBHOOK_BODY_LIMIT, enforce_body_limit))
         .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
-    Router::new()
+    let timeout = state.request_timeout;
+    let public = Router::new()
         .merge(delegation)
         .merge(proxied)
+        .merge(transactions)
         .merge(webhook)
         .route("/healthz", get(operator::healthz))
-        .route("/readyz", get(operator::readyz))
-        .route("/metrics", get(operator::metrics))
-        .route("/admin/jobs", get(operator::jobs))
-        .fallback(|| async { MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request") })
+        .route("/readyz", get(operator::readyz));
+    let all = if operator_apart { public } else { public.merge(operator_routes()) };
+    all.fallback(unrecognized)
+        .layer(axum::middleware::from_fn_with_state(timeout, listener::time_limit))
         .with_state(state)
+}
+
+/// The operator endpoints on their own listener (`RTC_LEAVE_BRIDGE_OPERATOR_BIND`).
+pub fn operator_router(state: AppState) -> Router {
+    let timeout = state.request_timeout;
+    Router::new()
+        .merge(operator_routes())
+        .route("/healthz", get(operator::healthz))
+        .route("/readyz", get(operator::readyz))
+        .fallback(unrecognized)
+        .layer(axum::middleware::from_fn_with_state(timeout, listener::time_limit))
+        .with_state(state)
+}
+
+fn operator_routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(operator::metrics)).route("/admin/jobs", get(operator::jobs))
+}
+
+async fn unrecognized() -> MatrixError {
+    MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request")
 }
 
 /// Refuses bodies over `limit` bytes with `413 M_TOO_LARGE`: at once when `Content-Length` says
@@ -130,17 +164,24 @@ pub struct MatrixError {
     pub status: StatusCode,
     pub errcode: &'static str,
     pub error: String,
+    /// For `429`: how long to wait (`retry_after_ms` in the body, `Retry-After` in seconds).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl MatrixError {
     pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
-        MatrixError { status, errcode, error: error.into() }
+        MatrixError { status, errcode, error: error.into(), retry_after_ms: None }
     }
 }
 
 impl IntoResponse for MatrixError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "errcode": self.errcode, "error": self.error }))).into_response()
+        let mut body = serde_json::json!({ "errcode": self.errcode, "error": self.error });
+        let Some(ms) = self.retry_after_ms else { return (self.status, Json(body)).into_response() };
+        body["retry_after_ms"] = ms.into();
+        let mut r = (self.status, Json(body)).into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+        r
     }
 }
 
@@ -199,6 +240,14 @@ pub async fn store_delegation(state: &AppState, delegation: crate::delegation::D
                 mode = ?mode, "delegation stored");
             Ok(())
         }
+        Err(IntakeError::Engine(EngineError::Refused(refusal))) => Err(match refusal {
+            Refusal::TooManyJobs(_) => {
+                let mut e = MatrixError::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", refusal.to_string());
+                e.retry_after_ms = Some(60_000);
+                e
+            }
+            _ => MatrixError::new(StatusCode::CONFLICT, "M_INVALID_PARAM", format!("delay_id: {refusal}")),
+        }),
         Err(e) => {
             tracing::warn!(user = %user, room = %room, delay_id = %DelayRef(&delay_id), error = %e, "delegation not stored");
             Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot store the delegation now"))
@@ -211,14 +260,43 @@ pub async fn store_delegation(state: &AppState, delegation: crate::delegation::D
 pub fn delegation_answer(state: &AppState, result: Result<(), MatrixError>) -> Result<Response, MatrixError> {
     if let Err(e) = &result {
         let outcome = match e.status {
-            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND => "invalid",
-            StatusCode::UNAUTHORIZED => "unauthorized",
-            StatusCode::FORBIDDEN => "forbidden",
-            _ => "unavailable",
+            // Counted where they were refused: over a rate by [`limit`], over the user's live
+            // jobs or conflicting with another member's by the engine.
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::CONFLICT => None,
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND => Some("invalid"),
+            StatusCode::UNAUTHORIZED => Some("unauthorized"),
+            StatusCode::FORBIDDEN => Some("forbidden"),
+            _ => Some("unavailable"),
         };
-        state.metrics.delegations.get_or_create(&crate::metrics::OutcomeLabel { outcome }).inc();
+        if let Some(outcome) = outcome {
+            state.metrics.delegations.get_or_create(&crate::metrics::OutcomeLabel { outcome }).inc();
+        }
     }
     result.map(|()| empty_ok())
+}
+
+/// Counts a request refused by one of [`limits::Limits`] (and, for a delegation endpoint, in
+/// `delegations_total{outcome="limited"}`), logs it, and gives its answer.
+pub fn limited(
+    state: &AppState,
+    endpoint: &'static str,
+    server: &str,
+    user: Option<&str>,
+    l: limits::Limited,
+) -> MatrixError {
+    tracing::warn!(
+        endpoint,
+        server,
+        user = user.unwrap_or_default(),
+        limit = l.limit,
+        retry_after_ms = l.retry_after.as_millis() as u64,
+        "request over a limit; refused with 429"
+    );
+    state.metrics.requests_limited.get_or_create(&crate::metrics::LimitLabels { endpoint, limit: l.limit }).inc();
+    if endpoint.ends_with("delegate") {
+        state.metrics.delegations.get_or_create(&crate::metrics::OutcomeLabel { outcome: "limited" }).inc();
+    }
+    l.into_error()
 }
 
 /// `200 {}`

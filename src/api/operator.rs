@@ -1,7 +1,9 @@
 //! Operator endpoints: `/healthz` (the process serves), `/readyz` (the store is usable),
 //! `/metrics` (Prometheus text), and `/admin/jobs` (tracked delegations, for
 //! `rtc-leave-bridge jobs`; it names users, so it requires a token signed with the LiveKit API
-//! secret carrying the `roomAdmin` and `roomList` grants — webhook tokens carry neither).
+//! secret carrying the `roomAdmin` and `roomList` grants and no room scope — webhook tokens carry
+//! neither grant). With `RTC_LEAVE_BRIDGE_OPERATOR_BIND`, `/metrics` and `/admin/jobs` are served
+//! on that listener only.
 
 use axum::Json;
 use axum::extract::State;
@@ -14,10 +16,14 @@ pub async fn healthz() -> Response {
     empty_ok()
 }
 
+/// `/readyz` may be public: it says whether the store is usable, never why not (the log does).
 pub async fn readyz(State(state): State<AppState>) -> Result<Response, MatrixError> {
     match state.store.ping().await {
         Ok(()) => Ok(empty_ok()),
-        Err(e) => Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready: the store is unavailable");
+            Err(MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "store unavailable"))
+        }
     }
 }
 
@@ -38,6 +44,10 @@ pub async fn jobs(State(state): State<AppState>, headers: HeaderMap) -> Result<R
         .ok_or_else(|| MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "invalid token"))?;
     if !(claims.video.room_admin && claims.video.room_list) {
         return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "requires roomAdmin and roomList grants"));
+    }
+    // Every job of every room: a token scoped to one room (a room admin's) does not show them.
+    if !claims.video.room.is_empty() {
+        return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "requires a token with no room scope"));
     }
     let jobs = state
         .engine

@@ -122,6 +122,11 @@ pub(crate) fn check_sfu_get(body: &[u8]) -> Result<LegacyRequest, MatrixError> {
     let req: LegacyRequest = parse_json(body)?;
     ruma::RoomId::parse(req.room.as_str()).map_err(|e| invalid(format!("room: {e}")))?;
     check_text("device_id", &req.device_id)?;
+    // The identity is `@user:server:DEVICE`: with a `:` in the device, `@a:hs` + `8448:X` and
+    // `@a:hs:8448` + `X` would be one identity.
+    if req.device_id.contains(':') {
+        return Err(invalid("device_id must not contain ':'"));
+    }
     req.openid_token.server()?;
     Ok(req)
 }
@@ -179,7 +184,7 @@ pub async fn get_token(State(state): State<AppState>, body: Bytes) -> Result<Jso
 
 async fn get_token_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
     let (req, claimed) = check_get_token(body)?;
-    let user_id = verified_user(state, &req.openid_token, Some(&claimed)).await?;
+    let user_id = verified_user(state, "get_token", &req.openid_token, Some(&claimed)).await?;
     let identity = identity::identity_three_part(user_id.as_str(), &req.member.claimed_device_id, &req.member.id);
     let grant = Grant {
         user_id,
@@ -189,7 +194,7 @@ async fn get_token_inner(state: &AppState, body: &[u8]) -> Result<Answer, Matrix
         slot_id: req.slot_id,
         identity,
     };
-    issue(state, grant, &req.openid_token, &req.delay).await
+    issue(state, "get_token", grant, &req.openid_token, &req.delay).await
 }
 
 /// `POST /sfu/get`: identity = `@user:server:DEVICE`, slot `m.call#ROOM`.
@@ -199,7 +204,7 @@ pub async fn sfu_get(State(state): State<AppState>, body: Bytes) -> Result<Json<
 
 async fn sfu_get_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixError> {
     let req = check_sfu_get(body)?;
-    let user_id = verified_user(state, &req.openid_token, None).await?;
+    let user_id = verified_user(state, "sfu_get", &req.openid_token, None).await?;
     let identity = identity::identity_legacy(user_id.as_str(), &req.device_id);
     let grant = Grant {
         user_id,
@@ -210,12 +215,13 @@ async fn sfu_get_inner(state: &AppState, body: &[u8]) -> Result<Answer, MatrixEr
         slot_id: LEGACY_SLOT.to_owned(),
         identity,
     };
-    issue(state, grant, &req.openid_token, &req.delay).await
+    issue(state, "sfu_get", grant, &req.openid_token, &req.delay).await
 }
 
 /// Mints the token; for a full-access user, opens the room and stores the delegation first.
 async fn issue(
     state: &AppState,
+    endpoint: &'static str,
     grant: Grant,
     token: &OpenIdToken,
     delay: &DelayFields,
@@ -231,6 +237,7 @@ async fn issue(
         None => None,
         Some((delay_id, timeout)) => {
             // Where its homeserver is, by our own means.
+            let _slot = super::member::check_slot(state, endpoint, server).await?;
             let cs = state.discovery.client_server_api(server).await.map_err(|e| {
                 let e = upstream_error(server, OpenIdError::Discovery(e));
                 MatrixError::new(
@@ -301,6 +308,7 @@ pub(super) fn count(
     let outcome = match &result {
         Ok(_) => "issued",
         Err(e) => match e.status {
+            StatusCode::TOO_MANY_REQUESTS => "limited",
             StatusCode::BAD_REQUEST => "invalid",
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::FORBIDDEN => "forbidden",
@@ -324,4 +332,25 @@ pub fn issuer(config: &crate::config::Config, room_service: RoomService) -> Arc<
         },
         room_service,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_legacy_device_id_never_makes_two_members_share_an_identity() {
+        let body = |device: &str| {
+            serde_json::json!({
+                "room": "!r:hs.test",
+                "device_id": device,
+                "openid_token": {"access_token": "t", "matrix_server_name": "hs.test"},
+            })
+            .to_string()
+        };
+        assert!(check_sfu_get(body("DEVICE").as_bytes()).is_ok());
+        // `@a:hs.test` + `8448:X` would be `@a:hs.test:8448` + `X`.
+        let e = check_sfu_get(body("8448:X").as_bytes()).err().unwrap();
+        assert_eq!((e.status, e.errcode), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"));
+    }
 }

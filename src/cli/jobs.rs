@@ -32,7 +32,8 @@ async fn list(listen: Listen, livekit: LiveKit, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let url = local_url(listen.bind, "/admin/jobs");
+    // On the operator listener when the operator endpoints have their own.
+    let url = local_url(listen.operator_bind.unwrap_or(listen.bind), "/admin/jobs");
     let resp = match http_client().get(&url).bearer_auth(token).send().await {
         Ok(r) => r,
         Err(e) => {

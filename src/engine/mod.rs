@@ -12,9 +12,11 @@
 //! ([`EngineHandle::consume`]); every homeserver call passes the [`CallGate`] first, and commits are
 //! fenced with this instance's name.
 //!
-//! Layout: [`registry`] (state machine), [`index`] (its compact indexes), [`tasks`] (spawned
+//! Layout: [`registry`] (state machine), [`calls`] (its per-homeserver call queues), [`index`]
+//! (its compact indexes), [`tasks`] (spawned
 //! work), [`views`] (what operators see).
 
+mod calls;
 mod index;
 pub mod registry;
 mod tasks;
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-pub use registry::{Limits, WebhookOutcome};
+pub use registry::{Limits, Refusal, WebhookOutcome};
 pub use views::JobSummary;
 
 use crate::cluster::{EntryId, Inbound, Shard};
@@ -53,12 +55,19 @@ pub struct EngineConfig {
     /// With several instances, this one's name (the engine then starts with no shard, and its
     /// commits are fenced); `None` for a single instance, which loads and drives every job.
     pub instance: Option<String>,
+    /// In appservice mode, its homeserver: a stored appservice job naming another is refused
+    /// at load (its as_token would be shown to that server).
+    pub appservice_server: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A delegation refused for what it is (not for the store): too many of its user's, or its
+    /// delay id delegated for another member.
+    #[error(transparent)]
+    Refused(Refusal),
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -174,6 +183,26 @@ struct Engine {
     next_ticket: u64,
     reports_tx: mpsc::Sender<Report>,
     instance: Option<String>,
+    appservice_server: Option<String>,
+}
+
+/// The stored jobs that may be resumed: an appservice job must belong to the appservice's own
+/// homeserver (a job written into a shared store naming another would have the as_token sent
+/// there); any other is refused, loudly, and left in the store for the operator.
+fn loadable(records: Vec<JobRecord>, appservice_server: Option<&str>) -> Vec<JobRecord> {
+    let Some(server) = appservice_server else { return records };
+    records
+        .into_iter()
+        .filter(|r| {
+            let d = &r.delegation;
+            let ok = d.mode != crate::delegation::Mode::Appservice || d.server_name() == server;
+            if !ok {
+                error!(job = %r.id, user = %d.user_id, room = %d.room_id, appservice_server = server,
+                    "stored appservice job of another homeserver refused at load: not resumed, left in the store");
+            }
+            ok
+        })
+        .collect()
 }
 
 /// Loads every stored job (a single instance; with several, jobs come with their shards),
@@ -186,6 +215,7 @@ pub async fn start(
         None => ports.store.load().await?,
         Some(_) => Vec::new(),
     };
+    let records = loadable(records, config.appservice_server.as_deref());
     let (tx, rx) = mpsc::channel(4_096);
     // Room for every report that can be outstanding: each started call, listing and commit
     // reports once, and the registry starts no more than its limits.
@@ -205,7 +235,17 @@ pub async fn start(
         info!(jobs = count, "resumed stored jobs; reconciling them with LiveKit");
     }
     let instance = config.instance;
-    let engine = Engine { registry, ports, clock, replies: HashMap::new(), next_ticket: 0, reports_tx, instance };
+    let appservice_server = config.appservice_server;
+    let engine = Engine {
+        registry,
+        ports,
+        clock,
+        replies: HashMap::new(),
+        next_ticket: 0,
+        reports_tx,
+        instance,
+        appservice_server,
+    };
     let task = tokio::spawn(engine.run(rx, reports_rx, config.reconcile_interval));
     Ok((EngineHandle { tx }, task))
 }
@@ -311,6 +351,7 @@ impl Engine {
                 self.busy("jobs", started);
             }
             Command::Adopt { shard, epoch, applied, records, done } => {
+                let records = loadable(records, self.appservice_server.as_deref());
                 self.registry.adopt(shard, epoch, applied, records, now);
                 let _ = done.send(());
                 self.busy("adopt", started);
@@ -391,7 +432,10 @@ impl Engine {
                 | Effect::WebhookHandled { ticket: Ticket::INBOX, .. } => {}
                 Effect::Delegated { ticket, result } => match self.replies.remove(&ticket) {
                     Some(Reply::Delegate(tx)) => {
-                        let _ = tx.send(result.map_err(EngineError::Store));
+                        let _ = tx.send(result.map_err(|r| match r {
+                            Refusal::Store(e) => EngineError::Store(e),
+                            r => EngineError::Refused(r),
+                        }));
                     }
                     _ => error!(ticket = ticket.0, "no delegation waits for this answer"),
                 },

@@ -32,6 +32,7 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tracing::{debug, error, info, warn};
 
+use super::calls::FairQueues;
 use super::index::{HashIndex, JobIdHasher};
 use super::views::{self, JobSummary};
 use crate::cluster::{EntryId, Inbound, Shard, shard_of};
@@ -39,7 +40,7 @@ use crate::delegation::{DelayRef, Delegation, JobId};
 use crate::identity::Watch;
 use crate::lifecycle::{Action, Durable, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, Session, Timing, Trigger};
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
-use crate::metrics::{Metrics, OutcomeLabel, TriggerLabel};
+use crate::metrics::{ActionLabel, Metrics, OutcomeLabel, TriggerLabel};
 use crate::ports::{DelayedAction, Unobserved};
 use crate::scheduler::Scheduler;
 use crate::store::{JobRecord, StoreError, StoreOp};
@@ -51,6 +52,13 @@ pub struct Limits {
     pub restarts: usize,
     /// Sends in flight at most; sends never queue behind restarts.
     pub sends: usize,
+    /// Restarts, and sends, in flight at most for any one homeserver: its members' calls wait in
+    /// its own queue, and homeservers take turns ([`super::calls::FairQueues`]), so a slow one
+    /// delays only its own members.
+    pub per_homeserver: usize,
+    /// Live jobs at most for one Matrix user (a member replacing its own job does not count
+    /// twice); a delegation over it is refused.
+    pub jobs_per_user: usize,
     /// RoomService listings in flight at most.
     pub listings: usize,
     /// Due jobs handled per [`Registry::handle_timeout`].
@@ -63,7 +71,16 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { restarts: 512, sends: 128, listings: 16, timeouts: 256, seen_webhooks: 16_384, commit_retry: 500 }
+        Limits {
+            restarts: 1_024,
+            sends: 256,
+            per_homeserver: 128,
+            jobs_per_user: 50,
+            listings: 16,
+            timeouts: 256,
+            seen_webhooks: 16_384,
+            commit_retry: 500,
+        }
     }
 }
 
@@ -101,6 +118,20 @@ impl WebhookOutcome {
     }
 }
 
+/// Why a delegation was not taken.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    /// The store could not keep it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Its user already has [`Limits::jobs_per_user`] live jobs.
+    #[error("the user already has {0} delegated leaves in effect")]
+    TooManyJobs(usize),
+    /// Its delay id is tracked for another member (a delay id names one member's event).
+    #[error("this delayed event is already delegated for another member")]
+    Conflict,
+}
+
 /// Names one homeserver call of a job, in the job's current holding: a job given up with its
 /// shard and taken over again by this instance (same id, calls counted from zero again) never
 /// takes a late answer to a call of its earlier holding for one of its own.
@@ -123,7 +154,7 @@ pub enum Effect {
     /// instance took one of those it touches.
     Commit { ops: Vec<StoreOp>, fence: Option<Vec<(Shard, u64)>> },
     /// Answer a delegation.
-    Delegated { ticket: Ticket, result: Result<JobId, StoreError> },
+    Delegated { ticket: Ticket, result: Result<JobId, Refusal> },
     /// Answer a webhook.
     WebhookHandled { ticket: Ticket, result: Result<WebhookOutcome, StoreError> },
 }
@@ -213,12 +244,15 @@ pub struct Registry {
     by_member: HashIndex,
     /// (server name, delay id) → its job.
     by_delay: HashIndex,
+    /// Matrix user → how many live jobs it has ([`Limits::jobs_per_user`]).
+    by_user: HashMap<Box<str>, u32>,
     scheduler: Scheduler<JobId>,
-    /// Calls issued by jobs and not started yet, sends apart so they never wait behind restarts.
-    restart_queue: VecDeque<(JobId, u64)>,
-    send_queue: VecDeque<(JobId, u64)>,
-    restarts_in_flight: usize,
-    sends_in_flight: usize,
+    /// Calls issued by jobs, waiting and in flight, per homeserver; sends apart so they never
+    /// wait behind restarts.
+    restarts: FairQueues<(JobId, u64)>,
+    sends: FairQueues<(JobId, u64)>,
+    /// The homeserver of each call in flight (its job may be gone when the answer comes).
+    calls: HashMap<CallRef, Arc<str>>,
     /// Entries inserted so far (the last [`Entry::incarnation`]).
     incarnations: u64,
     listings: HashMap<Arc<str>, Listing>,
@@ -247,6 +281,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(timing: Timing, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        let (per_homeserver, restarts, sends) = (limits.per_homeserver, limits.restarts, limits.sends);
         Registry {
             timing: Arc::new(timing),
             limits,
@@ -256,11 +291,11 @@ impl Registry {
             by_room: HashMap::new(),
             by_member: HashIndex::default(),
             by_delay: HashIndex::default(),
+            by_user: HashMap::new(),
             scheduler: Scheduler::default(),
-            restart_queue: VecDeque::new(),
-            send_queue: VecDeque::new(),
-            restarts_in_flight: 0,
-            sends_in_flight: 0,
+            restarts: FairQueues::new(per_homeserver, restarts),
+            sends: FairQueues::new(per_homeserver, sends),
+            calls: HashMap::new(),
             incarnations: 0,
             listings: HashMap::new(),
             listing_queue: VecDeque::new(),
@@ -382,24 +417,63 @@ impl Registry {
     /// record goes into the commit that also records its position. A crash before that commit
     /// replays the entry, with the same outcome.
     fn delegate_from_inbox(&mut self, d: Delegation, now: Millis) {
-        if self.repeated(&d).is_some() {
+        match self.repeated(&d) {
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(refusal) => {
+                // Answered when it was queued: the client believes it delegated. Its delayed
+                // event is left to the homeserver's own timer, said loudly.
+                error!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), error = %refusal,
+                    "delegation from the inbox refused; its leave is left to the homeserver's timer");
+                return;
+            }
+        }
+        let (shard, replaces) = (shard_of(&d.livekit_room()), self.tracked_member(&d));
+        if let Err(refusal) = self.check_user_limit(&d, replaces.is_some()) {
+            error!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), error = %refusal,
+                "delegation from the inbox refused; its leave is left to the homeserver's timer");
             return;
         }
-        let (id, shard, replaces) = (self.new_id(), shard_of(&d.livekit_room()), self.tracked_member(&d));
+        let id = self.new_id();
         let record = JobRecord { id, delegation: d.clone(), state: Durable::Waiting };
         self.pending.push((shard, StoreOp::Insert(Box::new(record))));
         self.pending.extend(replaces.map(|old| (shard, StoreOp::Delete(old))));
         self.start_delegation(Staged { id, delegation: d, replaces, tickets: vec![Ticket::INBOX] }, now);
     }
 
-    /// The job already tracking `d`'s delay id, if any (a client repeating itself), counted and
-    /// logged as such.
-    fn repeated(&self, d: &Delegation) -> Option<JobId> {
-        let id = self.tracked_delay(d.server_name(), &d.delay_id)?;
+    /// The job already tracking `d`'s delay id for the same member, if any (a client repeating
+    /// itself), counted and logged as such; [`Refusal::Conflict`] if another member's job tracks
+    /// it (it must not be taken for the same: the other member's departures would send it).
+    fn repeated(&self, d: &Delegation) -> Result<Option<JobId>, Refusal> {
+        let Some(id) = self.tracked_delay(d.server_name(), &d.delay_id) else { return Ok(None) };
+        let same = self.jobs.get(&id).is_some_and(|e| e.delegation.member_key() == d.member_key());
+        if !same {
+            warn!(job = %id, room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
+                "delegation of a delayed event already delegated for another member; refused");
+            self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "conflict" }).inc();
+            return Err(Refusal::Conflict);
+        }
         debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %DelayRef(&d.delay_id),
             "delegation repeated; already tracked");
         self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
-        Some(id)
+        Ok(Some(id))
+    }
+
+    /// Whether `d`'s user may have one more live job (`replacing` one of its own: it may).
+    fn check_user_limit(&self, d: &Delegation, replacing: bool) -> Result<(), Refusal> {
+        if replacing {
+            return Ok(());
+        }
+        let staged = self.staged.iter().chain(self.committing.iter().flat_map(|b| &b.staged));
+        let staged = staged.filter(|s| s.replaces.is_none() && s.delegation.user_id == d.user_id).count();
+        let live = self.by_user.get(d.user_id.as_str()).map_or(0, |n| *n as usize);
+        if live + staged < self.limits.jobs_per_user {
+            return Ok(());
+        }
+        warn!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), live, staged,
+            limit = self.limits.jobs_per_user, "delegation refused: the user has too many delegated leaves");
+        self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "over_user_limit" }).inc();
+        Err(Refusal::TooManyJobs(self.limits.jobs_per_user))
     }
 
     /// A delegation: stored (replacing an older one of the same member) in the next commit, and
@@ -408,15 +482,26 @@ impl Registry {
     /// ([`Registry::consume`]).
     pub fn delegate(&mut self, d: Delegation, ticket: Ticket) {
         debug_assert!(self.owned.is_none(), "a sharded registry takes delegations from inboxes only");
-        if let Some(id) = self.repeated(&d) {
-            self.effects.push_back(Effect::Delegated { ticket, result: Ok(id) });
-            return;
+        match self.repeated(&d) {
+            Ok(None) => {}
+            result => {
+                let result = result.map(|id| id.expect("matched None above"));
+                self.effects.push_back(Effect::Delegated { ticket, result });
+                return;
+            }
         }
         let server = d.server_name();
         let same_delay = |s: &&mut Staged| s.delegation.server_name() == server && s.delegation.delay_id == d.delay_id;
         let in_flight = self.committing.as_mut().map(|b| &mut b.staged);
         if let Some(s) = self.staged.iter_mut().chain(in_flight.into_iter().flatten()).find(same_delay) {
-            s.tickets.push(ticket);
+            if s.delegation.member_key() == d.member_key() {
+                s.tickets.push(ticket);
+            } else {
+                warn!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id),
+                    "delegation of a delayed event being delegated for another member; refused");
+                self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "conflict" }).inc();
+                self.effects.push_back(Effect::Delegated { ticket, result: Err(Refusal::Conflict) });
+            }
             return;
         }
         let key = d.member_key();
@@ -429,6 +514,10 @@ impl Registry {
             .find(|s| s.delegation.member_key() == key)
             .map(|s| s.id)
             .or_else(|| self.tracked_member(&d));
+        if let Err(refusal) = self.check_user_limit(&d, replaces.is_some()) {
+            self.effects.push_back(Effect::Delegated { ticket, result: Err(refusal) });
+            return;
+        }
         let id = self.new_id();
         self.staged.push(Staged { id, delegation: d, replaces, tickets: vec![ticket] });
     }
@@ -492,9 +581,9 @@ impl Registry {
 
     /// The answer to an [`Effect::Call`].
     pub fn call_answered(&mut self, call: CallRef, action: DelayedAction, answer: HsAnswer, now: Millis) {
-        match action {
-            DelayedAction::Restart => self.restarts_in_flight -= 1,
-            DelayedAction::Send => self.sends_in_flight -= 1,
+        match self.calls.remove(&call) {
+            Some(server) => self.queue_of(action).finished(&server),
+            None => error!(job = %call.job, "an answer to a call not in flight; ignored"),
         }
         // A job that ended meanwhile, or was given up and taken again, ignores it.
         if self.jobs.get(&call.job).is_none_or(|e| e.incarnation != call.incarnation) {
@@ -573,7 +662,7 @@ impl Registry {
                     let d = &s.delegation;
                     error!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), "delegation not stored");
                     for ticket in s.tickets {
-                        self.effects.push_back(Effect::Delegated { ticket, result: Err(e.clone()) });
+                        self.effects.push_back(Effect::Delegated { ticket, result: Err(Refusal::Store(e.clone())) });
                     }
                 }
                 self.answer_webhooks(batch.waiting, Err(e));
@@ -614,6 +703,9 @@ impl Registry {
             self.start_calls(now);
             self.start_listings(now);
         }
+        for (action, queue) in [("restart", &self.restarts), ("send", &self.sends)] {
+            self.metrics.calls_waiting.get_or_create(&ActionLabel { action }).set(queue.waiting() as i64);
+        }
         self.start_commit(now);
     }
 
@@ -631,7 +723,7 @@ impl Registry {
 
     /// Calls started and not answered.
     pub fn calls_in_flight(&self) -> usize {
-        self.restarts_in_flight + self.sends_in_flight
+        self.restarts.in_flight() + self.sends.in_flight()
     }
 
     /// Whether changes are waiting for the store (pending, staged, or being committed).
@@ -703,6 +795,7 @@ impl Registry {
         self.by_room.entry(room.clone()).or_default().insert(id);
         self.by_member.insert(&delegation.member_key(), id);
         self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
+        *self.by_user.entry(delegation.user_id.as_str().into()).or_default() += 1;
         views::move_gauge(&self.metrics, None, Some(job.kind()));
         let shard = shard_of(&room);
         self.incarnations += 1;
@@ -724,6 +817,12 @@ impl Registry {
         let d = &entry.delegation;
         self.by_member.remove(&d.member_key(), id);
         self.by_delay.remove(&(d.server_name(), d.delay_id.as_str()), id);
+        if let Some(n) = self.by_user.get_mut(d.user_id.as_str()) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_user.remove(d.user_id.as_str());
+            }
+        }
         self.scheduler.set(id, None);
         Some(entry)
     }
@@ -776,8 +875,12 @@ impl Registry {
         for action in actions {
             let Some(entry) = self.jobs.get(&id) else { return };
             match action {
-                Action::Restart { call } => self.restart_queue.push_back((id, call)),
-                Action::Send { call } => self.send_queue.push_back((id, call)),
+                Action::Restart { call } => {
+                    self.restarts.push(entry.delegation.server_name(), (id, call));
+                }
+                Action::Send { call } => {
+                    self.sends.push(entry.delegation.server_name(), (id, call));
+                }
                 Action::Probe => {
                     let room = entry.room.clone();
                     self.list(room);
@@ -830,24 +933,26 @@ impl Registry {
         self.pending.push((entry.shard, StoreOp::Delete(id)));
     }
 
-    /// Starts queued calls up to the limits, sends first. A call its job no longer awaits (the
-    /// job moved on while it waited) is dropped.
-    fn start_calls(&mut self, now: Millis) {
-        while self.sends_in_flight < self.limits.sends {
-            let Some((id, call)) = self.send_queue.pop_front() else { break };
-            if self.start_call(id, call, DelayedAction::Send, now) {
-                self.sends_in_flight += 1;
-            }
+    fn queue_of(&mut self, action: DelayedAction) -> &mut FairQueues<(JobId, u64)> {
+        match action {
+            DelayedAction::Restart => &mut self.restarts,
+            DelayedAction::Send => &mut self.sends,
         }
-        while self.restarts_in_flight < self.limits.restarts {
-            let Some((id, call)) = self.restart_queue.pop_front() else { break };
-            if self.start_call(id, call, DelayedAction::Restart, now) {
-                self.restarts_in_flight += 1;
+    }
+
+    /// Starts queued calls up to the limits, homeservers in turn, sends first. A call its job no
+    /// longer awaits (the job moved on while it waited) is dropped.
+    fn start_calls(&mut self, now: Millis) {
+        for action in [DelayedAction::Send, DelayedAction::Restart] {
+            while let Some((server, (id, call))) = self.queue_of(action).pop() {
+                if !self.start_call(id, call, server.clone(), action, now) {
+                    self.queue_of(action).finished(&server);
+                }
             }
         }
     }
 
-    fn start_call(&mut self, id: JobId, call: u64, action: DelayedAction, now: Millis) -> bool {
+    fn start_call(&mut self, id: JobId, call: u64, server: Arc<str>, action: DelayedAction, now: Millis) -> bool {
         let Some(entry) = self.jobs.get_mut(&id) else { return false };
         if !entry.job.call_started(call, now) {
             return false;
@@ -861,6 +966,7 @@ impl Registry {
                 "restart issued after the event's estimated deadline");
         }
         let (shard, call) = (entry.shard, CallRef { job: id, incarnation: entry.incarnation, call });
+        self.calls.insert(call, server);
         self.effects.push_back(Effect::Call { call, shard, action, delegation: d, identity });
         true
     }

@@ -128,8 +128,10 @@ impl Fakes {
         let config = EngineConfig {
             timing: Timing::default(),
             reconcile_interval: Duration::from_secs(3600),
-            limits: Limits::default(),
+            // Many test members share one user.
+            limits: Limits { jobs_per_user: usize::MAX, ..Limits::default() },
             instance: None,
+            appservice_server: None,
         };
         let ports = Ports {
             store: self.store.clone(),
@@ -323,19 +325,21 @@ async fn a_cold_start_with_100k_due_jobs_runs_no_more_tasks_than_the_limits() {
     }
     let before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
     let engine = fakes.engine().await;
-    let limits = Limits::default();
+    let limits = Limits { jobs_per_user: usize::MAX, ..Limits::default() };
     let calls = || fakes.hs.calls.lock().unwrap().len();
+    // Every job of one homeserver: as many in flight as its own cap allows.
+    let cap = limits.per_homeserver.min(limits.restarts);
     for _ in 0..200 {
-        if calls() >= limits.restarts {
+        if calls() >= cap {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(calls(), limits.restarts, "as many restarts started as the limit allows");
+    assert_eq!(calls(), cap, "as many restarts started as the limit allows");
     let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks() - before;
     // The engine, its calls and at most its listings; not a task per due job.
-    assert!(tasks <= 1 + limits.restarts + limits.listings, "{tasks} tasks alive");
+    assert!(tasks <= 1 + cap + limits.listings, "{tasks} tasks alive");
     // Released, every job gets its restart.
     fakes.hs.held.store(false, Ordering::SeqCst);
     fakes.hs.release.notify_waiters();
@@ -347,4 +351,22 @@ async fn a_cold_start_with_100k_due_jobs_runs_no_more_tasks_than_the_limits() {
     }
     assert_eq!(calls(), 100_000);
     assert_eq!(engine.jobs().await.unwrap().len(), 100_000);
+}
+
+#[test]
+fn a_stored_appservice_job_of_another_homeserver_is_not_resumed() {
+    use crate::delegation::Mode;
+    let record = |user: &str, mode: Mode, n: u64| JobRecord {
+        id: JobId(n),
+        delegation: Delegation { user_id: user.into(), mode, ..delegation(&format!("syd_{n}"), "DEV") },
+        state: Durable::Waiting,
+    };
+    let records = vec![
+        record("@a:hs.test", Mode::Appservice, 1),
+        record("@b:evil.test", Mode::Appservice, 2),
+        record("@c:evil.test", Mode::OpenId, 3),
+    ];
+    let kept: Vec<u64> = super::loadable(records.clone(), Some("hs.test")).iter().map(|r| r.id.0).collect();
+    assert_eq!(kept, [1, 3], "an appservice job must belong to the appservice's homeserver");
+    assert_eq!(super::loadable(records, None).len(), 3, "no appservice configured: nothing to guard");
 }

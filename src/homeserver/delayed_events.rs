@@ -67,7 +67,7 @@ impl PathStyles {
         }
         let url = api_url(base, "/_matrix/client/versions");
         let versions: Option<serde_json::Value> = match http.get(url).timeout(timeout).send().await {
-            Ok(r) if r.status().is_success() => r.json().await.ok(),
+            Ok(r) if r.status().is_success() => super::read_json(r).await.ok(),
             _ => None,
         };
         let Some(versions) = versions else {
@@ -190,13 +190,10 @@ pub async fn call(
         }
     };
     let status = resp.status().as_u16();
-    let retry_after_header = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|secs| secs * 1000);
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let retry_after_header = resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok());
+    let retry_after_header = retry_after_header.and_then(retry_after_ms);
+    // Only the status matters for most answers; a body too large or not JSON reads as empty.
+    let body: serde_json::Value = super::read_json(resp).await.unwrap_or_default();
     classify(status, retry_after_header, &body)
 }
 
@@ -207,35 +204,55 @@ pub async fn call(
 pub struct HomeserverCalls {
     pub discovery: Arc<Discovery>,
     pub path_styles: Arc<PathStyles>,
-    /// The appservice's token, for jobs delegated through the homeserver.
-    pub as_token: Option<Arc<str>>,
+    /// The appservice, for jobs delegated through the homeserver.
+    pub appservice: Option<AppserviceCaller>,
     pub timeout: Duration,
     pub metrics: Arc<Metrics>,
 }
 
+/// The appservice's token, and the one homeserver it may ever be shown to.
+pub struct AppserviceCaller {
+    pub as_token: Arc<str>,
+    pub server_name: String,
+}
+
 impl HomeserverCalls {
     async fn answer(&self, d: &Delegation, action: DelayedAction) -> Answer {
-        // Resolved per call rather than cached per job: one URL parse, and nothing to prune.
-        let endpoint = match self.discovery.cs_endpoint_for_stored(d.server_name(), &d.cs_api_url) {
-            Ok(e) => e,
-            Err(e) => {
-                return Answer {
-                    answer: HsAnswer::Failed,
-                    outcome: CallOutcome::Unreachable,
-                    detail: Some(format!("{e}; the delayed leave is left to the homeserver's timer")),
-                };
+        let unreachable = |detail: String| Answer {
+            answer: HsAnswer::Failed,
+            outcome: CallOutcome::Unreachable,
+            detail: Some(format!("{detail}; the delayed leave is left to the homeserver's timer")),
+        };
+        let server = d.server_name();
+        let (endpoint, caller) = match (d.mode, &self.appservice) {
+            // Resolved per call rather than cached per job: one URL parse, and nothing to prune.
+            (Mode::OpenId, _) => match self.discovery.cs_endpoint_for_stored(server, &d.cs_api_url) {
+                Ok(e) => (e, Caller::Anonymous),
+                Err(e) => return unreachable(e.to_string()),
+            },
+            // The as_token acts as any local user: it goes to the configured homeserver only, at
+            // its configured or discovered address — never at an address a stored job names.
+            (Mode::Appservice, Some(a)) if a.server_name == server => {
+                match self.discovery.client_server_api(server).await {
+                    Ok(e) => (e, Caller::Appservice { as_token: &a.as_token, user_id: &d.user_id }),
+                    Err(e) => return unreachable(e.to_string()),
+                }
+            }
+            (Mode::Appservice, Some(a)) => {
+                tracing::error!(user = %d.user_id, server, appservice_server = %a.server_name,
+                    "a job delegated through the appservice names another homeserver; the as_token is not sent there");
+                return unreachable(format!("appservice job of {server}, not of {}", a.server_name));
+            }
+            (Mode::Appservice, None) => {
+                tracing::error!(user = %d.user_id, "delegated through the appservice, but no appservice is configured now");
+                match self.discovery.cs_endpoint_for_stored(server, &d.cs_api_url) {
+                    Ok(e) => (e, Caller::Anonymous),
+                    Err(e) => return unreachable(e.to_string()),
+                }
             }
         };
         let http = endpoint.client(self.discovery.clients());
         let style = self.path_styles.get(http, &endpoint.base, self.timeout).await;
-        let caller = match (d.mode, self.as_token.as_deref()) {
-            (Mode::OpenId, _) => Caller::Anonymous,
-            (Mode::Appservice, Some(as_token)) => Caller::Appservice { as_token, user_id: &d.user_id },
-            (Mode::Appservice, None) => {
-                tracing::error!(user = %d.user_id, "delegated through the appservice, but no appservice is configured now");
-                Caller::Anonymous
-            }
-        };
         call(http, &endpoint.base, style, &d.delay_id, action, caller, self.timeout).await
     }
 }
@@ -303,7 +320,7 @@ pub async fn lookup(
         .await
         .map_err(|e| LookupError::Unavailable(super::describe(e)))?;
     let status = resp.status().as_u16();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let body: serde_json::Value = super::read_json(resp).await.unwrap_or_default();
     match status {
         200 => {
             let room_id = body.get("room_id").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
@@ -315,6 +332,12 @@ pub async fn lookup(
         401 | 403 => Err(LookupError::Refused(format!("{status} {body}"))),
         _ => Err(LookupError::Unavailable(format!("{status} {body}"))),
     }
+}
+
+/// A `Retry-After` header in seconds, as milliseconds; a hostile homeserver's absurd value
+/// saturates (the classification then clamps it) rather than overflowing.
+fn retry_after_ms(header: &str) -> Option<Millis> {
+    header.trim().parse::<u64>().ok().map(|secs| secs.saturating_mul(1000))
 }
 
 /// Classifies a homeserver answer (pure, for tests).
@@ -444,7 +467,7 @@ mod tests {
             HomeserverCalls {
                 discovery: Arc::new(Discovery::new(clients, overrides, Overrides::new(), false)),
                 path_styles: Arc::default(),
-                as_token: None,
+                appservice: None,
                 timeout: Duration::from_secs(2),
                 metrics: metrics.clone(),
             }
@@ -466,6 +489,79 @@ mod tests {
         ] {
             assert!(text.contains(sample), "{sample} missing in\n{text}");
         }
+    }
+
+    /// The as_token acts as any user of its homeserver: it is sent to that homeserver's
+    /// configured address only, never to the address a stored job names, nor for a job naming
+    /// another homeserver.
+    #[tokio::test]
+    async fn the_as_token_only_ever_goes_to_the_configured_homeserver() {
+        use std::sync::{Arc, Mutex};
+
+        use crate::delegation::{Delegation, Mode};
+        use crate::homeserver::{Clients, Overrides};
+        use crate::ports::DelayedEvents as _;
+
+        // Two servers: ours (configured), and one a tampered job names. Each records the
+        // Authorization headers it is shown.
+        let serve = || async {
+            let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+            let recorded = seen.clone();
+            let app = axum::Router::new().route(
+                "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{id}/{action}",
+                axum::routing::post(move |headers: axum::http::HeaderMap| {
+                    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                    recorded.lock().unwrap().push(auth);
+                    async { axum::Json(json!({})) }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            (url, seen)
+        };
+        let (ours, ours_seen) = serve().await;
+        let (elsewhere, elsewhere_seen) = serve().await;
+        let clients = Clients::new(Duration::from_secs(2), false, true).unwrap();
+        let overrides: Overrides = [("hs.test".to_owned(), ours.clone())].into();
+        let calls = HomeserverCalls {
+            discovery: Arc::new(Discovery::new(clients, overrides, Overrides::new(), true)),
+            path_styles: Arc::default(),
+            appservice: Some(AppserviceCaller {
+                as_token: Arc::from("secret-as-token"),
+                server_name: "hs.test".into(),
+            }),
+            timeout: Duration::from_secs(2),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let job = |user: &str, cs_api_url: &Url| Delegation {
+            room_id: "!r:hs.test".into(),
+            slot_id: "m.call#ROOM".into(),
+            user_id: user.into(),
+            device_id: "DEV".into(),
+            member_id: "m".into(),
+            delay_id: "syd_1".into(),
+            delay_ms: 10_000,
+            cs_api_url: cs_api_url.to_string(),
+            created_at_ms: 0,
+            mode: Mode::Appservice,
+            identity: None,
+        };
+        // Our user, but a stored address elsewhere: called at our address.
+        assert_eq!(calls.call(&job("@a:hs.test", &elsewhere), DelayedAction::Restart).await, HsAnswer::Ok);
+        // A user of another server (a job written into a shared store): not called at all.
+        assert_eq!(calls.call(&job("@a:evil.test", &elsewhere), DelayedAction::Send).await, HsAnswer::Failed);
+        assert_eq!(*ours_seen.lock().unwrap(), ["Bearer secret-as-token"]);
+        assert!(elsewhere_seen.lock().unwrap().is_empty(), "the as_token was shown to another server");
+    }
+
+    #[test]
+    fn an_absurd_retry_after_is_clamped_not_overflowed() {
+        assert_eq!(retry_after_ms(" 3 "), Some(3_000));
+        assert_eq!(retry_after_ms("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(retry_after_ms("Fri, 04 Dec 2026 20:00:00 GMT"), None);
+        let a = classify(429, retry_after_ms("18446744073709551615"), &json!({"retry_after_ms": u64::MAX}));
+        assert_eq!(a.answer, HsAnswer::RetryAfter(300_000));
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Discovery {
         if !resp.status().is_success() {
             return Ok(None);
         }
-        Ok(resp.json().await.ok())
+        Ok(super::read_json(resp).await.ok())
     }
 
     /// Refuses IP-literal URLs in non-public ranges (names are checked by [`GuardedResolver`]).

@@ -36,13 +36,45 @@ impl Clients {
                 .redirect(reqwest::redirect::Policy::none())
                 .user_agent(concat!("rtc-leave-bridge/", env!("CARGO_PKG_VERSION")))
                 .tls_danger_accept_invalid_certs(skip_tls_verify);
-            if guard && !allow_private {
-                b = b.dns_resolver(Arc::new(discovery::GuardedResolver));
+            if guard {
+                // A proxy from the environment (HTTPS_PROXY) would resolve names itself, past the
+                // guard: discovered addresses are always reached directly.
+                b = b.no_proxy();
+                if !allow_private {
+                    b = b.dns_resolver(Arc::new(discovery::GuardedResolver));
+                }
             }
             b.build().map_err(|e| e.to_string())
         };
         Ok(Clients { trusted: build(false)?, guarded: build(true)? })
     }
+}
+
+/// Largest answer read from a homeserver (discovery documents, OpenID userinfo, delayed-event
+/// answers, `/versions`: each a few hundred bytes to a few KiB). Anyone can name a server, and a
+/// hostile one may stream an endless body: nothing past this is ever held.
+pub const RESPONSE_LIMIT: usize = 64 << 10;
+
+/// `resp`'s body, at most `limit` bytes: refused at once if its `Content-Length` says more,
+/// else read chunk by chunk and refused as soon as it grows past `limit`.
+pub async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(format!("answer of {} bytes, over the {limit}-byte limit", resp.content_length().unwrap_or(0)));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(describe)? {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("answer over the {limit}-byte limit"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `resp`'s body as JSON, read through [`read_capped`] with [`RESPONSE_LIMIT`].
+pub async fn read_json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, String> {
+    let body = read_capped(resp, RESPONSE_LIMIT).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("answer is not the JSON expected: {e}"))
 }
 
 /// reqwest is built without a default rustls crypto provider; install ring once per process.

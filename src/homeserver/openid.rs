@@ -37,6 +37,6 @@ pub async fn userinfo(discovery: &Discovery, server: &str, access_token: &str) -
     struct UserInfo {
         sub: String,
     }
-    let info: UserInfo = resp.json().await.map_err(|e| unavailable(super::describe(e)))?;
+    let info: UserInfo = super::read_json(resp).await.map_err(unavailable)?;
     Ok(info.sub)
 }

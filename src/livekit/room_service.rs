@@ -27,6 +27,10 @@ pub enum RoomServiceError {
     Token(String),
 }
 
+/// Largest RoomService answer read: a listing of a room of tens of thousands of participants
+/// fits; our own LiveKit is trusted, but a broken proxy in front of it must not exhaust memory.
+const ANSWER_LIMIT: usize = 64 << 20;
+
 /// RoomService's address and credentials; cheap to clone.
 #[derive(Clone)]
 pub struct RoomService {
@@ -67,7 +71,7 @@ impl RoomService {
         method: &str,
         grants: VideoGrants,
         request: impl prost::Message,
-    ) -> Result<Option<axum::body::Bytes>, RoomServiceError> {
+    ) -> Result<Option<Vec<u8>>, RoomServiceError> {
         let token = AccessToken::with_api_key(&self.api_key, &self.api_secret)
             .with_ttl(Duration::from_secs(60))
             .with_grants(grants)
@@ -85,7 +89,7 @@ impl RoomService {
             .await
             .map_err(|e| RoomServiceError::Unreachable(crate::homeserver::describe(e)))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| RoomServiceError::Unreachable(e.to_string()))?;
+        let bytes = crate::homeserver::read_capped(resp, ANSWER_LIMIT).await.map_err(RoomServiceError::Unreachable)?;
         if status.is_success() {
             return Ok(Some(bytes));
         }

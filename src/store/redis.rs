@@ -5,7 +5,8 @@
 //! Layout, for each shard `S` of [`crate::cluster::SHARDS`]:
 //! * `{prefix}shard:S:delegations`, `{prefix}shard:S:states`: hashes from a job id (16 hex
 //!   digits) to the JSON of its delegation and of its durable phase;
-//! * `{prefix}shard:S:inbox`: a stream of requests for the shard's holder; `…:applied` the id of
+//! * `{prefix}shard:S:inbox`: a stream of requests for the shard's holder (at most 50 000 not yet
+//!   applied; past that, requests for the shard are refused); `…:applied` the id of
 //!   the last entry applied (written by the same commit as the entry's effects);
 //! * `{prefix}shard:S:lease`: `"<instance> <epoch>"`, expiring unless renewed; `…:epoch` the
 //!   counter behind the epochs;
@@ -38,6 +39,18 @@ use crate::delegation::JobId;
 /// Applies a commit. `KEYS[1]` = the job → shard index; `ARGV` = prefix, instance (empty for an
 /// unfenced commit), fence (`shard:epoch` pairs), then one quadruple per operation: `I`/`S`/`D`/`C`,
 /// job id (or inbox entry id), shard (inserts and consumptions; others are looked up), payload.
+/// Entries an inbox holds at most (entries are trimmed as they are applied): past it, requests
+/// for the shard are refused (503; LiveKit and clients retry) rather than piling up in Redis
+/// while no instance applies them.
+const INBOX_MAX: usize = 50_000;
+
+/// Appends an entry to an inbox (KEYS[1]) unless it holds ARGV[1] entries already; its id, or
+/// false.
+const PUSH: &str = r"
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'i', ARGV[2])
+";
+
 const COMMIT: &str = r#"
 local prefix, me, fence = ARGV[1], ARGV[2], ARGV[3]
 local function key(shard, what) return prefix .. 'shard:' .. shard .. ':' .. what end
@@ -149,6 +162,8 @@ pub struct RedisStore {
     prefix: String,
     index: String,
     commit: redis::Script,
+    /// [`INBOX_MAX`]; lower in tests.
+    inbox_max: usize,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -175,6 +190,7 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             index: format!("{prefix}job-shards"),
             commit: redis::Script::new(COMMIT),
+            inbox_max: INBOX_MAX,
         };
         store.upgrade_layout().await?;
         Ok(store)
@@ -302,7 +318,16 @@ impl RedisStore {
     pub async fn push(&self, shard: Shard, inbound: &Inbound) -> Result<EntryId, StoreError> {
         let payload = serde_json::to_string(inbound).map_err(err)?;
         let mut conn = self.conn.clone();
-        let id: String = conn.xadd(self.key(shard, "inbox"), "*", &[("i", payload)]).await.map_err(err)?;
+        let id: Option<String> = redis::Script::new(PUSH)
+            .key(self.key(shard, "inbox"))
+            .arg(self.inbox_max)
+            .arg(payload)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)?;
+        let id = id.ok_or_else(|| {
+            StoreError(format!("the inbox of shard {shard} holds {} entries nobody applied; refused", self.inbox_max))
+        })?;
         id.parse().map_err(err)
     }
 
@@ -632,6 +657,25 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_inbox_refuses_entries_until_some_are_applied() {
+        let redis = TestRedis::start().await;
+        let mut s = store(&redis.url(), "p:").await;
+        s.inbox_max = 3;
+        let shard = shard_of_record(1);
+        let mut ids = Vec::new();
+        for n in 1..=3 {
+            ids.push(s.push(shard, &Inbound::Delegation(conformance::record(n).delegation)).await.unwrap());
+        }
+        let refused = s.push(shard, &Inbound::Delegation(conformance::record(4).delegation)).await;
+        assert!(refused.unwrap_err().0.contains("refused"));
+        // Applied (and so trimmed): room again.
+        let c = s.coordination(Duration::from_secs(2)).await.unwrap();
+        let epoch = c.acquire(shard, "a", Duration::from_secs(30)).await.unwrap().unwrap();
+        s.commit_fenced(vec![StoreOp::Consumed { shard, entry: ids[2] }], &fence("a", shard, epoch)).await.unwrap();
+        s.push(shard, &Inbound::Delegation(conformance::record(4).delegation)).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn inbox_entries_are_read_in_order_and_their_consumption_commits_with_their_effects() {
         let redis = TestRedis::start().await;
         let s = store(&redis.url(), "p:").await;

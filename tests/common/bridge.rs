@@ -36,6 +36,10 @@ impl Bridge {
             ("RTC_LEAVE_BRIDGE_GRACE", "2s"),
             ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "2s"),
             ("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "2s"),
+            // Short delays keep the tests quick; the hostile tests set the defaults back.
+            ("RTC_LEAVE_BRIDGE_MIN_DELAY", "1s"),
+            ("RTC_LEAVE_BRIDGE_USER_RATE", "1000/s"),
+            ("RTC_LEAVE_BRIDGE_HOMESERVER_RATE", "1000/s"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -55,6 +59,9 @@ impl Bridge {
         env.insert("LIVEKIT_REDIS_URL".into(), redis_url.into());
         env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), format!("{}ms", lease.as_millis()));
         env.insert("RTC_LEAVE_BRIDGE_INSTANCE".into(), instance.into());
+        // The shortest delay failover allows (lease × 1.25 + 2 s), below the 5 s default.
+        let min_delay = lease + lease / 4 + Duration::from_secs(2);
+        env.insert("RTC_LEAVE_BRIDGE_MIN_DELAY".into(), format!("{}ms", min_delay.as_millis()));
         env
     }
 

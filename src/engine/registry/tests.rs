@@ -50,7 +50,7 @@ struct Rig {
     lists: Vec<(Arc<str>, Millis)>,
     commits: Vec<Vec<StoreOp>>,
     fences: Vec<Option<Vec<(Shard, u64)>>>,
-    delegated: Vec<(Ticket, Result<JobId, StoreError>)>,
+    delegated: Vec<(Ticket, Result<JobId, super::Refusal>)>,
     webhooks: Vec<(Ticket, Result<WebhookOutcome, StoreError>)>,
     next_ticket: u64,
 }
@@ -322,6 +322,94 @@ fn a_cold_start_starts_calls_up_to_the_limits_and_sends_never_queue_behind_resta
         rig.answer_calls(HsAnswer::Ok);
     }
     assert_eq!(answered, 101, "every job called once");
+}
+
+/// 600 members of a homeserver that never answers, 20 of another: the other's restarts start at
+/// once, every time, whatever the slow one's queue.
+#[test]
+fn a_homeserver_that_never_answers_delays_only_its_own_members() {
+    let limits = Limits { per_homeserver: 32, restarts: 64, ..Limits::default() };
+    let mut rig = Rig::with(limits);
+    for i in 0..600 {
+        let d = Delegation {
+            user_id: format!("@h{i}:hostile.test"),
+            delay_id: format!("syd_h{i}"),
+            ..delegation("x", "DEV", "unused")
+        };
+        rig.r.resume(JobRecord { id: JobId(10_000 + i), delegation: d, state: Durable::Waiting }, 0);
+    }
+    let good: Vec<JobId> = (0..20).map(|i| JobId(i + 1)).collect();
+    for (i, id) in good.iter().enumerate() {
+        let d = delegation(&format!("g{i}"), "DEV", &format!("syd_g{i}"));
+        rig.r.resume(JobRecord { id: *id, delegation: d, state: Durable::Waiting }, 0);
+    }
+    rig.flush();
+    let hostile_started = |rig: &Rig| rig.calls.iter().filter(|c| c.3.user_id.ends_with(":hostile.test")).count();
+    assert_eq!(hostile_started(&rig), 32, "the hostile homeserver gets its own cap, no more");
+    // A minute: the good homeserver answers every call at once, the hostile one never.
+    let mut starts: HashMap<JobId, Vec<Millis>> = HashMap::new();
+    while rig.now < 60_000 {
+        let (good_calls, hostile): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut rig.calls).into_iter().partition(|c| c.3.user_id.ends_with(":hs.test"));
+        rig.calls = hostile;
+        for (id, call, action, _) in good_calls {
+            assert_eq!(action, DelayedAction::Restart);
+            starts.entry(id).or_default().push(rig.now);
+            rig.r.call_answered(call, action, HsAnswer::Ok, rig.now);
+        }
+        rig.flush();
+        if rig.calls.iter().any(|c| c.3.user_id.ends_with(":hs.test")) {
+            continue;
+        }
+        let next = rig.r.poll_timeout().unwrap_or(60_000).max(rig.now + 1).min(60_000);
+        rig.advance(next);
+    }
+    let every = (DELAY as f64 * Timing::default().restart_fraction) as Millis;
+    for id in &good {
+        let s = &starts[id];
+        assert_eq!(s[0], 0, "{id}: restarted at once");
+        assert!(s.windows(2).all(|w| w[1] - w[0] <= every), "{id}: a restart came late: {s:?}");
+        assert!(s.len() as u64 >= 60_000 / every, "{id}: {} restarts in a minute", s.len());
+    }
+    assert_eq!(hostile_started(&rig), 32, "no hostile call started beyond its cap meanwhile");
+}
+
+#[test]
+fn a_user_has_a_bounded_number_of_live_jobs_and_replacing_its_own_is_free() {
+    let mut rig = Rig::with(Limits { jobs_per_user: 3, ..Limits::default() });
+    for i in 0..3 {
+        rig.tracked(&delegation("a", &format!("DEV{i}"), &format!("syd_{i}")));
+    }
+    // A fourth device, staged or not: refused, nothing stored.
+    let commits = rig.commits.len();
+    let t = rig.delegate(&delegation("a", "DEV3", "syd_3"));
+    assert!(matches!(rig.delegated.iter().find(|(x, _)| *x == t), Some((_, Err(super::Refusal::TooManyJobs(3))))));
+    assert_eq!(rig.commits.len(), commits, "nothing committed for it");
+    // The same device delegating anew replaces its job: allowed.
+    let t = rig.delegate(&delegation("a", "DEV0", "syd_new"));
+    rig.commit(Ok(()));
+    assert!(rig.answer_of(t).is_some());
+    // Another user is not affected.
+    rig.tracked(&delegation("b", "DEV", "syd_b"));
+    assert_eq!(rig.r.len(), 4);
+}
+
+#[test]
+fn a_delay_id_tracked_for_one_member_is_not_taken_for_another() {
+    let mut rig = Rig::new();
+    let a = rig.tracked(&delegation("a", "DEV", "syd_1"));
+    // The same delay id from another member (of the same homeserver): refused, the first kept.
+    let t = rig.delegate(&delegation("b", "DEV", "syd_1"));
+    assert!(matches!(rig.delegated.iter().find(|(x, _)| *x == t), Some((_, Err(super::Refusal::Conflict)))));
+    // Staged (not yet committed) likewise.
+    let t1 = rig.delegate(&delegation("c", "DEV", "syd_2"));
+    let t2 = rig.delegate(&delegation("d", "DEV", "syd_2"));
+    assert!(matches!(rig.delegated.iter().find(|(x, _)| *x == t2), Some((_, Err(super::Refusal::Conflict)))));
+    rig.commit(Ok(()));
+    assert!(rig.answer_of(t1).is_some());
+    // The first member's own repeat is still answered with its job.
+    let again = rig.delegate(&delegation("a", "DEV", "syd_1"));
+    assert_eq!(rig.answer_of(again), Some(a));
 }
 
 #[test]

@@ -1,0 +1,221 @@
+//! The HTTP listener: accepts connections up to a cap, serves HTTP/1.1 on each with a deadline
+//! for a request's headers (slow-header connections and idle ones are closed), and on shutdown
+//! stops accepting, lets requests in flight finish for a bounded time, and returns — so that a
+//! half-read request never holds up the drain and the shard handover behind it.
+//!
+//! (`axum::serve` sets none of these: no header timer, no connection cap, an unbounded graceful
+//! wait.) The deadline of a whole request is [`time_limit`], a layer of the routers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tower::ServiceExt as _;
+use tracing::{info, warn};
+
+use super::MatrixError;
+use crate::metrics::Metrics;
+
+/// What a listener lets a connection take.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// A request's headers must arrive within this (from the connection's start, or from the
+    /// previous answer on a kept-alive one).
+    pub header_timeout: Duration,
+    /// Connections open at most; one more is closed at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in flight.
+    pub drain: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains (see the module doc).
+/// Connections are counted in `metrics` (the public listener's) if given.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: Settings,
+    metrics: Option<Arc<Metrics>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let (closing_tx, closing) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut refused_logged = false;
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to be closed.
+                    warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if let Some(m) = &metrics {
+                m.connections_refused.inc();
+            }
+            if !refused_logged {
+                warn!(
+                    max = settings.max_connections,
+                    "connection cap reached: new connections are closed at once (logged once)"
+                );
+                refused_logged = true;
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(
+            app.clone().map_request(|req: hyper::Request<hyper::body::Incoming>| req.map(axum::body::Body::new)),
+        );
+        let mut closing = closing.clone();
+        let metrics = metrics.clone();
+        connections.spawn(async move {
+            if let Some(m) = &metrics {
+                m.connections.inc();
+            }
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(settings.header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            if let Some(m) = &metrics {
+                m.connections.dec();
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    let open = connections.len();
+    let drained =
+        tokio::time::timeout(settings.drain, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(connections = connections.len(), of = open, "drain time is up; closing the connections still open");
+    } else {
+        info!(connections = open, "listener drained");
+    }
+    connections.shutdown().await;
+}
+
+/// Answers `503 M_UNKNOWN` (and closes the connection) when a request is not read and answered
+/// within `limit`: a client trickling its body holds nothing for longer.
+pub async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            warn!(path = %path, limit_ms = limit.as_millis() as u64, "request not read and answered in time; 503");
+            let mut r =
+                MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "request took too long").into_response();
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn start(
+        settings: Settings,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new()
+            .route("/fast", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    "late"
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(Duration::from_millis(300), time_limit));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, app, settings, None, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, task)
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    /// Whether the server closed `s` (reads end of stream) within `within`.
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(tokio::time::timeout(within, s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    #[tokio::test]
+    async fn slow_headers_are_cut_off_and_the_cap_closes_extra_connections() {
+        let settings =
+            Settings { header_timeout: Duration::from_millis(300), max_connections: 3, drain: Duration::from_secs(1) };
+        let (addr, _stop, _task) = start(settings).await;
+        // A client that never finishes its headers is closed after the header timeout.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /fast HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        assert!(closed_within(&mut slow, Duration::from_secs(2)).await, "a slow-header connection stays open");
+        // Three idle connections fill the cap: a fourth is closed at once, answered nothing.
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(closed_within(&mut extra, Duration::from_millis(200)).await, "over the cap, still open");
+        // Once the idle ones time out, connections are served again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(get(addr, "/fast").await.ends_with("ok"));
+    }
+
+    #[tokio::test]
+    async fn a_request_past_its_deadline_is_answered_503_and_shutdown_waits_a_bounded_time() {
+        let settings =
+            Settings { header_timeout: Duration::from_secs(5), max_connections: 16, drain: Duration::from_millis(500) };
+        let (addr, stop, task) = start(settings).await;
+        let answer = get(addr, "/slow").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("M_UNKNOWN"), "{answer}");
+        // A half-read request is in flight when shutdown starts: the listener returns anyway.
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"POST /fast HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(3), task).await.expect("the drain is bounded").unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    }
+}
