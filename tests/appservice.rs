@@ -207,7 +207,7 @@ async fn appservice_requests_are_authenticated_and_checked() {
     assert_eq!(ping(None).await, 401);
     // A transaction of any size is acknowledged (a refused one would be retried forever, holding
     // the homeserver's queue), its body read and dropped, never held: 32 MiB.
-    let rss_before = rss_kib(w.bridge.pid().unwrap());
+    let rss_before = common::rss_kib(w.bridge.pid().unwrap());
     let transaction = |token: &'static str, body: reqwest::Body| {
         reqwest::Client::new()
             .put(format!("{}/_matrix/app/v1/transactions/txn1", w.bridge.url))
@@ -218,7 +218,7 @@ async fn appservice_requests_are_authenticated_and_checked() {
     let resp = transaction(HS_TOKEN, reqwest::Body::from(vec![b' '; 32 << 20])).await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap(), json!({}));
-    let grown = rss_kib(w.bridge.pid().unwrap()).saturating_sub(rss_before);
+    let grown = common::rss_kib(w.bridge.pid().unwrap()).saturating_sub(rss_before);
     assert!(grown < 16 * 1024, "a 32 MiB transaction grew the bridge by {grown} KiB");
     assert_eq!(transaction("wrong-token", reqwest::Body::from("{}")).await.unwrap().status().as_u16(), 401);
     // Synapse's own appservice ping (MSC2659) reaches the bridge and gets its answer.
@@ -344,11 +344,4 @@ async fn get_token_through_the_homeserver_mints_the_two_part_identity_and_the_le
     let (status, v) = w.synapse.proxied(&w.alice, "get_token", &body, true).await;
     assert_eq!(status, 400, "{v}");
     assert!(v.get("jwt").is_none());
-}
-
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

@@ -107,13 +107,6 @@ async fn hostile_homeserver() -> Hostile {
     Hostile { url, calls, endless_bytes }
 }
 
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// The bridge's settings as an operator gets them, but for where the parties are (and quick
 /// reconciliation): every limit an attacker meets at its default.
 fn default_limits_env(
@@ -169,7 +162,7 @@ async fn a_hostile_homeserver_delays_only_its_own_members() {
         livekit.join(&bridge.url, &lk_room, &identity).await;
         members.push((user, delay_id, delegated));
     }
-    let rss_before = rss_kib(bridge.pid().unwrap());
+    let rss_before = common::rss_kib(bridge.pid().unwrap());
 
     // The attack: 600 hostile jobs in a room of their own, all "connected".
     let http = reqwest::Client::new();
@@ -221,7 +214,7 @@ async fn a_hostile_homeserver_delays_only_its_own_members() {
     let mut peak_rss = rss_before;
     let mut peak_waiting = 0.0f64;
     while attack_started.elapsed() < Duration::from_secs(40) {
-        peak_rss = peak_rss.max(rss_kib(bridge.pid().unwrap()));
+        peak_rss = peak_rss.max(common::rss_kib(bridge.pid().unwrap()));
         peak_waiting = peak_waiting.max(bridge.metric(r#"rtc_leave_bridge_calls_waiting{action="restart"}"#).await);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -282,7 +275,7 @@ async fn slowloris_clients_starve_neither_webhooks_nor_shutdown() {
     env.insert("RTC_LEAVE_BRIDGE_HEADER_TIMEOUT".into(), "5s".into());
     let mut bridge = Bridge::start(env).await;
     let pid = bridge.pid().unwrap();
-    let rss_before = rss_kib(pid);
+    let rss_before = common::rss_kib(pid);
     let addr = bridge.url.trim_start_matches("http://").to_owned();
 
     let mut slow = Vec::with_capacity(HALF_OPEN);
@@ -320,7 +313,7 @@ async fn slowloris_clients_starve_neither_webhooks_nor_shutdown() {
     let worst = *latencies.last().unwrap();
     assert!(opened.elapsed() < Duration::from_secs(5), "the webhooks came after the header timeout");
     assert!(worst < Duration::from_millis(100), "a webhook took {worst:?} with {HALF_OPEN} half-open connections");
-    let rss_peak = rss_kib(pid);
+    let rss_peak = common::rss_kib(pid);
 
     // The header timeout closes every half-open connection.
     tokio::time::sleep(Duration::from_secs(6).saturating_sub(opened.elapsed())).await;

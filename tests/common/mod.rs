@@ -53,3 +53,11 @@ pub async fn wait_serving(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Resident memory of process `pid`, in KiB.
+#[allow(dead_code)] // not every test binary measures memory
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
