@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# Runs every test on a fresh machine: installs Redis and promtool (Debian) and the Python side
-# (Synapse, LiveKit's SDK) into .venv if needed, then builds and runs unit, property and
-# integration tests.
+# Runs every test on a fresh machine: installs Redis and promtool (Debian), the Python side
+# (Synapse, LiveKit's server and client SDKs) into .venv, and LiveKit server (Go) if needed, then
+# builds and runs unit, property and integration tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! .venv/bin/python -c 'import synapse, livekit.api' 2>/dev/null; then
-  echo "==> installing matrix-synapse and livekit-api into .venv"
+if ! .venv/bin/python -c 'import synapse, livekit.api, livekit.rtc' 2>/dev/null; then
+  echo "==> installing matrix-synapse, livekit-api and livekit into .venv"
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 fi
+
+# A real LiveKit server, at the pinned tag (its go.mod has no replace directives there, so
+# `go install pkg@version` builds it), cached between runs; its own --version checked.
+LIVEKIT_SERVER_VERSION=1.13.5
+lk_dir="${XDG_CACHE_HOME:-$HOME/.cache}/rtc-leave-bridge/livekit-server-v$LIVEKIT_SERVER_VERSION"
+if ! "$lk_dir/server" --version 2>/dev/null | grep -q "$LIVEKIT_SERVER_VERSION"; then
+  echo "==> building livekit-server v$LIVEKIT_SERVER_VERSION (go install, cached in $lk_dir)"
+  command -v go >/dev/null || { echo "Go is needed to build livekit-server" >&2; exit 1; }
+  mkdir -p "$lk_dir"
+  GOBIN="$lk_dir" go install "github.com/livekit/livekit-server/cmd/server@v$LIVEKIT_SERVER_VERSION"
+  "$lk_dir/server" --version | grep -q "$LIVEKIT_SERVER_VERSION" || {
+    echo "livekit-server at $lk_dir/server is not v$LIVEKIT_SERVER_VERSION" >&2; exit 1; }
+fi
+export LIVEKIT_SERVER_BIN="$lk_dir/server"
 
 # Debian packages the tests use: a real Redis, and promtool (in prometheus) for the alert rules.
 missing=()

@@ -23,9 +23,14 @@ impl Bridge {
     /// Settings pointing at the homeserver at `homeserver_url` (Synapse, or the recording proxy in
     /// front of it) and `livekit`, with short timings for tests.
     pub fn env_for(homeserver_url: &str, livekit: &LiveKit) -> HashMap<String, String> {
+        Bridge::env_for_url(homeserver_url, &livekit.url)
+    }
+
+    /// As [`Bridge::env_for`], for the LiveKit server at `livekit_url` (a real one).
+    pub fn env_for_url(homeserver_url: &str, livekit_url: &str) -> HashMap<String, String> {
         let hs = format!("{SERVER_NAME}={homeserver_url}");
         [
-            ("LIVEKIT_URL", livekit.url.as_str()),
+            ("LIVEKIT_URL", livekit_url),
             ("LIVEKIT_KEY", API_KEY),
             ("LIVEKIT_SECRET", API_SECRET),
             ("LIVEKIT_FULL_ACCESS_HOMESERVERS", SERVER_NAME),

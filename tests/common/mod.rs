@@ -1,12 +1,15 @@
-//! Test harness: a real Synapse (behind a recording proxy), the LiveKit emulator, and the built
-//! bridge binary.
+//! Test harness: a real Synapse (behind a recording proxy), the LiveKit emulator or a real LiveKit
+//! server with real participant processes, and the built bridge binary.
 #![allow(dead_code)]
 
 pub mod bridge;
 pub mod hs_proxy;
 pub mod livekit;
+pub mod livekit_server;
+pub mod participant;
 pub mod redis;
 pub mod synapse;
+pub mod webhook_proxy;
 
 use std::time::{Duration, Instant};
 

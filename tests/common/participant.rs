@@ -1,0 +1,118 @@
+//! A real LiveKit participant: one OS process (`tests/participant.py`, LiveKit's own client
+//! library) per participant, so that a hang-up, a kill -9 and a freeze (SIGSTOP) are what they
+//! are for a real client. The token comes from the bridge, as a MatrixRTC client gets it.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Participant {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    events: mpsc::Receiver<Value>,
+    /// Every event so far, in order.
+    pub seen: Vec<Value>,
+    pub identity: String,
+    pub sid: String,
+}
+
+impl Participant {
+    /// Starts a participant joining `url` with `jwt`; returns once it is connected and
+    /// publishing (panics with its output if it is not within 30 s).
+    pub async fn join(url: &str, jwt: &str) -> Participant {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/participant.py");
+        let mut child = Command::new(super::synapse::python())
+            .arg(script)
+            .arg(url)
+            .arg(jwt)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut p = Participant {
+            child: Some(child),
+            stdin,
+            events,
+            seen: Vec::new(),
+            identity: String::new(),
+            sid: String::new(),
+        };
+        let connected = p.wait_for("connected", Duration::from_secs(30)).await;
+        let connected = connected.unwrap_or_else(|| panic!("participant did not connect: {:?}", p.seen));
+        p.identity = connected["identity"].as_str().unwrap().to_owned();
+        p.sid = connected["sid"].as_str().unwrap().to_owned();
+        p
+    }
+
+    /// Waits up to `within` for an event named `event`.
+    pub async fn wait_for(&mut self, event: &str, within: Duration) -> Option<Value> {
+        let until = Instant::now() + within;
+        loop {
+            while let Ok(v) = self.events.try_recv() {
+                self.seen.push(v.clone());
+                if v["event"] == event {
+                    return Some(v);
+                }
+                if v["event"] == "error" {
+                    return None;
+                }
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Hangs up cleanly (the client's own disconnect); returns when the process has exited.
+    pub async fn hang_up(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"leave\n");
+        }
+        let left = self.wait_for("left", Duration::from_secs(10)).await;
+        assert!(left.is_some(), "the participant did not hang up: {:?}", self.seen);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL: the client vanishes without a word.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a frozen client, its sockets open.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let _ = Command::new("kill").args([signal, &pid.to_string()]).status();
+    }
+}
+
+impl Drop for Participant {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+        }
+        self.kill9();
+    }
+}

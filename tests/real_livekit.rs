@@ -1,0 +1,326 @@
+//! The bridge next to a **real LiveKit server** (`livekit-server` v1.13.5 with the shipped
+//! `deploy/livekit.yaml`) and **real participants** (LiveKit's own client library, one process
+//! each), with a real Synapse: tokens minted by the bridge are accepted by the server, webhooks
+//! are LiveKit's own, and every leave is judged at the homeserver (the recording proxy) and in
+//! room state. The time LiveKit takes to report a departure is measured apart from the bridge's.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::bridge::{Bridge, SLOT};
+use common::hs_proxy::HsProxy;
+use common::livekit_server::LiveKitServer;
+use common::participant::Participant;
+use common::synapse::{MatrixUser, Synapse, SynapseOptions};
+use common::webhook_proxy::WebhookProxy;
+use rtc_leave_bridge::identity;
+use serde_json::{Value, json};
+
+const DELAY_MS: u64 = 3_000;
+
+struct World {
+    synapse: Synapse,
+    hs: HsProxy,
+    livekit: LiveKitServer,
+    webhooks: WebhookProxy,
+    bridge: Bridge,
+    alice: MatrixUser,
+    room: String,
+    lk_room: String,
+    http: reqwest::Client,
+}
+
+impl World {
+    async fn with(env: &[(&str, &str)]) -> World {
+        let synapse = Synapse::start(SynapseOptions::default()).await;
+        let hs = HsProxy::start(&synapse.url).await;
+        let port = common::free_port();
+        let webhooks = WebhookProxy::start(&format!("http://127.0.0.1:{port}")).await;
+        let livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
+        let mut bridge_env = Bridge::env_for_url(&hs.url, &livekit.url);
+        for (k, v) in env {
+            bridge_env.insert((*k).into(), (*v).into());
+        }
+        let bridge = Bridge::start_on(port, bridge_env).await;
+        let alice = synapse.register("alice").await;
+        let room = synapse.create_room(&alice).await;
+        let lk_room = identity::livekit_room(&room, SLOT);
+        World { synapse, hs, livekit, webhooks, bridge, alice, room, lk_room, http: reqwest::Client::new() }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self.http.post(format!("{}{path}", self.bridge.url)).json(body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `user` joins the call as Element Call does in its compatibility mode: a token first
+    /// (`/sfu/get`), then its membership with a delayed leave, then a token again with the
+    /// delayed leave handed over; connects with that token. Returns the delay id and the
+    /// participant.
+    async fn joins_call(&self, user: &MatrixUser) -> (String, Participant) {
+        let mut body = json!({
+            "room": self.room,
+            "openid_token": self.synapse.openid_token(user).await,
+            "device_id": user.device_id,
+        });
+        let (status, answer) = self.post("/sfu/get", &body).await;
+        assert_eq!(status, 200, "{answer}\n{}", self.bridge.logs());
+        let delay_id = self.synapse.join_call(user, &self.room, DELAY_MS).await;
+        body["openid_token"] = self.synapse.openid_token(user).await;
+        body["delay_id"] = json!(delay_id);
+        body["delay_timeout"] = json!(DELAY_MS);
+        body["delay_cs_api_url"] = json!("https://matrix.example.org");
+        let (status, answer) = self.post("/sfu/get", &body).await;
+        assert_eq!(status, 200, "{answer}\n{}", self.bridge.logs());
+        assert_eq!(answer["url"], json!(self.livekit.url));
+        let p = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
+        assert_eq!(p.identity, format!("{}:{}", user.user_id, user.device_id));
+        (delay_id, p)
+    }
+
+    async fn still_member_after(&self, user: &MatrixUser, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if !self.synapse.is_member(user, &self.room).await {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        true
+    }
+}
+
+/// A member who joined through the bridge's token is kept in room state past twice its delay by
+/// the bridge's restarts; its clean hang-up removes it within a second, by the bridge's own send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_member_is_kept_and_a_hang_up_removes_it_at_once() {
+    let w = World::with(&[]).await;
+    let (delay_id, mut p) = w.joins_call(&w.alice).await;
+    let joined = w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await;
+    assert!(joined.is_some(), "LiveKit sent no participant_joined: {:?}", w.webhooks.deliveries());
+    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS + 1_000)).await, "{}", w.bridge.logs());
+    assert!(w.hs.calls_of(&delay_id, "restart").len() >= 2, "kept alive by the bridge's restarts");
+
+    let hung_up = Instant::now();
+    p.hang_up().await;
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await;
+    let send =
+        send.unwrap_or_else(|| panic!("no leave sent; webhooks: {:?}\n{}", w.webhooks.deliveries(), w.bridge.logs()));
+    assert!(!w.synapse.is_member(&w.alice, &w.room).await);
+    let left = w.webhooks.first("participant_left", Some(&p.identity)).expect("LiveKit reported the departure");
+    let livekit_took = left.received.saturating_duration_since(hung_up);
+    let bridge_took = send.answered.saturating_duration_since(left.received);
+    println!(
+        "real LiveKit, clean hang-up: participant_left after {livekit_took:?} (reason {:?}); the leave accepted {bridge_took:?} later",
+        left.reason
+    );
+    assert!(send.answered.saturating_duration_since(hung_up) < Duration::from_secs(1), "{:?}", send.answered - hung_up);
+}
+
+/// A client killed with SIGKILL says nothing: LiveKit notices on its own, and the leave goes out
+/// as soon as it says so. The time LiveKit takes, the event and the reason are reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_client_is_removed_as_soon_as_livekit_reports_it_gone() {
+    let w = World::with(&[("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "1h")]).await;
+    let (delay_id, mut p) = w.joins_call(&w.alice).await;
+    assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    let killed = Instant::now();
+    p.kill9();
+    let left = w.webhooks.wait_for("participant_left", Some(&p.identity), Duration::from_secs(60)).await;
+    let left = left.unwrap_or_else(|| panic!("LiveKit reported nothing in 60 s: {:?}", w.webhooks.deliveries()));
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
+    assert!(!w.synapse.is_member(&w.alice, &w.room).await);
+    let ours = send.answered.saturating_duration_since(left.received);
+    println!(
+        "real LiveKit, kill -9: {} after {:?} (reason {:?}); the leave accepted {ours:?} after it",
+        left.event,
+        left.received.saturating_duration_since(killed),
+        left.reason
+    );
+    // The member was kept until LiveKit said so: no send before the webhook.
+    assert!(send.received >= left.received, "sent before LiveKit reported the member gone");
+    assert!(ours < Duration::from_secs(1), "{ours:?}");
+}
+
+/// The tokens the bridge mints are accepted by the server itself; a full-access user's room is
+/// opened by the bridge with its timeouts (read back through RoomService), and with
+/// `room.auto_create: false` a restricted user's token opens nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_accepts_our_tokens_and_only_full_access_users_open_rooms() {
+    // Matrix 2.0 (`/get_token`): the 3-part hashed identity.
+    let w = World::with(&[]).await;
+    let member_id = format!("{}:{}", w.alice.user_id, w.alice.device_id);
+    let body = json!({
+        "room_id": w.room, "slot_id": SLOT,
+        "openid_token": w.synapse.openid_token(&w.alice).await,
+        "member": {"id": member_id, "claimed_user_id": w.alice.user_id, "claimed_device_id": w.alice.device_id},
+    });
+    let (status, answer) = w.post("/get_token", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let p = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
+    assert_eq!(p.identity, identity::identity_three_part(&w.alice.user_id, &w.alice.device_id, &member_id));
+    // The room, as LiveKit has it: ours, with the bridge's timeouts.
+    let rooms = rtc_leave_bridge::livekit::room_service::RoomService::new(
+        reqwest::Client::new(),
+        &url::Url::parse(&w.livekit.http_url).unwrap(),
+        common::livekit::API_KEY,
+        common::livekit::API_SECRET,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let listed = rooms.list_participants(&w.lk_room).await.unwrap();
+    assert_eq!(listed.iter().map(|p| p.identity.as_str()).collect::<Vec<_>>(), [p.identity.as_str()]);
+    let room = list_room(&w.livekit.http_url, &w.lk_room).await.expect("the room exists");
+    assert_eq!((room.empty_timeout, room.departure_timeout), (300, 20), "the bridge's room timeouts");
+    drop(p);
+
+    // A user of a homeserver without full access: a token, but no room is opened for it.
+    let restricted = World::with(&[("LIVEKIT_FULL_ACCESS_HOMESERVERS", "elsewhere.test")]).await;
+    let body = json!({
+        "room": restricted.room,
+        "openid_token": restricted.synapse.openid_token(&restricted.alice).await,
+        "device_id": restricted.alice.device_id,
+    });
+    let (status, answer) = restricted.post("/sfu/get", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let jwt = answer["jwt"].as_str().unwrap().to_owned();
+    let url = answer["url"].as_str().unwrap().to_owned();
+    // (It hangs up at once if it does get in: its input is empty.)
+    let refused = tokio::task::spawn_blocking(move || {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/participant.py");
+        let out = std::process::Command::new(common::synapse::python())
+            .arg(script)
+            .arg(url)
+            .arg(jwt)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(refused.contains("\"error\""), "a restricted user's token opened a room: {refused}");
+    assert!(!refused.contains("\"connected\""), "{refused}");
+}
+
+/// Room `name` as LiveKit's RoomService lists it (`ListRooms`, Twirp protobuf).
+async fn list_room(http_url: &str, name: &str) -> Option<livekit_protocol::Room> {
+    use prost::Message as _;
+    let grants = livekit_api::access_token::VideoGrants { room_list: true, ..Default::default() };
+    let token =
+        livekit_api::access_token::AccessToken::with_api_key(common::livekit::API_KEY, common::livekit::API_SECRET)
+            .with_grants(grants)
+            .to_jwt()
+            .unwrap();
+    let request = livekit_protocol::ListRoomsRequest { names: vec![name.to_owned()] };
+    let resp = reqwest::Client::new()
+        .post(format!("{http_url}/twirp/livekit.RoomService/ListRooms"))
+        .bearer_auth(token)
+        .header("content-type", "application/protobuf")
+        .body(request.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "ListRooms: {}", resp.status());
+    let list = livekit_protocol::ListRoomsResponse::decode(resp.bytes().await.unwrap()).unwrap();
+    list.rooms.into_iter().find(|r| r.name == name)
+}
+
+/// A client frozen (SIGSTOP) for less than LiveKit's timeout, then resumed, is never removed; frozen
+/// for longer, it is removed as soon as LiveKit gives up on it (measured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_client_is_kept_until_livekit_gives_up_on_it() {
+    let w = World::with(&[]).await;
+    let (delay_id, p) = w.joins_call(&w.alice).await;
+    assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    p.freeze(true);
+    assert!(w.still_member_after(&w.alice, Duration::from_secs(6)).await, "removed while frozen for 6 s");
+    p.freeze(false);
+    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS)).await, "removed after resuming");
+    assert!(w.hs.accepted_send(&delay_id).is_none(), "a leave was sent for a member still connected");
+    assert!(w.webhooks.first("participant_left", Some(&p.identity)).is_none(), "{:?}", w.webhooks.deliveries());
+
+    let frozen = Instant::now();
+    p.freeze(true);
+    let left = w.webhooks.wait_for("participant_left", Some(&p.identity), Duration::from_secs(60)).await;
+    let left = left.unwrap_or_else(|| panic!("LiveKit reported nothing in 60 s: {:?}", w.webhooks.deliveries()));
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
+    assert!(send.received >= left.received, "sent before LiveKit reported the member gone");
+    println!(
+        "real LiveKit, SIGSTOP: {} after {:?} (reason {:?}); the leave accepted {:?} after it",
+        left.event,
+        left.received.saturating_duration_since(frozen),
+        left.reason,
+        send.answered.saturating_duration_since(left.received)
+    );
+}
+
+/// The same identity joining from a second process (a second tab, a reconnecting client) makes
+/// LiveKit drop the first session as a duplicate: the member is kept; its last hang-up removes it,
+/// sending once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_identity_keeps_the_member() {
+    let w = World::with(&[]).await;
+    let (delay_id, first) = w.joins_call(&w.alice).await;
+    assert!(w.webhooks.wait_for("participant_joined", Some(&first.identity), Duration::from_secs(10)).await.is_some());
+    let body =
+        json!({"room": w.room, "openid_token": w.synapse.openid_token(&w.alice).await, "device_id": w.alice.device_id});
+    let (status, answer) = w.post("/sfu/get", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut second = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
+    assert_eq!(second.identity, first.identity);
+    let kicked = w.webhooks.wait_for("participant_left", Some(&first.identity), Duration::from_secs(10)).await;
+    let kicked = kicked.unwrap_or_else(|| panic!("no departure of the first session: {:?}", w.webhooks.deliveries()));
+    println!("real LiveKit, duplicate identity: the first session left with reason {:?}", kicked.reason);
+    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS + 2_000)).await, "{}", w.bridge.logs());
+    assert!(w.hs.accepted_send(&delay_id).is_none());
+    drop(first);
+    let hung_up = Instant::now();
+    second.hang_up().await;
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
+    assert!(send.answered.saturating_duration_since(hung_up) < Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.hs.calls_of(&delay_id, "send").len(), 1, "sent once");
+}
+
+/// LiveKit killed -9 and started again while a member is connected: no webhook will ever say the
+/// member is gone (the new server has no such room, and the client cannot rejoin it), so the
+/// bridge's reconciliation through the real RoomService removes it — only once its session is
+/// absent from every listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_removes_members_of_a_livekit_that_died() {
+    let mut w = World::with(&[]).await;
+    let (delay_id, _p) = w.joins_call(&w.alice).await;
+    assert!(w.webhooks.wait_for("participant_joined", Some(&_p.identity), Duration::from_secs(10)).await.is_some());
+    let killed = Instant::now();
+    w.livekit.kill9();
+    // While LiveKit is down, nobody is removed: RoomService cannot be asked.
+    assert!(w.still_member_after(&w.alice, Duration::from_secs(4)).await, "removed on a guess while LiveKit was down");
+    w.livekit.restart().await;
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(30)).await;
+    let send = send.unwrap_or_else(|| panic!("not removed after LiveKit came back\n{}", w.bridge.logs()));
+    assert!(!w.synapse.is_member(&w.alice, &w.room).await);
+    assert_eq!(w.webhooks.first("participant_left", None).map(|d| d.event), None, "no webhook came");
+    println!(
+        "real LiveKit killed -9 and restarted: the member removed by reconciliation {:?} after the kill",
+        send.answered.saturating_duration_since(killed)
+    );
+}
+
+/// The last member gone, LiveKit closes the room after its departure timeout (`room_finished`):
+/// the leave was sent once, at the departure, and not again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_finished_after_the_last_departure_sends_nothing_twice() {
+    let w = World::with(&[("RTC_LEAVE_BRIDGE_ROOM_DEPARTURE_TIMEOUT", "1s")]).await;
+    let (delay_id, mut p) = w.joins_call(&w.alice).await;
+    assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    p.hang_up().await;
+    assert!(w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.is_some());
+    let finished = w.webhooks.wait_for("room_finished", None, Duration::from_secs(30)).await;
+    assert!(finished.is_some(), "no room_finished: {:?}", w.webhooks.deliveries());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.hs.calls_of(&delay_id, "send").len(), 1, "sent once");
+    assert_eq!(w.bridge.jobs_tracked().await, 0.0);
+}
