@@ -25,10 +25,12 @@ if ! "$lk_dir/server" --version 2>/dev/null | grep -q "$LIVEKIT_SERVER_VERSION";
 fi
 export LIVEKIT_SERVER_BIN="$lk_dir/server"
 
-# Debian packages the tests use: a real Redis, and promtool (in prometheus) for the alert rules.
+# Debian packages the tests use: a real Redis, promtool (in prometheus) for the alert rules, and
+# nft (nftables) to cut a real participant's network.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v nft >/dev/null || missing+=(nftables)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   if [ "$(id -u)" -ne 0 ]; then

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::bridge::{Bridge, SLOT};
 use common::hs_proxy::HsProxy;
 use common::livekit_server::LiveKitServer;
-use common::participant::Participant;
+use common::participant::{NetworkCut, Participant};
 use common::synapse::{MatrixUser, Synapse, SynapseOptions};
 use common::webhook_proxy::WebhookProxy;
 use rtc_leave_bridge::identity;
@@ -60,6 +60,11 @@ impl World {
     /// delayed leave handed over; connects with that token. Returns the delay id and the
     /// participant.
     async fn joins_call(&self, user: &MatrixUser) -> (String, Participant) {
+        self.joins_call_with(user, DELAY_MS).await
+    }
+
+    /// As [`World::joins_call`], with a delayed leave of `delay_ms`.
+    async fn joins_call_with(&self, user: &MatrixUser, delay_ms: u64) -> (String, Participant) {
         let mut body = json!({
             "room": self.room,
             "openid_token": self.synapse.openid_token(user).await,
@@ -67,10 +72,10 @@ impl World {
         });
         let (status, answer) = self.post("/sfu/get", &body).await;
         assert_eq!(status, 200, "{answer}\n{}", self.bridge.logs());
-        let delay_id = self.synapse.join_call(user, &self.room, DELAY_MS).await;
+        let delay_id = self.synapse.join_call(user, &self.room, delay_ms).await;
         body["openid_token"] = self.synapse.openid_token(user).await;
         body["delay_id"] = json!(delay_id);
-        body["delay_timeout"] = json!(DELAY_MS);
+        body["delay_timeout"] = json!(delay_ms);
         body["delay_cs_api_url"] = json!("https://matrix.example.org");
         let (status, answer) = self.post("/sfu/get", &body).await;
         assert_eq!(status, 200, "{answer}\n{}", self.bridge.logs());
@@ -323,4 +328,138 @@ async fn room_finished_after_the_last_departure_sends_nothing_twice() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(w.hs.calls_of(&delay_id, "send").len(), 1, "sent once");
     assert_eq!(w.bridge.jobs_tracked().await, 0.0);
+}
+
+/// A client whose network goes away (every packet it sends dropped, whatever port it tries) is
+/// removed as soon as LiveKit reports it gone (measured); not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone() {
+    const NOBODY: u32 = 65_534;
+    let w = World::with(&[]).await;
+    let body =
+        json!({"room": w.room, "openid_token": w.synapse.openid_token(&w.alice).await, "device_id": w.alice.device_id});
+    let (status, _) = w.post("/sfu/get", &body).await;
+    assert_eq!(status, 200);
+    let delay_id = w.synapse.join_call(&w.alice, &w.room, DELAY_MS).await;
+    let mut body = body;
+    body["delay_id"] = json!(delay_id);
+    body["delay_timeout"] = json!(DELAY_MS);
+    let (status, answer) = w.post("/sfu/get", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let p = Participant::join_as(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap(), Some(NOBODY)).await;
+    assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    let cut_at = Instant::now();
+    let cut = NetworkCut::start(NOBODY);
+    let left = w.webhooks.wait_for("participant_left", Some(&p.identity), Duration::from_secs(60)).await;
+    let left = left.unwrap_or_else(|| panic!("LiveKit reported nothing in 60 s: {:?}", w.webhooks.deliveries()));
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
+    assert!(send.received >= left.received, "sent before LiveKit reported the member gone");
+    drop(cut);
+    println!(
+        "real LiveKit, network cut: {} after {:?} (reason {:?}); the leave accepted {:?} after it",
+        left.event,
+        left.received.saturating_duration_since(cut_at),
+        left.reason,
+        send.answered.saturating_duration_since(left.received)
+    );
+}
+
+/// Three instances on Redis behind one webhook address: a member connected through a real LiveKit
+/// is kept while instances are killed -9 and restarted around it, and its hang-up removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_redis_keep_a_member_through_kills_and_remove_it_on_hang_up() {
+    const LEASE: Duration = Duration::from_secs(1);
+    const DELAY: u64 = 4_000;
+    let synapse = Synapse::start(SynapseOptions::default()).await;
+    let hs = HsProxy::start(&synapse.url).await;
+    let redis = common::redis::Redis::start().await;
+    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let webhooks = WebhookProxy::start_many(&urls).await;
+    let livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
+    let mut bridges = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let env = Bridge::env_for_cluster_url(&hs.url, &livekit.url, &redis.url(), LEASE, &format!("rl{i}"));
+        bridges.push(Bridge::start_on(*port, env).await);
+    }
+    let alice = synapse.register("alice").await;
+    let room = synapse.create_room(&alice).await;
+    let delay_id = synapse.join_call(&alice, &room, DELAY).await;
+    let body = json!({
+        "room": room, "openid_token": synapse.openid_token(&alice).await, "device_id": alice.device_id,
+        "delay_id": delay_id, "delay_timeout": DELAY,
+    });
+    let resp = reqwest::Client::new().post(format!("{}/sfu/get", urls[1])).json(&body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    let mut p = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
+    assert!(webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    // Each instance in turn killed -9 and restarted, a delay apart: the member stays.
+    for b in bridges.iter_mut() {
+        b.kill9();
+        let until = Instant::now() + Duration::from_millis(DELAY);
+        while Instant::now() < until {
+            assert!(synapse.is_member(&alice, &room).await, "removed while connected\n{}", b.logs());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        b.restart().await;
+    }
+    assert!(hs.accepted_send(&delay_id).is_none());
+    let hung_up = Instant::now();
+    p.hang_up().await;
+    let send = hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
+    assert!(!synapse.is_member(&alice, &room).await);
+    println!(
+        "real LiveKit, three instances on Redis: hang-up → leave accepted after {:?}",
+        send.answered.saturating_duration_since(hung_up)
+    );
+    assert!(send.answered.saturating_duration_since(hung_up) < Duration::from_secs(2));
+}
+
+/// Webhooks lost: a member's departure whose webhooks never reach the bridge (all dropped) is
+/// found by periodic reconciliation through the real RoomService; one who leaves while the bridge
+/// is down is removed once it is back (by LiveKit's retry of the webhook if one still comes, else
+/// by the reconciliation at start), well before its own timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finds_departures_whose_webhooks_were_lost() {
+    let mut w = World::with(&[]).await;
+    let bob = w.synapse.register("bob").await;
+    w.synapse.join_room(&bob, &w.room).await;
+    let (alice_delay, mut alice) = w.joins_call(&w.alice).await;
+    // Bob's delay outlasts the bridge's downtime below: only the bridge can remove him early.
+    let (bob_delay, mut bob_p) = w.joins_call_with(&bob, 20_000).await;
+    for p in [&alice, &bob_p] {
+        assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    }
+    // Every webhook lost from now on; Alice hangs up.
+    w.webhooks.drop_every(1);
+    let hung_up = Instant::now();
+    alice.hang_up().await;
+    let send = w.hs.wait_accepted_send(&alice_delay, Duration::from_secs(30)).await;
+    let send = send.unwrap_or_else(|| panic!("not found by reconciliation\n{}", w.bridge.logs()));
+    println!(
+        "real LiveKit, departure webhooks lost: found by reconciliation, leave accepted after {:?}",
+        send.answered.saturating_duration_since(hung_up)
+    );
+    assert!(w.synapse.is_member(&bob, &w.room).await, "Bob, still connected, was removed");
+    w.webhooks.drop_every(0);
+
+    // The bridge down while Bob hangs up: LiveKit's webhook has nowhere to go.
+    w.bridge.kill9();
+    bob_p.hang_up().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(w.hs.accepted_send(&bob_delay).is_none());
+    let restarted = Instant::now();
+    w.bridge.restart().await;
+    let send = w.hs.wait_accepted_send(&bob_delay, Duration::from_secs(15)).await;
+    let send = send.unwrap_or_else(|| panic!("not found at start\n{}", w.bridge.logs()));
+    let retried = w.webhooks.deliveries().into_iter().any(|d| {
+        d.event == "participant_left" && d.identity.as_deref() == Some(&bob_p.identity) && d.status == Some(200)
+    });
+    println!(
+        "real LiveKit, departure while the bridge was down: leave accepted {:?} after its start ({})",
+        send.answered.saturating_duration_since(restarted),
+        if retried { "LiveKit's retry of the webhook reached it" } else { "found by reconciliation" }
+    );
+    assert!(!w.synapse.is_member(&bob, &w.room).await);
 }

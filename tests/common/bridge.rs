@@ -60,7 +60,18 @@ impl Bridge {
         lease: Duration,
         instance: &str,
     ) -> HashMap<String, String> {
-        let mut env = Bridge::env_for(homeserver_url, livekit);
+        Bridge::env_for_cluster_url(homeserver_url, &livekit.url, redis_url, lease, instance)
+    }
+
+    /// As [`Bridge::env_for_cluster`], for the LiveKit server at `livekit_url`.
+    pub fn env_for_cluster_url(
+        homeserver_url: &str,
+        livekit_url: &str,
+        redis_url: &str,
+        lease: Duration,
+        instance: &str,
+    ) -> HashMap<String, String> {
+        let mut env = Bridge::env_for_url(homeserver_url, livekit_url);
         env.insert("LIVEKIT_REDIS_URL".into(), redis_url.into());
         env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), format!("{}ms", lease.as_millis()));
         env.insert("RTC_LEAVE_BRIDGE_INSTANCE".into(), instance.into());

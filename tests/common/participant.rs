@@ -23,8 +23,22 @@ impl Participant {
     /// Starts a participant joining `url` with `jwt`; returns once it is connected and
     /// publishing (panics with its output if it is not within 30 s).
     pub async fn join(url: &str, jwt: &str) -> Participant {
+        Participant::join_as(url, jwt, None).await
+    }
+
+    /// As [`Participant::join`], as user id `uid` if given (see [`NetworkCut`]).
+    pub async fn join_as(url: &str, jwt: &str, uid: Option<u32>) -> Participant {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/participant.py");
-        let mut child = Command::new(super::synapse::python())
+        let mut command = match uid {
+            None => Command::new(super::synapse::python()),
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups");
+                c.arg(super::synapse::python());
+                c
+            }
+        };
+        let mut child = command
             .arg(script)
             .arg(url)
             .arg(jwt)
@@ -114,5 +128,37 @@ impl Drop for Participant {
             let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
         }
         self.kill9();
+    }
+}
+
+/// A network cut for every process of user id `uid` (a participant started with
+/// [`Participant::join_as`]): every packet its sockets send is dropped (an nftables rule on
+/// `meta skuid`), so the server hears nothing more from it, whatever port it tries. Lifted when
+/// dropped.
+pub struct NetworkCut {
+    table: String,
+}
+
+impl NetworkCut {
+    pub fn start(uid: u32) -> NetworkCut {
+        let table = format!("rtc_leave_bridge_cut_{uid}");
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} out {{ type filter hook output priority 0 ; }}\n\
+             add rule inet {table} out meta skuid {uid} drop\n"
+        );
+        let out = Command::new("nft").arg("-f").arg("-").stdin(Stdio::piped()).spawn().and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(script.as_bytes())?;
+            c.wait_with_output()
+        });
+        let out = out.expect("nft (Debian nftables; scripts/test.sh installs it) runs");
+        assert!(out.status.success(), "nft refused the rule (root needed): {out:?}");
+        NetworkCut { table }
+    }
+}
+
+impl Drop for NetworkCut {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
     }
 }

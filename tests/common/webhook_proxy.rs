@@ -1,7 +1,9 @@
 //! Between a real LiveKit server and the bridge: forwards every webhook as it came (headers and
 //! body untouched, so the signature still holds) and records what it was and when it arrived, so
 //! that a test can tell LiveKit's detection time from the bridge's own. It can drop a share of
-//! the webhooks (LiveKit then retries, and gives up after a few tries).
+//! the webhooks (LiveKit then retries, and gives up after a few tries). With several bridge
+//! instances it spreads the webhooks over them in turn, trying the next when one cannot be
+//! reached (as the compose stack's proxy does).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,7 +27,8 @@ pub struct Delivery {
 
 #[derive(Default)]
 struct Inner {
-    target: Mutex<String>,
+    targets: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
     deliveries: Mutex<Vec<Delivery>>,
     /// Every n-th webhook is dropped (0: none).
     drop_every: Mutex<usize>,
@@ -42,7 +45,13 @@ pub struct WebhookProxy {
 impl WebhookProxy {
     /// Forwards to `bridge`'s `/sfu_webhook`.
     pub async fn start(bridge: &str) -> WebhookProxy {
-        let inner = Arc::new(Inner { target: Mutex::new(format!("{bridge}/sfu_webhook")), ..Inner::default() });
+        WebhookProxy::start_many(&[bridge.to_owned()]).await
+    }
+
+    /// Forwards to the `/sfu_webhook` of each of `bridges` in turn.
+    pub async fn start_many(bridges: &[String]) -> WebhookProxy {
+        let targets = bridges.iter().map(|b| format!("{b}/sfu_webhook")).collect();
+        let inner = Arc::new(Inner { targets, http: reqwest::Client::new(), ..Inner::default() });
         let app = axum::Router::new().route("/sfu_webhook", axum::routing::post(forward)).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/sfu_webhook", listener.local_addr().unwrap());
@@ -101,17 +110,21 @@ async fn forward(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
         inner.deliveries.lock().unwrap().push(delivery);
         return StatusCode::SERVICE_UNAVAILABLE;
     }
-    let target = inner.target.lock().unwrap().clone();
-    let mut req = inner.http.post(target).body(body);
-    for (name, value) in &headers {
-        if name != "host" && name != "content-length" {
-            req = req.header(name, value);
+    let first = inner.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut status = 502;
+    for i in 0..inner.targets.len() {
+        let target = &inner.targets[(first + i) % inner.targets.len()];
+        let mut req = inner.http.post(target).body(body.clone());
+        for (name, value) in &headers {
+            if name != "host" && name != "content-length" {
+                req = req.header(name, value);
+            }
+        }
+        if let Ok(r) = req.send().await {
+            status = r.status().as_u16();
+            break;
         }
     }
-    let status = match req.send().await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 502,
-    };
     delivery.status = Some(status);
     inner.deliveries.lock().unwrap().push(delivery);
     StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
