@@ -1,6 +1,6 @@
 """One real LiveKit participant, in a process of its own (so that kill -9 and SIGSTOP are real):
 LiveKit's own client library (PyPI `livekit`, its native WebRTC stack inside the wheel) connects
-with the URL and token given, publishes a synthetic microphone track (a 440 Hz tone, 10 ms
+with the URL and token given, publishes a synthetic microphone track (a 400 Hz tone, 10 ms
 frames), and keeps sending it.
 
 usage: participant.py URL TOKEN
@@ -26,13 +26,13 @@ def emit(obj):
 
 
 async def tone(source):
-    phase = 0
+    # One 10 ms frame holds a whole number of 400 Hz periods: computed once, sent again and again
+    # (a participant costs LiveKit's encoder, not Python's arithmetic).
     frame = rtc.AudioFrame.create(RATE, 1, SAMPLES)
+    data = frame.data
+    for i in range(SAMPLES):
+        data[i] = int(8000 * math.sin(2 * math.pi * 400 * i / RATE))
     while True:
-        data = frame.data
-        for i in range(SAMPLES):
-            data[i] = int(8000 * math.sin(2 * math.pi * 440 * (phase + i) / RATE))
-        phase += SAMPLES
         await source.capture_frame(frame)
 
 

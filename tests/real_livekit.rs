@@ -330,8 +330,9 @@ async fn room_finished_after_the_last_departure_sends_nothing_twice() {
     assert_eq!(w.bridge.jobs_tracked().await, 0.0);
 }
 
-/// A client whose network goes away (every packet it sends dropped, whatever port it tries) is
-/// removed as soon as LiveKit reports it gone (measured); not before.
+/// A client whose network goes away for a few seconds and comes back (it reconnects, or LiveKit
+/// never noticed) is never removed; one whose network stays away (every packet it sends dropped,
+/// whatever port it tries) is removed as soon as LiveKit reports it gone (measured), not before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone() {
     const NOBODY: u32 = 65_534;
@@ -348,6 +349,14 @@ async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone
     assert_eq!(status, 200, "{answer}");
     let p = Participant::join_as(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap(), Some(NOBODY)).await;
     assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    let brief = NetworkCut::start(NOBODY);
+    assert!(w.still_member_after(&w.alice, Duration::from_secs(5)).await, "removed during a 5 s network cut");
+    drop(brief);
+    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS)).await, "removed after the network came back");
+    assert!(w.hs.accepted_send(&delay_id).is_none(), "a leave was sent for a member still connected");
+    let events: Vec<String> = w.webhooks.deliveries().into_iter().map(|d| d.event).collect();
+    println!("real LiveKit, 5 s network cut then back: webhooks {events:?}");
+
     let cut_at = Instant::now();
     let cut = NetworkCut::start(NOBODY);
     let left = w.webhooks.wait_for("participant_left", Some(&p.identity), Duration::from_secs(60)).await;
