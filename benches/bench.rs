@@ -2,7 +2,7 @@
 //! machine. Not part of `cargo test`.
 //!
 //!     cargo bench --bench bench                       # all
-//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster
+//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster, real-livekit
 //!
 //! * `leave`: `participant_left` webhook posted → Synapse's 200 to the bridge's send, over 200
 //!   leaves against a real Synapse, vs the bench's own `send` to the same Synapse; both timed to
@@ -28,6 +28,14 @@
 //!   (applied and committed) vs SQLite, the same webhooks; Redis memory per connected member;
 //!   failover after kill -9 of the instance driving the most jobs (lease 2 s); restart throughput
 //!   of a cold start with 100k stored jobs, three instances started together vs one.
+//!
+//! * `real-livekit`: a real LiveKit server (`scripts/test.sh` builds it) and real participant
+//!   processes, a real Synapse. A clean hang-up → the membership gone as another member sees it
+//!   (polling room state as that member), vs the client sending its own leave (what Element Call
+//!   does on a clean hang-up) and the same poll; 10 runs each. A `kill -9` → the membership gone,
+//!   split into LiveKit's detection (to its webhook, at a recording proxy) and the bridge's part
+//!   (webhook → Synapse's 200 to the send), vs the homeserver's own timer (what happens without
+//!   the bridge: the delay after the last restart); 5 runs.
 //!
 //! Every goal is checked: a run that misses one says which and exits non-zero.
 
@@ -1173,6 +1181,132 @@ fn redis_version() -> String {
         .unwrap_or_default()
 }
 
+// ---- 7. with a real LiveKit server -------------------------------------------------------------
+
+/// Polls, as `reader`, until `user`'s call membership in `room` is gone; returns when it was seen
+/// gone (10 ms resolution).
+async fn seen_gone(
+    synapse: &common::synapse::Synapse,
+    reader: &common::synapse::MatrixUser,
+    room: &str,
+    user: &common::synapse::MatrixUser,
+    within: Duration,
+) -> Instant {
+    let until = Instant::now() + within;
+    loop {
+        if synapse.membership(reader, room, &user.state_key()).await == Some(false) {
+            return Instant::now();
+        }
+        assert!(Instant::now() < until, "{} still a member after {within:?}", user.user_id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn real_livekit(goals: &Goals) {
+    use common::livekit_server::LiveKitServer;
+    use common::participant::Participant;
+    use common::webhook_proxy::WebhookProxy;
+    const DELAY_MS: u64 = 10_000;
+    let synapse = common::synapse::Synapse::start(common::synapse::SynapseOptions::default()).await;
+    let proxy = HsProxy::start(&synapse.url).await;
+    let port = common::free_port();
+    let webhooks = WebhookProxy::start(&format!("http://127.0.0.1:{port}")).await;
+    let livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
+    let mut env = Bridge::env_for_url(&proxy.url, &livekit.url);
+    env.insert("LIVEKIT_LOG_LEVEL".into(), "warn".into());
+    let bridge = Bridge::start_on(port, env).await;
+    let owner = synapse.register("owner").await;
+    let room = synapse.create_room(&owner).await;
+    let http = reqwest::Client::new();
+    // A member joins as Element Call does: its delayed leave handed over with its token request.
+    let join = |user: common::synapse::MatrixUser| {
+        let (synapse, http, bridge, room) = (&synapse, http.clone(), bridge.url.clone(), room.clone());
+        async move {
+            let delay_id = synapse.join_call(&user, &room, DELAY_MS).await;
+            let body = json!({
+                "room": room, "openid_token": synapse.openid_token(&user).await, "device_id": user.device_id,
+                "delay_id": delay_id, "delay_timeout": DELAY_MS,
+            });
+            let answer: Value =
+                http.post(format!("{bridge}/sfu/get")).json(&body).send().await.unwrap().json().await.unwrap();
+            let p = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
+            (delay_id, p)
+        }
+    };
+    println!("real LiveKit v{} ({}; delays {DELAY_MS} ms):", common::livekit_server::VERSION, machine());
+
+    // Clean hang-up vs the client's own leave.
+    let (mut ours, mut own) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        let user = synapse.register(&format!("h{i}")).await;
+        synapse.join_room(&user, &room).await;
+        let (_, mut p) = join(user.clone()).await;
+        webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.unwrap();
+        let t0 = Instant::now();
+        p.hang_up().await;
+        ours.push(ms(seen_gone(&synapse, &owner, &room, &user, Duration::from_secs(10)).await - t0));
+
+        let user = synapse.register(&format!("c{i}")).await;
+        synapse.join_room(&user, &room).await;
+        let delay_id = synapse.join_call(&user, &room, DELAY_MS).await;
+        let t0 = Instant::now();
+        let r = http
+            .post(format!("{}/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/send", synapse.url))
+            .bearer_auth(&user.token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        own.push(ms(seen_gone(&synapse, &owner, &room, &user, Duration::from_secs(10)).await - t0));
+    }
+    let (o, c) = (sorted(ours), sorted(own));
+    let ratio = percentile(&o, 0.5) / percentile(&c, 0.5);
+    println!("  clean hang-up -> membership gone, as another member sees it (10 runs):");
+    println!(
+        "    through LiveKit and the bridge p50 {:7.1} ms  max {:7.1} ms",
+        percentile(&o, 0.5),
+        percentile(&o, 1.0)
+    );
+    println!(
+        "    the client's own leave         p50 {:7.1} ms  max {:7.1} ms",
+        percentile(&c, 0.5),
+        percentile(&c, 1.0)
+    );
+    println!(
+        "    ratio p50 {ratio:.2}x (goal <= 1.2x: {})",
+        goals.check("real LiveKit hang-up p50 <= 1.2x the client's own leave", ratio <= 1.2)
+    );
+
+    // kill -9: LiveKit's detection, the bridge's part, vs the homeserver's own timer.
+    let (mut detection, mut bridge_part, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..5 {
+        let user = synapse.register(&format!("k{i}")).await;
+        synapse.join_room(&user, &room).await;
+        let (delay_id, mut p) = join(user.clone()).await;
+        webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.unwrap();
+        let t0 = Instant::now();
+        p.kill9();
+        let left = webhooks.wait_for("participant_left", Some(&p.identity), Duration::from_secs(60)).await.unwrap();
+        let send = proxy.wait_accepted_send(&delay_id, Duration::from_secs(10)).await.expect("the bridge sent");
+        let gone = seen_gone(&synapse, &owner, &room, &user, Duration::from_secs(10)).await;
+        detection.push(ms(left.received - t0));
+        bridge_part.push(ms(send.answered.saturating_duration_since(left.received)));
+        total.push(ms(gone - t0));
+    }
+    let (d, b, t) = (sorted(detection), sorted(bridge_part), sorted(total));
+    println!("  kill -9 -> membership gone (5 runs):");
+    println!("    LiveKit's detection (to its webhook)  p50 {:8.1} ms", percentile(&d, 0.5));
+    println!(
+        "    the bridge's part (webhook -> 200)     p50 {:8.1} ms  max {:6.1} ms (goal p99 <= 100 ms: {})",
+        percentile(&b, 0.5),
+        percentile(&b, 1.0),
+        goals.check("real LiveKit: the bridge's part after a kill <= 100 ms", percentile(&b, 0.99) <= 100.0)
+    );
+    println!("    in all, as another member sees it     p50 {:8.1} ms", percentile(&t, 0.5));
+    println!("    the homeserver's own timer (no bridge): the delay after the last restart, up to {DELAY_MS} ms");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -1206,6 +1340,9 @@ fn main() {
     }
     if wants("cluster") {
         rt.block_on(cluster(&goals));
+    }
+    if wants("real-livekit") {
+        rt.block_on(real_livekit(&goals));
     }
     let missed = goals.missed.into_inner().unwrap();
     if !missed.is_empty() {

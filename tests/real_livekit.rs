@@ -352,7 +352,10 @@ async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone
     let brief = NetworkCut::start(NOBODY);
     assert!(w.still_member_after(&w.alice, Duration::from_secs(5)).await, "removed during a 5 s network cut");
     drop(brief);
-    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS)).await, "removed after the network came back");
+    assert!(
+        w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS)).await,
+        "removed after the network came back"
+    );
     assert!(w.hs.accepted_send(&delay_id).is_none(), "a leave was sent for a member still connected");
     let events: Vec<String> = w.webhooks.deliveries().into_iter().map(|d| d.event).collect();
     println!("real LiveKit, 5 s network cut then back: webhooks {events:?}");
