@@ -3,11 +3,15 @@
 //! joining as Element Call does, then hanging up or being killed -9 — while bridge instances are
 //! killed -9 and restarted and a share of LiveKit's webhooks is lost. Judged from outside:
 //!
-//! * premature: a leave accepted by Synapse before its member's client hung up or died — never;
+//! * premature: a leave sent while its member's client was still connected by LiveKit's account —
+//!   before the client hung up or died, and before LiveKit reported its session gone — never (a
+//!   client starved of CPU long enough for LiveKit to time it out is gone for the SFU, the source
+//!   of truth; such lives are counted apart);
 //! * superseded sent: a life's leave sent after the same member's next call was delegated (its
 //!   old delay id must never be sent) — never;
-//! * late: a life's leave accepted later than LiveKit's detection allows (a hang-up: 10 s, a
-//!   kill: 45 s, both with failover and reconciliation of lost webhooks inside);
+//! * late: a life's leave accepted more than 10 s after both its end and LiveKit's first report of
+//!   its session gone (as the webhook proxy saw it, delivered or lost), failover and
+//!   reconciliation of lost webhooks included;
 //! * left to the homeserver's timer: a life that ended, was not superseded in time, and left room
 //!   state without the bridge's send — never;
 //! * still connected at the end: membership present.
@@ -52,6 +56,8 @@ struct Life {
     scheduled: Instant,
     /// When the bridge took its delegation (the token answered).
     delegated: Instant,
+    /// Its LiveKit session.
+    sid: String,
     /// When its client hung up or was killed; `None`: still connected at the end.
     ended: Option<Instant>,
     killed: bool,
@@ -95,6 +101,7 @@ async fn live(
         let index = {
             let mut l = lives.lock().unwrap();
             l.push(Life {
+                sid: p.sid.clone(),
                 user: user.user_id.clone(),
                 key,
                 delay_id,
@@ -190,29 +197,53 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         users.iter().map(|(u, r)| (u.user_id.as_str(), (u, r.as_str()))).collect();
     let (mut premature, mut superseded_sent, mut late, mut by_timer) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut superseded, mut worst) = (0, Duration::ZERO);
+    let deliveries = webhooks.deliveries();
+    // When LiveKit first said a session was gone (delivered or lost on the way).
+    let reported = |sid: &str| {
+        deliveries
+            .iter()
+            .filter(|d| d.event == "participant_left" || d.event == "participant_connection_aborted")
+            .find(|d| d.body.pointer("/participant/sid").and_then(Value::as_str) == Some(sid))
+            .map(|d| d.received)
+    };
+    let mut slowest_report = Duration::ZERO;
+    // Lives whose live client LiveKit itself gave up on (then sent, rightly).
+    let mut dropped_by_livekit = 0;
     for (i, life) in lives.iter().enumerate() {
         // The same member's next call, if any.
         let next = lives[i + 1..].iter().find(|l| l.user == life.user).map(|l| l.delegated);
         let send = hs.accepted_send(&life.delay_id);
-        let bound = if life.killed { Duration::from_secs(45) } else { Duration::from_secs(10) };
+        let bound = Duration::from_secs(10);
         match (life.ended, &send) {
-            (None, Some(_)) => premature.push(format!("{life:?}: sent while connected at the end")),
+            (None, Some(send)) => match reported(&life.sid) {
+                Some(r) if r <= send.received => dropped_by_livekit += 1,
+                _ => premature.push(format!("{life:?}: sent while connected at the end")),
+            },
             (None, None) => {}
             (Some(ended), Some(send)) => {
                 if send.received < ended {
-                    premature.push(format!("{life:?}: sent {:?} before its end", ended - send.received));
+                    match reported(&life.sid) {
+                        Some(r) if r <= send.received => dropped_by_livekit += 1,
+                        _ => premature.push(format!("{life:?}: sent {:?} before its end", ended - send.received)),
+                    }
                 }
                 if next.is_some_and(|n| send.received > n) {
                     superseded_sent.push(format!("{life:?}"));
                 }
-                let took = send.answered.saturating_duration_since(ended);
+                let report = reported(&life.sid);
+                if let Some(r) = report {
+                    slowest_report = slowest_report.max(r.saturating_duration_since(ended));
+                }
+                let known = report.map_or(ended, |r| r.max(ended));
+                let took = send.answered.saturating_duration_since(known);
                 worst = worst.max(took);
                 if took > bound {
-                    late.push(format!("{life:?}: {took:?}"));
+                    late.push(format!("{life:?}: {took:?} after LiveKit's report ({report:?})"));
                 }
             }
             (Some(ended), None) => {
-                if next.is_some_and(|n| n < ended + bound) {
+                let known = reported(&life.sid).map_or(ended, |r| r.max(ended));
+                if next.is_some_and(|n| n < known + bound) {
                     superseded += 1; // its successor came first: never to be sent
                 } else {
                     by_timer.push(format!("{life:?}"));
@@ -247,9 +278,9 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     let lost = webhooks.deliveries().iter().filter(|d| d.status.is_none()).count();
     println!(
         "real chaos: {} lives ({ended} ended, {killed} by kill -9, {superseded} superseded before their leave), \
-         {kills} bridge kills, {lost} webhooks lost of {}; premature {}, superseded sent {}, late {}, \
+         {kills} bridge kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first), superseded sent {}, late {}, \
          left to the homeserver's timer {}, gone while connected {} (and {handed_too_late} handed over too late); \
-         worst leave after its end {worst:?}",
+         LiveKit's slowest report of a departure {slowest_report:?}, worst leave after it {worst:?}",
         lives.len(),
         webhooks.deliveries().len(),
         premature.len(),
