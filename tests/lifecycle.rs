@@ -100,14 +100,7 @@ impl World {
     }
 
     async fn still_member_after(&self, wait: Duration) -> bool {
-        let until = Instant::now() + wait;
-        while Instant::now() < until {
-            if !self.synapse.is_member(&self.alice, &self.room).await {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        true
+        self.synapse.still_member_after(&self.alice, &self.room, wait).await
     }
 }
 

@@ -86,14 +86,7 @@ impl World {
     }
 
     async fn still_member_after(&self, user: &MatrixUser, wait: Duration) -> bool {
-        let until = Instant::now() + wait;
-        while Instant::now() < until {
-            if !self.synapse.is_member(user, &self.room).await {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        true
+        self.synapse.still_member_after(user, &self.room, wait).await
     }
 }
 

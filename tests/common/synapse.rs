@@ -247,6 +247,19 @@ rc_room_creation: {{per_second: 1000, burst_count: 1000}}
         self.membership(user, room, &user.state_key()).await == Some(true)
     }
 
+    /// Whether `user`'s call membership in `room` stays present for all of `wait` (checked every
+    /// 200 ms).
+    pub async fn still_member_after(&self, user: &MatrixUser, room: &str, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if !self.is_member(user, room).await {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        true
+    }
+
     /// Whether the call membership under `key` is present; `None` if Synapse did not say (an
     /// error, an overloaded server).
     pub async fn membership(&self, user: &MatrixUser, room: &str, key: &str) -> Option<bool> {
