@@ -150,6 +150,19 @@ impl Limits {
             checks: InFlight::new(fairness.homeserver_checks, CHECK_WAIT),
         }
     }
+
+    /// Counts an authenticated request of `user` (of homeserver `server`) at `now`: its user's
+    /// budget first, then its homeserver's.
+    pub fn take(&self, user: &str, server: &str, now: Instant) -> Result<(), Limited> {
+        self.per_user.take(user, now).map_err(|retry_after| Limited { limit: "user_rate", retry_after })?;
+        self.per_homeserver.take(server, now).map_err(|retry_after| Limited { limit: "homeserver_rate", retry_after })
+    }
+
+    /// A slot for an OpenID check or a discovery request towards `server`, waited for.
+    pub async fn check_slot(&self, server: &str) -> Result<Slot, Limited> {
+        let slot = self.checks.acquire(server).await;
+        slot.ok_or(Limited { limit: "homeserver_busy", retry_after: Duration::from_secs(1) })
+    }
 }
 
 /// Which limit a request hit, and how long its client should wait.
@@ -173,21 +186,6 @@ impl Limited {
         );
         e.retry_after_ms = Some(self.retry_after.as_millis().max(1) as u64);
         e
-    }
-}
-
-impl Limits {
-    /// Counts an authenticated request of `user` (of homeserver `server`) at `now`: its user's
-    /// budget first, then its homeserver's.
-    pub fn take(&self, user: &str, server: &str, now: Instant) -> Result<(), Limited> {
-        self.per_user.take(user, now).map_err(|retry_after| Limited { limit: "user_rate", retry_after })?;
-        self.per_homeserver.take(server, now).map_err(|retry_after| Limited { limit: "homeserver_rate", retry_after })
-    }
-
-    /// A slot for an OpenID check or a discovery request towards `server`, waited for.
-    pub async fn check_slot(&self, server: &str) -> Result<Slot, Limited> {
-        let slot = self.checks.acquire(server).await;
-        slot.ok_or(Limited { limit: "homeserver_busy", retry_after: Duration::from_secs(1) })
     }
 }
 

@@ -40,6 +40,8 @@ use crate::delegation::{DelayRef, Delegation, JobId};
 use crate::identity::Watch;
 use crate::lifecycle::{Action, Durable, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, Session, Timing, Trigger};
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::metrics::{ActionLabel, Metrics, OutcomeLabel, TriggerLabel};
 use crate::ports::{DelayedAction, Unobserved};
 use crate::scheduler::Scheduler;
@@ -277,11 +279,15 @@ pub struct Registry {
     /// Draws job ids (which also seed each job's jitter): the only randomness here, seeded, so
     /// that a test can replay a run exactly.
     ids: StdRng,
+    /// `calls_waiting{action}` for restarts and sends, looked up once (set on every flush).
+    waiting_gauges: [Gauge; 2],
 }
 
 impl Registry {
     pub fn new(timing: Timing, limits: Limits, metrics: Arc<Metrics>) -> Self {
         let (per_homeserver, restarts, sends) = (limits.per_homeserver, limits.restarts, limits.sends);
+        let waiting_gauges =
+            ["restart", "send"].map(|action| metrics.calls_waiting.get_or_create(&ActionLabel { action }).clone());
         Registry {
             timing: Arc::new(timing),
             limits,
@@ -311,6 +317,7 @@ impl Registry {
             effects: VecDeque::new(),
             owned: None,
             ids: StdRng::from_rng(&mut rand::rng()),
+            waiting_gauges,
         }
     }
 
@@ -417,9 +424,17 @@ impl Registry {
     /// record goes into the commit that also records its position. A crash before that commit
     /// replays the entry, with the same outcome.
     fn delegate_from_inbox(&mut self, d: Delegation, now: Millis) {
-        match self.repeated(&d) {
-            Ok(Some(_)) => return,
-            Ok(None) => {}
+        // `None`: a repeat, already tracked; else the member's job it replaces, if any.
+        let checked = self.repeated(&d).and_then(|repeat| match repeat {
+            Some(_) => Ok(None),
+            None => {
+                let replaces = self.tracked_member(&d);
+                self.check_user_limit(&d, replaces.is_some()).map(|()| Some(replaces))
+            }
+        });
+        let replaces = match checked {
+            Ok(Some(replaces)) => replaces,
+            Ok(None) => return,
             Err(refusal) => {
                 // Answered when it was queued: the client believes it delegated. Its delayed
                 // event is left to the homeserver's own timer, said loudly.
@@ -427,13 +442,8 @@ impl Registry {
                     "delegation from the inbox refused; its leave is left to the homeserver's timer");
                 return;
             }
-        }
-        let (shard, replaces) = (shard_of(&d.livekit_room()), self.tracked_member(&d));
-        if let Err(refusal) = self.check_user_limit(&d, replaces.is_some()) {
-            error!(room = %d.room_id, user = %d.user_id, delay_id = %DelayRef(&d.delay_id), error = %refusal,
-                "delegation from the inbox refused; its leave is left to the homeserver's timer");
-            return;
-        }
+        };
+        let shard = shard_of(&d.livekit_room());
         let id = self.new_id();
         let record = JobRecord { id, delegation: d.clone(), state: Durable::Waiting };
         self.pending.push((shard, StoreOp::Insert(Box::new(record))));
@@ -703,9 +713,9 @@ impl Registry {
             self.start_calls(now);
             self.start_listings(now);
         }
-        for (action, queue) in [("restart", &self.restarts), ("send", &self.sends)] {
-            self.metrics.calls_waiting.get_or_create(&ActionLabel { action }).set(queue.waiting() as i64);
-        }
+        let [restarts, sends] = &self.waiting_gauges;
+        restarts.set(self.restarts.waiting() as i64);
+        sends.set(self.sends.waiting() as i64);
         self.start_commit(now);
     }
 
