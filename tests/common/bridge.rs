@@ -130,10 +130,7 @@ impl Bridge {
 
     /// SIGKILL: no chance to clean up.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        super::kill9(&mut self.child);
     }
 
     /// Starts again on the same data directory and port.

@@ -129,10 +129,7 @@ impl LiveKitServer {
 
     /// SIGKILL: every participant's connection drops, and no webhook will ever say so.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        super::kill9(&mut self.child);
     }
 
     /// Starts again with the same configuration (an empty server: rooms live in memory).

@@ -13,6 +13,14 @@ pub mod webhook_proxy;
 
 use std::time::{Duration, Instant};
 
+/// SIGKILL of a harness child process, if running, reaped at once: no chance to clean up.
+pub fn kill9(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

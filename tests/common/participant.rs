@@ -108,10 +108,7 @@ impl Participant {
 
     /// SIGKILL: the client vanishes without a word.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        super::kill9(&mut self.child);
     }
 
     /// SIGSTOP (`true`) or SIGCONT (`false`): a frozen client, its sockets open.

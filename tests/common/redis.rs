@@ -42,10 +42,7 @@ impl Redis {
 
     /// SIGKILL, as a crash: only what the AOF holds survives.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        super::kill9(&mut self.child);
     }
 
     /// Starts again on the same port and data.
