@@ -17,14 +17,71 @@ use common::webhook_proxy::WebhookProxy;
 use rtc_leave_bridge::identity;
 use serde_json::{Value, json};
 
-const DELAY_MS: u64 = 3_000;
+/// Long enough for three instances' failover (lease × 1.25 + 2 s), short enough for quick tests.
+const DELAY_MS: u64 = 4_000;
+/// The shard lease of the three instances on Redis.
+const LEASE: Duration = Duration::from_secs(1);
+/// Every network-cut participant runs as a user id of its own (one per store, as the two
+/// variants of a scenario may run at once).
+const fn cut_uid(store: Store) -> u32 {
+    match store {
+        Store::Sqlite => 65_534,
+        Store::Redis => 65_533,
+    }
+}
+
+/// Where the bridge keeps its state: one instance on the embedded SQLite, or three instances on
+/// one Redis behind one webhook address (LiveKit's webhooks spread over them, each request to the
+/// next instance in turn). Every scenario runs on both.
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Sqlite,
+    Redis,
+}
+
+/// Runs each scenario once per store, as `sqlite::<name>` and `redis::<name>`.
+macro_rules! on_each_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Sqlite).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Redis).await
+                }
+            )*
+        }
+    };
+}
+
+on_each_store!(
+    a_connected_member_is_kept_and_a_hang_up_removes_it_at_once,
+    a_killed_client_is_removed_as_soon_as_livekit_reports_it_gone,
+    the_server_accepts_our_tokens_and_only_full_access_users_open_rooms,
+    a_frozen_client_is_kept_until_livekit_gives_up_on_it,
+    a_duplicate_identity_keeps_the_member,
+    reconciliation_removes_members_of_a_livekit_that_died,
+    room_finished_after_the_last_departure_sends_nothing_twice,
+    a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone,
+    reconciliation_finds_departures_whose_webhooks_were_lost,
+);
 
 struct World {
     synapse: Synapse,
     hs: HsProxy,
     livekit: LiveKitServer,
     webhooks: WebhookProxy,
-    bridge: Bridge,
+    bridges: Vec<Bridge>,
+    _redis: Option<common::redis::Redis>,
+    /// The instance the next request goes to.
+    next: std::sync::atomic::AtomicUsize,
     alice: MatrixUser,
     room: String,
     lk_room: String,
@@ -32,27 +89,78 @@ struct World {
 }
 
 impl World {
-    async fn with(env: &[(&str, &str)]) -> World {
+    async fn with(store: Store, env: &[(&str, &str)]) -> World {
         let synapse = Synapse::start(SynapseOptions::default()).await;
         let hs = HsProxy::start(&synapse.url).await;
-        let port = common::free_port();
-        let webhooks = WebhookProxy::start(&format!("http://127.0.0.1:{port}")).await;
+        let redis = match store {
+            Store::Sqlite => None,
+            Store::Redis => Some(common::redis::Redis::start().await),
+        };
+        let instances = if redis.is_some() { 3 } else { 1 };
+        let ports: Vec<u16> = (0..instances).map(|_| common::free_port()).collect();
+        let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        let webhooks = WebhookProxy::start_many(&urls).await;
         let livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
-        let mut bridge_env = Bridge::env_for_url(&hs.url, &livekit.url);
-        for (k, v) in env {
-            bridge_env.insert((*k).into(), (*v).into());
+        let mut bridges = Vec::new();
+        for (i, port) in ports.into_iter().enumerate() {
+            let mut bridge_env = match &redis {
+                None => Bridge::env_for_url(&hs.url, &livekit.url),
+                Some(r) => Bridge::env_for_cluster_url(&hs.url, &livekit.url, &r.url(), LEASE, &format!("rl{i}")),
+            };
+            for (k, v) in env {
+                bridge_env.insert((*k).into(), (*v).into());
+            }
+            bridges.push(Bridge::start_on(port, bridge_env).await);
         }
-        let bridge = Bridge::start_on(port, bridge_env).await;
         let alice = synapse.register("alice").await;
         let room = synapse.create_room(&alice).await;
         let lk_room = identity::livekit_room(&room, SLOT);
-        World { synapse, hs, livekit, webhooks, bridge, alice, room, lk_room, http: reqwest::Client::new() }
+        World {
+            synapse,
+            hs,
+            livekit,
+            webhooks,
+            bridges,
+            _redis: redis,
+            next: Default::default(),
+            alice,
+            room,
+            lk_room,
+            http: reqwest::Client::new(),
+        }
     }
 
+    /// Posts to the next instance.
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self.http.post(format!("{}{path}", self.bridge.url)).json(body).send().await.unwrap();
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.bridges.len();
+        let resp = self.http.post(format!("{}{path}", self.bridges[i].url)).json(body).send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Every instance's log.
+    fn logs(&self) -> String {
+        self.bridges.iter().map(Bridge::logs).collect::<Vec<_>>().join("\n---- next instance ----\n")
+    }
+
+    /// Jobs tracked, over all instances.
+    async fn jobs_tracked(&self) -> f64 {
+        let mut n = 0.0;
+        for b in &self.bridges {
+            n += b.jobs_tracked().await;
+        }
+        n
+    }
+
+    /// Every instance killed -9: the service is down.
+    fn kill_bridges(&mut self) {
+        self.bridges.iter_mut().for_each(Bridge::kill9);
+    }
+
+    async fn restart_bridges(&mut self) {
+        for b in &mut self.bridges {
+            b.restart().await;
+        }
     }
 
     /// `user` joins the call as Element Call does in its compatibility mode: a token first
@@ -60,27 +168,28 @@ impl World {
     /// delayed leave handed over; connects with that token. Returns the delay id and the
     /// participant.
     async fn joins_call(&self, user: &MatrixUser) -> (String, Participant) {
-        self.joins_call_with(user, DELAY_MS).await
+        self.joins_call_with(user, DELAY_MS, None).await
     }
 
-    /// As [`World::joins_call`], with a delayed leave of `delay_ms`.
-    async fn joins_call_with(&self, user: &MatrixUser, delay_ms: u64) -> (String, Participant) {
+    /// As [`World::joins_call`], with a delayed leave of `delay_ms`, the participant's process
+    /// run as user id `uid` if given (see [`NetworkCut`]).
+    async fn joins_call_with(&self, user: &MatrixUser, delay_ms: u64, uid: Option<u32>) -> (String, Participant) {
         let mut body = json!({
             "room": self.room,
             "openid_token": self.synapse.openid_token(user).await,
             "device_id": user.device_id,
         });
         let (status, answer) = self.post("/sfu/get", &body).await;
-        assert_eq!(status, 200, "{answer}\n{}", self.bridge.logs());
+        assert_eq!(status, 200, "{answer}\n{}", self.logs());
         let delay_id = self.synapse.join_call(user, &self.room, delay_ms).await;
         body["openid_token"] = self.synapse.openid_token(user).await;
         body["delay_id"] = json!(delay_id);
         body["delay_timeout"] = json!(delay_ms);
         body["delay_cs_api_url"] = json!("https://matrix.example.org");
         let (status, answer) = self.post("/sfu/get", &body).await;
-        assert_eq!(status, 200, "{answer}\n{}", self.bridge.logs());
+        assert_eq!(status, 200, "{answer}\n{}", self.logs());
         assert_eq!(answer["url"], json!(self.livekit.url));
-        let p = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
+        let p = Participant::join_as(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap(), uid).await;
         assert_eq!(p.identity, format!("{}:{}", user.user_id, user.device_id));
         (delay_id, p)
     }
@@ -92,26 +201,25 @@ impl World {
 
 /// A member who joined through the bridge's token is kept in room state past twice its delay by
 /// the bridge's restarts; its clean hang-up removes it within a second, by the bridge's own send.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connected_member_is_kept_and_a_hang_up_removes_it_at_once() {
-    let w = World::with(&[]).await;
+async fn a_connected_member_is_kept_and_a_hang_up_removes_it_at_once(store: Store) {
+    let w = World::with(store, &[]).await;
     let (delay_id, mut p) = w.joins_call(&w.alice).await;
     let joined = w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await;
     assert!(joined.is_some(), "LiveKit sent no participant_joined: {:?}", w.webhooks.deliveries());
-    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS + 1_000)).await, "{}", w.bridge.logs());
+    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS + 1_000)).await, "{}", w.logs());
     assert!(w.hs.calls_of(&delay_id, "restart").len() >= 2, "kept alive by the bridge's restarts");
 
     let hung_up = Instant::now();
     p.hang_up().await;
     let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await;
     let send =
-        send.unwrap_or_else(|| panic!("no leave sent; webhooks: {:?}\n{}", w.webhooks.deliveries(), w.bridge.logs()));
+        send.unwrap_or_else(|| panic!("no leave sent; webhooks: {:?}\n{}", w.webhooks.deliveries(), w.logs()));
     assert!(!w.synapse.is_member(&w.alice, &w.room).await);
     let left = w.webhooks.first("participant_left", Some(&p.identity)).expect("LiveKit reported the departure");
     let livekit_took = left.received.saturating_duration_since(hung_up);
     let bridge_took = send.answered.saturating_duration_since(left.received);
     println!(
-        "real LiveKit, clean hang-up: participant_left after {livekit_took:?} (reason {:?}); the leave accepted {bridge_took:?} later",
+        "real LiveKit ({store:?}), clean hang-up: participant_left after {livekit_took:?} (reason {:?}); the leave accepted {bridge_took:?} later",
         left.reason
     );
     assert!(send.answered.saturating_duration_since(hung_up) < Duration::from_secs(1), "{:?}", send.answered - hung_up);
@@ -119,9 +227,8 @@ async fn a_connected_member_is_kept_and_a_hang_up_removes_it_at_once() {
 
 /// A client killed with SIGKILL says nothing: LiveKit notices on its own, and the leave goes out
 /// as soon as it says so. The time LiveKit takes, the event and the reason are reported.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_client_is_removed_as_soon_as_livekit_reports_it_gone() {
-    let w = World::with(&[("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "1h")]).await;
+async fn a_killed_client_is_removed_as_soon_as_livekit_reports_it_gone(store: Store) {
+    let w = World::with(store, &[("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "1h")]).await;
     let (delay_id, mut p) = w.joins_call(&w.alice).await;
     assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
     let killed = Instant::now();
@@ -132,7 +239,7 @@ async fn a_killed_client_is_removed_as_soon_as_livekit_reports_it_gone() {
     assert!(!w.synapse.is_member(&w.alice, &w.room).await);
     let ours = send.answered.saturating_duration_since(left.received);
     println!(
-        "real LiveKit, kill -9: {} after {:?} (reason {:?}); the leave accepted {ours:?} after it",
+        "real LiveKit ({store:?}), kill -9: {} after {:?} (reason {:?}); the leave accepted {ours:?} after it",
         left.event,
         left.received.saturating_duration_since(killed),
         left.reason
@@ -145,10 +252,9 @@ async fn a_killed_client_is_removed_as_soon_as_livekit_reports_it_gone() {
 /// The tokens the bridge mints are accepted by the server itself; a full-access user's room is
 /// opened by the bridge with its timeouts (read back through RoomService), and with
 /// `room.auto_create: false` a restricted user's token opens nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_accepts_our_tokens_and_only_full_access_users_open_rooms() {
+async fn the_server_accepts_our_tokens_and_only_full_access_users_open_rooms(store: Store) {
     // Matrix 2.0 (`/get_token`): the 3-part hashed identity.
-    let w = World::with(&[]).await;
+    let w = World::with(store, &[]).await;
     let member_id = format!("{}:{}", w.alice.user_id, w.alice.device_id);
     let body = json!({
         "room_id": w.room, "slot_id": SLOT,
@@ -175,7 +281,7 @@ async fn the_server_accepts_our_tokens_and_only_full_access_users_open_rooms() {
     drop(p);
 
     // A user of a homeserver without full access: a token, but no room is opened for it.
-    let restricted = World::with(&[("LIVEKIT_FULL_ACCESS_HOMESERVERS", "elsewhere.test")]).await;
+    let restricted = World::with(store, &[("LIVEKIT_FULL_ACCESS_HOMESERVERS", "elsewhere.test")]).await;
     let body = json!({
         "room": restricted.room,
         "openid_token": restricted.synapse.openid_token(&restricted.alice).await,
@@ -228,9 +334,8 @@ async fn list_room(http_url: &str, name: &str) -> Option<livekit_protocol::Room>
 
 /// A client frozen (SIGSTOP) for less than LiveKit's timeout, then resumed, is never removed; frozen
 /// for longer, it is removed as soon as LiveKit gives up on it (measured).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_client_is_kept_until_livekit_gives_up_on_it() {
-    let w = World::with(&[]).await;
+async fn a_frozen_client_is_kept_until_livekit_gives_up_on_it(store: Store) {
+    let w = World::with(store, &[]).await;
     let (delay_id, p) = w.joins_call(&w.alice).await;
     assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
     p.freeze(true);
@@ -247,7 +352,7 @@ async fn a_frozen_client_is_kept_until_livekit_gives_up_on_it() {
     let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
     assert!(send.received >= left.received, "sent before LiveKit reported the member gone");
     println!(
-        "real LiveKit, SIGSTOP: {} after {:?} (reason {:?}); the leave accepted {:?} after it",
+        "real LiveKit ({store:?}), SIGSTOP: {} after {:?} (reason {:?}); the leave accepted {:?} after it",
         left.event,
         left.received.saturating_duration_since(frozen),
         left.reason,
@@ -258,9 +363,8 @@ async fn a_frozen_client_is_kept_until_livekit_gives_up_on_it() {
 /// The same identity joining from a second process (a second tab, a reconnecting client) makes
 /// LiveKit drop the first session as a duplicate: the member is kept; its last hang-up removes it,
 /// sending once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_duplicate_identity_keeps_the_member() {
-    let w = World::with(&[]).await;
+async fn a_duplicate_identity_keeps_the_member(store: Store) {
+    let w = World::with(store, &[]).await;
     let (delay_id, first) = w.joins_call(&w.alice).await;
     assert!(w.webhooks.wait_for("participant_joined", Some(&first.identity), Duration::from_secs(10)).await.is_some());
     let body =
@@ -271,8 +375,8 @@ async fn a_duplicate_identity_keeps_the_member() {
     assert_eq!(second.identity, first.identity);
     let kicked = w.webhooks.wait_for("participant_left", Some(&first.identity), Duration::from_secs(10)).await;
     let kicked = kicked.unwrap_or_else(|| panic!("no departure of the first session: {:?}", w.webhooks.deliveries()));
-    println!("real LiveKit, duplicate identity: the first session left with reason {:?}", kicked.reason);
-    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS + 2_000)).await, "{}", w.bridge.logs());
+    println!("real LiveKit ({store:?}), duplicate identity: the first session left with reason {:?}", kicked.reason);
+    assert!(w.still_member_after(&w.alice, Duration::from_millis(2 * DELAY_MS + 2_000)).await, "{}", w.logs());
     assert!(w.hs.accepted_send(&delay_id).is_none());
     drop(first);
     let hung_up = Instant::now();
@@ -287,9 +391,8 @@ async fn a_duplicate_identity_keeps_the_member() {
 /// member is gone (the new server has no such room, and the client cannot rejoin it), so the
 /// bridge's reconciliation through the real RoomService removes it — only once its session is
 /// absent from every listing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconciliation_removes_members_of_a_livekit_that_died() {
-    let mut w = World::with(&[]).await;
+async fn reconciliation_removes_members_of_a_livekit_that_died(store: Store) {
+    let mut w = World::with(store, &[]).await;
     let (delay_id, _p) = w.joins_call(&w.alice).await;
     assert!(w.webhooks.wait_for("participant_joined", Some(&_p.identity), Duration::from_secs(10)).await.is_some());
     let killed = Instant::now();
@@ -298,20 +401,19 @@ async fn reconciliation_removes_members_of_a_livekit_that_died() {
     assert!(w.still_member_after(&w.alice, Duration::from_secs(4)).await, "removed on a guess while LiveKit was down");
     w.livekit.restart().await;
     let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(30)).await;
-    let send = send.unwrap_or_else(|| panic!("not removed after LiveKit came back\n{}", w.bridge.logs()));
+    let send = send.unwrap_or_else(|| panic!("not removed after LiveKit came back\n{}", w.logs()));
     assert!(!w.synapse.is_member(&w.alice, &w.room).await);
     assert_eq!(w.webhooks.first("participant_left", None).map(|d| d.event), None, "no webhook came");
     println!(
-        "real LiveKit killed -9 and restarted: the member removed by reconciliation {:?} after the kill",
+        "real LiveKit ({store:?}) killed -9 and restarted: the member removed by reconciliation {:?} after the kill",
         send.answered.saturating_duration_since(killed)
     );
 }
 
 /// The last member gone, LiveKit closes the room after its departure timeout (`room_finished`):
 /// the leave was sent once, at the departure, and not again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn room_finished_after_the_last_departure_sends_nothing_twice() {
-    let w = World::with(&[("RTC_LEAVE_BRIDGE_ROOM_DEPARTURE_TIMEOUT", "1s")]).await;
+async fn room_finished_after_the_last_departure_sends_nothing_twice(store: Store) {
+    let w = World::with(store, &[("RTC_LEAVE_BRIDGE_ROOM_DEPARTURE_TIMEOUT", "1s")]).await;
     let (delay_id, mut p) = w.joins_call(&w.alice).await;
     assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
     p.hang_up().await;
@@ -320,29 +422,18 @@ async fn room_finished_after_the_last_departure_sends_nothing_twice() {
     assert!(finished.is_some(), "no room_finished: {:?}", w.webhooks.deliveries());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(w.hs.calls_of(&delay_id, "send").len(), 1, "sent once");
-    assert_eq!(w.bridge.jobs_tracked().await, 0.0);
+    assert_eq!(w.jobs_tracked().await, 0.0);
 }
 
 /// A client whose network goes away for a few seconds and comes back (it reconnects, or LiveKit
 /// never noticed) is never removed; one whose network stays away (every packet it sends dropped,
 /// whatever port it tries) is removed as soon as LiveKit reports it gone (measured), not before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone() {
-    const NOBODY: u32 = 65_534;
-    let w = World::with(&[]).await;
-    let body =
-        json!({"room": w.room, "openid_token": w.synapse.openid_token(&w.alice).await, "device_id": w.alice.device_id});
-    let (status, _) = w.post("/sfu/get", &body).await;
-    assert_eq!(status, 200);
-    let delay_id = w.synapse.join_call(&w.alice, &w.room, DELAY_MS).await;
-    let mut body = body;
-    body["delay_id"] = json!(delay_id);
-    body["delay_timeout"] = json!(DELAY_MS);
-    let (status, answer) = w.post("/sfu/get", &body).await;
-    assert_eq!(status, 200, "{answer}");
-    let p = Participant::join_as(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap(), Some(NOBODY)).await;
+async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone(store: Store) {
+    let uid = cut_uid(store);
+    let w = World::with(store, &[]).await;
+    let (delay_id, p) = w.joins_call_with(&w.alice, DELAY_MS, Some(uid)).await;
     assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
-    let brief = NetworkCut::start(NOBODY);
+    let brief = NetworkCut::start(uid);
     assert!(w.still_member_after(&w.alice, Duration::from_secs(5)).await, "removed during a 5 s network cut");
     drop(brief);
     assert!(
@@ -351,17 +442,17 @@ async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone
     );
     assert!(w.hs.accepted_send(&delay_id).is_none(), "a leave was sent for a member still connected");
     let events: Vec<String> = w.webhooks.deliveries().into_iter().map(|d| d.event).collect();
-    println!("real LiveKit, 5 s network cut then back: webhooks {events:?}");
+    println!("real LiveKit ({store:?}), 5 s network cut then back: webhooks {events:?}");
 
     let cut_at = Instant::now();
-    let cut = NetworkCut::start(NOBODY);
+    let cut = NetworkCut::start(uid);
     let left = w.webhooks.wait_for("participant_left", Some(&p.identity), Duration::from_secs(60)).await;
     let left = left.unwrap_or_else(|| panic!("LiveKit reported nothing in 60 s: {:?}", w.webhooks.deliveries()));
     let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
     assert!(send.received >= left.received, "sent before LiveKit reported the member gone");
     drop(cut);
     println!(
-        "real LiveKit, network cut: {} after {:?} (reason {:?}); the leave accepted {:?} after it",
+        "real LiveKit ({store:?}), network cut: {} after {:?} (reason {:?}); the leave accepted {:?} after it",
         left.event,
         left.received.saturating_duration_since(cut_at),
         left.reason,
@@ -369,100 +460,73 @@ async fn a_client_that_loses_its_network_is_removed_when_livekit_reports_it_gone
     );
 }
 
-/// Three instances on Redis behind one webhook address: a member connected through a real LiveKit
-/// is kept while instances are killed -9 and restarted around it, and its hang-up removes it.
+/// Three instances on Redis: a member connected through a real LiveKit is kept while each
+/// instance in turn is killed -9 and restarted a delay later, and its hang-up removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_redis_keep_a_member_through_kills_and_remove_it_on_hang_up() {
-    const LEASE: Duration = Duration::from_secs(1);
-    const DELAY: u64 = 4_000;
-    let synapse = Synapse::start(SynapseOptions::default()).await;
-    let hs = HsProxy::start(&synapse.url).await;
-    let redis = common::redis::Redis::start().await;
-    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
-    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-    let webhooks = WebhookProxy::start_many(&urls).await;
-    let livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
-    let mut bridges = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let env = Bridge::env_for_cluster_url(&hs.url, &livekit.url, &redis.url(), LEASE, &format!("rl{i}"));
-        bridges.push(Bridge::start_on(*port, env).await);
-    }
-    let alice = synapse.register("alice").await;
-    let room = synapse.create_room(&alice).await;
-    let delay_id = synapse.join_call(&alice, &room, DELAY).await;
-    let body = json!({
-        "room": room, "openid_token": synapse.openid_token(&alice).await, "device_id": alice.device_id,
-        "delay_id": delay_id, "delay_timeout": DELAY,
-    });
-    let resp = reqwest::Client::new().post(format!("{}/sfu/get", urls[1])).json(&body).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let answer: Value = resp.json().await.unwrap();
-    let mut p = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
-    assert!(webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
-    // Each instance in turn killed -9 and restarted, a delay apart: the member stays.
-    for b in bridges.iter_mut() {
-        b.kill9();
-        let until = Instant::now() + Duration::from_millis(DELAY);
+    let mut w = World::with(Store::Redis, &[]).await;
+    let (delay_id, mut p) = w.joins_call(&w.alice).await;
+    assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
+    for i in 0..w.bridges.len() {
+        w.bridges[i].kill9();
+        let until = Instant::now() + Duration::from_millis(DELAY_MS);
         while Instant::now() < until {
-            assert!(synapse.is_member(&alice, &room).await, "removed while connected\n{}", b.logs());
+            assert!(w.synapse.is_member(&w.alice, &w.room).await, "removed while connected\n{}", w.logs());
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        b.restart().await;
+        w.bridges[i].restart().await;
     }
-    assert!(hs.accepted_send(&delay_id).is_none());
+    assert!(w.hs.accepted_send(&delay_id).is_none());
     let hung_up = Instant::now();
     p.hang_up().await;
-    let send = hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
-    assert!(!synapse.is_member(&alice, &room).await);
-    println!(
-        "real LiveKit, three instances on Redis: hang-up → leave accepted after {:?}",
-        send.answered.saturating_duration_since(hung_up)
-    );
-    assert!(send.answered.saturating_duration_since(hung_up) < Duration::from_secs(2));
+    let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await.expect("the bridge sent the leave");
+    assert!(!w.synapse.is_member(&w.alice, &w.room).await);
+    let took = send.answered.saturating_duration_since(hung_up);
+    println!("real LiveKit, three instances on Redis, each killed in turn: hang-up → leave accepted after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
 }
 
 /// Webhooks lost: a member's departure whose webhooks never reach the bridge (all dropped) is
 /// found by periodic reconciliation through the real RoomService; one who leaves while the bridge
 /// is down is removed once it is back (by LiveKit's retry of the webhook if one still comes, else
 /// by the reconciliation at start), well before its own timer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconciliation_finds_departures_whose_webhooks_were_lost() {
-    let mut w = World::with(&[]).await;
+async fn reconciliation_finds_departures_whose_webhooks_were_lost(store: Store) {
+    let mut w = World::with(store, &[]).await;
     let bob = w.synapse.register("bob").await;
     w.synapse.join_room(&bob, &w.room).await;
     let (alice_delay, mut alice) = w.joins_call(&w.alice).await;
     // Bob's delay outlasts the bridge's downtime below: only the bridge can remove him early.
-    let (bob_delay, mut bob_p) = w.joins_call_with(&bob, 20_000).await;
+    let (bob_delay, mut bob_p) = w.joins_call_with(&bob, 20_000, None).await;
     for p in [&alice, &bob_p] {
         assert!(w.webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.is_some());
     }
     // Every webhook lost from now on; Alice hangs up.
-    w.webhooks.drop_every(1);
+    w.webhooks.lose_every(1);
     let hung_up = Instant::now();
     alice.hang_up().await;
     let send = w.hs.wait_accepted_send(&alice_delay, Duration::from_secs(30)).await;
-    let send = send.unwrap_or_else(|| panic!("not found by reconciliation\n{}", w.bridge.logs()));
+    let send = send.unwrap_or_else(|| panic!("not found by reconciliation\n{}", w.logs()));
     println!(
-        "real LiveKit, departure webhooks lost: found by reconciliation, leave accepted after {:?}",
+        "real LiveKit ({store:?}), departure webhooks lost: found by reconciliation, leave accepted after {:?}",
         send.answered.saturating_duration_since(hung_up)
     );
     assert!(w.synapse.is_member(&bob, &w.room).await, "Bob, still connected, was removed");
-    w.webhooks.drop_every(0);
+    w.webhooks.lose_every(0);
 
     // The bridge down while Bob hangs up: LiveKit's webhook has nowhere to go.
-    w.bridge.kill9();
+    w.kill_bridges();
     bob_p.hang_up().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(w.hs.accepted_send(&bob_delay).is_none());
     let restarted = Instant::now();
-    w.bridge.restart().await;
+    w.restart_bridges().await;
     let send = w.hs.wait_accepted_send(&bob_delay, Duration::from_secs(15)).await;
-    let send = send.unwrap_or_else(|| panic!("not found at start\n{}", w.bridge.logs()));
+    let send = send.unwrap_or_else(|| panic!("not found at start\n{}", w.logs()));
     let retried = w.webhooks.deliveries().into_iter().any(|d| {
         d.event == "participant_left" && d.identity.as_deref() == Some(&bob_p.identity) && d.status == Some(200)
     });
     println!(
-        "real LiveKit, departure while the bridge was down: leave accepted {:?} after its start ({})",
+        "real LiveKit ({store:?}), departure while the bridge was down: leave accepted {:?} after its start ({})",
         send.answered.saturating_duration_since(restarted),
         if retried { "LiveKit's retry of the webhook reached it" } else { "found by reconciliation" }
     );

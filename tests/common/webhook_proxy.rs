@@ -1,7 +1,8 @@
 //! Between a real LiveKit server and the bridge: forwards every webhook as it came (headers and
 //! body untouched, so the signature still holds) and records what it was and when it arrived, so
-//! that a test can tell LiveKit's detection time from the bridge's own. It can drop a share of
-//! the webhooks (LiveKit then retries, and gives up after a few tries). With several bridge
+//! that a test can tell LiveKit's detection time from the bridge's own. It can lose a share of
+//! the webhooks: answered 200 and never forwarded, so LiveKit takes them as delivered and never
+//! retries (the worst loss: only reconciliation can find what they said). With several bridge
 //! instances it spreads the webhooks over them in turn, trying the next when one cannot be
 //! reached (as the compose stack's proxy does).
 
@@ -21,7 +22,7 @@ pub struct Delivery {
     pub reason: Option<String>,
     pub body: Value,
     pub received: Instant,
-    /// The bridge's answer (`None`: dropped here).
+    /// The bridge's answer (`None`: lost here).
     pub status: Option<u16>,
 }
 
@@ -30,8 +31,8 @@ struct Inner {
     targets: Vec<String>,
     next: std::sync::atomic::AtomicUsize,
     deliveries: Mutex<Vec<Delivery>>,
-    /// Every n-th webhook is dropped (0: none).
-    drop_every: Mutex<usize>,
+    /// Every n-th webhook is lost (0: none).
+    lose_every: Mutex<usize>,
     http: reqwest::Client,
 }
 
@@ -59,9 +60,9 @@ impl WebhookProxy {
         WebhookProxy { inner, url }
     }
 
-    /// Drops every `n`-th webhook from now on (0: none).
-    pub fn drop_every(&self, n: usize) {
-        *self.inner.drop_every.lock().unwrap() = n;
+    /// Loses every `n`-th webhook from now on (0: none).
+    pub fn lose_every(&self, n: usize) {
+        *self.inner.lose_every.lock().unwrap() = n;
     }
 
     pub fn deliveries(&self) -> Vec<Delivery> {
@@ -102,13 +103,13 @@ async fn forward(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
         received,
         status: None,
     };
-    let dropped = {
-        let n = *inner.drop_every.lock().unwrap();
+    let lost = {
+        let n = *inner.lose_every.lock().unwrap();
         n > 0 && (inner.deliveries.lock().unwrap().len() + 1) % n == 0
     };
-    if dropped {
+    if lost {
         inner.deliveries.lock().unwrap().push(delivery);
-        return StatusCode::SERVICE_UNAVAILABLE;
+        return StatusCode::OK;
     }
     let first = inner.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut status = 502;
