@@ -1,6 +1,7 @@
-//! Keeps the LiveKit emulator honest: the same scripted sequence — a join, a listing, the same
-//! identity joining from a second client (duplicate identity), a hang-up, the room's end, a
-//! listing of a room that no longer exists — is run against a real LiveKit server with real
+//! Keeps the LiveKit emulator honest: the same scripted sequence — two joins, a listing, one
+//! client killed -9 (still listed until LiveKit times it out), the same identity joining from a
+//! second client (duplicate identity), a listing, the killed client's timeout, a listing, a
+//! hang-up, the room's end, a listing of a room that no longer exists — is run against a real LiveKit server with real
 //! participants and against the emulator, and every field the bridge reads is compared: the
 //! webhooks' event names, order and disconnect reasons, the form of every field the bridge
 //! parses (ids, identities, states, timestamps), what the bridge itself makes of each webhook,
@@ -96,6 +97,7 @@ async fn the_emulator_speaks_as_the_real_server_does() {
     let real_rooms = rooms(&server.http_url);
     let room = "differential-room";
     let identity = "@alice:hs1.test:ALICEDEV";
+    let killed_identity = "@bob:hs1.test:BOBDEV";
     real_rooms
         .create_room(
             room,
@@ -106,16 +108,21 @@ async fn the_emulator_speaks_as_the_real_server_does() {
         )
         .await
         .unwrap();
-    let token =
-        rtc_leave_bridge::livekit::token::join_token(API_KEY, API_SECRET, identity, room, Duration::from_secs(600))
-            .unwrap();
+    let token_for = |who: &str| {
+        rtc_leave_bridge::livekit::token::join_token(API_KEY, API_SECRET, who, room, Duration::from_secs(600)).unwrap()
+    };
     let mut listings_real = Vec::new();
-    let first = Participant::join(&server.url, &token).await;
+    let first = Participant::join(&server.url, &token_for(identity)).await;
     webhooks.wait_for("participant_joined", Some(identity), Duration::from_secs(10)).await.unwrap();
+    let mut killed = Participant::join(&server.url, &token_for(killed_identity)).await;
+    webhooks.wait_for("participant_joined", Some(killed_identity), Duration::from_secs(10)).await.unwrap();
     listings_real.push(real_rooms.list_participants(room).await.unwrap());
-    let mut second = Participant::join(&server.url, &token).await;
+    killed.kill9();
+    let mut second = Participant::join(&server.url, &token_for(identity)).await;
     webhooks.wait_for("participant_left", Some(identity), Duration::from_secs(10)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    listings_real.push(real_rooms.list_participants(room).await.unwrap());
+    webhooks.wait_for("participant_left", Some(killed_identity), Duration::from_secs(60)).await.unwrap();
     listings_real.push(real_rooms.list_participants(room).await.unwrap());
     drop(first);
     second.hang_up().await;
@@ -135,12 +142,19 @@ async fn the_emulator_speaks_as_the_real_server_does() {
     let mut listings_emu = Vec::new();
     let a = emulator.connect(room, identity);
     emu.push(emulator.participant_event("participant_joined", room, &a, None));
+    let k = emulator.connect(room, killed_identity);
+    emu.push(emulator.participant_event("participant_joined", room, &k, None));
     listings_emu.push(emu_rooms.list_participants(room).await.unwrap());
-    // The same identity from a second client: the first session is dropped, then the new one joins.
+    // Killed -9: nothing changes until LiveKit's timeout. The same identity from a second client:
+    // the first session is dropped, then the new one joins.
     emulator.disconnect(room, &a.sid);
     emu.push(emulator.participant_event("participant_left", room, &a, Some("DUPLICATE_IDENTITY")));
     let b = emulator.connect(room, identity);
     emu.push(emulator.participant_event("participant_joined", room, &b, None));
+    listings_emu.push(emu_rooms.list_participants(room).await.unwrap());
+    // LiveKit's timeout of the killed client.
+    emulator.disconnect(room, &k.sid);
+    emu.push(emulator.participant_event("participant_left", room, &k, Some("CONNECTION_TIMEOUT")));
     listings_emu.push(emu_rooms.list_participants(room).await.unwrap());
     emulator.disconnect(room, &b.sid);
     emu.push(emulator.participant_event("participant_left", room, &b, Some("CLIENT_INITIATED")));
@@ -168,13 +182,21 @@ async fn the_emulator_speaks_as_the_real_server_does() {
         let real_text = serde_json::to_string(r).unwrap();
         assert_eq!(reading(&real_text), reading(&serde_json::to_string(e).unwrap()), "what the bridge makes of it");
     }
+    // Listings compared as sets (LiveKit lists in no set order).
     let ids = |l: &Vec<Vec<rtc_leave_bridge::livekit::Participant>>| -> Vec<Vec<(String, bool)>> {
-        l.iter().map(|ps| ps.iter().map(|p| (p.identity.clone(), p.joined_at_ms > 0)).collect()).collect()
+        l.iter()
+            .map(|ps| {
+                let mut v: Vec<_> = ps.iter().map(|p| (p.identity.clone(), p.joined_at_ms > 0)).collect();
+                v.sort();
+                v
+            })
+            .collect()
     };
     assert_eq!(ids(&listings_real), ids(&listings_emu), "listings after each step");
     // Sessions of one identity are ordered by their join time, in both.
     for l in [&listings_real, &listings_emu] {
-        assert!(l[1][0].joined_at_ms >= l[0][0].joined_at_ms, "{l:?}");
-        assert_ne!(l[1][0].sid, l[0][0].sid);
+        let alice = |i: usize| l[i].iter().find(|p| p.identity == identity).unwrap().clone();
+        assert!(alice(1).joined_at_ms >= alice(0).joined_at_ms, "{l:?}");
+        assert_ne!(alice(1).sid, alice(0).sid);
     }
 }
