@@ -1,17 +1,20 @@
 //! Chaos with the real thing: three bridge instances on Redis, a real LiveKit server, a real
 //! Synapse, and 20 real participant processes (LiveKit's client library) living call after call —
-//! joining as Element Call does, then hanging up or being killed -9 — while bridge instances are
-//! killed -9 and restarted and a share of LiveKit's webhooks is lost. Judged from outside:
+//! joining as Element Call does, some frozen (SIGSTOP) for a few seconds mid-call, then hanging up
+//! or being killed -9 — while bridge instances are killed -9 and restarted, LiveKit itself is
+//! killed -9 and restarted, and a share of LiveKit's webhooks is lost. Judged from outside, by
+//! LiveKit's own account of each life's sessions: a session runs from its join until LiveKit
+//! reports it gone (webhooks as the proxy saw them, delivered or lost) or LiveKit dies; a client
+//! that reconnects after LiveKit's restart opens a new session of the same life.
 //!
-//! * premature: a leave sent while its member's client was still connected by LiveKit's account —
-//!   before the client hung up or died, and before LiveKit reported its session gone — never (a
-//!   client starved of CPU long enough for LiveKit to time it out is gone for the SFU, the source
-//!   of truth; such lives are counted apart);
+//! * premature: a leave sent while its life was still connected — before the client hung up or
+//!   died, inside one of its sessions — never (a session that LiveKit timed out, or that died
+//!   with LiveKit, is gone for the SFU, the source of truth: such sends are counted apart);
 //! * superseded sent: a life's leave sent after the same member's next call was delegated (its
 //!   old delay id must never be sent) — never;
-//! * late: a life's leave accepted more than 10 s after both its end and LiveKit's first report of
-//!   its session gone (as the webhook proxy saw it, delivered or lost), failover and
-//!   reconciliation of lost webhooks included;
+//! * late: a life's leave accepted more than 10 s after the bridge could know it was over: its
+//!   end, LiveKit's report of its last session gone, or, for a session that died with LiveKit,
+//!   LiveKit's restart (failover and reconciliation of lost webhooks included);
 //! * left to the homeserver's timer: a life that ended, was not superseded in time, and left room
 //!   state without the bridge's send — never;
 //! * still connected at the end: membership present.
@@ -33,7 +36,7 @@ use common::hs_proxy::HsProxy;
 use common::livekit_server::LiveKitServer;
 use common::participant::Participant;
 use common::synapse::{MatrixUser, Synapse, SynapseOptions};
-use common::webhook_proxy::WebhookProxy;
+use common::webhook_proxy::{Delivery, WebhookProxy};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
@@ -45,10 +48,17 @@ fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// The LiveKit session a webhook is about.
+fn sid_of(d: &Delivery) -> Option<&str> {
+    d.body.pointer("/participant/sid").and_then(Value::as_str)
+}
+
 /// One call of one member, from its token to its end.
 #[derive(Debug, Clone)]
 struct Life {
     user: String,
+    /// Its LiveKit identity (the same for every call of the member).
+    identity: String,
     /// Its membership's state key.
     key: String,
     delay_id: String,
@@ -56,11 +66,14 @@ struct Life {
     scheduled: Instant,
     /// When the bridge took its delegation (the token answered).
     delegated: Instant,
-    /// Its LiveKit session.
+    /// Its first LiveKit session (empty: the client never connected, LiveKit being down).
     sid: String,
-    /// When its client hung up or was killed; `None`: still connected at the end.
+    /// When its client hung up, was killed or gave up connecting; `None`: still running at the
+    /// end.
     ended: Option<Instant>,
     killed: bool,
+    /// Frozen (SIGSTOP) for a few seconds mid-call.
+    frozen: bool,
 }
 
 async fn live(
@@ -74,6 +87,7 @@ async fn live(
 ) -> Option<Participant> {
     let mut rng = StdRng::seed_from_u64(seed);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let identity = format!("{}:{}", user.user_id, user.device_id);
     let mut n = 0;
     while Instant::now() + Duration::from_secs(4) < until {
         n += 1;
@@ -84,45 +98,72 @@ async fn live(
             "room": room, "openid_token": synapse.openid_token(&user).await, "device_id": user.device_id,
             "delay_id": delay_id, "delay_timeout": DELAY_MS,
         });
-        // As a client: any instance, retried on 502/503/429 and refused connections.
+        // As a client: any instance, retried on 502/503/429, refused connections, and 500 (the
+        // room could not be opened: LiveKit down).
         let answer = loop {
             let url = &bridges[rng.random_range(0..bridges.len())];
             if let Ok(r) = http.post(format!("{url}/sfu/get")).json(&body).send().await {
                 match r.status().as_u16() {
                     200 => break r.json::<Value>().await.unwrap(),
-                    429 | 502 | 503 => {}
+                    429 | 500 | 502 | 503 => {}
                     other => panic!("token refused with {other}: {}", r.text().await.unwrap_or_default()),
                 }
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         };
         let delegated = Instant::now();
-        let mut p = Participant::join(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap()).await;
+        let joined = Participant::try_join_as(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap(), None);
+        let mut life = Life {
+            user: user.user_id.clone(),
+            identity: identity.clone(),
+            key,
+            delay_id,
+            scheduled,
+            delegated,
+            sid: String::new(),
+            ended: None,
+            killed: false,
+            frozen: false,
+        };
+        let mut p = match joined.await {
+            Ok(p) => p,
+            Err(_) => {
+                // LiveKit died under the join: a call that never started.
+                life.ended = Some(Instant::now());
+                lives.lock().unwrap().push(life);
+                continue;
+            }
+        };
+        life.sid = p.sid.clone();
         let index = {
             let mut l = lives.lock().unwrap();
-            l.push(Life {
-                sid: p.sid.clone(),
-                user: user.user_id.clone(),
-                key,
-                delay_id,
-                scheduled,
-                delegated,
-                ended: None,
-                killed: false,
-            });
+            l.push(life);
             l.len() - 1
         };
         let stay = Duration::from_millis(rng.random_range(3_000..10_000));
-        tokio::time::sleep(stay.min(until.saturating_duration_since(Instant::now()))).await;
+        let end = (Instant::now() + stay).min(until);
+        // A quarter of the calls freeze for 2–8 s (well inside LiveKit's ~20 s timeout).
+        if rng.random_bool(0.25) {
+            let at = Instant::now() + stay.mul_f64(rng.random_range(0.2..0.6));
+            let length = Duration::from_millis(rng.random_range(2_000..8_000));
+            tokio::time::sleep_until(at.min(end).into()).await;
+            if Instant::now() < end {
+                p.freeze(true);
+                tokio::time::sleep(length).await;
+                p.freeze(false);
+                lives.lock().unwrap()[index].frozen = true;
+            }
+        }
+        tokio::time::sleep_until(end.into()).await;
         if Instant::now() >= until {
             return Some(p); // connected at the end: kept so until the checks are done
         }
-        let killed = rng.random_bool(0.4);
+        let mut killed = rng.random_bool(0.4);
         let ended = Instant::now();
         if killed {
             p.kill9();
         } else {
-            p.hang_up().await;
+            killed = !p.leave().await;
         }
         {
             let mut l = lives.lock().unwrap();
@@ -149,7 +190,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
     let webhooks = WebhookProxy::start_many(&urls).await;
     webhooks.lose_every(7); // one webhook in seven lost (LiveKit never retries it)
-    let livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
+    let mut livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
     let mut bridges = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let mut env = Bridge::env_for_cluster_url(&hs.url, &livekit.url, &redis.url(), LEASE, &format!("rc{i}"));
@@ -175,10 +216,21 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         tasks.push(tokio::spawn(task));
         tokio::time::sleep(Duration::from_millis(150)).await; // not every client at once
     }
-    // Faults: a bridge instance killed -9 every few seconds, restarted two seconds later.
-    let mut kills = 0;
+    // Faults: every few seconds a bridge instance killed -9 and restarted two seconds later; now
+    // and then (first after 12–20 s, then every 25–40 s) LiveKit itself instead.
+    let (mut kills, mut outages) = (0, Vec::new());
+    let mut livekit_next = begin + Duration::from_millis(rng.random_range(12_000..20_000));
     while Instant::now() + Duration::from_secs(6) < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(4_000..8_000))).await;
+        if Instant::now() >= livekit_next {
+            let down = Instant::now();
+            livekit.kill9();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            livekit.restart().await;
+            outages.push((down, Instant::now()));
+            livekit_next = Instant::now() + Duration::from_millis(rng.random_range(25_000..40_000));
+            continue;
+        }
         let i = rng.random_range(0..bridges.len());
         bridges[i].kill9();
         kills += 1;
@@ -203,52 +255,80 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         deliveries
             .iter()
             .filter(|d| d.event == "participant_left" || d.event == "participant_connection_aborted")
-            .find(|d| d.body.pointer("/participant/sid").and_then(Value::as_str) == Some(sid))
+            .find(|d| sid_of(d) == Some(sid))
             .map(|d| d.received)
     };
+    // The end of a session that began at `start`: LiveKit's report, or LiveKit's death.
+    let session_end = |sid: &str, start: Instant| {
+        let died = outages.iter().map(|(down, _)| *down).find(|down| *down >= start);
+        [reported(sid), died].into_iter().flatten().min()
+    };
+    // When the bridge could first ask LiveKit again about a moment `t` inside an outage.
+    let asked_again = |t: Instant| outages.iter().find(|(down, up)| *down <= t && t < *up).map_or(t, |(_, up)| *up);
+    // A life's sessions by LiveKit's account, each (from, until): its first (from its
+    // scheduling: a member about to connect counts as connected), then any its client opened by
+    // reconnecting after LiveKit's restart (counted from a second after LiveKit said so).
+    let sessions = |life: &Life, next: Option<Instant>| -> Vec<(Instant, Option<Instant>)> {
+        let mut out = Vec::new();
+        if !life.sid.is_empty() {
+            out.push((life.scheduled, session_end(&life.sid, life.delegated)));
+        }
+        let stop = [life.ended, next].into_iter().flatten().min();
+        for d in &deliveries {
+            let Some(sid) = sid_of(d) else { continue };
+            if d.event == "participant_joined"
+                && d.identity.as_deref() == Some(life.identity.as_str())
+                && sid != life.sid
+                && d.received > life.delegated
+                && stop.is_none_or(|s| d.received < s)
+            {
+                out.push((d.received + Duration::from_secs(1), session_end(sid, d.received)));
+            }
+        }
+        out
+    };
+    let connected_at =
+        |s: &[(Instant, Option<Instant>)], t: Instant| s.iter().any(|(from, until)| *from <= t && until.is_none_or(|u| t < u));
     let mut slowest_report = Duration::ZERO;
-    // Lives whose live client LiveKit itself gave up on (then sent, rightly).
+    // Sends for lives LiveKit itself no longer had (timed out, or died with it): right.
     let mut dropped_by_livekit = 0;
+    let mut rejoined = 0;
     for (i, life) in lives.iter().enumerate() {
         // The same member's next call, if any.
         let next = lives[i + 1..].iter().find(|l| l.user == life.user).map(|l| l.delegated);
+        let sessions = sessions(life, next);
+        rejoined += sessions.len().saturating_sub(1);
         let send = hs.accepted_send(&life.delay_id);
         let bound = Duration::from_secs(10);
-        match (life.ended, &send) {
-            (None, Some(send)) => match reported(&life.sid) {
-                Some(r) if r <= send.received => dropped_by_livekit += 1,
-                _ => premature.push(format!("{life:?}: sent while connected at the end")),
-            },
-            (None, None) => {}
-            (Some(ended), Some(send)) => {
-                if send.received < ended {
-                    match reported(&life.sid) {
-                        Some(r) if r <= send.received => dropped_by_livekit += 1,
-                        _ => premature.push(format!("{life:?}: sent {:?} before its end", ended - send.received)),
-                    }
+        if let Some(send) = &send {
+            if life.ended.is_none_or(|ended| send.received < ended) {
+                if connected_at(&sessions, send.received) {
+                    premature.push(format!("{life:?}: sent at {:?} while connected {sessions:?}", send.received));
+                } else {
+                    dropped_by_livekit += 1;
                 }
-                if next.is_some_and(|n| send.received > n) {
-                    superseded_sent.push(format!("{life:?}"));
-                }
-                let report = reported(&life.sid);
-                if let Some(r) = report {
-                    slowest_report = slowest_report.max(r.saturating_duration_since(ended));
-                }
-                let known = report.map_or(ended, |r| r.max(ended));
+            }
+            if next.is_some_and(|n| send.received > n) {
+                superseded_sent.push(format!("{life:?}"));
+            }
+        }
+        let Some(ended) = life.ended else { continue };
+        // When the bridge could know the life was over.
+        let last_gone = sessions.iter().filter_map(|(_, until)| *until).max();
+        if let Some(r) = reported(&life.sid) {
+            slowest_report = slowest_report.max(r.saturating_duration_since(ended));
+        }
+        let known = asked_again(last_gone.map_or(ended, |g| g.max(ended)));
+        match &send {
+            Some(send) => {
                 let took = send.answered.saturating_duration_since(known);
                 worst = worst.max(took);
                 if took > bound {
-                    late.push(format!("{life:?}: {took:?} after LiveKit's report ({report:?})"));
+                    late.push(format!("{life:?}: {took:?} after it could be known ({sessions:?})"));
                 }
             }
-            (Some(ended), None) => {
-                let known = reported(&life.sid).map_or(ended, |r| r.max(ended));
-                if next.is_some_and(|n| n < known + bound) {
-                    superseded += 1; // its successor came first: never to be sent
-                } else {
-                    by_timer.push(format!("{life:?}"));
-                }
-            }
+            None if next.is_some_and(|n| n < known + bound) => superseded += 1, // never to be sent
+            None => by_timer.push(format!("{life:?}")),
         }
     }
     // Those still connected at the end are still in room state, under their own key — unless the
@@ -256,7 +336,8 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     // token request was retried through the faults): the homeserver's timer had it first.
     let mut gone_while_connected = Vec::new();
     let mut handed_too_late = 0;
-    for life in lives.iter().filter(|l| l.ended.is_none()) {
+    // (A life whose leave was sent is judged above.)
+    for life in lives.iter().filter(|l| l.ended.is_none() && hs.accepted_send(&l.delay_id).is_none()) {
         let (user, room) = users_by_id[life.user.as_str()];
         if synapse.membership(user, room, &life.key).await != Some(true) {
             let handover = life.delegated.saturating_duration_since(life.scheduled);
@@ -275,13 +356,17 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     }
     let ended = lives.iter().filter(|l| l.ended.is_some()).count();
     let killed = lives.iter().filter(|l| l.killed).count();
+    let frozen = lives.iter().filter(|l| l.frozen).count();
+    let never = lives.iter().filter(|l| l.sid.is_empty()).count();
     let lost = webhooks.deliveries().iter().filter(|d| d.status.is_none()).count();
     println!(
-        "real chaos: {} lives ({ended} ended, {killed} by kill -9, {superseded} superseded before their leave), \
-         {kills} bridge kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first), superseded sent {}, late {}, \
+        "real chaos: {} lives ({ended} ended, {killed} by kill -9, {frozen} frozen a while, {never} never connected, \
+         {rejoined} sessions reopened after LiveKit's restart, {superseded} superseded before their leave), \
+         {kills} bridge kills, {} LiveKit kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first), superseded sent {}, late {}, \
          left to the homeserver's timer {}, gone while connected {} (and {handed_too_late} handed over too late); \
          LiveKit's slowest report of a departure {slowest_report:?}, worst leave after it {worst:?}",
         lives.len(),
+        outages.len(),
         webhooks.deliveries().len(),
         premature.len(),
         superseded_sent.len(),

@@ -28,6 +28,13 @@ impl Participant {
 
     /// As [`Participant::join`], as user id `uid` if given (see [`NetworkCut`]).
     pub async fn join_as(url: &str, jwt: &str, uid: Option<u32>) -> Participant {
+        let joined = Participant::try_join_as(url, jwt, uid).await;
+        joined.unwrap_or_else(|seen| panic!("participant did not connect: {seen:?}"))
+    }
+
+    /// As [`Participant::join_as`]; a participant that could not connect within 30 s (its
+    /// process killed) is an error holding what it said.
+    pub async fn try_join_as(url: &str, jwt: &str, uid: Option<u32>) -> Result<Participant, Vec<Value>> {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/participant.py");
         let mut command = match uid {
             None => Command::new(super::synapse::python()),
@@ -67,11 +74,12 @@ impl Participant {
             identity: String::new(),
             sid: String::new(),
         };
-        let connected = p.wait_for("connected", Duration::from_secs(30)).await;
-        let connected = connected.unwrap_or_else(|| panic!("participant did not connect: {:?}", p.seen));
+        let Some(connected) = p.wait_for("connected", Duration::from_secs(30)).await else {
+            return Err(std::mem::take(&mut p.seen));
+        };
         p.identity = connected["identity"].as_str().unwrap().to_owned();
         p.sid = connected["sid"].as_str().unwrap().to_owned();
-        p
+        Ok(p)
     }
 
     /// Waits up to `within` for an event named `event`.
@@ -96,14 +104,22 @@ impl Participant {
 
     /// Hangs up cleanly (the client's own disconnect); returns when the process has exited.
     pub async fn hang_up(&mut self) {
+        assert!(self.leave().await, "the participant did not hang up: {:?}", self.seen);
+    }
+
+    /// Asks the client to hang up; whether it said it did within 10 s (else it is killed).
+    pub async fn leave(&mut self) -> bool {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"leave\n");
         }
-        let left = self.wait_for("left", Duration::from_secs(10)).await;
-        assert!(left.is_some(), "the participant did not hang up: {:?}", self.seen);
+        let left = self.wait_for("left", Duration::from_secs(10)).await.is_some();
+        if !left {
+            self.kill9();
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
+        left
     }
 
     /// SIGKILL: the client vanishes without a word.
