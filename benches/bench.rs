@@ -1237,14 +1237,25 @@ async fn real_livekit(goals: &Goals) {
 
     // Clean hang-up vs the client's own leave.
     let (mut ours, mut own) = (Vec::new(), Vec::new());
+    let (mut livekit_part, mut bridge_part, mut synapse_part) = (Vec::new(), Vec::new(), Vec::new());
+    let mut own_answered = Vec::new();
     for i in 0..10 {
         let user = synapse.register(&format!("h{i}")).await;
         synapse.join_room(&user, &room).await;
-        let (_, mut p) = join(user.clone()).await;
+        let (delay_id, mut p) = join(user.clone()).await;
         webhooks.wait_for("participant_joined", Some(&p.identity), Duration::from_secs(10)).await.unwrap();
+        // From the moment the client is told to hang up (as the client's own leave below is
+        // timed from its request), while its process winds down.
         let t0 = Instant::now();
+        p.ask_to_leave();
+        let gone = seen_gone(&synapse, &owner, &room, &user, Duration::from_secs(10)).await;
+        ours.push(ms(gone - t0));
+        let left = webhooks.first("participant_left", Some(&p.identity)).expect("LiveKit reported the departure");
+        livekit_part.push(ms(left.received - t0));
+        let send = proxy.wait_accepted_send(&delay_id, Duration::from_secs(1)).await.expect("the bridge sent");
+        bridge_part.push(ms(send.received.saturating_duration_since(left.received)));
+        synapse_part.push(ms(send.answered.saturating_duration_since(send.received)));
         p.hang_up().await;
-        ours.push(ms(seen_gone(&synapse, &owner, &room, &user, Duration::from_secs(10)).await - t0));
 
         let user = synapse.register(&format!("c{i}")).await;
         synapse.join_room(&user, &room).await;
@@ -1258,6 +1269,7 @@ async fn real_livekit(goals: &Goals) {
             .await
             .unwrap();
         assert!(r.status().is_success());
+        own_answered.push(ms(Instant::now() - t0));
         own.push(ms(seen_gone(&synapse, &owner, &room, &user, Duration::from_secs(10)).await - t0));
     }
     let (o, c) = (sorted(ours), sorted(own));
@@ -1276,6 +1288,16 @@ async fn real_livekit(goals: &Goals) {
     println!(
         "    ratio p50 {ratio:.2}x (goal <= 1.2x: {})",
         goals.check("real LiveKit hang-up p50 <= 1.2x the client's own leave", ratio <= 1.2)
+    );
+    let (l, b, s, a) = (sorted(livekit_part), sorted(bridge_part), sorted(synapse_part), sorted(own_answered));
+    println!(
+        "    where it goes, p50: LiveKit (told to hang up -> its webhook) {:.1} ms, the bridge (webhook -> \
+         its send at the homeserver) {:.1} ms, the homeserver (send -> answered) {:.1} ms; the homeserver \
+         answering the client's own send {:.1} ms",
+        percentile(&l, 0.5),
+        percentile(&b, 0.5),
+        percentile(&s, 0.5),
+        percentile(&a, 0.5)
     );
 
     // kill -9: LiveKit's detection, the bridge's part, vs the homeserver's own timer.

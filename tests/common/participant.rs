@@ -107,11 +107,16 @@ impl Participant {
         assert!(self.leave().await, "the participant did not hang up: {:?}", self.seen);
     }
 
-    /// Asks the client to hang up; whether it said it did within 10 s (else it is killed).
-    pub async fn leave(&mut self) -> bool {
+    /// Tells the client to hang up, and returns at once (the process winds down on its own).
+    pub fn ask_to_leave(&mut self) {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"leave\n");
         }
+    }
+
+    /// Asks the client to hang up; whether it said it did within 10 s (else it is killed).
+    pub async fn leave(&mut self) -> bool {
+        self.ask_to_leave();
         let left = self.wait_for("left", Duration::from_secs(10)).await.is_some();
         if !left {
             self.kill9();
