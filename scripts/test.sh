@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs Redis and promtool (Debian), the Python side
 # (Synapse, LiveKit's server and client SDKs) into .venv, and LiveKit server (Go) if needed, then
-# builds and runs unit, property and integration tests.
+# checks formatting and clippy, builds and runs unit, property and integration tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +40,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The code's own hygiene first: formatted as rustfmt.toml says, and no clippy warning.
+echo "==> cargo fmt --check; cargo clippy -D warnings"
+cargo fmt --check
+cargo clippy --locked --all-targets --quiet -- -D warnings
 
 echo "==> cargo test"
 cargo test --locked "$@"

@@ -287,8 +287,9 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         }
         out
     };
-    let connected_at =
-        |s: &[(Instant, Option<Instant>)], t: Instant| s.iter().any(|(from, until)| *from <= t && until.is_none_or(|u| t < u));
+    let connected_at = |s: &[(Instant, Option<Instant>)], t: Instant| {
+        s.iter().any(|(from, until)| *from <= t && until.is_none_or(|u| t < u))
+    };
     let mut slowest_report = Duration::ZERO;
     // Sends for lives LiveKit itself no longer had (timed out, or died with it): right.
     let mut dropped_by_livekit = 0;

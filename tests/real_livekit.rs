@@ -212,8 +212,7 @@ async fn a_connected_member_is_kept_and_a_hang_up_removes_it_at_once(store: Stor
     let hung_up = Instant::now();
     p.hang_up().await;
     let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(5)).await;
-    let send =
-        send.unwrap_or_else(|| panic!("no leave sent; webhooks: {:?}\n{}", w.webhooks.deliveries(), w.logs()));
+    let send = send.unwrap_or_else(|| panic!("no leave sent; webhooks: {:?}\n{}", w.webhooks.deliveries(), w.logs()));
     assert!(!w.synapse.is_member(&w.alice, &w.room).await);
     let left = w.webhooks.first("participant_left", Some(&p.identity)).expect("LiveKit reported the departure");
     let livekit_took = left.received.saturating_duration_since(hung_up);
