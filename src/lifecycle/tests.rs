@@ -664,7 +664,13 @@ struct Sim {
     listings: Vec<(Millis, Option<Session>)>,
     /// The call awaiting an answer, and whether it is a send.
     outstanding: Option<(u64, bool)>,
+    /// The leave went out: sent by the job, or by the homeserver's own timer (the job told so).
     sent: bool,
+    /// How the job ended.
+    outcome: Option<Outcome>,
+    /// The homeserver's clock reached the event's deadline before the job ended: its own timer
+    /// sent the leave.
+    timer_fired: bool,
     finished: bool,
     /// The LiveKit room instance sessions connect to; a finished room starts a new one.
     room_instance: u32,
@@ -684,6 +690,8 @@ impl Sim {
             listings: Vec::new(),
             outstanding: None,
             sent: false,
+            outcome: None,
+            timer_fired: false,
             finished: false,
             last_bound: None,
             room_instance: 1,
@@ -751,11 +759,11 @@ impl Sim {
                 }
                 // Expiry means the homeserver's own timer sent the leave (after it failed us).
                 // So does giving up on a confirmation LiveKit could not give.
-                Action::Finish(Outcome::Sent { .. } | Outcome::Expired | Outcome::Unconfirmed) => {
-                    self.sent = true;
+                Action::Finish(outcome) => {
+                    self.sent |= matches!(outcome, Outcome::Sent { .. } | Outcome::Expired | Outcome::Unconfirmed);
+                    self.outcome = Some(outcome);
                     self.finished = true
                 }
-                Action::Finish(_) => self.finished = true,
                 Action::Probe => self.listings.push((self.now, self.connected.clone())),
                 Action::Persist => {}
             }
@@ -798,6 +806,7 @@ impl Sim {
     fn advance(&mut self, to: Millis) {
         while let Some(due) = self.job.poll_timeout().filter(|d| *d <= to) {
             self.now = self.now.max(due);
+            self.note_timer();
             let mut out = Vec::new();
             self.job.handle_timeout(self.now, &mut out);
             self.apply(out);
@@ -807,6 +816,13 @@ impl Sim {
             }
         }
         self.now = to;
+        self.note_timer();
+    }
+
+    fn note_timer(&mut self) {
+        if !self.finished && self.now >= self.event_deadline {
+            self.timer_fired = true;
+        }
     }
 
     fn step(&mut self, op: Op) {
@@ -949,6 +965,15 @@ proptest! {
         }
         prop_assert!(sim.sent, "gone member not sent within {} ms (phase {:?})", bound - gone_at, sim.job.kind());
         prop_assert!(sim.now <= bound, "sent only at {} > {}", sim.now, bound);
+        // Sent by the bridge itself: the homeserver's timer is a safety net, not how a departure
+        // is meant to land. Only an event the homeserver really let fire (its deadline reached
+        // while calls failed or went unanswered) may end as expired; never as unconfirmed, with
+        // LiveKit answering.
+        prop_assert!(
+            matches!(sim.outcome, Some(Outcome::Sent { .. }))
+                || (sim.timer_fired && sim.outcome == Some(Outcome::Expired)),
+            "ended {:?}, not by the bridge's send (deadline {}, gone at {})", sim.outcome, sim.event_deadline, gone_at
+        );
     }
 
     /// Once superseded, nothing a job is told makes it send or restart again.
