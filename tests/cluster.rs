@@ -156,7 +156,7 @@ impl World {
         loop {
             if let Some(send) = self.instances.iter().find_map(|x| x.hs.accepted_send(&m.delay_id)) {
                 self.members.remove(i);
-                return send.answered.saturating_duration_since(since);
+                return send.after(since);
             }
             assert!(Instant::now() < until, "no leave sent for a departed member");
             tokio::time::sleep(Duration::from_millis(20)).await;

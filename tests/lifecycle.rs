@@ -83,9 +83,10 @@ impl World {
         true
     }
 
-    /// Waits up to `within` for the bridge to send `delay_id` and asserts it did: the homeserver
-    /// accepted the bridge's send (so the event was still pending: its own timer had not fired)
-    /// and `user`'s membership is gone from room state. Returns the time from `since` to the
+    /// Waits up to `within` for the bridge to send `delay_id` and asserts it did, after `since`
+    /// (the departure): the homeserver accepted the bridge's send (so the event was still
+    /// pending: its own timer had not fired, and the member was in room state until then) and
+    /// `user`'s membership is gone from room state. Returns the time from `since` to the
     /// homeserver's answer.
     async fn left_by_bridge(&self, user: &MatrixUser, delay_id: &str, since: Instant, within: Duration) -> Duration {
         let Some(send) = self.hs.wait_accepted_send(delay_id, within).await else {
@@ -96,7 +97,7 @@ impl World {
             );
         };
         assert!(!self.synapse.is_member(user, &self.room).await, "send accepted, yet still a member");
-        send.answered.saturating_duration_since(since)
+        send.after(since)
     }
 
     async fn still_member_after(&self, wait: Duration) -> bool {
@@ -636,6 +637,7 @@ async fn a_departure_without_a_reason_is_final() {
     let w = World::new().await;
     let delay_id = w.alice_joins_call("m1", 60_000).await;
     let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    assert!(w.still_member_after(Duration::from_secs(2)).await, "removed while connected");
     // UNKNOWN_REASON is protojson's zero value: the field is left out of the body.
     let body = w.livekit.participant_event("participant_left", &w.lk_room, &p, None);
     assert!(!body.contains("disconnectReason"));

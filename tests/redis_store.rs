@@ -102,7 +102,7 @@ async fn a_job_migrated_to_redis_survives_crashes_of_both_and_is_sent() {
     let since = Instant::now();
     livekit.leave(&bridge.url, &lk_room, &p, "CLIENT_INITIATED").await;
     let send = hs.wait_accepted_send(&delay_id, Duration::from_secs(2)).await.expect("the bridge sent the leave");
-    assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
+    assert!(send.after(since) < Duration::from_secs(1));
     assert!(!synapse.is_member(&alice, &room).await);
 }
 
@@ -159,5 +159,5 @@ async fn redis_stopped_for_thirty_seconds_removes_nobody_and_everything_resumes(
     livekit.leave(&bridge.url, &lk_room, &p, "CLIENT_INITIATED").await;
     livekit.leave(&bridge.url, &lk_room, &again, "CLIENT_INITIATED").await;
     let send = hs.wait_accepted_send(&delay_id, Duration::from_secs(2)).await.expect("the bridge sent the leave");
-    assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
+    assert!(send.after(since) < Duration::from_secs(1));
 }

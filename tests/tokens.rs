@@ -97,7 +97,7 @@ async fn get_token_mints_what_the_client_computes_and_the_leave_rides_along() {
     let since = Instant::now();
     w.livekit.leave(&w.bridge.url, &lk_room, &p, "CLIENT_INITIATED").await;
     let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(2)).await.expect("the bridge sent the leave");
-    assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
+    assert!(send.after(since) < Duration::from_secs(1));
     assert!(!w.synapse.is_member(&w.alice, &w.room).await);
 }
 
@@ -128,7 +128,7 @@ async fn sfu_get_mints_the_legacy_identity_and_the_leave_rides_along() {
     let since = Instant::now();
     w.livekit.leave(&w.bridge.url, &lk_room, &p, "CLIENT_INITIATED").await;
     let send = w.hs.wait_accepted_send(&delay_id, Duration::from_secs(2)).await.expect("the bridge sent the leave");
-    assert!(send.answered.saturating_duration_since(since) < Duration::from_secs(1));
+    assert!(send.after(since) < Duration::from_secs(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

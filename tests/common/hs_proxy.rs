@@ -39,6 +39,19 @@ pub struct Call {
     pub answered: Instant,
 }
 
+impl Call {
+    /// How long after `departure` the homeserver answered this send. Panics if the send reached
+    /// the homeserver before the departure: a leave sent on a guess is never fast, it is wrong.
+    pub fn after(&self, departure: Instant) -> std::time::Duration {
+        assert!(
+            self.received >= departure,
+            "the send reached the homeserver {:?} before the departure",
+            departure - self.received
+        );
+        self.answered - departure
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     upstream: String,
