@@ -22,7 +22,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// Milliseconds on the shell's monotonic clock. Only differences matter; never persisted.
+/// Milliseconds on the shell's clock: Unix time as of the shell's start, advanced monotonically
+/// from there. Mostly only differences matter; the one time stored with a job (the listings of an
+/// absence proof, [`Absences`]) means the same to the job's next holder, up to clock skew.
 pub use crate::config::Millis;
 /// The lifecycle's timing knobs, read from the configuration.
 pub use crate::config::Timing;
@@ -105,11 +107,16 @@ impl Outcome {
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Durable {
     Waiting,
-    /// `binding` is the newest live session; `others` the member's other live sessions.
+    /// `binding` is the newest live session; `others` the member's other live sessions;
+    /// `absent`, by session, the listings that found one absent so far: the proof of a lost
+    /// departure, which the job's next holder (another instance, or this one restarted)
+    /// continues instead of starting over.
     Connected {
         binding: Binding,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         others: Vec<Binding>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        absent: Vec<(String, Absences)>,
     },
     Grace {
         binding: Binding,
@@ -290,8 +297,11 @@ impl Live {
 /// listings without it, each started at least [`Timing::absence_spacing`] after the previous one
 /// counted (listings started moments apart fall in the same gap), spanning at least `span`: the
 /// time a reconnection is given when we know of it.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-struct Absences {
+///
+/// Stored with a connected job (times on the shell's clock), so that a job's next holder carries
+/// on with the evidence rather than starting over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Absences {
     /// How many listings counted; the first and the last of them started at these times.
     count: u8,
     first: Millis,
@@ -299,6 +309,19 @@ struct Absences {
 }
 
 impl Absences {
+    /// Evidence gathered by an earlier holder, as this one can use it at `now`: a time ahead of
+    /// `now` (the earlier holder's clock ran ahead of ours) is taken as `now`, so that skew can
+    /// only make the proof slower, never let it span less than it must.
+    fn carried_over(self, now: Millis) -> Absences {
+        Absences { count: self.count, first: self.first.min(now), last: self.last.min(now) }
+    }
+
+    /// The same listings seen `by` later (a test of clocks that disagree).
+    #[cfg(test)]
+    pub(crate) fn shifted(self, by: Millis) -> Absences {
+        Absences { first: self.first + by, last: self.last + by, ..self }
+    }
+
     /// Counts a listing started at `at` that did not show it (unless it started too soon after
     /// the last one counted).
     fn note(&mut self, at: Millis, timing: &Timing) {
@@ -410,7 +433,8 @@ fn prune(
 /// confirmed; one the job knew before the listing started (a listing started earlier may predate
 /// its join) and that it does not show is one absence closer to being pruned, and pruned once its
 /// absence is proven over the grace period: a session that vanished without a departure is given
-/// the time a migration announced by a webhook is given. Whether any was pruned.
+/// the time a migration announced by a webhook is given. Whether anything to store changed (a
+/// session pruned, or the evidence against one).
 fn reconcile(
     sessions: &mut Vec<Live>,
     gone: &mut Vec<(String, Millis)>,
@@ -419,14 +443,18 @@ fn reconcile(
     now: Millis,
     timing: &Timing,
 ) -> bool {
+    let mut changed = false;
     for live in sessions.iter_mut() {
+        let before = live.absent;
         if present.iter().any(|s| s.sid == live.binding.sid) {
             live.absent = Absences::default();
         } else if at > live.since {
             live.absent.note(at, timing);
         }
+        // The evidence is stored: the next holder must see it grow, and see it cleared.
+        changed |= live.absent != before;
     }
-    prune(sessions, gone, now, |l| !l.absent.proven(timing.grace, timing))
+    prune(sessions, gone, now, |l| !l.absent.proven(timing.grace, timing)) | changed
 }
 
 /// When a listing can next add to the evidence against one of `sessions`.
@@ -517,13 +545,19 @@ impl Job {
         let rebound = matches!(&durable, Durable::Sending { returned, .. } if !returned.is_empty());
         let phase = match durable {
             Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
-            Durable::Connected { binding, mut others } => {
+            Durable::Connected { binding, mut others, absent } => {
                 // Back where it was among them: before every session that joined no earlier, so
                 // that it is the newest again (ties go to the session admitted first), and the
                 // job's durable phase reads as stored until something changes.
                 let at = others.iter().position(|o| o.joined_ms() >= binding.joined_ms()).unwrap_or(others.len());
                 others.insert(at, binding);
-                Phase::Connected { sessions: others.into_iter().map(|b| Live::new(b, now)).collect() }
+                // The proof of a lost departure goes on where it was: listings the earlier holder
+                // made count, and the next one here may complete it.
+                let evidence = |b: &Binding| {
+                    absent.iter().find(|(sid, _)| *sid == b.sid).map(|(_, a)| a.carried_over(now)).unwrap_or_default()
+                };
+                let live = others.into_iter().map(|b| Live { absent: evidence(&b), ..Live::new(b, now) });
+                Phase::Connected { sessions: live.collect() }
             }
             Durable::Grace { binding } => Phase::Grace { binding, since: now, until: now + timing.grace },
             // The member came back while the send was in flight: whether it went out is not
@@ -573,7 +607,9 @@ impl Job {
             Phase::Connected { sessions } => {
                 let binding = newest(sessions).expect("a connected job has a session").clone();
                 let others = sessions.iter().map(|l| &l.binding).filter(|b| b.sid != binding.sid).cloned().collect();
-                Durable::Connected { binding, others }
+                let absent =
+                    sessions.iter().filter(|l| l.absent.count > 0).map(|l| (l.binding.sid.clone(), l.absent)).collect();
+                Durable::Connected { binding, others, absent }
             }
             Phase::Grace { binding, .. } => Durable::Grace { binding: binding.clone() },
             Phase::Sending { trigger, returned, .. } => {

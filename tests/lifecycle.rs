@@ -358,6 +358,31 @@ async fn a_participant_listed_as_disconnected_is_not_present() {
     lost_departure_is_caught_by_reconciliation(true).await;
 }
 
+/// A departure whose webhook was lost is proven by listings over the grace period (8 s here);
+/// the bridge killed -9 and restarted in the middle of that proof carries on with it (stored with
+/// the job) instead of starting over: the leave lands when it would have without the restart
+/// (about 9–10 s after the departure, not 13 s or more), and never before the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_of_an_absence_proof_continues_it() {
+    let env = [("RTC_LEAVE_BRIDGE_GRACE", "8s"), ("RTC_LEAVE_BRIDGE_RECONCILE_INTERVAL", "1s")];
+    let mut w = World::with(SynapseOptions::default(), &env).await;
+    let delay_id = w.alice_joins_call("m1", 60_000).await;
+    let p = w.livekit.join(&w.bridge.url, &w.lk_room, &w.identity("m1")).await;
+    assert!(w.still_member_after(Duration::from_secs(2)).await, "removed while connected");
+    let gone = Instant::now();
+    w.livekit.disconnect(&w.lk_room, &p.sid);
+    // Listings have found it absent for a few seconds when the bridge dies (starting over after
+    // the restart would take it past 13 s).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(w.hs.accepted_send(&delay_id).is_none());
+    w.bridge.kill9();
+    w.bridge.restart().await;
+    let took = w.left_by_bridge(&w.alice, &delay_id, gone, Duration::from_secs(25)).await;
+    println!("lost departure, the bridge restarted mid-proof: sent {took:?} after the departure");
+    assert!(took >= Duration::from_secs(8), "proven in {took:?}, less than the grace period");
+    assert!(took < Duration::from_millis(11_500), "the proof started over after the restart: {took:?}");
+}
+
 /// The member disconnects (still listed as `DISCONNECTED` if `lingering`) and LiveKit's webhook
 /// is lost: two listings 2 s apart prove it gone, within two or three reconciliation intervals.
 async fn lost_departure_is_caught_by_reconciliation(lingering: bool) {

@@ -162,16 +162,26 @@ impl EngineHandle {
     }
 }
 
-/// Monotonic milliseconds since the engine started.
+/// The engine's clock: Unix milliseconds as of the engine's start, advanced by the monotonic
+/// clock from there (it never steps back with the wall clock). The one time stored with a job, an
+/// absence proof's listings, so means the same to its next holder (this process restarted, or
+/// another instance), up to the machines' clock skew.
 #[derive(Clone, Copy)]
-struct Clock(Instant);
+struct Clock {
+    origin: Instant,
+    origin_ms: Millis,
+}
 
 impl Clock {
+    fn start() -> Clock {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Clock { origin: Instant::now(), origin_ms: unix.as_millis() as Millis }
+    }
     fn now(&self) -> Millis {
-        self.0.elapsed().as_millis() as Millis
+        self.origin_ms + self.origin.elapsed().as_millis() as Millis
     }
     fn instant(&self, at: Millis) -> tokio::time::Instant {
-        (self.0 + Duration::from_millis(at)).into()
+        (self.origin + Duration::from_millis(at.saturating_sub(self.origin_ms))).into()
     }
 }
 
@@ -221,7 +231,7 @@ pub async fn start(
     // reports once, and the registry starts no more than its limits.
     let limits = &config.limits;
     let (reports_tx, reports_rx) = mpsc::channel(limits.restarts + limits.sends + limits.listings + 1);
-    let clock = Clock(Instant::now());
+    let clock = Clock::start();
     let mut registry = Registry::new(config.timing, config.limits, ports.metrics.clone());
     if config.instance.is_some() {
         registry = registry.sharded();

@@ -433,7 +433,7 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
         room_sid: String::new(),
     };
     let (mut job, actions) =
-        Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding, others: vec![] }, 1_000);
+        Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding, others: vec![], absent: vec![] }, 1_000);
     assert!(actions.contains(&Action::Restart { call: 1 }));
     assert!(actions.contains(&Action::Probe));
     let mut out = Vec::new();
@@ -442,6 +442,94 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
     let (_, actions) =
         Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed, returned: vec![] }, 0);
     assert!(actions.contains(&Action::Send { call: 1 }));
+}
+
+/// The evidence against a session whose departure was lost is stored as it grows, so that the
+/// job's next holder (another instance, or this one restarted) continues the proof: a job taken
+/// over with two absences behind it, past the grace period, needs one listing, not three.
+#[test]
+fn an_absence_proof_is_continued_by_the_next_holder() {
+    let t = Timing::default();
+    let mut h = Harness::bound("PA_a", 1);
+    h.now = 1_000;
+    let first = h.ev(Event::Observed { at: 1_000, present: vec![] });
+    assert!(first.contains(&Action::Persist), "the first absence is stored: {first:?}");
+    h.now = 1_000 + t.absence_spacing;
+    let second = h.ev(Event::Observed { at: h.now, present: vec![] });
+    assert!(second.contains(&Action::Persist), "{second:?}");
+    let stored = h.job.durable().unwrap();
+    let Durable::Connected { absent, .. } = &stored else { panic!("{stored:?}") };
+    assert_eq!(absent.len(), 1, "{stored:?}");
+    assert_eq!(absent[0].0, "PA_a");
+
+    // Taken over well past the grace period: the first listing completes the proof.
+    let now = 1_000 + t.grace + 5_000;
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), stored.clone(), now);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: now + 1, present: vec![] }, now + 2, &mut out);
+    assert!(sends(&out), "the carried-over proof was not completed: {out:?}");
+
+    // Without the stored evidence the new holder would start over.
+    let Durable::Connected { binding, others, .. } = stored else { unreachable!() };
+    let (mut job, _) = Job::resume(DELAY, 1, t, Durable::Connected { binding, others, absent: vec![] }, now);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: now + 1, present: vec![] }, now + 2, &mut out);
+    assert!(!sends(&out), "{out:?}");
+}
+
+/// Carrying a proof over shortens nothing it must span: taken over soon after the absence was
+/// first seen, the grace period still runs from that first listing; and times from an earlier
+/// holder whose clock ran ahead are taken as the takeover's, so skew only makes it slower.
+#[test]
+fn a_carried_over_proof_still_spans_the_grace_period() {
+    let t = Timing::default();
+    let mut h = Harness::bound("PA_a", 1);
+    for i in 0..2 {
+        h.now = 1_000 + i * t.absence_spacing;
+        h.ev(Event::Observed { at: h.now, present: vec![] });
+    }
+    let stored = h.job.durable().unwrap();
+    let now = h.now + 100;
+    let (mut job, actions) = Job::resume(DELAY, 1, t.clone(), stored.clone(), now);
+    assert!(actions.contains(&Action::Probe));
+    let at = now + t.absence_spacing;
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at, present: vec![] }, at + 1, &mut out);
+    assert!(!sends(&out), "proven before the grace period had passed since the first absence: {out:?}");
+    assert_eq!(job.poll_timeout(), Some(1_000 + t.grace), "the next listing is asked for when it can prove it");
+
+    // An earlier holder's clock 60 s ahead: its listings count as seen at the takeover.
+    let Durable::Connected { binding, others, absent } = stored else { unreachable!() };
+    let ahead = absent.into_iter().map(|(sid, a)| (sid, a.shifted(60_000))).collect();
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), Durable::Connected { binding, others, absent: ahead }, now);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: now + t.absence_spacing, present: vec![] }, now + t.absence_spacing, &mut out);
+    assert!(!sends(&out), "{out:?}");
+    let mut out = Vec::new();
+    let late = now + t.grace;
+    job.handle(Event::Observed { at: late, present: vec![] }, late, &mut out);
+    assert!(sends(&out), "proven once the grace period passed on this holder's clock: {out:?}");
+}
+
+/// A listing that shows the session again clears the stored evidence (and says so to the store):
+/// the next holder must not continue a proof that a listing broke.
+#[test]
+fn a_listing_that_shows_the_session_clears_the_stored_evidence() {
+    let t = Timing::default();
+    let mut h = Harness::bound("PA_a", 1);
+    for i in 0..2 {
+        h.now = 1_000 + i * t.absence_spacing;
+        h.ev(Event::Observed { at: h.now, present: vec![] });
+    }
+    h.now += t.absence_spacing;
+    let out = h.ev(Event::Observed { at: h.now, present: vec![session("PA_a", 1)] });
+    assert!(out.contains(&Action::Persist), "{out:?}");
+    let Some(Durable::Connected { absent, .. }) = h.job.durable() else { panic!() };
+    assert!(absent.is_empty(), "{absent:?}");
+    // And it is not stored again for nothing.
+    h.now += t.absence_spacing;
+    let out = h.ev(Event::Observed { at: h.now, present: vec![session("PA_a", 1)] });
+    assert!(!out.contains(&Action::Persist), "{out:?}");
 }
 
 /// Found by the registry's property test with handovers: two sessions that joined in the same
@@ -457,11 +545,20 @@ fn a_resumed_job_reads_as_it_was_stored() {
         room_sid: "RM_1".into(),
     };
     let stored = [
-        Durable::Connected { binding: session("a", "PA_1", 1_000), others: vec![session("b", "PA_2", 1_000)] },
-        Durable::Connected { binding: session("b", "PA_2", 1_000), others: vec![session("a", "PA_1", 1_000)] },
+        Durable::Connected {
+            binding: session("a", "PA_1", 1_000),
+            others: vec![session("b", "PA_2", 1_000)],
+            absent: vec![],
+        },
+        Durable::Connected {
+            binding: session("b", "PA_2", 1_000),
+            others: vec![session("a", "PA_1", 1_000)],
+            absent: vec![],
+        },
         Durable::Connected {
             binding: session("b", "PA_2", 2_000),
             others: vec![session("a", "PA_1", 1_000), session("c", "PA_3", 2_000)],
+            absent: vec![],
         },
     ];
     for durable in stored {
@@ -1182,7 +1279,7 @@ fn pruning_one_of_two_sessions_is_persisted() {
     let out = h.ev(Event::Observed { at: h.now, present: vec![b] });
     assert!(out.contains(&Action::Persist), "{out:?}");
     match h.job.durable() {
-        Some(Durable::Connected { binding, others }) => {
+        Some(Durable::Connected { binding, others, .. }) => {
             assert_eq!(binding.sid, "PA_b");
             assert!(others.is_empty(), "{others:?}");
         }

@@ -281,7 +281,7 @@ mod tests {
             let binding = binding();
             store
                 .commit(vec![
-                    StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![] }),
+                    StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![], absent: vec![] }),
                     StoreOp::Delete(JobId(2)),
                 ])
                 .await
@@ -314,7 +314,7 @@ mod tests {
         let failed = store
             .commit(vec![
                 StoreOp::Insert(Box::new(record(3))),
-                StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![] }),
+                StoreOp::SetState(JobId(1), Durable::Connected { binding, others: vec![], absent: vec![] }),
                 StoreOp::Delete(JobId(2)),
             ])
             .await;

@@ -425,7 +425,7 @@ fn due_jobs_are_handled_in_bounded_batches() {
             joined_at_ms: 1_000,
             room_sid: String::new(),
         };
-        let state = Durable::Connected { binding, others: Vec::new() };
+        let state = Durable::Connected { binding, others: Vec::new(), absent: Vec::new() };
         rig.r.resume(JobRecord { id: JobId(i + 1), delegation: d, state }, 0);
     }
     rig.flush();
@@ -756,7 +756,7 @@ impl World {
                 .iter()
                 .filter(|r| r.delegation == *d)
                 .flat_map(|r| match &r.state {
-                    Durable::Connected { binding, others } => {
+                    Durable::Connected { binding, others, .. } => {
                         others.iter().chain([binding]).map(|b| b.sid.clone()).collect()
                     }
                     Durable::Grace { binding } => vec![binding.sid.clone()],
@@ -1062,7 +1062,7 @@ fn stored_connected(id: JobId, d: &Delegation) -> JobRecord {
         joined_at_ms: 1_000,
         room_sid: "RM_1".into(),
     };
-    JobRecord { id, delegation: d.clone(), state: Durable::Connected { binding, others: vec![] } }
+    JobRecord { id, delegation: d.clone(), state: Durable::Connected { binding, others: vec![], absent: vec![] } }
 }
 
 /// Member `d` delegated through the inbox (entry 1), its first restart answered, then joined as
