@@ -305,3 +305,43 @@ async fn a_graceful_stop_hands_the_shards_over_in_under_a_second() {
     assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
     w.wait_balanced().await;
 }
+
+/// Redis killed -9 and started again (on its own AOF) under three instances: within a second of
+/// its return every instance takes webhooks again (none left answering 503 on a broken
+/// connection: LiveKit retries a webhook for about 15 s only), and a departure is applied by the
+/// shard's holder and sent at once (inbox reads and leases reconnected too). Nobody connected is
+/// removed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_is_back_within_a_second_of_redis() {
+    let mut w = World::start(4).await;
+    w.owner(Duration::from_secs(5)).await;
+    w.redis.kill9();
+    // Long enough for every path (webhooks, inbox reads, lease renewals) to fail on it.
+    w.all_stay(Duration::from_secs(5), "while Redis was down").await;
+    w.redis.restart().await;
+    let back = Instant::now();
+    let probe = w.livekit.connect(&w.lk_room, "@nobody:hs1.test:PROBE");
+    let joined = w.livekit.participant_event("participant_joined", &w.lk_room, &probe, None);
+    let auth = LiveKit::sign(&joined, common::livekit::API_SECRET);
+    for i in 0..w.instances.len() {
+        loop {
+            let status = w.livekit.post_webhook(&w.instances[i].bridge.url, &joined, Some(&auth)).await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                back.elapsed() < Duration::from_secs(1),
+                "instance {i} still answers webhooks with {status} {:?} after Redis came back\n{}",
+                back.elapsed(),
+                w.instances[i].bridge.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    println!("every instance took webhooks again {:?} after Redis came back", back.elapsed());
+    let latency = w.leave(0).await;
+    let since_back = back.elapsed();
+    println!("a departure then sent after {latency:?} ({since_back:?} after Redis came back)");
+    assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
+    w.all_stay(Duration::from_millis(2 * DELAY_MS), "after Redis came back").await;
+}
