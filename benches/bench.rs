@@ -1137,7 +1137,7 @@ async fn cluster(goals: &Goals) {
                         mode: Mode::OpenId,
                         identity: None,
                     },
-                    state: Durable::Waiting,
+                    state: Durable::WAITING,
                 }))
             })
             .collect();

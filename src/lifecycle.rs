@@ -106,7 +106,12 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Durable {
-    Waiting,
+    /// `absent`: past the join timeout, the listings that found the member absent so far (the
+    /// join timeout itself runs from the delegation's `created_at_ms`).
+    Waiting {
+        #[serde(default, skip_serializing_if = "Absences::is_empty")]
+        absent: Absences,
+    },
     /// `binding` is the newest live session; `others` the member's other live sessions;
     /// `absent`, by session, the listings that found one absent so far: the proof of a lost
     /// departure, which the job's next holder (another instance, or this one restarted)
@@ -118,8 +123,14 @@ pub enum Durable {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         absent: Vec<(String, Absences)>,
     },
+    /// `until`: when the grace period given to the bound session ends; `absent`: the listings
+    /// past it that found the member absent so far.
     Grace {
         binding: Binding,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<Millis>,
+        #[serde(default, skip_serializing_if = "Absences::is_empty")]
+        absent: Absences,
     },
     /// `returned`: sessions of the member seen connected again while the send was in flight.
     Sending {
@@ -308,7 +319,16 @@ pub struct Absences {
     last: Millis,
 }
 
+impl Durable {
+    /// A delegation just stored: waiting for its member, nothing established yet.
+    pub const WAITING: Durable = Durable::Waiting { absent: Absences { count: 0, first: 0, last: 0 } };
+}
+
 impl Absences {
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// Evidence gathered by an earlier holder, as this one can use it at `now`: a time ahead of
     /// `now` (the earlier holder's clock ran ahead of ours) is taken as `now`, so that skew can
     /// only make the proof slower, never let it span less than it must.
@@ -533,18 +553,30 @@ impl Job {
     /// A job loaded from the store after a restart of the service. Its durable phase is trusted
     /// only as far as it is safe: the event is restarted (or sent) at once and LiveKit is asked
     /// again before any absence can lead to a send.
+    /// `delegated_at` is when the delegation was accepted, on the same clock as `now`: a member
+    /// that has not joined gets what is left of its join timeout, and a migrating one what is
+    /// left of its grace period (never more than a whole one: a clock that ran ahead only makes
+    /// them longer); evidence of absence gathered by the earlier holder goes on.
     pub fn resume(
         delay: Millis,
         seed: u64,
         timing: impl Into<Arc<Timing>>,
         durable: Durable,
+        delegated_at: Millis,
         now: Millis,
     ) -> (Job, Vec<Action>) {
         let timing = timing.into();
         // Bound to the sessions that came back: a phase to store in place of the stored one.
         let rebound = matches!(&durable, Durable::Sending { returned, .. } if !returned.is_empty());
+        // What is left of a period that ran out at `end` (as the earlier holder saw it): not
+        // before now, and never more than the whole `period` from now.
+        let left = |end: Millis, period: Millis| end.clamp(now, now + period);
+        let mut absent = Absences::default();
         let phase = match durable {
-            Durable::Waiting => Phase::Waiting { join_deadline: now + timing.join_timeout },
+            Durable::Waiting { absent: evidence } => {
+                absent = evidence.carried_over(now);
+                Phase::Waiting { join_deadline: left(delegated_at + timing.join_timeout, timing.join_timeout) }
+            }
             Durable::Connected { binding, mut others, absent } => {
                 // Back where it was among them: before every session that joined no earlier, so
                 // that it is the newest again (ties go to the session admitted first), and the
@@ -559,7 +591,11 @@ impl Job {
                 let live = others.into_iter().map(|b| Live { absent: evidence(&b), ..Live::new(b, now) });
                 Phase::Connected { sessions: live.collect() }
             }
-            Durable::Grace { binding } => Phase::Grace { binding, since: now, until: now + timing.grace },
+            Durable::Grace { binding, until, absent: evidence } => {
+                absent = evidence.carried_over(now);
+                let until = until.map_or(now + timing.grace, |u| left(u, timing.grace));
+                Phase::Grace { binding, since: now, until }
+            }
             // The member came back while the send was in flight: whether it went out is not
             // known here. Kept alive instead of sent again: if it did go out, the first restart
             // answers that the event is gone.
@@ -581,7 +617,7 @@ impl Job {
             deadline: now + delay,
             probe_at,
             probe_expires: None,
-            absent: Absences::default(),
+            absent,
             dead_sids: Vec::new(),
             gone_sids: Vec::new(),
         };
@@ -603,7 +639,7 @@ impl Job {
     /// What to store for this job; `None` once it is done.
     pub fn durable(&self) -> Option<Durable> {
         Some(match &self.phase {
-            Phase::Waiting { .. } => Durable::Waiting,
+            Phase::Waiting { .. } => Durable::Waiting { absent: self.absent },
             Phase::Connected { sessions } => {
                 let binding = newest(sessions).expect("a connected job has a session").clone();
                 let others = sessions.iter().map(|l| &l.binding).filter(|b| b.sid != binding.sid).cloned().collect();
@@ -611,7 +647,9 @@ impl Job {
                     sessions.iter().filter(|l| l.absent.count > 0).map(|l| (l.binding.sid.clone(), l.absent)).collect();
                 Durable::Connected { binding, others, absent }
             }
-            Phase::Grace { binding, .. } => Durable::Grace { binding: binding.clone() },
+            Phase::Grace { binding, until, .. } => {
+                Durable::Grace { binding: binding.clone(), until: Some(*until), absent: self.absent }
+            }
             Phase::Sending { trigger, returned, .. } => {
                 Durable::Sending { trigger: *trigger, returned: returned.clone() }
             }
@@ -913,6 +951,8 @@ impl Job {
                 if at >= *join_deadline {
                     if self.absence_confirmed(at, now) {
                         self.start_sending(Trigger::NeverJoined, now, out);
+                    } else {
+                        out.push(Action::Persist); // the evidence grew: stored for the next holder
                     }
                 } else if asked {
                     // Too early to prove anything: ask again at the deadline (or now, if our
@@ -933,6 +973,8 @@ impl Job {
                 if at >= *until {
                     if self.absence_confirmed(at, now) {
                         self.start_sending(Trigger::GraceExpired, now, out);
+                    } else {
+                        out.push(Action::Persist); // the evidence grew: stored for the next holder
                     }
                 } else if asked && now >= *until {
                     self.probe_at = Some(now);

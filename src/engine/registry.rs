@@ -343,7 +343,14 @@ impl Registry {
     /// Resumes a job loaded from the store.
     pub fn resume(&mut self, record: JobRecord, now: Millis) {
         let delegation = Arc::new(record.delegation);
-        let (job, actions) = Job::resume(delegation.delay_ms, record.id.0, self.timing.clone(), record.state, now);
+        let (job, actions) = Job::resume(
+            delegation.delay_ms,
+            record.id.0,
+            self.timing.clone(),
+            record.state,
+            delegation.created_at_ms,
+            now,
+        );
         self.insert(record.id, job, delegation);
         self.run(record.id, actions);
     }
@@ -445,7 +452,7 @@ impl Registry {
         };
         let shard = shard_of(&d.livekit_room());
         let id = self.new_id();
-        let record = JobRecord { id, delegation: d.clone(), state: Durable::Waiting };
+        let record = JobRecord { id, delegation: d.clone(), state: Durable::WAITING };
         self.pending.push((shard, StoreOp::Insert(Box::new(record))));
         self.pending.extend(replaces.map(|old| (shard, StoreOp::Delete(old))));
         self.start_delegation(Staged { id, delegation: d, replaces, tickets: vec![Ticket::INBOX] }, now);
@@ -1033,7 +1040,7 @@ impl Registry {
             ops.push(StoreOp::Insert(Box::new(JobRecord {
                 id: s.id,
                 delegation: s.delegation.clone(),
-                state: Durable::Waiting,
+                state: Durable::WAITING,
             })));
             ops.extend(s.replaces.map(StoreOp::Delete));
         }

@@ -184,7 +184,7 @@ async fn webhooks_are_acknowledged_only_once_durable_and_retries_are_not_lost() 
     let store = &fakes.store;
     let d = delegation("syd_1", "DEV");
     let id = engine.delegate(d.clone()).await.unwrap();
-    assert_eq!(store.jobs.lock().unwrap()[&id].state, Durable::Waiting);
+    assert_eq!(store.jobs.lock().unwrap()[&id].state, Durable::WAITING);
 
     store.down.store(true, Ordering::SeqCst);
     let e = joined(&d, "PA_1", "EV_1");
@@ -333,7 +333,7 @@ async fn a_cold_start_with_100k_due_jobs_runs_no_more_tasks_than_the_limits() {
         let mut jobs = fakes.store.jobs.lock().unwrap();
         for i in 0..100_000u64 {
             let d = Delegation { delay_ms: 600_000, ..delegation(&format!("syd_{i}"), &format!("DEV{i}")) };
-            jobs.insert(JobId(i + 1), JobRecord { id: JobId(i + 1), delegation: d, state: Durable::Waiting });
+            jobs.insert(JobId(i + 1), JobRecord { id: JobId(i + 1), delegation: d, state: Durable::WAITING });
         }
     }
     let before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
@@ -372,7 +372,7 @@ fn a_stored_appservice_job_of_another_homeserver_is_not_resumed() {
     let record = |user: &str, mode: Mode, n: u64| JobRecord {
         id: JobId(n),
         delegation: Delegation { user_id: user.into(), mode, ..delegation(&format!("syd_{n}"), "DEV") },
-        state: Durable::Waiting,
+        state: Durable::WAITING,
     };
     let records = vec![
         record("@a:hs.test", Mode::Appservice, 1),

@@ -432,15 +432,27 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
         joined_at_ms: 1_000,
         room_sid: String::new(),
     };
-    let (mut job, actions) =
-        Job::resume(DELAY, 1, Timing::default(), Durable::Connected { binding, others: vec![], absent: vec![] }, 1_000);
+    let (mut job, actions) = Job::resume(
+        DELAY,
+        1,
+        Timing::default(),
+        Durable::Connected { binding, others: vec![], absent: vec![] },
+        1_000,
+        1_000,
+    );
     assert!(actions.contains(&Action::Restart { call: 1 }));
     assert!(actions.contains(&Action::Probe));
     let mut out = Vec::new();
     job.handle(Event::Observed { at: 1_000, present: vec![] }, 1_010, &mut out);
     assert_eq!(job.kind(), PhaseKind::Connected, "a listing from the resume instant is not proof");
-    let (_, actions) =
-        Job::resume(DELAY, 1, Timing::default(), Durable::Sending { trigger: Trigger::Departed, returned: vec![] }, 0);
+    let (_, actions) = Job::resume(
+        DELAY,
+        1,
+        Timing::default(),
+        Durable::Sending { trigger: Trigger::Departed, returned: vec![] },
+        0,
+        0,
+    );
     assert!(actions.contains(&Action::Send { call: 1 }));
 }
 
@@ -464,14 +476,14 @@ fn an_absence_proof_is_continued_by_the_next_holder() {
 
     // Taken over well past the grace period: the first listing completes the proof.
     let now = 1_000 + t.grace + 5_000;
-    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), stored.clone(), now);
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), stored.clone(), now, now);
     let mut out = Vec::new();
     job.handle(Event::Observed { at: now + 1, present: vec![] }, now + 2, &mut out);
     assert!(sends(&out), "the carried-over proof was not completed: {out:?}");
 
     // Without the stored evidence the new holder would start over.
     let Durable::Connected { binding, others, .. } = stored else { unreachable!() };
-    let (mut job, _) = Job::resume(DELAY, 1, t, Durable::Connected { binding, others, absent: vec![] }, now);
+    let (mut job, _) = Job::resume(DELAY, 1, t, Durable::Connected { binding, others, absent: vec![] }, now, now);
     let mut out = Vec::new();
     job.handle(Event::Observed { at: now + 1, present: vec![] }, now + 2, &mut out);
     assert!(!sends(&out), "{out:?}");
@@ -490,7 +502,7 @@ fn a_carried_over_proof_still_spans_the_grace_period() {
     }
     let stored = h.job.durable().unwrap();
     let now = h.now + 100;
-    let (mut job, actions) = Job::resume(DELAY, 1, t.clone(), stored.clone(), now);
+    let (mut job, actions) = Job::resume(DELAY, 1, t.clone(), stored.clone(), now, now);
     assert!(actions.contains(&Action::Probe));
     let at = now + t.absence_spacing;
     let mut out = Vec::new();
@@ -501,7 +513,8 @@ fn a_carried_over_proof_still_spans_the_grace_period() {
     // An earlier holder's clock 60 s ahead: its listings count as seen at the takeover.
     let Durable::Connected { binding, others, absent } = stored else { unreachable!() };
     let ahead = absent.into_iter().map(|(sid, a)| (sid, a.shifted(60_000))).collect();
-    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), Durable::Connected { binding, others, absent: ahead }, now);
+    let (mut job, _) =
+        Job::resume(DELAY, 1, t.clone(), Durable::Connected { binding, others, absent: ahead }, now, now);
     let mut out = Vec::new();
     job.handle(Event::Observed { at: now + t.absence_spacing, present: vec![] }, now + t.absence_spacing, &mut out);
     assert!(!sends(&out), "{out:?}");
@@ -562,7 +575,7 @@ fn a_resumed_job_reads_as_it_was_stored() {
         },
     ];
     for durable in stored {
-        let (job, _) = Job::resume(DELAY, 1, Timing::default(), durable.clone(), 0);
+        let (job, _) = Job::resume(DELAY, 1, Timing::default(), durable.clone(), 0, 0);
         assert_eq!(job.durable(), Some(durable));
     }
 }
@@ -658,7 +671,7 @@ fn a_member_back_during_a_send_is_kept_alive_by_the_next_holder() {
     let stored = h.job.durable().unwrap();
     assert!(matches!(&stored, Durable::Sending { returned, .. } if returned.len() == 1 && returned[0].sid == "PA_2"));
     // The next holder: kept alive at once, its phase stored, nothing sent.
-    let (job, actions) = Job::resume(DELAY, 1, Timing::default(), stored, 0);
+    let (job, actions) = Job::resume(DELAY, 1, Timing::default(), stored, 0, 0);
     assert_eq!(job.kind(), PhaseKind::Connected);
     assert_eq!(job.binding().unwrap().sid, "PA_2");
     assert!(actions.contains(&Action::Persist) && actions.contains(&Action::Restart { call: 1 }), "{actions:?}");
@@ -666,7 +679,7 @@ fn a_member_back_during_a_send_is_kept_alive_by_the_next_holder() {
     // Gone again for good before the answer: stored too; the next holder sends.
     let out = h.ev(Event::Left { session: session("PA_2", 2), reason: LeaveReason::Final });
     assert!(out.contains(&Action::Persist), "{out:?}");
-    let (_, actions) = Job::resume(DELAY, 1, Timing::default(), h.job.durable().unwrap(), 0);
+    let (_, actions) = Job::resume(DELAY, 1, Timing::default(), h.job.durable().unwrap(), 0, 0);
     assert!(sends(&actions), "{actions:?}");
 }
 
@@ -1152,15 +1165,16 @@ fn a_listing_older_than_a_departure_does_not_bring_the_session_back() {
     assert_eq!(h.job.kind(), PhaseKind::Connected);
 }
 
-/// A stored job is resumed with its clocks restarted from the resume instant: the join timeout
-/// and the grace period run again in full, the event is restarted (or sent) at once, and a job
-/// that was sending asks LiveKit nothing before sending.
+/// A stored job delegated at the resume instant (or whose grace period was not stored) is
+/// resumed with its clocks running from then: the join timeout and the grace period in full, the
+/// event restarted (or sent) at once, and a job that was sending asks LiveKit nothing before
+/// sending.
 #[test]
 fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
     let t = Timing::default();
     let at = 50_000;
 
-    let (mut job, actions) = Job::resume(DELAY, 1, t.clone(), Durable::Waiting, at);
+    let (mut job, actions) = Job::resume(DELAY, 1, t.clone(), Durable::WAITING, at, at);
     assert_eq!(job.deadline(), at + DELAY);
     assert!(actions.contains(&Action::Probe));
     let mut out = Vec::new();
@@ -1173,7 +1187,8 @@ fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
     assert!(sends(&out));
 
     let binding = session_binding("PA_a");
-    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), Durable::Grace { binding }, at);
+    let (mut job, _) =
+        Job::resume(DELAY, 1, t.clone(), Durable::Grace { binding, until: None, absent: Absences::default() }, at, at);
     assert_eq!(job.binding().map(|b| b.sid.as_str()), Some("PA_a"));
     assert_eq!(job.live_sessions(), 1);
     let mut out = Vec::new();
@@ -1185,9 +1200,65 @@ fn resumed_jobs_run_their_timeouts_from_the_resume_instant() {
     }
     assert!(sends(&out));
 
-    let (_, actions) = Job::resume(DELAY, 1, t, Durable::Sending { trigger: Trigger::Departed, returned: vec![] }, at);
+    let (_, actions) =
+        Job::resume(DELAY, 1, t, Durable::Sending { trigger: Trigger::Departed, returned: vec![] }, at, at);
     assert!(actions.contains(&Action::Send { call: 1 }));
     assert!(!actions.contains(&Action::Probe), "{actions:?}");
+}
+
+/// A never-joined member's join timeout runs from its delegation, not from a takeover, and the
+/// listings an earlier holder made past it count: taken over long after, with two absences
+/// stored, one listing completes the proof. A migrating member's grace period is what was stored
+/// (never longer than a whole one from the takeover), its evidence carried over the same way.
+#[test]
+fn a_takeover_continues_a_join_timeout_and_a_grace_period() {
+    let t = Timing::default();
+    // Waiting: delegated at 0; the earlier holder saw it absent twice past its join timeout.
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    for i in 0..2 {
+        h.now = t.join_timeout + i * t.absence_spacing;
+        let out = h.ev(Event::Observed { at: h.now, present: vec![] });
+        assert!(out.contains(&Action::Persist), "the evidence is stored as it grows: {out:?}");
+    }
+    let stored = h.job.durable().unwrap();
+    assert!(matches!(stored, Durable::Waiting { absent } if absent.count == 2), "{stored:?}");
+    let now = t.join_timeout + 60_000;
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), stored, 0, now);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: now + 1, present: vec![] }, now + 1, &mut out);
+    assert!(sends(&out), "the join timeout and the evidence were not carried over: {out:?}");
+    // Without stored evidence, still no new join timeout: the first listing already counts.
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), Durable::WAITING, 0, now);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: now + 1, present: vec![] }, now + 1, &mut out);
+    assert!(!sends(&out) && job.poll_timeout() == Some(now + 1 + t.absence_spacing), "{out:?}");
+
+    // Grace: left for a migration at 1_000; two absences past the grace period were stored.
+    let mut h = Harness::in_grace_since(1_000);
+    let until = 1_000 + t.grace;
+    for i in 0..2 {
+        h.now = until + i * t.absence_spacing;
+        h.ev(Event::Observed { at: h.now, present: vec![] });
+    }
+    let stored = h.job.durable().unwrap();
+    assert!(matches!(&stored, Durable::Grace { until: Some(u), absent, .. } if *u == until && absent.count == 2));
+    let now = until + 30_000;
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), stored, 0, now);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: now + 1, present: vec![] }, now + 1, &mut out);
+    assert!(sends(&out), "the grace period and the evidence were not carried over: {out:?}");
+    // A grace period stored by a holder whose clock ran a minute ahead: at most a whole one here.
+    let binding = session_binding("PA_a");
+    let ahead = Durable::Grace { binding, until: Some(now + 60_000), absent: Absences::default() };
+    let (mut job, _) = Job::resume(DELAY, 1, t.clone(), ahead, 0, now);
+    let mut out = Vec::new();
+    job.handle(Event::Observed { at: now + t.grace - 1, present: vec![] }, now + t.grace - 1, &mut out);
+    assert!(!sends(&out));
+    for at in [now + t.grace, now + t.grace + t.absence_spacing, now + t.grace + 2 * t.absence_spacing] {
+        job.handle(Event::Observed { at, present: vec![] }, at, &mut out);
+    }
+    assert!(sends(&out), "a grace period longer than a whole one from the takeover: {out:?}");
 }
 
 fn session_binding(sid: &str) -> Binding {

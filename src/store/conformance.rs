@@ -29,7 +29,7 @@ pub fn record(id: u64) -> JobRecord {
             mode: Mode::OpenId,
             identity: (id % 2 == 0).then(|| format!("minted-{id}")),
         },
-        state: Durable::Waiting,
+        state: Durable::WAITING,
     }
 }
 

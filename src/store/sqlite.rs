@@ -249,7 +249,7 @@ mod tests {
                 mode: crate::delegation::Mode::Appservice,
                 identity: None,
             },
-            state: Durable::Waiting,
+            state: Durable::WAITING,
         }
     }
 
@@ -322,7 +322,7 @@ mod tests {
         let mut jobs = store.load().await.unwrap();
         jobs.sort_by_key(|j| j.id.0);
         assert_eq!(jobs.iter().map(|j| j.id.0).collect::<Vec<_>>(), vec![1, 2], "job 3 inserted anyway");
-        assert_eq!(jobs[0].state, Durable::Waiting, "job 1's phase changed anyway");
+        assert_eq!(jobs[0].state, Durable::WAITING, "job 1's phase changed anyway");
         // The store is still usable.
         store.commit(vec![StoreOp::Insert(Box::new(record(3)))]).await.unwrap();
         assert_eq!(store.load().await.unwrap().len(), 3);

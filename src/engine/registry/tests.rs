@@ -145,7 +145,7 @@ fn a_delegation_takes_effect_only_once_committed() {
     let d = delegation("a", "DEV", "syd_1");
     let t = rig.delegate(&d);
     assert_eq!(rig.commits.len(), 1);
-    assert!(matches!(&rig.commits[0][..], [StoreOp::Insert(r)] if r.delegation == d && r.state == Durable::Waiting));
+    assert!(matches!(&rig.commits[0][..], [StoreOp::Insert(r)] if r.delegation == d && r.state == Durable::WAITING));
     assert!(rig.delegated.is_empty() && rig.calls.is_empty() && rig.r.is_empty(), "nothing before the commit");
     rig.commit(Ok(()));
     let id = rig.answer_of(t).unwrap();
@@ -304,7 +304,7 @@ fn a_cold_start_starts_calls_up_to_the_limits_and_sends_never_queue_behind_resta
     for i in 0..100 {
         let d = delegation(&format!("u{i}"), "DEV", &format!("syd_{i}"));
         let id = JobId(i + 1);
-        rig.r.resume(JobRecord { id, delegation: d, state: Durable::Waiting }, 0);
+        rig.r.resume(JobRecord { id, delegation: d, state: Durable::WAITING }, 0);
         ids.push(id);
     }
     let resumed_sending = JobId(1_000);
@@ -336,12 +336,12 @@ fn a_homeserver_that_never_answers_delays_only_its_own_members() {
             delay_id: format!("syd_h{i}"),
             ..delegation("x", "DEV", "unused")
         };
-        rig.r.resume(JobRecord { id: JobId(10_000 + i), delegation: d, state: Durable::Waiting }, 0);
+        rig.r.resume(JobRecord { id: JobId(10_000 + i), delegation: d, state: Durable::WAITING }, 0);
     }
     let good: Vec<JobId> = (0..20).map(|i| JobId(i + 1)).collect();
     for (i, id) in good.iter().enumerate() {
         let d = delegation(&format!("g{i}"), "DEV", &format!("syd_g{i}"));
-        rig.r.resume(JobRecord { id: *id, delegation: d, state: Durable::Waiting }, 0);
+        rig.r.resume(JobRecord { id: *id, delegation: d, state: Durable::WAITING }, 0);
     }
     rig.flush();
     let hostile_started = |rig: &Rig| rig.calls.iter().filter(|c| c.3.user_id.ends_with(":hostile.test")).count();
@@ -502,7 +502,7 @@ proptest! {
                 continue;
             }
             let id = JobId(i as u64 + 1);
-            rig.r.resume(JobRecord { id, delegation: d.clone(), state: Durable::Waiting }, 0);
+            rig.r.resume(JobRecord { id, delegation: d.clone(), state: Durable::WAITING }, 0);
             jobs.insert(id, d);
         }
         rig.flush();
@@ -759,9 +759,9 @@ impl World {
                     Durable::Connected { binding, others, .. } => {
                         others.iter().chain([binding]).map(|b| b.sid.clone()).collect()
                     }
-                    Durable::Grace { binding } => vec![binding.sid.clone()],
+                    Durable::Grace { binding, .. } => vec![binding.sid.clone()],
                     Durable::Sending { returned, .. } => returned.iter().map(|b| b.sid.clone()).collect(),
-                    Durable::Waiting => Vec::new(),
+                    Durable::Waiting { .. } => Vec::new(),
                 })
                 .collect();
         }
@@ -1195,7 +1195,7 @@ fn a_failed_commit_of_an_earlier_holding_is_not_retried_under_the_next() {
     delegated_and_joining(&mut rig, shard, &a);
     let commits = rig.commits.len();
     rig.r.release(shard);
-    let stored = JobRecord { id: JobId(1), delegation: a.clone(), state: Durable::Waiting };
+    let stored = JobRecord { id: JobId(1), delegation: a.clone(), state: Durable::WAITING };
     rig.r.adopt(shard, 4, entry(1), vec![stored], rig.now);
     rig.commit(Err(StoreError("FENCED shard".into())));
     rig.advance(Limits::default().commit_retry);
@@ -1218,7 +1218,7 @@ fn a_failed_commit_of_an_earlier_holding_is_not_retried_under_the_next() {
 fn a_late_answer_to_a_call_of_an_earlier_holding_is_not_taken_for_the_next_ones() {
     let (mut rig, shard) = sharded();
     let a = delegation("a", "DEV", "syd_a");
-    let stored = || JobRecord { id: JobId(7), delegation: a.clone(), state: Durable::Waiting };
+    let stored = || JobRecord { id: JobId(7), delegation: a.clone(), state: Durable::WAITING };
     rig.r.release(shard);
     rig.r.adopt(shard, 4, entry(0), vec![stored()], rig.now);
     rig.flush();
