@@ -1261,6 +1261,24 @@ fn a_takeover_continues_a_join_timeout_and_a_grace_period() {
     assert!(sends(&out), "a grace period longer than a whole one from the takeover: {out:?}");
 }
 
+/// Rows stored before the evidence and the grace period's end were kept still read, as what
+/// they said (nothing established), and a new delegation is stored as before.
+#[test]
+fn rows_stored_by_earlier_versions_still_read() {
+    let read = |json: &str| serde_json::from_str::<Durable>(json).unwrap();
+    assert_eq!(read(r#"{"phase":"waiting"}"#), Durable::WAITING);
+    assert_eq!(serde_json::to_string(&Durable::WAITING).unwrap(), r#"{"phase":"waiting"}"#);
+    let binding = r#"{"identity":"id","sid":"PA_a","joined_at":1,"joined_at_ms":1000,"room_sid":""}"#;
+    assert_eq!(
+        read(&format!(r#"{{"phase":"grace","binding":{binding}}}"#)),
+        Durable::Grace { binding: session_binding("PA_a"), until: None, absent: Absences::default() }
+    );
+    assert_eq!(
+        read(&format!(r#"{{"phase":"connected","binding":{binding}}}"#)),
+        Durable::Connected { binding: session_binding("PA_a"), others: vec![], absent: vec![] }
+    );
+}
+
 fn session_binding(sid: &str) -> Binding {
     Binding { identity: "id".into(), sid: sid.into(), joined_at: 1, joined_at_ms: 1_000, room_sid: String::new() }
 }
