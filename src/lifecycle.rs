@@ -700,13 +700,15 @@ impl Job {
         [call, probe, self.unconfirmed_deadline()].into_iter().flatten().min()
     }
 
-    /// When to give up on a confirmation LiveKit cannot give (see [`Timing::unconfirmed_limit`]).
-    /// Any answer after the confirmation became due ends the phase, so a job still in it then has
-    /// had none.
+    /// When to give up on a confirmation LiveKit cannot give (see [`Timing::unconfirmed_limit`]):
+    /// that long after it became due, or after the last listing LiveKit answered since (a proof
+    /// of absence takes several): only LiveKit's silence makes the job give up, never a proof
+    /// still under way.
     fn unconfirmed_deadline(&self) -> Option<Millis> {
+        let answered = if self.absent.count > 0 { self.absent.last } else { 0 };
         match self.phase {
-            Phase::Waiting { join_deadline } => Some(join_deadline + self.timing.unconfirmed_limit),
-            Phase::Grace { until, .. } => Some(until + self.timing.unconfirmed_limit),
+            Phase::Waiting { join_deadline } => Some(join_deadline.max(answered) + self.timing.unconfirmed_limit),
+            Phase::Grace { until, .. } => Some(until.max(answered) + self.timing.unconfirmed_limit),
             _ => None,
         }
     }

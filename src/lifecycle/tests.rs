@@ -1279,6 +1279,28 @@ fn rows_stored_by_earlier_versions_still_read() {
     );
 }
 
+/// LiveKit silent for most of the unconfirmed limit, then answering: the proof of absence it
+/// takes (three listings, 1.5 s apart) completes, and the leave is sent; the job does not give up
+/// on a LiveKit that answers just because the proof outlasts the limit.
+#[test]
+fn a_proof_under_way_is_not_cut_short_by_the_unconfirmed_limit() {
+    let t = Timing::default();
+    let mut h = Harness::new();
+    h.answer_restart(HsAnswer::Ok);
+    // LiveKit answers nothing past the join timeout until shortly before the limit.
+    let first = t.join_timeout + t.unconfirmed_limit - 1_000;
+    let mut out = Vec::new();
+    for (i, at) in [first, first + t.absence_spacing, first + 2 * t.absence_spacing].into_iter().enumerate() {
+        h.advance_to(at);
+        if h.job.kind() == PhaseKind::Done {
+            panic!("gave up at listing {i} although LiveKit answers: {:?}", h.log.last());
+        }
+        h.answer_restart(HsAnswer::Ok);
+        out = h.ev(Event::Observed { at, present: vec![] });
+    }
+    assert!(sends(&out), "{out:?}");
+}
+
 fn session_binding(sid: &str) -> Binding {
     Binding { identity: "id".into(), sid: sid.into(), joined_at: 1, joined_at_ms: 1_000, room_sid: String::new() }
 }
