@@ -609,6 +609,8 @@ struct World {
     /// again if the instance dies first).
     unanswered: BTreeMap<Ticket, SfuEvent>,
     crashes: u64,
+    /// Delay ids a send was issued for, by any holder.
+    sent: HashSet<String>,
 }
 
 /// A listing started: its room and start, who was connected then, and which job (incarnation)
@@ -653,6 +655,7 @@ impl World {
             delegations: BTreeMap::new(),
             unanswered: BTreeMap::new(),
             crashes: 0,
+            sent: HashSet::new(),
         };
         match &w.holding {
             Some(h) => {
@@ -787,6 +790,7 @@ impl World {
             if let Some(sid) = &self.connected[m] {
                 assert!(!self.known[m].contains(sid), "job {job} sent a leave while its member is connected as {sid}");
             }
+            self.sent.insert(d.delay_id.clone());
         }
         for (room, at) in std::mem::take(&mut self.rig.lists) {
             let present = (0..3)
@@ -999,7 +1003,76 @@ fn run_world(sharded: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let live: BTreeMap<JobId, Durable> =
         w.rig.r.jobs.iter().filter_map(|(id, e)| e.job.durable().map(|s| (*id, s))).collect();
     prop_assert_eq!(&w.stored, &live);
-    Ok(())
+    w.everybody_leaves()
+}
+
+impl World {
+    /// Liveness, through whatever handovers and crashes came before: from now on LiveKit and the
+    /// homeserver answer everything, promptly and truthfully; every connected member leaves (its
+    /// departure delivered). Every job still alive whose event can still be kept alive (its last
+    /// chance to restart it, as the job knows its deadline, still ahead) ends with a send of its
+    /// delay id, within the time the slowest proof takes.
+    fn everybody_leaves(&mut self) -> Result<(), TestCaseError> {
+        for m in 0..self.members.len() {
+            self.step(Op::Disconnect(m));
+        }
+        while !self.webhooks.is_empty() {
+            self.step(Op::Deliver(0));
+        }
+        // What was due fires first (a job whose event the homeserver fired ends here).
+        let now = self.rig.now;
+        self.rig.advance(now);
+        self.take_effects();
+        let expected: Vec<(JobId, String)> = self
+            .rig
+            .r
+            .jobs
+            .iter()
+            // Its last chance to be restarted (a tenth of the delay before its deadline) still
+            // ahead: after that, a homeserver that failed it lets it fire.
+            .filter(|(_, e)| e.job.deadline().saturating_sub(e.delegation.delay_ms / 10) > now)
+            .map(|(id, e)| (*id, e.delegation.delay_id.clone()))
+            .collect();
+        let timing = Timing::default();
+        let end = now + timing.join_timeout.max(timing.grace) + timing.unconfirmed_limit + 60_000;
+        let mut next_reconcile = now;
+        let mut last_seen: BTreeMap<JobId, (Millis, String)> = BTreeMap::new();
+        while self.rig.now < end && !self.rig.r.jobs.is_empty() {
+            for (id, e) in &self.rig.r.jobs {
+                last_seen.insert(*id, (self.rig.now, format!("{:?} deadline {}", e.job.kind(), e.job.deadline())));
+            }
+            self.read(usize::MAX);
+            self.settle_commit(true);
+            self.take_effects();
+            let calls = std::mem::take(&mut self.rig.calls);
+            for (_, call, action, _) in calls {
+                self.rig.r.call_answered(call, action, HsAnswer::Ok, self.rig.now);
+            }
+            self.rig.flush();
+            while !self.listings.is_empty() {
+                self.step(Op::FinishListing(0, true));
+            }
+            if self.rig.now >= next_reconcile {
+                self.step(Op::Reconcile);
+                next_reconcile = self.rig.now + 5_000;
+            }
+            let to = self.rig.now + 250;
+            self.rig.advance(to);
+            self.take_effects();
+        }
+        for (id, delay_id) in expected {
+            prop_assert!(
+                self.sent.contains(&delay_id),
+                "job {} ({}) never sent its leave after everybody left (from {}); still tracked: {}; last seen {:?}",
+                id,
+                delay_id,
+                now,
+                self.rig.r.jobs.contains_key(&id),
+                last_seen.get(&id)
+            );
+        }
+        Ok(())
+    }
 }
 
 proptest! {
@@ -1008,7 +1081,9 @@ proptest! {
     /// Whatever the order of webhooks, listings, homeserver answers and store outcomes, for
     /// several members of one room: no leave goes out for a member connected in a session its
     /// job was told of; every webhook is answered exactly once once the store works; and then
-    /// what is stored is exactly what every live job would store.
+    /// what is stored is exactly what every live job would store. And liveness: once everybody
+    /// has left and LiveKit and the homeserver answer, every job whose event is still alive
+    /// sends its leave (so also through the handovers and crashes of the two properties below).
     #[test]
     fn any_ordering_keeps_members_safe_and_the_store_exact(ops in proptest::collection::vec(op(), 0..150)) {
         run_world(false, ops)?;
