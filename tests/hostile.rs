@@ -270,9 +270,10 @@ async fn a_hostile_homeserver_delays_only_its_own_members() {
 async fn slowloris_clients_starve_neither_webhooks_nor_shutdown() {
     let _one = ONE_AT_A_TIME.lock().await;
     const HALF_OPEN: usize = 3_000;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(8);
     let livekit = LiveKit::start().await;
     let mut env = default_limits_env("http://127.0.0.1:9", &livekit, None);
-    env.insert("RTC_LEAVE_BRIDGE_HEADER_TIMEOUT".into(), "5s".into());
+    env.insert("RTC_LEAVE_BRIDGE_HEADER_TIMEOUT".into(), format!("{}s", HEADER_TIMEOUT.as_secs()));
     let mut bridge = Bridge::start(env).await;
     let pid = bridge.pid().unwrap();
     let rss_before = common::rss_kib(pid);
@@ -287,7 +288,10 @@ async fn slowloris_clients_starve_neither_webhooks_nor_shutdown() {
         slow.push(s);
     }
     let opened = Instant::now();
-    assert!(bridge.metric("rtc_leave_bridge_http_connections").await >= HALF_OPEN as f64);
+    // Connected as far as the client knows once the kernel has them; the bridge accepts them
+    // from its backlog moments later (seconds on a loaded machine).
+    let held = bridge.metric_reaches("rtc_leave_bridge_http_connections", HALF_OPEN as f64).await;
+    assert!(held >= HALF_OPEN as f64, "{held} of {HALF_OPEN} half-open connections held");
 
     // LiveKit's webhooks meanwhile, each on a connection of its own as a retry would be.
     let mut latencies = Vec::new();
@@ -311,12 +315,12 @@ async fn slowloris_clients_starve_neither_webhooks_nor_shutdown() {
     }
     latencies.sort();
     let worst = *latencies.last().unwrap();
-    assert!(opened.elapsed() < Duration::from_secs(5), "the webhooks came after the header timeout");
+    assert!(opened.elapsed() < HEADER_TIMEOUT, "the webhooks came after the header timeout");
     assert!(worst < Duration::from_millis(100), "a webhook took {worst:?} with {HALF_OPEN} half-open connections");
     let rss_peak = common::rss_kib(pid);
 
     // The header timeout closes every half-open connection.
-    tokio::time::sleep(Duration::from_secs(6).saturating_sub(opened.elapsed())).await;
+    tokio::time::sleep((HEADER_TIMEOUT + Duration::from_secs(1)).saturating_sub(opened.elapsed())).await;
     let mut closed = 0;
     for s in &mut slow {
         let mut buf = [0u8; 256];
