@@ -23,8 +23,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds on the shell's clock: Unix time as of the shell's start, advanced monotonically
-/// from there. Mostly only differences matter; the one time stored with a job (the listings of an
-/// absence proof, [`Absences`]) means the same to the job's next holder, up to clock skew.
+/// from there. Mostly only differences matter; the times stored with a job (an absence proof's
+/// listings, [`Absences`], and a grace period's end) mean the same to the job's next holder, up
+/// to clock skew.
 pub use crate::config::Millis;
 /// The lifecycle's timing knobs, read from the configuration.
 pub use crate::config::Timing;
@@ -309,8 +310,8 @@ impl Live {
 /// counted (listings started moments apart fall in the same gap), spanning at least `span`: the
 /// time a reconnection is given when we know of it.
 ///
-/// Stored with a connected job (times on the shell's clock), so that a job's next holder carries
-/// on with the evidence rather than starting over.
+/// Stored with the job (times on the shell's clock), so that its next holder carries on with the
+/// evidence rather than starting over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Absences {
     /// How many listings counted; the first and the last of them started at these times.
@@ -553,6 +554,7 @@ impl Job {
     /// A job loaded from the store after a restart of the service. Its durable phase is trusted
     /// only as far as it is safe: the event is restarted (or sent) at once and LiveKit is asked
     /// again before any absence can lead to a send.
+    ///
     /// `delegated_at` is when the delegation was accepted, on the same clock as `now`: a member
     /// that has not joined gets what is left of its join timeout, and a migrating one what is
     /// left of its grace period (never more than a whole one: a clock that ran ahead only makes
@@ -954,7 +956,7 @@ impl Job {
                     if self.absence_confirmed(at, now) {
                         self.start_sending(Trigger::NeverJoined, now, out);
                     } else {
-                        out.push(Action::Persist); // the evidence grew: stored for the next holder
+                        out.push(Action::Persist); // the evidence, stored for the next holder
                     }
                 } else if asked {
                     // Too early to prove anything: ask again at the deadline (or now, if our
@@ -976,7 +978,7 @@ impl Job {
                     if self.absence_confirmed(at, now) {
                         self.start_sending(Trigger::GraceExpired, now, out);
                     } else {
-                        out.push(Action::Persist); // the evidence grew: stored for the next holder
+                        out.push(Action::Persist); // the evidence, stored for the next holder
                     }
                 } else if asked && now >= *until {
                     self.probe_at = Some(now);

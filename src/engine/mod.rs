@@ -163,9 +163,9 @@ impl EngineHandle {
 }
 
 /// The engine's clock: Unix milliseconds as of the engine's start, advanced by the monotonic
-/// clock from there (it never steps back with the wall clock). The one time stored with a job, an
-/// absence proof's listings, so means the same to its next holder (this process restarted, or
-/// another instance), up to the machines' clock skew.
+/// clock from there (it never steps back with the wall clock). The times stored with a job (an
+/// absence proof's listings, a grace period's end) so mean the same to its next holder (this
+/// process restarted, or another instance), up to the machines' clock skew.
 #[derive(Clone, Copy)]
 struct Clock {
     origin: Instant,
