@@ -15,7 +15,6 @@ use common::livekit::{API_KEY, API_SECRET, LiveKit};
 use common::livekit_server::LiveKitServer;
 use common::participant::Participant;
 use common::webhook_proxy::WebhookProxy;
-use rtc_leave_bridge::livekit::room_service::RoomService;
 use rtc_leave_bridge::livekit::webhook::WebhookVerifier;
 use rtc_leave_bridge::livekit::{SfuEvent, SfuEventKind};
 use serde_json::Value;
@@ -73,17 +72,6 @@ fn reading(body: &str) -> String {
     }
 }
 
-fn rooms(url: &str) -> RoomService {
-    RoomService::new(
-        reqwest::Client::new(),
-        &url::Url::parse(url).unwrap(),
-        API_KEY,
-        API_SECRET,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_emulator_speaks_as_the_real_server_does() {
     rtc_leave_bridge::homeserver::install_crypto_provider();
@@ -94,7 +82,7 @@ async fn the_emulator_speaks_as_the_real_server_does() {
     tokio::spawn(async move { axum::serve(listener, sink).await.unwrap() });
     let webhooks = WebhookProxy::start(&sink_url).await;
     let server = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
-    let real_rooms = rooms(&server.http_url);
+    let real_rooms = common::livekit::room_service(&server.http_url);
     let room = "differential-room";
     let identity = "@alice:hs1.test:ALICEDEV";
     let killed_identity = "@bob:hs1.test:BOBDEV";
@@ -137,7 +125,7 @@ async fn the_emulator_speaks_as_the_real_server_does() {
 
     // ---- the emulator, scripted as the tests that use it script LiveKit ----
     let emulator = LiveKit::start().await;
-    let emu_rooms = rooms(&emulator.url.replace("ws://", "http://"));
+    let emu_rooms = common::livekit::room_service(&emulator.url.replace("ws://", "http://"));
     let mut emu: Vec<String> = Vec::new();
     let mut listings_emu = Vec::new();
     let a = emulator.connect(room, identity);

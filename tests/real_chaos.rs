@@ -36,7 +36,7 @@ use common::hs_proxy::HsProxy;
 use common::livekit_server::LiveKitServer;
 use common::participant::Participant;
 use common::synapse::{MatrixUser, Synapse, SynapseOptions};
-use common::webhook_proxy::{Delivery, WebhookProxy};
+use common::webhook_proxy::WebhookProxy;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
@@ -46,11 +46,6 @@ const DELAY_MS: u64 = 6_000;
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// The LiveKit session a webhook is about.
-fn sid_of(d: &Delivery) -> Option<&str> {
-    d.body.pointer("/participant/sid").and_then(Value::as_str)
 }
 
 /// One call of one member, from its token to its end.
@@ -255,7 +250,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         deliveries
             .iter()
             .filter(|d| d.event == "participant_left" || d.event == "participant_connection_aborted")
-            .find(|d| sid_of(d) == Some(sid))
+            .find(|d| d.sid.as_deref() == Some(sid))
             .map(|d| d.received)
     };
     // The end of a session that began at `start`: LiveKit's report, or LiveKit's death.
@@ -275,7 +270,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         }
         let stop = [life.ended, next].into_iter().flatten().min();
         for d in &deliveries {
-            let Some(sid) = sid_of(d) else { continue };
+            let Some(sid) = d.sid.as_deref() else { continue };
             if d.event == "participant_joined"
                 && d.identity.as_deref() == Some(life.identity.as_str())
                 && sid != life.sid

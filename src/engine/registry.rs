@@ -28,6 +28,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use prometheus_client::metrics::gauge::Gauge;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tracing::{debug, error, info, warn};
@@ -40,8 +41,6 @@ use crate::delegation::{DelayRef, Delegation, JobId};
 use crate::identity::Watch;
 use crate::lifecycle::{Action, Durable, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, Session, Timing, Trigger};
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
-use prometheus_client::metrics::gauge::Gauge;
-
 use crate::metrics::{ActionLabel, Metrics, OutcomeLabel, TriggerLabel};
 use crate::ports::{DelayedAction, Unobserved};
 use crate::scheduler::Scheduler;

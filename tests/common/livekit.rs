@@ -35,6 +35,19 @@ use sha2::Digest as _;
 pub const API_KEY: &str = "devkey";
 pub const API_SECRET: &str = "devsecret-that-is-long-enough-for-hs256";
 
+/// The bridge's own RoomService client for the LiveKit (emulator or real server) at `http_url`,
+/// with the tests' key: to list what LiveKit lists, as the bridge would read it.
+pub fn room_service(http_url: &str) -> rtc_leave_bridge::livekit::room_service::RoomService {
+    rtc_leave_bridge::livekit::room_service::RoomService::new(
+        reqwest::Client::new(),
+        &url::Url::parse(http_url).unwrap(),
+        API_KEY,
+        API_SECRET,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
 #[derive(Clone, Debug)]
 pub struct Participant {
     pub identity: String,

@@ -19,6 +19,8 @@ use serde_json::Value;
 pub struct Delivery {
     pub event: String,
     pub identity: Option<String>,
+    /// The participant's session (`PA_…`).
+    pub sid: Option<String>,
     pub reason: Option<String>,
     pub body: Value,
     pub received: Instant,
@@ -98,6 +100,7 @@ async fn forward(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
     let mut delivery = Delivery {
         event: text("/event").unwrap_or_default(),
         identity: text("/participant/identity"),
+        sid: text("/participant/sid"),
         reason: text("/participant/disconnectReason"),
         body: v.clone(),
         received,
