@@ -289,9 +289,12 @@ async fn a_store_blocked_for_ten_seconds_delays_no_restart() {
     let since = Instant::now();
     let started = futures::future::join_all(delegations.iter().map(|d| engine.delegate(d.clone()))).await;
     assert!(started.iter().all(Result::is_ok));
-    // From now on every commit holds its thread for 10 s. A second session of member 0 is a
-    // change to commit (whatever the listings already bound), so the webhook must wait.
-    fakes.store.block_ms.store(10_000, Ordering::SeqCst);
+    // From now on every commit holds its thread for 12 s. A second session of member 0 is a
+    // change to commit (whatever the listings already bound), so the webhook must wait. It is
+    // watched for 10 s: the answer comes 12 s after its commit began at the earliest, so a
+    // wake-up of the test's timer made late by a loaded machine cannot see it (`timeout` polls
+    // the answer before its timer).
+    fakes.store.block_ms.store(12_000, Ordering::SeqCst);
     let mut second = joined(&delegations[0], "PA_second", "EV_1");
     if let SfuEventKind::ParticipantJoined(p) = &mut second.kind {
         p.joined_at_ms = 2_000; // a newer session than the listed one
