@@ -169,7 +169,6 @@ impl Bridge {
         self.http.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
     }
 
-    /// The value of one sample line of `/metrics` (0 if absent).
     /// How many jobs the bridge tracks (the `jobs` gauges summed over states).
     pub async fn jobs_tracked(&self) -> f64 {
         let m = self.metrics().await;
@@ -191,6 +190,7 @@ impl Bridge {
         }
     }
 
+    /// The value of one sample line of `/metrics` (0 if absent).
     pub async fn metric(&self, sample: &str) -> f64 {
         self.metrics()
             .await
