@@ -16,10 +16,12 @@
 //!     homeserver was out of reach (and moments after: an event whose last chance fell in it), or
 //!     of an event the bridge was handed only after it had fired;
 //! (b) every departed member's leave within join timeout + 2 reconciliation intervals + the
-//!     listings that prove absence + a RoomService outage + a slow listing (+ 2 s), and one
-//!     takeover more per change of the member's shard's holder meanwhile (the goal, one takeover
-//!     at most however many there were, is counted and printed); a member who left while the
-//!     homeserver was out of reach, within its delay after the homeserver returned;
+//!     listings that prove absence + a RoomService outage + a slow listing (+ 2 s), each fault
+//!     counted once, and one takeover more if the member's shard changed hands meanwhile — one,
+//!     however many times it did (alone, each further restart adds only the time the instance
+//!     was down and starting); a member who left while the homeserver was out of reach, within
+//!     its delay after the homeserver returned; the run's p99 lateness within one takeover of
+//!     the bound without faults;
 //! (c) no superseded delay id ever sent;
 //! (d) no delegation answered 200 lost: every member's last delayed leave sent by the bridge, none
 //!     left to the homeserver's own timer (but those (a) and (b) allow in the outage).
@@ -579,27 +581,23 @@ async fn run(setup: Setup) {
         takeovers.get(&shard).map_or(&[], Vec::as_slice)
     };
     let (plain, takeover) = (leave_bound().as_millis() as i64, setup.takeover().as_millis() as i64);
-    // The goal (issue 20): a departure's bound grows by one takeover at most if the member's
-    // shard changed hands within it, however many times it did. Met by a lost departure's proof
-    // (it carries over a takeover), not yet by a never-joined member's join timeout nor a
-    // migrating member's grace period, which start again: counted and printed, not failed on.
-    let goal_for = |ended: i64, changes: &[i64]| {
-        plain + if changes.iter().any(|k| *k >= ended && *k <= ended + plain + takeover) { takeover } else { 0 }
-    };
-    // The bound failed on: each time the member's shard changed hands within it extends it by a
-    // takeover.
+    // A departure's bound: one takeover more if the member's shard changed hands within it,
+    // however many times it did — what a holder established (an absence proof, a join timeout, a
+    // grace period) is stored with the job and continued by the next one, never started again.
+    // Alone, every further restart of the only instance adds the time it was down and starting
+    // again (the kill's own cost), not a whole takeover.
     let bound_for = |ended: i64, changes: &[i64]| {
+        let dead = if setup.instances == 1 { (DOWNTIME + Duration::from_secs(1)).as_millis() as i64 } else { 0 };
         let mut bound = plain;
         loop {
-            let taken = changes.iter().filter(|k| **k >= ended && **k <= ended + bound).count() as i64;
-            let extended = plain + taken * takeover;
+            let hits = changes.iter().filter(|k| **k >= ended && **k <= ended + bound).count() as i64;
+            let extended = if hits == 0 { plain } else { plain + takeover + (hits - 1) * dead };
             if extended == bound {
                 return bound;
             }
             bound = extended;
         }
     };
-    let mut beyond_goal = 0;
     let bound = leave_bound().as_millis() as i64;
     let (mut premature, mut late, mut missing, mut superseded_sent, mut by_timer) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -630,7 +628,6 @@ async fn run(setup: Setup) {
                 if ts - ended > bound_for(ended, changes_of(life)).max(bound) {
                     late.push((life.clone(), ts - ended));
                 }
-                beyond_goal += usize::from(ts - ended > goal_for(ended, changes_of(life)).max(bound));
             }
         }
         for old in &life.delay_ids[..life.delay_ids.len() - 1] {
@@ -646,7 +643,7 @@ async fn run(setup: Setup) {
     let p99 = lateness.get((lateness.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or(0);
     let tally = net.tally.lock().unwrap();
     eprintln!(
-        "chaos report ({} instance(s) on {store}, seed {seed}): {} members, {} lives, {} leaves, lateness p99 {p99} ms, worst {} ms (bound {} ms, + {} ms per takeover of the member's shard meanwhile; {beyond_goal} beyond the goal of one takeover at most); faults: {} kill -9, {} webhooks of which {} lost and {} duplicated, {} RoomService outages, {} slow periods, {} Redis crash(es), homeserver out of reach {} s ({} leaves by its own timer meanwhile); {} refreshes, {} migrations, {} duplicate identities; premature {}, late {}, missing {}, superseded sent {}, left to the homeserver's timer {}",
+        "chaos report ({} instance(s) on {store}, seed {seed}): {} members, {} lives, {} leaves, lateness p99 {p99} ms, worst {} ms (bound {} ms, + {} ms if the member's shard changed hands meanwhile, however often); faults: {} kill -9, {} webhooks of which {} lost and {} duplicated, {} RoomService outages, {} slow periods, {} Redis crash(es), homeserver out of reach {} s ({} leaves by its own timer meanwhile); {} refreshes, {} migrations, {} duplicate identities; premature {}, late {}, missing {}, superseded sent {}, left to the homeserver's timer {}",
         setup.instances,
         members.len(),
         lives.len(),
@@ -746,6 +743,8 @@ async fn run(setup: Setup) {
         failures.push(format!("(d) leaves the bridge did not send: {by_timer:?}"));
     }
     assert!(failures.is_empty(), "chaos run failed (replay: CHAOS_SEED={seed}):\n{}", failures.join("\n"));
+    // Most departures meet no fault worth a takeover: the p99 stays within one.
+    assert!(p99 <= plain + takeover, "lateness p99 {p99} ms over {} ms (replay: CHAOS_SEED={seed})", plain + takeover);
     let killed = tally.kill_times.len();
     assert!(killed >= 20 || seconds < 60, "at least 20 kills in a run: {killed}");
     assert!(members.len() >= 200);

@@ -307,14 +307,24 @@ async fn a_graceful_stop_hands_the_shards_over_in_under_a_second() {
 }
 
 /// Redis killed -9 and started again (on its own AOF) under three instances: within a second of
-/// its return every instance takes webhooks again (none left answering 503 on a broken
-/// connection: LiveKit retries a webhook for about 15 s only), and a departure is applied by the
-/// shard's holder and sent at once (inbox reads and leases reconnected too). Nobody connected is
-/// removed meanwhile.
+/// its return every instance takes webhooks and delegations again (none left answering 503 on a
+/// broken connection: LiveKit retries a webhook for about 15 s only), and a departure is applied
+/// by the shard's holder and sent at once (inbox reads and leases reconnected too). Nobody
+/// connected is removed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_instance_is_back_within_a_second_of_redis() {
     let mut w = World::start(4).await;
     w.owner(Duration::from_secs(5)).await;
+    // One delegation per instance, to hand over once Redis is back (their members never join:
+    // their delayed leaves are long and nobody checks them).
+    let mut delegations = Vec::new();
+    for i in 0..w.instances.len() {
+        let user = w.synapse.register(&format!("late{i}")).await;
+        w.synapse.join_room(&user, &w.room).await;
+        let delay_id = w.synapse.join_call(&user, &w.room, 60_000).await;
+        let openid = w.synapse.openid_token(&user).await;
+        delegations.push(common::bridge::delegation_body(&openid, &user, &w.room, "m1", &delay_id, 60_000));
+    }
     w.redis.kill9();
     // Long enough for every path (webhooks, inbox reads, lease renewals) to fail on it.
     w.all_stay(Duration::from_secs(5), "while Redis was down").await;
@@ -339,6 +349,21 @@ async fn every_instance_is_back_within_a_second_of_redis() {
         }
     }
     println!("every instance took webhooks again {:?} after Redis came back", back.elapsed());
+    for (i, body) in delegations.iter().enumerate() {
+        loop {
+            let (status, answer) = w.instances[i].bridge.delegate_raw(body).await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                back.elapsed() < Duration::from_secs(1),
+                "instance {i} still answers delegations with {status} {answer} {:?} after Redis came back",
+                back.elapsed(),
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    println!("every instance took delegations again {:?} after Redis came back", back.elapsed());
     let latency = w.leave(0).await;
     let since_back = back.elapsed();
     println!("a departure then sent after {latency:?} ({since_back:?} after Redis came back)");
