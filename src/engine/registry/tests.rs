@@ -238,6 +238,44 @@ fn webhooks_are_answered_once_durable_and_duplicates_after() {
 }
 
 #[test]
+fn a_hash_collision_in_the_indexes_never_routes_one_members_event_to_another() {
+    /// Every index key on this thread collides until the test ends, however it ends.
+    struct Collide;
+    impl Drop for Collide {
+        fn drop(&mut self) {
+            crate::engine::index::COLLIDE.set(false);
+        }
+    }
+    crate::engine::index::COLLIDE.set(true);
+    let _collide = Collide;
+    let mut rig = Rig::new();
+    let (a, b) = (delegation("a", "DEV", "syd_a"), delegation("b", "DEV", "syd_b"));
+    let (id_a, id_b) = (rig.tracked(&a), rig.tracked(&b));
+    rig.answer_calls(HsAnswer::Ok);
+    // Both index hits for a's session name both jobs: only a's may take it.
+    rig.webhook(joined(&a, "PA_a", "EV_1"));
+    rig.commit(Ok(()));
+    let state = |rig: &Rig, id: JobId| {
+        rig.r.summaries(rig.now).into_iter().find(|s| s.id == id.to_string()).map(|s| (s.state, s.identity))
+    };
+    assert_eq!(state(&rig, id_a), Some(("connected".to_owned(), Some(a.identities()[0].clone()))));
+    assert_eq!(state(&rig, id_b), Some(("waiting".to_owned(), None)), "b never joined");
+    rig.webhook(left(&a, "PA_a", "EV_2"));
+    assert_eq!(rig.sends(), vec![id_a], "a's departure sends a's leave only");
+}
+
+#[test]
+fn webhook_outcomes_carry_the_labels_the_readme_documents() {
+    // `webhooks_total{outcome}`: the README's metrics table and the shipped dashboard name them.
+    let labels: Vec<&str> =
+        [WebhookOutcome::Applied, WebhookOutcome::Ignored, WebhookOutcome::Duplicate, WebhookOutcome::Queued]
+            .into_iter()
+            .map(WebhookOutcome::as_str)
+            .collect();
+    assert_eq!(labels, ["accepted", "ignored", "duplicate", "queued"]);
+}
+
+#[test]
 fn restarts_and_sends_never_wait_for_the_store() {
     let mut rig = Rig::new();
     let a = delegation("a", "DEV", "syd_a");
