@@ -306,6 +306,27 @@ async fn a_graceful_stop_hands_the_shards_over_in_under_a_second() {
     w.wait_balanced().await;
 }
 
+/// Retries `request` every 25 ms until it is answered 200 (`Ok`); fails if that is not within a
+/// second of `back`, with what it last answered (`Err`).
+async fn answered_within_a_second_of<F, Fut>(back: Instant, what: &str, mut request: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    loop {
+        let last = match request().await {
+            Ok(()) => return,
+            Err(last) => last,
+        };
+        assert!(
+            back.elapsed() < Duration::from_secs(1),
+            "{what} still answered with {last} {:?} after Redis came back",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Redis killed -9 and started again (on its own AOF) under three instances: within a second of
 /// its return every instance takes webhooks and delegations again (none left answering 503 on a
 /// broken connection: LiveKit retries a webhook for about 15 s only), and a departure is applied
@@ -334,34 +355,19 @@ async fn every_instance_is_back_within_a_second_of_redis() {
     let joined = w.livekit.participant_event("participant_joined", &w.lk_room, &probe, None);
     let auth = LiveKit::sign(&joined, common::livekit::API_SECRET);
     for i in 0..w.instances.len() {
-        loop {
+        answered_within_a_second_of(back, &format!("instance {i}'s webhooks"), || async {
             let status = w.livekit.post_webhook(&w.instances[i].bridge.url, &joined, Some(&auth)).await;
-            if status == 200 {
-                break;
-            }
-            assert!(
-                back.elapsed() < Duration::from_secs(1),
-                "instance {i} still answers webhooks with {status} {:?} after Redis came back\n{}",
-                back.elapsed(),
-                w.instances[i].bridge.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+            (status == 200).then_some(()).ok_or_else(|| format!("{status}\n{}", w.instances[i].bridge.logs()))
+        })
+        .await;
     }
     println!("every instance took webhooks again {:?} after Redis came back", back.elapsed());
     for (i, body) in delegations.iter().enumerate() {
-        loop {
+        answered_within_a_second_of(back, &format!("instance {i}'s delegations"), || async {
             let (status, answer) = w.instances[i].bridge.delegate_raw(body).await;
-            if status == 200 {
-                break;
-            }
-            assert!(
-                back.elapsed() < Duration::from_secs(1),
-                "instance {i} still answers delegations with {status} {answer} {:?} after Redis came back",
-                back.elapsed(),
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+            (status == 200).then_some(()).ok_or_else(|| format!("{status} {answer}"))
+        })
+        .await;
     }
     println!("every instance took delegations again {:?} after Redis came back", back.elapsed());
     let latency = w.leave(0).await;

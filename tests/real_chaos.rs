@@ -43,6 +43,10 @@ use serde_json::{Value, json};
 
 const LEASE: Duration = Duration::from_secs(1);
 const DELAY_MS: u64 = 6_000;
+/// How long the bridge waits for a delegated member to connect before it may give up on it: its
+/// join timeout (`Bridge::env_for`: 3 s; 30 s by default) and then three listings 1.5 s apart
+/// that do not list it.
+const JOIN_PATIENCE: Duration = Duration::from_secs(6);
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -260,13 +264,27 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     };
     // When the bridge could first ask LiveKit again about a moment `t` inside an outage.
     let asked_again = |t: Instant| outages.iter().find(|(down, up)| *down <= t && t < *up).map_or(t, |(_, up)| *up);
+    // When LiveKit first said a session had joined (delivered or lost on the way).
+    let joined = |sid: &str| {
+        deliveries
+            .iter()
+            .filter(|d| d.event == "participant_joined")
+            .find(|d| d.sid.as_deref() == Some(sid))
+            .map(|d| d.received)
+    };
+    // A client that took longer than the bridge's patience to connect (a loaded machine starting
+    // 20 WebRTC clients at once) may have been given up on before it did: the join timeout is
+    // the operator's setting. Its first session then counts from LiveKit's report of its join.
+    let slow_to_join = |life: &Life| joined(&life.sid).is_some_and(|j| j > life.delegated + JOIN_PATIENCE);
     // A life's sessions by LiveKit's account, each (from, until): its first (from its
-    // scheduling: a member about to connect counts as connected), then any its client opened by
-    // reconnecting after LiveKit's restart (counted from a second after LiveKit said so).
+    // scheduling: a member about to connect counts as connected, unless it was slower than the
+    // bridge's patience), then any its client opened by reconnecting after LiveKit's restart
+    // (counted from a second after LiveKit said so).
     let sessions = |life: &Life, next: Option<Instant>| -> Vec<(Instant, Option<Instant>)> {
         let mut out = Vec::new();
         if !life.sid.is_empty() {
-            out.push((life.scheduled, session_end(&life.sid, life.delegated)));
+            let from = if slow_to_join(life) { joined(&life.sid).unwrap() } else { life.scheduled };
+            out.push((from, session_end(&life.sid, life.delegated)));
         }
         let stop = [life.ended, next].into_iter().flatten().min();
         for d in &deliveries {
@@ -354,9 +372,10 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     let killed = lives.iter().filter(|l| l.killed).count();
     let frozen = lives.iter().filter(|l| l.frozen).count();
     let never = lives.iter().filter(|l| l.sid.is_empty()).count();
+    let slow = lives.iter().filter(|l| slow_to_join(l)).count();
     let lost = webhooks.deliveries().iter().filter(|d| d.status.is_none()).count();
     println!(
-        "real chaos: {} lives ({ended} ended, {killed} by kill -9, {frozen} frozen a while, {never} never connected, \
+        "real chaos: {} lives ({ended} ended, {killed} by kill -9, {frozen} frozen a while, {never} never connected, {slow} slower to connect than the bridge's patience, \
          {rejoined} sessions reopened after LiveKit's restart, {superseded} superseded before their leave), \
          {kills} bridge kills, {} LiveKit kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first), superseded sent {}, late {}, \
          left to the homeserver's timer {}, gone while connected {} (and {handed_too_late} handed over too late); \
