@@ -90,6 +90,13 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("LIVEKIT_AS_TOKEN", "", "appservice mode: as_token (instead of the registration file)"),
     ("LIVEKIT_HS_TOKEN", "", "appservice mode: hs_token (instead of the registration file)"),
     ("LIVEKIT_HS_SERVER_NAME", "", "appservice mode: server name of the one homeserver this appservice belongs to"),
+    (
+        "RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_SERVER",
+        "",
+        "server name of a bot account's homeserver: room membership is checked through it for users the appservice cannot act as (in OpenID mode: everyone), in rooms the bot is in",
+    ),
+    ("RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN", "", "that bot's access token"),
+    ("RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN_FROM_FILE", "", "file holding that bot's access token"),
     ("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "", "`YES_I_KNOW_WHAT_I_AM_DOING` disables TLS certificate checks"),
     ("LIVEKIT_LOG_LEVEL", "info", "error, warn, info, debug or trace"),
     ("RTC_LEAVE_BRIDGE_LOG_FORMAT", "text", "`text` or `json`"),
@@ -680,6 +687,20 @@ impl fmt::Debug for Appservice {
     }
 }
 
+/// A bot account in the rooms whose membership it shows (`RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_*`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MembershipBot {
+    pub server_name: String,
+    pub access_token: String,
+}
+
+impl fmt::Debug for MembershipBot {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MembershipBot").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
 /// Everything `serve` and `check-config` need.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -693,6 +714,8 @@ pub struct Config {
     pub fairness: Fairness,
     /// Set when the appservice settings are.
     pub appservice: Option<Appservice>,
+    /// Set when the membership bot's settings are.
+    pub membership_bot: Option<MembershipBot>,
 }
 
 impl Section for Config {
@@ -709,6 +732,7 @@ impl Section for Config {
             engine: Engine::from_source(src)?,
             fairness: Fairness::from_source(src)?,
             appservice: parse_appservice(src)?,
+            membership_bot: parse_membership_bot(src)?,
         };
         if let Some(redis) = &config.storage.redis {
             let headroom = redis.failover_headroom();
@@ -914,6 +938,29 @@ fn parse_appservice(src: &Source) -> Result<Option<Appservice>, ConfigError> {
     Ok(Some(Appservice { as_token, hs_token, server_name: server.to_owned() }))
 }
 
+/// The membership bot's settings: its server and one source of its token, or none of them.
+fn parse_membership_bot(src: &Source) -> Result<Option<MembershipBot>, ConfigError> {
+    const SERVER: &str = "RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_SERVER";
+    const TOKEN: &str = "RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN";
+    const TOKEN_FILE: &str = "RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN_FROM_FILE";
+    let access_token = match (src.get(TOKEN), src.get(TOKEN_FILE)) {
+        (Some(_), Some(_)) => return Err(bad(TOKEN_FILE, format!("set either {TOKEN} or {TOKEN_FILE}, not both"))),
+        (Some(t), None) => Some(t.to_owned()),
+        (None, Some(path)) => Some(read_file(TOKEN_FILE, path)?),
+        (None, None) => None,
+    };
+    match (src.get(SERVER), access_token) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(bad(SERVER, format!("required with {TOKEN}"))),
+        (Some(_), None) => Err(bad(TOKEN, format!("required with {SERVER} (or {TOKEN_FILE})"))),
+        (Some(_), Some(t)) if t.is_empty() => Err(bad(TOKEN_FILE, "the file is empty")),
+        (Some(server), Some(access_token)) => {
+            validate_server_name(SERVER, server)?;
+            Ok(Some(MembershipBot { server_name: server.to_owned(), access_token }))
+        }
+    }
+}
+
 fn parse_overrides(setting: &str, text: Option<&str>) -> Result<Overrides, ConfigError> {
     let mut out = Overrides::new();
     for pair in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -1109,6 +1156,34 @@ mod tests {
         let readme = include_str!("../README.md");
         for (name, ..) in SETTINGS {
             assert!(readme.contains(&format!("`{name}`")), "{name} missing from the README's table");
+        }
+    }
+
+    #[test]
+    fn the_membership_bot_needs_its_server_and_one_token() {
+        const SERVER: &str = "RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_SERVER";
+        const TOKEN: &str = "RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN";
+        const FILE: &str = "RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN_FROM_FILE";
+        assert_eq!(with(&[]).unwrap().membership_bot, None);
+        let bot = with(&[(SERVER, "hs.test"), (TOKEN, "syt_secret")]).unwrap().membership_bot.unwrap();
+        assert_eq!((bot.server_name.as_str(), bot.access_token.as_str()), ("hs.test", "syt_secret"));
+        assert!(!format!("{bot:?}").contains("syt_secret"), "the token is never printed");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bot-token");
+        std::fs::write(&file, "syt_from_file\n").unwrap();
+        let path = file.to_str().unwrap();
+        let bot = with(&[(SERVER, "hs.test"), (FILE, path)]).unwrap().membership_bot.unwrap();
+        assert_eq!(bot.access_token, "syt_from_file");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        for (partial, setting) in [
+            (&[(TOKEN, "t")][..], SERVER),
+            (&[(SERVER, "hs.test")][..], TOKEN),
+            (&[(SERVER, "not a name"), (TOKEN, "t")][..], SERVER),
+            (&[(SERVER, "hs.test"), (TOKEN, "t"), (FILE, path)][..], FILE),
+            (&[(SERVER, "hs.test"), (FILE, empty.to_str().unwrap())][..], FILE),
+        ] {
+            assert_eq!(with(partial).unwrap_err().setting, setting, "{partial:?}");
         }
     }
 

@@ -56,6 +56,14 @@ pub struct TokenLabels {
     pub outcome: &'static str,
 }
 
+/// How a user's room membership was checked (`via`: `appservice`, `bot`, `none`) and what it
+/// found (`joined`, `not_joined`, `unchecked`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MembershipCheckLabels {
+    pub via: &'static str,
+    pub outcome: &'static str,
+}
+
 /// Distinct homeserver labels at most; later ones are counted as `other`.
 const HOMESERVER_LABELS: usize = 100;
 
@@ -113,6 +121,7 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub openid_check_duration: HistogramFamily<HomeserverLabel>,
     pub room_creations: Family<OutcomeLabel, Counter>,
+    pub membership_checks: Family<MembershipCheckLabels, Counter>,
     pub engine_busy: HistogramFamily<InputLabel>,
     pub jobs: Family<StateLabel, Gauge>,
     pub jobs_finished: Family<OutcomeLabel, Counter>,
@@ -154,6 +163,7 @@ impl Metrics {
             tokens: Family::default(),
             openid_check_duration: Family::new_with_constructor(latency_histogram),
             room_creations: Family::default(),
+            membership_checks: Family::default(),
             jobs: Family::default(),
             jobs_finished: Family::default(),
             delegations: Family::default(),
@@ -226,6 +236,11 @@ impl Metrics {
             "room_creations",
             "LiveKit rooms opened for full-access users, by outcome",
             m.room_creations.clone(),
+        );
+        registry.register(
+            "membership_checks",
+            "Room membership checks before a token or a delegation, by how the room was seen and what was found",
+            m.membership_checks.clone(),
         );
         registry.register(
             "engine_busy_seconds",
@@ -317,6 +332,15 @@ impl Metrics {
         for outcome in ["ok", "error"] {
             let _ = m.livekit_requests.get_or_create(&OutcomeLabel { outcome });
             let _ = m.room_creations.get_or_create(&OutcomeLabel { outcome });
+        }
+        for (via, outcomes) in [
+            ("appservice", &["joined", "not_joined", "failed"][..]),
+            ("bot", &["joined", "not_joined", "unchecked", "failed"][..]),
+            ("none", &["unchecked"][..]),
+        ] {
+            for &outcome in outcomes {
+                let _ = m.membership_checks.get_or_create(&MembershipCheckLabels { via, outcome });
+            }
         }
         for endpoint in ["get_token", "sfu_get", "proxied_get_token"] {
             for outcome in ["issued", "limited", "invalid", "unauthorized", "forbidden", "unavailable"] {

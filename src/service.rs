@@ -128,8 +128,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     let issuer = api::token::issuer(&config, room_service);
+    let membership = api::membership::MembershipChecks::new(
+        config.appservice.as_ref(),
+        config.membership_bot.clone(),
+        hs.request_timeout,
+    );
+    info!(checked = %membership.describe(), "room membership checked before every token and delegation");
     let state = AppState {
         issuer,
+        membership: Arc::new(membership),
         engine: engine.clone(),
         intake,
         verifier: WebhookVerifier::new(&config.livekit.keys),

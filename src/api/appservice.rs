@@ -295,6 +295,7 @@ async fn handle_delegation(
         return Err(missing("url"));
     }
     let delay_id = p.delay_id.clone().ok_or_else(|| missing("delay_id"))?;
+    super::membership::require_joined(state, "proxied_delegate", &p.user_id, p.room_id.as_str()).await?;
     let delegation = looked_up(state, &p, &delay_id, None).await?;
     super::store_delegation(state, delegation).await
 }
@@ -322,7 +323,7 @@ async fn handle_get_token(
         Some(_) if !full_access => return Err(super::token::not_full_access(server, &p.user_id)),
         Some(delay_id) => Some(looked_up(state, &p, delay_id, Some(grant.identity.clone())).await?),
     };
-    super::token::grant_token(state, &grant, full_access, delegation).await
+    super::token::grant_token(state, "proxied_get_token", &grant, full_access, delegation).await
 }
 
 #[cfg(test)]

@@ -76,6 +76,7 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         return Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "this homeserver may not delegate here"));
     }
     let user_id = verified_user(state, "delegate", &req.openid_token, Some(&user_id)).await?;
+    super::membership::require_joined(state, "delegate", &user_id, room_id.as_str()).await?;
 
     // Where its homeserver is, by our own means.
     let _slot = super::member::check_slot(state, "delegate", server).await?;

@@ -7,6 +7,7 @@ pub(crate) mod delegation;
 pub mod limits;
 pub mod listener;
 mod member;
+pub mod membership;
 pub mod operator;
 pub mod token;
 mod webhook;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub appservice: Option<Arc<appservice::AppserviceState>>,
     /// Mints tokens and opens rooms.
     pub issuer: Arc<token::Issuer>,
+    /// How a user's room membership is checked before a token or a delegation.
+    pub membership: Arc<membership::MembershipChecks>,
     /// What one user or one homeserver may ask.
     pub limits: Arc<limits::Limits>,
     /// A request must be read and answered within this.

@@ -249,17 +249,20 @@ async fn issue(
             Some(grant.delegation(delay_id, timeout, cs.base.to_string(), Mode::OpenId))
         }
     };
-    grant_token(state, &grant, full_access, delegation).await
+    grant_token(state, endpoint, &grant, full_access, delegation).await
 }
 
 /// Mints `grant`'s token; for a full-access user, first opens its LiveKit room and stores the
 /// delegation riding along (nothing is answered without it).
 pub(super) async fn grant_token(
     state: &AppState,
+    endpoint: &'static str,
     grant: &Grant,
     full_access: bool,
     delegation: Option<Delegation>,
 ) -> Result<Answer, MatrixError> {
+    // Nothing happens for a user who is not in the room: no token, no LiveKit room, no job.
+    super::membership::require_joined(state, endpoint, &grant.user_id, &grant.room_id).await?;
     let issuer = &state.issuer;
     let livekit_room = identity::livekit_room(&grant.room_id, &grant.slot_id);
     let jwt = crate::livekit::token::join_token(

@@ -111,6 +111,9 @@ pub async fn check_config(config: &Config) -> ExitCode {
     if let Some(a) = &config.appservice {
         servers.push(a.server_name.clone());
     }
+    if let Some(bot) = &config.membership_bot {
+        servers.push(bot.server_name.clone());
+    }
     servers.sort();
     servers.dedup();
     if servers.is_empty() {
@@ -126,6 +129,11 @@ pub async fn check_config(config: &Config) -> ExitCode {
                 if let Some(a) = config.appservice.as_ref().filter(|a| &a.server_name == server) {
                     let whoami = client.get(api_url(&endpoint.base, "/_matrix/client/v3/account/whoami"));
                     r.answers(&what, whoami.bearer_auth(&a.as_token), "accepts our as_token".to_owned()).await;
+                }
+                if let Some(bot) = config.membership_bot.as_ref().filter(|b| &b.server_name == server) {
+                    let whoami = client.get(api_url(&endpoint.base, "/_matrix/client/v3/account/whoami"));
+                    let shown = "accepts the membership bot's token".to_owned();
+                    r.answers(&what, whoami.bearer_auth(&bot.access_token), shown).await;
                 }
             }
             Err(e) => r.problem(&what, e),

@@ -1,6 +1,6 @@
 //! Everything about the members' homeservers: where to reach them ([`discovery`], with the SSRF
-//! guard), checking a member's OpenID token ([`openid`]), and restarting / sending delayed events
-//! ([`delayed_events`]).
+//! guard), checking a member's OpenID token ([`openid`]), whether a user is joined to a room
+//! ([`membership`]), and restarting / sending delayed events ([`delayed_events`]).
 //!
 //! Requests go to addresses the operator configured (overrides: trusted) or that we discovered
 //! from a server name (well-known: guarded, so that a client naming a server cannot make us call
@@ -8,6 +8,7 @@
 
 pub mod delayed_events;
 pub mod discovery;
+pub mod membership;
 pub mod openid;
 
 use std::sync::Arc;

@@ -213,6 +213,21 @@ rc_room_creation: {{per_second: 1000, burst_count: 1000}}
         assert_eq!(status, 200, "{v}");
     }
 
+    /// `user` leaves `room`.
+    pub async fn leave_room(&self, user: &MatrixUser, room: &str) {
+        let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(room));
+        let (status, v) = self.call(reqwest::Method::POST, &path, Some(&user.token), json!({})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    /// `by` kicks (`action` "kick") or bans ("ban") `user` from `room`.
+    pub async fn remove_from_room(&self, by: &MatrixUser, action: &str, user: &MatrixUser, room: &str) {
+        let path = format!("/_matrix/client/v3/rooms/{}/{action}", enc(room));
+        let body = json!({"user_id": user.user_id, "reason": "test"});
+        let (status, v) = self.call(reqwest::Method::POST, &path, Some(&by.token), body).await;
+        assert_eq!(status, 200, "{action}: {v}");
+    }
+
     /// Publishes a legacy call membership and schedules its delayed leave; returns the delay id.
     pub async fn join_call(&self, user: &MatrixUser, room: &str, delay_ms: u64) -> String {
         self.join_call_as(user, room, &user.state_key(), delay_ms).await
