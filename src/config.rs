@@ -96,6 +96,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "server name of a bot account's homeserver: room membership is checked through it for users the appservice cannot act as (in OpenID mode: everyone), in rooms the bot is in",
     ),
     ("RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN", "", "that bot's access token"),
+    (
+        "RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL",
+        "30s",
+        "how often the joined members of every room with tokens in use are compared with those tokens' users, behind the appservice's pushed changes (1s–1h)",
+    ),
     ("RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN_FROM_FILE", "", "file holding that bot's access token"),
     ("LIVEKIT_INSECURE_SKIP_VERIFY_TLS", "", "`YES_I_KNOW_WHAT_I_AM_DOING` disables TLS certificate checks"),
     ("LIVEKIT_LOG_LEVEL", "info", "error, warn, info, debug or trace"),
@@ -716,6 +721,8 @@ pub struct Config {
     pub appservice: Option<Appservice>,
     /// Set when the membership bot's settings are.
     pub membership_bot: Option<MembershipBot>,
+    /// How often rooms with seats are polled (membership following).
+    pub membership_poll_interval: Duration,
 }
 
 impl Section for Config {
@@ -733,6 +740,7 @@ impl Section for Config {
             fairness: Fairness::from_source(src)?,
             appservice: parse_appservice(src)?,
             membership_bot: parse_membership_bot(src)?,
+            membership_poll_interval: src.duration("RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL", ms(1_000), hours(1))?,
         };
         if let Some(redis) = &config.storage.redis {
             let headroom = redis.failover_headroom();

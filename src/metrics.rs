@@ -56,12 +56,24 @@ pub struct TokenLabels {
     pub outcome: &'static str,
 }
 
-/// How a user's room membership was checked (`via`: `appservice`, `bot`, `none`) and what it
-/// found (`joined`, `not_joined`, `unchecked`, `failed`).
+/// Why a user's room membership was checked (`purpose`: `token` — before a token or a
+/// delegation —, `call` — a seated user after a departure), how (`via`: `appservice`, `bot`,
+/// `none`) and what it found (`joined`, `not_joined`, `unchecked`, `failed`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MembershipCheckLabels {
+    pub purpose: &'static str,
     pub via: &'static str,
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabel {
+    pub change: &'static str,
 }
 
 /// Distinct homeserver labels at most; later ones are counted as `other`.
@@ -122,6 +134,8 @@ pub struct Metrics {
     pub openid_check_duration: HistogramFamily<HomeserverLabel>,
     pub room_creations: Family<OutcomeLabel, Counter>,
     pub membership_checks: Family<MembershipCheckLabels, Counter>,
+    pub membership_changes: Family<ChangeLabel, Counter>,
+    pub membership_removals: Family<ReasonLabel, Counter>,
     pub engine_busy: HistogramFamily<InputLabel>,
     pub jobs: Family<StateLabel, Gauge>,
     pub jobs_finished: Family<OutcomeLabel, Counter>,
@@ -164,6 +178,8 @@ impl Metrics {
             openid_check_duration: Family::new_with_constructor(latency_histogram),
             room_creations: Family::default(),
             membership_checks: Family::default(),
+            membership_changes: Family::default(),
+            membership_removals: Family::default(),
             jobs: Family::default(),
             jobs_finished: Family::default(),
             delegations: Family::default(),
@@ -239,8 +255,18 @@ impl Metrics {
         );
         registry.register(
             "membership_checks",
-            "Room membership checks before a token or a delegation, by how the room was seen and what was found",
+            "Room membership checks (before a token or a delegation, and of seated users after a departure), by how the room was seen and what was found",
             m.membership_checks.clone(),
+        );
+        registry.register(
+            "membership_changes",
+            "Room membership changes the homeserver pushed (appservice transactions), by change",
+            m.membership_changes.clone(),
+        );
+        registry.register(
+            "membership_removals",
+            "LiveKit participants removed because their user is no longer joined to the Matrix room, by why",
+            m.membership_removals.clone(),
         );
         registry.register(
             "engine_busy_seconds",
@@ -339,8 +365,16 @@ impl Metrics {
             ("none", &["unchecked"][..]),
         ] {
             for &outcome in outcomes {
-                let _ = m.membership_checks.get_or_create(&MembershipCheckLabels { via, outcome });
+                for purpose in ["token", "call"] {
+                    let _ = m.membership_checks.get_or_create(&MembershipCheckLabels { purpose, via, outcome });
+                }
             }
+        }
+        for reason in ["left", "kicked", "banned", "gone"] {
+            let _ = m.membership_removals.get_or_create(&ReasonLabel { reason });
+        }
+        for change in ["joined", "left", "kicked", "banned"] {
+            let _ = m.membership_changes.get_or_create(&ChangeLabel { change });
         }
         for endpoint in ["get_token", "sfu_get", "proxied_get_token"] {
             for outcome in ["issued", "limited", "invalid", "unauthorized", "forbidden", "unavailable"] {

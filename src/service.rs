@@ -14,6 +14,7 @@ use crate::cluster::leases::Leases;
 use crate::config::{AllowedHomeservers, Config};
 use crate::engine::{self, EngineConfig, Ports};
 use crate::homeserver::delayed_events::{AppserviceCaller, HomeserverCalls, PathStyles};
+use crate::homeserver::membership::Views;
 use crate::homeserver::{Clients, Discovery};
 use crate::livekit::room_service::{Listings, RoomService};
 use crate::livekit::webhook::WebhookVerifier;
@@ -112,7 +113,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }),
             presence: Arc::new(Listings { room_service: room_service.clone(), metrics: metrics.clone() }),
             metrics: metrics.clone(),
-            gate,
+            gate: gate.clone(),
         },
     )
     .await
@@ -127,16 +128,33 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         _ => (None, Intake::Engine(engine.clone())),
     };
 
-    let issuer = api::token::issuer(&config, room_service);
-    let membership = api::membership::MembershipChecks::new(
+    let issuer = api::token::issuer(&config, room_service.clone());
+    let views = Arc::new(Views::new(
         config.appservice.as_ref(),
         config.membership_bot.clone(),
+        discovery.clone(),
         hs.request_timeout,
-    );
-    info!(checked = %membership.describe(), "room membership checked before every token and delegation");
+    ));
+    info!(checked = %views.describe(), "room membership checked before every token and delegation");
+    // Who leaves the room leaves the call: wherever rooms can be seen at all.
+    let following = views.any().then(|| {
+        info!(poll_interval = ?config.membership_poll_interval,
+            "following room membership: users who leave, are kicked or banned are removed from the call");
+        crate::membership::driver::start(
+            config.membership_poll_interval,
+            crate::membership::driver::Ports {
+                store: store.clone(),
+                views: views.clone(),
+                room_service,
+                gate,
+                metrics: metrics.clone(),
+            },
+        )
+    });
     let state = AppState {
         issuer,
-        membership: Arc::new(membership),
+        views: views.clone(),
+        following: following.as_ref().map(|(f, _)| f.clone()),
         engine: engine.clone(),
         intake,
         verifier: WebhookVerifier::new(&config.livekit.keys),
@@ -196,6 +214,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = public.await;
     if let Some(cluster) = &cluster {
         cluster.drain();
+    }
+    if let Some((_, task)) = following {
+        task.abort(); // nothing of it is durable: seats are the store's
     }
     engine.shutdown(config.engine.shutdown_timeout).await;
     let _ = engine_task.await;

@@ -1,25 +1,41 @@
-//! Room membership before a token or a delegation, against a real Synapse: users who never
-//! joined, left, were kicked or banned are refused (`403`) with nothing opened in LiveKit and
-//! nothing stored; joining again is enough to be let in at once; a check that cannot be made
-//! refuses with `503` rather than guessing. Through the membership bot in OpenID mode, and as the
-//! user themselves in appservice mode.
+//! Room membership against a real Synapse.
+//!
+//! Before a token or a delegation: users who never joined, left, were kicked or banned are
+//! refused (`403`) with nothing opened in LiveKit and nothing stored; joining again is enough to
+//! be let in at once; a check that cannot be made refuses with `503` rather than guessing.
+//! Through the membership bot in OpenID mode, and as the user themselves in appservice mode.
+//!
+//! During the call: Synapse pushes its membership changes to the appservice (through a proxy
+//! that can lose transactions); a user who leaves, is kicked or banned is removed from the
+//! LiveKit room (the emulator's RoomService), their delegated leave sent once LiveKit reports
+//! them gone; nobody is removed while the homeserver cannot confirm it; lost transactions are
+//! made up by polling.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::response::IntoResponse;
 use common::bridge::{Bridge, SLOT, delegation_body};
 use common::hs_proxy::HsProxy;
-use common::livekit::LiveKit;
+use common::hs_proxy::Outage;
+use common::livekit::{LiveKit, Participant};
 use common::synapse::{MatrixUser, SERVER_NAME, Synapse, SynapseOptions};
+use rtc_leave_bridge::identity;
 use serde_json::{Value, json};
 
 const AS_TOKEN: &str = "as-token-membership-0123456789";
 const HS_TOKEN: &str = "hs-token-membership-9876543210";
 
-/// An appservice registration whose users namespace holds alice and bob only.
-fn registration(bridge_port: u16) -> String {
+/// An appservice registration whose users namespace holds alice, bob, dan and erin only (not
+/// carol); transactions go to `txn_port`, proxied requests to the bridge.
+fn registration(bridge_port: u16, txn_port: u16) -> String {
     format!(
         r#"id: rtc-leave-bridge
-url: "http://127.0.0.1:{bridge_port}"
+url: "http://127.0.0.1:{txn_port}"
 as_token: "{AS_TOKEN}"
 hs_token: "{HS_TOKEN}"
 sender_localpart: rtc-leave-bridge
@@ -27,7 +43,7 @@ rate_limited: false
 namespaces:
   users:
     - exclusive: false
-      regex: "@(alice|bob):{server}"
+      regex: "@(alice|bob|dan|erin):{server}"
   aliases: []
   rooms: []
 io.element.msc4512.proxy_prefix: "rtc/livekit"
@@ -37,11 +53,60 @@ io.element.msc4512.proxy_url: "http://127.0.0.1:{bridge_port}"
     )
 }
 
+/// Between Synapse and the bridge's transaction endpoint: forwards each transaction, or loses it
+/// (answered `200 {}`, never forwarded: Synapse never sends it again).
+#[derive(Clone)]
+struct TxnProxy {
+    lose: Arc<AtomicBool>,
+    forwarded: Arc<AtomicUsize>,
+}
+
+impl TxnProxy {
+    async fn start(port: u16, bridge: String) -> TxnProxy {
+        let proxy = TxnProxy { lose: Arc::default(), forwarded: Arc::default() };
+        let state = (proxy.clone(), bridge, reqwest::Client::new());
+        let app = axum::Router::new()
+            .fallback(
+                |State((proxy, bridge, http)): State<(TxnProxy, String, reqwest::Client)>,
+                 req: axum::extract::Request| async move {
+                    let (parts, body) = req.into_parts();
+                    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                    if proxy.lose.load(Ordering::SeqCst) && parts.uri.path().contains("/transactions/") {
+                        return (axum::http::StatusCode::OK, "{}").into_response();
+                    }
+                    // The bridge may not listen yet (Synapse starts first): tried until it does, as
+                    // Synapse's own backoff would only slow the test down.
+                    let until = Instant::now() + Duration::from_secs(20);
+                    let resp = loop {
+                        let mut forward =
+                            http.request(parts.method.clone(), format!("{bridge}{}", parts.uri)).body(body.clone());
+                        if let Some(auth) = parts.headers.get("authorization") {
+                            forward = forward.header("authorization", auth);
+                        }
+                        match forward.send().await {
+                            Ok(resp) => break resp,
+                            Err(_) if Instant::now() < until => tokio::time::sleep(Duration::from_millis(50)).await,
+                            Err(e) => return (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+                        }
+                    };
+                    proxy.forwarded.fetch_add(1, Ordering::SeqCst);
+                    let status = axum::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+                    (status, resp.bytes().await.unwrap_or_default()).into_response()
+                },
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        proxy
+    }
+}
+
 struct World {
     synapse: Synapse,
     hs: HsProxy,
     /// The membership bot's access token, if there is one.
     bot_token: Option<String>,
+    txns: TxnProxy,
     livekit: LiveKit,
     bridge: Bridge,
     alice: MatrixUser,
@@ -60,10 +125,18 @@ enum Checks {
 
 impl World {
     async fn new(checks: Checks) -> World {
-        let port = common::free_port();
+        World::with(checks, &[]).await
+    }
+
+    async fn with(checks: Checks, settings: &[(&str, &str)]) -> World {
+        rtc_leave_bridge::homeserver::install_crypto_provider();
+        let (port, txn_port) = (common::free_port(), common::free_port());
         let appservice = matches!(checks, Checks::Appservice);
-        let options =
-            SynapseOptions { appservice_registration: appservice.then(|| registration(port)), ..Default::default() };
+        let txns = TxnProxy::start(txn_port, format!("http://127.0.0.1:{port}")).await;
+        let options = SynapseOptions {
+            appservice_registration: appservice.then(|| registration(port, txn_port)),
+            ..Default::default()
+        };
         let synapse = Synapse::start(options).await;
         let hs = HsProxy::start(&synapse.url).await;
         let livekit = LiveKit::start().await;
@@ -86,8 +159,11 @@ impl World {
                 env.insert("LIVEKIT_HS_SERVER_NAME".into(), SERVER_NAME.into());
             }
         }
+        for (k, v) in settings {
+            env.insert((*k).into(), (*v).into());
+        }
         let bridge = Bridge::start_on(port, env).await;
-        World { synapse, hs, bot_token, livekit, bridge, alice, bob, room, http: reqwest::Client::new() }
+        World { synapse, hs, bot_token, livekit, bridge, alice, bob, room, txns, http: reqwest::Client::new() }
     }
 
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -137,7 +213,9 @@ impl World {
 
     async fn checks(&self, via: &str, outcome: &str) -> f64 {
         self.bridge
-            .metric(&format!("rtc_leave_bridge_membership_checks_total{{via=\"{via}\",outcome=\"{outcome}\"}}"))
+            .metric(&format!(
+                "rtc_leave_bridge_membership_checks_total{{purpose=\"token\",via=\"{via}\",outcome=\"{outcome}\"}}"
+            ))
             .await
     }
 }
@@ -231,7 +309,7 @@ async fn a_check_that_cannot_be_made_refuses_with_503_and_opens_nothing() {
         let v: Value = resp.json().await.unwrap();
         assert_eq!((status, &v["errcode"]), (503, &json!("M_UNKNOWN")), "{server}: {v}");
         assert_eq!(w.livekit.created_rooms(), vec![], "{server}: no LiveKit room opened on a guess");
-        let failed = "rtc_leave_bridge_membership_checks_total{via=\"bot\",outcome=\"failed\"}";
+        let failed = "rtc_leave_bridge_membership_checks_total{purpose=\"token\",via=\"bot\",outcome=\"failed\"}";
         assert_eq!(bridge.metric(failed).await, 1.0, "{server}");
         let logs = bridge.logs();
         let said = if server == SERVER_NAME { "refused a membership check" } else { "homeserver unreachable" };
@@ -270,4 +348,148 @@ async fn appservice_users_are_checked_as_themselves() {
     assert_eq!(w.checks("appservice", "joined").await, 2.0);
     assert_eq!(w.checks("appservice", "failed").await, 1.0);
     assert_eq!(w.checks("none", "unchecked").await, 0.0);
+}
+
+impl World {
+    /// `user` joins the room (unless `alice`, its creator), asks its homeserver for a token as
+    /// member `m1`, and connects with it; returns its LiveKit session.
+    async fn seated(&self, user: &MatrixUser) -> Participant {
+        if user.user_id != self.alice.user_id {
+            self.synapse.join_room(user, &self.room).await;
+        }
+        assert_issued(self.proxied_get_token(user).await, &user.user_id);
+        let identity = identity::identity_two_part(&user.user_id, "m1");
+        self.livekit.join(&self.bridge.url, &self.lk_room(), &identity).await
+    }
+
+    fn lk_room(&self) -> String {
+        identity::livekit_room(&self.room, SLOT)
+    }
+
+    fn removed(&self, user: &MatrixUser) -> bool {
+        let identity = identity::identity_two_part(&user.user_id, "m1");
+        self.livekit.removals().iter().any(|r| r.identity == identity)
+    }
+
+    /// Waits for `user`'s removal from the call; how long after `since` it came.
+    async fn removal_after(&self, user: &MatrixUser, since: Instant, within: Duration) -> Option<Duration> {
+        let identity = identity::identity_two_part(&user.user_id, "m1");
+        let removal = self.livekit.wait_removal(&self.lk_room(), &identity, within).await?;
+        Some(removal.at - since)
+    }
+
+    async fn removals(&self, reason: &str) -> f64 {
+        self.bridge.metric(&format!("rtc_leave_bridge_membership_removals_total{{reason=\"{reason}\"}}")).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_leaves_is_kicked_or_banned_leaves_the_call_and_their_leave_is_sent() {
+    let w = World::with(Checks::Appservice, &[("RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL", "1h")]).await;
+    let dan = w.synapse.register("dan").await;
+    let erin = w.synapse.register("erin").await;
+    let alice_p = w.seated(&w.alice).await;
+    // Bob hands his delayed leave over with his token request, as Element Call does.
+    w.synapse.join_room(&w.bob, &w.room).await;
+    let delay_id = w.synapse.join_call(&w.bob, &w.room, 8_000).await;
+    let body =
+        json!({"room_id": w.room, "slot_id": SLOT, "member_id": "m1", "delay_id": delay_id, "delay_timeout": 8000});
+    assert_issued(w.synapse.proxied(&w.bob, "get_token", &body, true).await, "bob with his leave");
+    let bob_identity = identity::identity_two_part(&w.bob.user_id, "m1");
+    let bob_p = w.livekit.join(&w.bridge.url, &w.lk_room(), &bob_identity).await;
+    w.seated(&dan).await;
+    w.seated(&erin).await;
+
+    // Kicked: removed from the LiveKit room, tokens issued before the check revoked.
+    let kicked = Instant::now();
+    w.synapse.remove_from_room(&w.alice, "kick", &w.bob, &w.room).await;
+    let after = w.removal_after(&w.bob, kicked, Duration::from_secs(5)).await.expect("kicked user removed");
+    let removal = w.livekit.removals().into_iter().find(|r| r.identity == bob_identity).unwrap();
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now_s - 5..=now_s).contains(&removal.revoke_token_ts), "revokes tokens issued before now");
+    eprintln!("kick -> removed from the call: {after:?}");
+    // LiveKit reports the removal; the bridge sends bob's delegated leave at once — which
+    // Synapse refuses, bob being no longer in the room, and discards: the job ends quietly
+    // (not as a configuration error), nothing left to restart.
+    let reported = Instant::now();
+    w.livekit.leave(&w.bridge.url, &w.lk_room(), &bob_p, "PARTICIPANT_REMOVED").await;
+    assert_eq!(w.bridge.jobs_reach(0.0, Duration::from_secs(3)).await, 0.0, "bob's job ended");
+    let sends = w.hs.calls_of(&delay_id, "send");
+    assert_eq!(sends.len(), 1, "{sends:?}");
+    assert_eq!(sends[0].status, Some(403));
+    assert!(sends[0].received >= reported && sends[0].answered - reported < Duration::from_secs(1));
+    let not_in_room =
+        "rtc_leave_bridge_homeserver_requests_total{action=\"send\",homeserver=\"hs1.test\",outcome=\"not_in_room\"}";
+    assert_eq!(w.bridge.metric(not_in_room).await, 1.0);
+    assert!(!w.bridge.logs().contains("configuration error"), "{}", w.bridge.logs());
+
+    // Leaving by oneself, and a ban: the same.
+    let left = Instant::now();
+    w.synapse.leave_room(&erin, &w.room).await;
+    let after = w.removal_after(&erin, left, Duration::from_secs(5)).await.expect("user who left removed");
+    eprintln!("leave -> removed from the call: {after:?}");
+    let banned = Instant::now();
+    w.synapse.remove_from_room(&w.alice, "ban", &dan, &w.room).await;
+    let after = w.removal_after(&dan, banned, Duration::from_secs(5)).await.expect("banned user removed");
+    eprintln!("ban -> removed from the call: {after:?}");
+
+    // Alice, still joined, is never removed; each removal counted by why.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!w.removed(&w.alice), "a joined user was removed");
+    assert_eq!(w.livekit.removals().len(), 3);
+    for (reason, n) in [("kicked", 1.0), ("left", 1.0), ("banned", 1.0), ("gone", 0.0)] {
+        assert_eq!(w.removals(reason).await, n, "{reason}");
+    }
+    let changes = |c: &str| format!("rtc_leave_bridge_membership_changes_total{{change=\"{c}\"}}");
+    assert!(w.bridge.metric(&changes("kicked")).await >= 1.0);
+    assert!(w.bridge.metric(&changes("joined")).await >= 4.0);
+    drop(alice_p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_is_removed_on_a_doubt_and_polling_makes_up_for_lost_transactions() {
+    let w = World::with(Checks::Appservice, &[("RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL", "2s")]).await;
+    let dan = w.synapse.register("dan").await;
+    let erin = w.synapse.register("erin").await;
+    w.seated(&w.alice).await;
+    w.seated(&w.bob).await;
+    w.seated(&dan).await;
+    w.seated(&erin).await;
+
+    // The homeserver cannot be asked: bob's kick reaches the bridge, but nobody is removed on
+    // it alone, however long it lasts (polls included).
+    w.hs.outage(Some(Outage::Drop));
+    w.synapse.remove_from_room(&w.alice, "kick", &w.bob, &w.room).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(w.livekit.removals().is_empty(), "removed while the homeserver could not confirm it");
+    // Back: the next poll finds bob gone.
+    let back = Instant::now();
+    w.hs.outage(None);
+    let after = w.removal_after(&w.bob, back, Duration::from_secs(6)).await.expect("removed once confirmed");
+    eprintln!("homeserver back -> removed: {after:?}");
+
+    // Transactions lost: erin's departure never reaches the bridge; polling finds it.
+    w.txns.lose.store(true, Ordering::SeqCst);
+    let left = Instant::now();
+    w.synapse.leave_room(&erin, &w.room).await;
+    let after = w.removal_after(&erin, left, Duration::from_secs(6)).await.expect("found by polling");
+    eprintln!("lost transaction -> removed by polling: {after:?}");
+    assert!(after < Duration::from_secs(5), "within a poll interval or so: {after:?}");
+    assert_eq!(w.removals("gone").await, 2.0, "both found by polling");
+
+    // Dan leaves and rejoins: whether or not the bridge removed him in between (the homeserver
+    // decides that race), once he is joined again a new token and session of his are kept.
+    w.txns.lose.store(false, Ordering::SeqCst);
+    w.synapse.leave_room(&dan, &w.room).await;
+    w.synapse.join_room(&dan, &w.room).await;
+    assert_issued(w.proxied_get_token(&dan).await, "dan, rejoined");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if w.removed(&dan) {
+        w.livekit.join(&w.bridge.url, &w.lk_room(), &identity::identity_two_part(&dan.user_id, "m1")).await;
+    }
+    let removed_before = w.livekit.removals().len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later: Vec<_> = w.livekit.removals().into_iter().skip(removed_before).collect();
+    assert!(later.is_empty(), "a joined user's session removed: {later:?}");
+    assert!(!w.removed(&w.alice));
 }

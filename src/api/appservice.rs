@@ -25,6 +25,8 @@ use super::{AppState, MatrixError, empty_ok, invalid};
 use crate::config::Appservice;
 use crate::delegation::{Delegation, Mode, now_unix_ms};
 use crate::homeserver::delayed_events::{self, Caller, LookupError, PathStyles};
+use crate::membership::Reason;
+use crate::membership::driver::Observed;
 
 /// What appservice mode needs besides the shared state.
 pub struct AppserviceState {
@@ -75,13 +77,18 @@ pub async fn acknowledge(
     Ok(empty_ok())
 }
 
+/// Transactions up to this size are read for their membership changes; a larger one is read to
+/// its end and dropped, and every room with seats polled instead.
+const TRANSACTION_LIMIT: usize = 16 << 20;
+
 /// `PUT /_matrix/app/v1/transactions/{txn}`: room events the homeserver pushes (the users
-/// namespace the bridge needs to act as members makes that much of the server's traffic). None
-/// is needed: once the hs_token checks out, the body is read to its end and dropped chunk by
-/// chunk, whatever its size, and `200 {}` answered. A homeserver retries a refused transaction
-/// forever, holding every later one behind it: it is never refused for its size. (It is read
-/// rather than left unread, so that the homeserver, still writing, is not cut off before it
-/// reads the answer.)
+/// namespace the bridge needs to act as members makes that much of the server's traffic). Only
+/// `m.room.member` changes are kept, handed in their order to membership following
+/// ([`crate::membership`]); every other event is skipped unparsed. Once the hs_token checks out
+/// the answer is always `200 {}`: a homeserver retries a refused transaction forever, holding
+/// every later one behind it, so one too large or unreadable is dropped and every room with
+/// seats polled instead — nothing relies on it alone. (The body is read to its end so that the
+/// homeserver, still writing, is not cut off before it reads the answer.)
 pub async fn transaction(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -91,17 +98,94 @@ pub async fn transaction(
     check_hs_token(appservice(&state)?, &headers, &query)?;
     let mut chunks = body.into_data_stream();
     let mut size = 0usize;
+    // Kept only while membership is followed, and only up to the limit.
+    let mut kept = state.following.as_ref().map(|_| Vec::new());
     while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
         match chunk {
-            Ok(c) => size += c.len(),
+            Ok(c) => {
+                size += c.len();
+                if size > TRANSACTION_LIMIT {
+                    kept = None;
+                }
+                if let Some(kept) = &mut kept {
+                    kept.extend_from_slice(&c);
+                }
+            }
             Err(e) => {
                 warn!(read = size, error = %e, "appservice transaction cut off while being read");
                 return Err(MatrixError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "transaction body cut off"));
             }
         }
     }
-    tracing::debug!(bytes = size, "appservice transaction acknowledged; events not needed");
+    let Some(following) = &state.following else {
+        tracing::debug!(bytes = size, "appservice transaction acknowledged; events not needed");
+        return Ok(empty_ok());
+    };
+    match kept.as_deref().map(membership_changes) {
+        Some(Ok(changes)) => {
+            tracing::debug!(bytes = size, changes = changes.len(), "appservice transaction read");
+            following.observed(changes).await;
+        }
+        Some(Err(e)) => {
+            warn!(bytes = size, error = %e, "unreadable appservice transaction dropped; every room with seats is polled");
+            following.poll_now().await;
+        }
+        None => {
+            warn!(
+                bytes = size,
+                limit = TRANSACTION_LIMIT,
+                "appservice transaction too large to read; dropped, and every room with seats is polled"
+            );
+            following.poll_now().await;
+        }
+    }
     Ok(empty_ok())
+}
+
+/// The `m.room.member` changes of a transaction body, in its order: who joined, left, was
+/// kicked or banned (invites and knocks change nobody's seat). Other events are skipped by the
+/// parser without being built (no fuzz target needed beyond serde's own: no I/O).
+pub(crate) fn membership_changes(body: &[u8]) -> Result<Vec<Observed>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Transaction {
+        #[serde(default)]
+        events: Vec<Event>,
+    }
+    #[derive(Deserialize)]
+    struct Event {
+        #[serde(rename = "type", default)]
+        kind: String,
+        #[serde(default)]
+        room_id: String,
+        #[serde(default)]
+        sender: String,
+        #[serde(default)]
+        state_key: Option<String>,
+        #[serde(default)]
+        content: Option<Content>,
+    }
+    #[derive(Deserialize)]
+    struct Content {
+        #[serde(default)]
+        membership: Option<String>,
+    }
+    let txn: Transaction = serde_json::from_slice(body)?;
+    Ok(txn
+        .events
+        .into_iter()
+        .filter(|e| e.kind == "m.room.member" && !e.room_id.is_empty())
+        .filter_map(|e| {
+            let user = e.state_key.filter(|u| u.starts_with('@'))?;
+            let departed = match e.content?.membership?.as_str() {
+                "join" => None,
+                "leave" if e.sender == user => Some(Reason::Left),
+                "leave" => Some(Reason::Kicked),
+                "ban" => Some(Reason::Banned),
+                _ => return None,
+            };
+            Some(Observed { room: e.room_id, user, departed })
+        })
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -337,6 +421,34 @@ mod tests {
             path_styles: Default::default(),
             request_timeout: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn transactions_yield_membership_changes_in_order_and_nothing_else() {
+        let body = serde_json::json!({"events": [
+            {"type": "m.room.message", "room_id": "!r:hs", "sender": "@a:hs", "content": {"body": "hi", "membership": "leave"}},
+            {"type": "m.room.member", "room_id": "!r:hs", "sender": "@a:hs", "state_key": "@a:hs", "content": {"membership": "leave"}},
+            {"type": "m.room.member", "room_id": "!r:hs", "sender": "@mod:hs", "state_key": "@b:hs", "content": {"membership": "leave", "reason": "spam"}},
+            {"type": "m.room.member", "room_id": "!r:hs", "sender": "@mod:hs", "state_key": "@c:hs", "content": {"membership": "ban"}},
+            {"type": "m.room.member", "room_id": "!r:hs", "sender": "@mod:hs", "state_key": "@d:hs", "content": {"membership": "invite"}},
+            {"type": "m.room.member", "room_id": "!s:hs", "sender": "@a:hs", "state_key": "@a:hs", "content": {"membership": "join"}},
+            {"type": "m.room.member", "room_id": "!s:hs", "sender": "@a:hs", "content": {"membership": "join"}},
+            {"type": "m.room.member", "sender": "@a:hs", "state_key": "@a:hs", "content": {"membership": "join"}}
+        ], "ephemeral": [{"type": "m.typing"}]});
+        let changes = membership_changes(body.to_string().as_bytes()).unwrap();
+        let seen: Vec<(&str, &str, Option<Reason>)> =
+            changes.iter().map(|c| (c.room.as_str(), c.user.as_str(), c.departed)).collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("!r:hs", "@a:hs", Some(Reason::Left)),
+                ("!r:hs", "@b:hs", Some(Reason::Kicked)),
+                ("!r:hs", "@c:hs", Some(Reason::Banned)),
+                ("!s:hs", "@a:hs", None),
+            ]
+        );
+        assert!(membership_changes(b"{}").unwrap().is_empty());
+        assert!(membership_changes(b"not json").is_err());
     }
 
     #[test]

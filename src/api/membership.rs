@@ -19,42 +19,14 @@ use axum::http::StatusCode;
 use tracing::{debug, error, info, warn};
 
 use super::{AppState, MatrixError};
-use crate::config::{Appservice, MembershipBot};
-use crate::homeserver::membership::{MembershipError, Seen, Viewer, membership};
+use crate::homeserver::membership::{MembershipError, Seen};
 use crate::metrics::MembershipCheckLabels;
 
 /// Waits before asking again about a remote user the bot does not see joined yet.
 const CATCH_UP: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(1)];
 
-/// How room membership is checked, from the configuration.
-pub struct MembershipChecks {
-    /// The appservice's homeserver and `as_token`: its users are checked as themselves.
-    appservice: Option<(String, String)>,
-    bot: Option<MembershipBot>,
-    timeout: Duration,
-}
-
-impl MembershipChecks {
-    pub fn new(appservice: Option<&Appservice>, bot: Option<MembershipBot>, timeout: Duration) -> Self {
-        let appservice = appservice.map(|a| (a.server_name.clone(), a.as_token.clone()));
-        MembershipChecks { appservice, bot, timeout }
-    }
-
-    /// What is checked, for the log at start.
-    pub fn describe(&self) -> String {
-        let others = match &self.bot {
-            Some(bot) => format!("through the membership bot of {} in rooms it is in", bot.server_name),
-            None => "not checked (no RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_*)".to_owned(),
-        };
-        match &self.appservice {
-            Some((server, _)) => format!("users of {server} as themselves (appservice); other users {others}"),
-            None => format!("users {others}"),
-        }
-    }
-}
-
 fn count(state: &AppState, via: &'static str, outcome: &'static str) {
-    state.metrics.membership_checks.get_or_create(&MembershipCheckLabels { via, outcome }).inc();
+    state.metrics.membership_checks.get_or_create(&MembershipCheckLabels { purpose: "token", via, outcome }).inc();
 }
 
 /// `Ok` if `user` may have a token (or a delegation) for `room`: joined, or not checkable.
@@ -64,29 +36,18 @@ pub async fn require_joined(
     user: &ruma::UserId,
     room: &str,
 ) -> Result<(), MatrixError> {
-    let checks = &state.membership;
-    let own = checks.appservice.as_ref().filter(|(server, _)| server == user.server_name().as_str());
-    let (via, server, viewer) = match (own, &checks.bot) {
-        (Some((server, as_token)), _) => ("appservice", server, Viewer::AsUser { as_token, user_id: user.as_str() }),
-        (None, Some(bot)) => ("bot", &bot.server_name, Viewer::Bot { access_token: &bot.access_token }),
-        (None, None) => {
-            count(state, "none", "unchecked");
-            return Ok(());
-        }
+    let Some(view) = state.views.of(user.as_str()) else {
+        count(state, "none", "unchecked");
+        return Ok(());
     };
+    let (via, server) = (view.via, view.server);
     let unavailable =
         || MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot check room membership now");
     let _slot = super::member::check_slot(state, endpoint, server).await?;
-    let cs = state.discovery.client_server_api(server).await.map_err(|e| {
-        count(state, via, "failed");
-        warn!(server, user = %user, room, error = %e, "cannot locate the homeserver to check room membership");
-        unavailable()
-    })?;
-    let http = cs.client(state.discovery.clients());
     // Only another homeserver's view can lag behind the user's own.
-    let mut waits = CATCH_UP.iter().filter(|_| user.server_name().as_str() != server.as_str());
+    let mut waits = CATCH_UP.iter().filter(|_| user.server_name().as_str() != server);
     let seen = loop {
-        let seen = membership(http, &cs.base, room, user.as_str(), viewer, checks.timeout).await;
+        let seen = state.views.ask(&view, room, user.as_str()).await;
         if let (Ok(Seen::Not(_)), Some(wait)) = (&seen, waits.next()) {
             tokio::time::sleep(*wait).await;
             continue;

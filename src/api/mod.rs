@@ -57,8 +57,11 @@ pub struct AppState {
     pub appservice: Option<Arc<appservice::AppserviceState>>,
     /// Mints tokens and opens rooms.
     pub issuer: Arc<token::Issuer>,
-    /// How a user's room membership is checked before a token or a delegation.
-    pub membership: Arc<membership::MembershipChecks>,
+    /// Through whom a user's room membership is checked before a token or a delegation.
+    pub views: Arc<crate::homeserver::membership::Views>,
+    /// Membership following, when the bridge can see rooms: transactions feed it, tokens are
+    /// recorded as seats for it.
+    pub following: Option<crate::membership::driver::Following>,
     /// What one user or one homeserver may ask.
     pub limits: Arc<limits::Limits>,
     /// A request must be read and answered within this.

@@ -27,6 +27,7 @@ use crate::homeserver::openid::OpenIdError;
 use crate::identity;
 use crate::livekit::room_service::{RoomService, RoomTimeouts};
 use crate::metrics::{OutcomeLabel, TokenLabels};
+use crate::store::Seat;
 
 /// The MatrixRTC slot legacy `/sfu/get` calls live in.
 const LEGACY_SLOT: &str = "m.call#ROOM";
@@ -289,6 +290,20 @@ pub(super) async fn grant_token(
                 "unable to create the room on the SFU",
             ));
         }
+    }
+    if state.following.is_some() {
+        // Whose this token is, for removing them from the call if they leave the room.
+        let seat = Seat {
+            room_id: grant.room_id.clone(),
+            user_id: grant.user_id.to_string(),
+            livekit_room: livekit_room.clone(),
+            identity: grant.identity.clone(),
+            expires_at_ms: now_unix_ms() + issuer.ttl.as_millis() as u64,
+        };
+        state.store.add_seat(&seat).await.map_err(|e| {
+            error!(room = %grant.room_id, user = %grant.user_id, error = %e, "cannot record the token's seat; no token issued");
+            MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot record the token now")
+        })?;
     }
     if let Some(d) = delegation {
         let delay_id = d.delay_id.clone();

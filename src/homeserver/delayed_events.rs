@@ -101,10 +101,13 @@ pub enum CallOutcome {
     ClientError,
     /// The stored address of the homeserver is no longer acceptable.
     Unreachable,
+    /// 403: the member is no longer in the room (left, kicked, banned), so its delayed leave
+    /// cannot be sent as them; Synapse discards it.
+    NotInRoom,
 }
 
 impl CallOutcome {
-    pub const ALL: [CallOutcome; 10] = [
+    pub const ALL: [CallOutcome; 11] = [
         CallOutcome::Ok,
         CallOutcome::Gone,
         CallOutcome::RateLimited,
@@ -115,6 +118,7 @@ impl CallOutcome {
         CallOutcome::Unrecognized,
         CallOutcome::ClientError,
         CallOutcome::Unreachable,
+        CallOutcome::NotInRoom,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +133,7 @@ impl CallOutcome {
             CallOutcome::Unrecognized => "unrecognized",
             CallOutcome::ClientError => "client_error",
             CallOutcome::Unreachable => "unreachable",
+            CallOutcome::NotInRoom => "not_in_room",
         }
     }
 
@@ -340,6 +345,10 @@ fn retry_after_ms(header: &str) -> Option<Millis> {
     header.trim().parse::<u64>().ok().map(|secs| secs.saturating_mul(1000))
 }
 
+fn error_text(body: &serde_json::Value) -> &str {
+    body.get("error").and_then(|e| e.as_str()).unwrap_or_default()
+}
+
 /// Classifies a homeserver answer (pure, for tests).
 pub fn classify(status: u16, retry_after_header_ms: Option<Millis>, body: &serde_json::Value) -> Answer {
     let errcode = body.get("errcode").and_then(|e| e.as_str()).unwrap_or_default().to_owned();
@@ -351,6 +360,12 @@ pub fn classify(status: u16, retry_after_header_ms: Option<Millis>, body: &serde
             Answer { answer: HsAnswer::Failed, outcome: CallOutcome::Unrecognized, detail: detail() }
         }
         404 | 409 => Answer { answer: HsAnswer::Gone, outcome: CallOutcome::Gone, detail: None },
+        // Synapse's words when the event's sender has left the room (the event is then
+        // discarded): not the bridge's access being refused. Told apart by the message, the
+        // only thing that differs from a refusal.
+        403 if errcode == "M_FORBIDDEN" && error_text(body).contains("not in room") => {
+            Answer { answer: HsAnswer::Gone, outcome: CallOutcome::NotInRoom, detail: detail() }
+        }
         429 => {
             let body_ms = body.get("retry_after_ms").and_then(|v| v.as_u64());
             let wait = retry_after_header_ms.or(body_ms).unwrap_or(1_000).clamp(100, 300_000);
@@ -569,6 +584,13 @@ mod tests {
         assert_eq!(classify(200, None, &json!({})).answer, HsAnswer::Ok);
         assert_eq!(classify(404, None, &json!({"errcode": "M_NOT_FOUND"})).answer, HsAnswer::Gone);
         assert_eq!(classify(409, None, &json!({})).answer, HsAnswer::Gone);
+        // The sender left the room: Synapse refuses the send and discards the event.
+        let left = json!({"errcode": "M_FORBIDDEN", "error": "User @a:hs not in room !r:hs"});
+        let a = classify(403, None, &left);
+        assert_eq!((a.answer, a.outcome), (HsAnswer::Gone, CallOutcome::NotInRoom));
+        assert!(!a.outcome.is_configuration_error());
+        let refused = json!({"errcode": "M_FORBIDDEN", "error": "Application service cannot masquerade as this user"});
+        assert_eq!(classify(403, None, &refused).outcome, CallOutcome::Auth);
         assert_eq!(classify(404, None, &json!({"errcode": "M_UNRECOGNIZED"})).answer, HsAnswer::Failed);
         assert_eq!(classify(429, Some(3_000), &json!({"retry_after_ms": 10})).answer, HsAnswer::RetryAfter(3_000));
         assert_eq!(classify(429, None, &json!({"retry_after_ms": 1_500})).answer, HsAnswer::RetryAfter(1_500));

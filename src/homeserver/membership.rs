@@ -8,11 +8,163 @@
 //! cannot read it at all (`403`), which this tells apart from an appservice the homeserver does
 //! not let act as that user by asking who it is acting as (`/account/whoami`).
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use url::Url;
 
+use super::discovery::Discovery;
 use super::{api_url, describe, read_json};
+use crate::config::{Appservice, MembershipBot};
+
+/// Through whom rooms are seen, from the configuration: the appservice acts as the users of its
+/// homeserver; a bot account sees the rooms it is in.
+pub struct Views {
+    /// The appservice's homeserver and `as_token`.
+    appservice: Option<(String, String)>,
+    bot: Option<MembershipBot>,
+    pub discovery: Arc<Discovery>,
+    pub timeout: Duration,
+}
+
+/// How a user's membership can be asked: who asks, at which homeserver, and how to label it.
+pub struct View<'a> {
+    pub via: &'static str,
+    pub server: &'a str,
+    pub viewer: Viewer<'a>,
+}
+
+impl Views {
+    pub fn new(
+        appservice: Option<&Appservice>,
+        bot: Option<MembershipBot>,
+        discovery: Arc<Discovery>,
+        timeout: Duration,
+    ) -> Self {
+        let appservice = appservice.map(|a| (a.server_name.clone(), a.as_token.clone()));
+        Views { appservice, bot, discovery, timeout }
+    }
+
+    /// Whether any room can be seen at all.
+    pub fn any(&self) -> bool {
+        self.appservice.is_some() || self.bot.is_some()
+    }
+
+    /// What is checked, for the log at start.
+    pub fn describe(&self) -> String {
+        let others = match &self.bot {
+            Some(bot) => format!("through the membership bot of {} in rooms it is in", bot.server_name),
+            None => "not checked (no RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_*)".to_owned(),
+        };
+        match &self.appservice {
+            Some((server, _)) => format!("users of {server} as themselves (appservice); other users {others}"),
+            None => format!("users {others}"),
+        }
+    }
+
+    /// Whether `user` belongs to the appservice's homeserver (the appservice can act as them).
+    pub fn is_local(&self, user: &str) -> bool {
+        self.appservice.as_ref().is_some_and(|(server, _)| user_server(user) == Some(server.as_str()))
+    }
+
+    /// How `user`'s membership is seen: as themselves if the appservice can act as them, else
+    /// through the bot; `None` if neither.
+    pub fn of<'a>(&'a self, user: &'a str) -> Option<View<'a>> {
+        match (&self.appservice, &self.bot) {
+            (Some((server, as_token)), _) if user_server(user) == Some(server.as_str()) => {
+                Some(View { via: "appservice", server, viewer: Viewer::AsUser { as_token, user_id: user } })
+            }
+            (_, Some(bot)) => Some(View {
+                via: "bot",
+                server: &bot.server_name,
+                viewer: Viewer::Bot { access_token: &bot.access_token },
+            }),
+            _ => None,
+        }
+    }
+
+    /// `user`'s membership of `room`, seen through `view`.
+    pub async fn ask(&self, view: &View<'_>, room: &str, user: &str) -> Result<Seen, MembershipError> {
+        let cs = self
+            .discovery
+            .client_server_api(view.server)
+            .await
+            .map_err(|e| MembershipError::Unavailable(format!("cannot locate {}: {e}", view.server)))?;
+        membership(cs.client(self.discovery.clients()), &cs.base, room, user, view.viewer, self.timeout).await
+    }
+
+    /// The joined members of `room`, as the first of `viewers` (users of the appservice's
+    /// homeserver) or the bot able to see it; `None` if none can.
+    pub async fn joined_members<'a>(&'a self, room: &str, viewers: &[&'a str]) -> Option<HashSet<String>> {
+        let mut views: Vec<View<'a>> = viewers.iter().filter(|u| self.is_local(u)).filter_map(|u| self.of(u)).collect();
+        if let Some(bot) = &self.bot {
+            views.push(View {
+                via: "bot",
+                server: &bot.server_name,
+                viewer: Viewer::Bot { access_token: &bot.access_token },
+            });
+        }
+        for view in views {
+            let Ok(cs) = self.discovery.client_server_api(view.server).await else { continue };
+            let http = cs.client(self.discovery.clients());
+            match joined_members(http, &cs.base, room, view.viewer, self.timeout).await {
+                Ok(Some(members)) => return Some(members),
+                Ok(None) => continue, // this viewer is not in the room
+                Err(e) => {
+                    tracing::debug!(room, via = view.via, error = %e, "cannot list a room's joined members");
+                    continue;
+                }
+            }
+        }
+        None
+    }
+}
+
+fn user_server(user: &str) -> Option<&str> {
+    user.split_once(':').map(|(_, server)| server)
+}
+
+/// `GET /rooms/{room}/joined_members` as `viewer`: the user ids joined; `None` if the viewer
+/// cannot see the room (not joined to it).
+pub async fn joined_members(
+    http: &reqwest::Client,
+    base: &Url,
+    room: &str,
+    viewer: Viewer<'_>,
+    timeout: Duration,
+) -> Result<Option<HashSet<String>>, MembershipError> {
+    let mut url = api_url(base, "/_matrix/client/v3/rooms");
+    url.path_segments_mut().expect("http(s) base URLs have paths").extend([room, "joined_members"]);
+    let resp = authorized(http, url, viewer).timeout(timeout).send().await;
+    let resp = resp.map_err(|e| MembershipError::Unavailable(describe(e)))?;
+    match resp.status().as_u16() {
+        200 => {}
+        403 => return Ok(None),
+        401 => return Err(MembershipError::Refused("401".into())),
+        status => return Err(MembershipError::Unavailable(format!("status {status}"))),
+    }
+    // A big room's list is larger than the usual answer cap: up to 16 MiB (some 150 000 members).
+    let body = super::read_capped(resp, 16 << 20).await.map_err(MembershipError::Unavailable)?;
+    #[derive(serde::Deserialize)]
+    struct Joined {
+        joined: std::collections::HashMap<String, serde::de::IgnoredAny>,
+    }
+    let joined: Joined =
+        serde_json::from_slice(&body).map_err(|e| MembershipError::Unavailable(format!("unreadable answer: {e}")))?;
+    Ok(Some(joined.joined.into_keys().collect()))
+}
+
+/// A GET of `url` as `viewer`.
+fn authorized(http: &reqwest::Client, mut url: Url, viewer: Viewer<'_>) -> reqwest::RequestBuilder {
+    match viewer {
+        Viewer::AsUser { as_token, user_id } => {
+            url.query_pairs_mut().append_pair("user_id", user_id);
+            http.get(url).bearer_auth(as_token)
+        }
+        Viewer::Bot { access_token } => http.get(url).bearer_auth(access_token),
+    }
+}
 
 /// Who reads the room's state.
 #[derive(Debug, Clone, Copy)]
@@ -73,20 +225,11 @@ pub async fn membership(
 
 async fn get(
     http: &reqwest::Client,
-    mut url: Url,
+    url: Url,
     viewer: Viewer<'_>,
     timeout: Duration,
 ) -> Result<(u16, serde_json::Value), MembershipError> {
-    let token = match viewer {
-        Viewer::AsUser { as_token, user_id } => {
-            url.query_pairs_mut().append_pair("user_id", user_id);
-            as_token
-        }
-        Viewer::Bot { access_token } => access_token,
-    };
-    let resp = http
-        .get(url)
-        .bearer_auth(token)
+    let resp = authorized(http, url, viewer)
         .timeout(timeout)
         .send()
         .await

@@ -124,6 +124,33 @@ impl RoomService {
             .collect())
     }
 
+    /// Disconnects whoever is connected as `identity` in `room` (LiveKit then reports
+    /// `participant_left`, reason `PARTICIPANT_REMOVED`), and asks LiveKit to refuse the tokens
+    /// issued for it before `revoke_before_s` (Unix seconds; not LiveKit's default, a minute
+    /// ahead, which would also refuse a token issued a moment later to a user let back in).
+    /// `Ok(false)`: nobody was connected as `identity`.
+    pub async fn remove_participant(
+        &self,
+        room: &str,
+        identity: &str,
+        revoke_before_s: i64,
+    ) -> Result<bool, RoomServiceError> {
+        let grants = VideoGrants { room_admin: true, room: room.to_owned(), ..Default::default() };
+        let request = proto::RoomParticipantIdentity {
+            room: room.to_owned(),
+            identity: identity.to_owned(),
+            revoke_token_ts: revoke_before_s,
+        };
+        Ok(self.call("RemoveParticipant", grants, request).await?.is_some())
+    }
+
+    /// Closes `room`, disconnecting everyone in it. `Ok(false)`: there was no such room.
+    pub async fn delete_room(&self, room: &str) -> Result<bool, RoomServiceError> {
+        let grants = VideoGrants { room_create: true, ..Default::default() };
+        let request = proto::DeleteRoomRequest { room: room.to_owned() };
+        Ok(self.call("DeleteRoom", grants, request).await?.is_some())
+    }
+
     /// Opens LiveKit room `room` (no participant limit) unless it is open already: LiveKit answers
     /// an existing room's creation with that room.
     pub async fn create_room(&self, room: &str, timeouts: RoomTimeouts) -> Result<(), RoomServiceError> {

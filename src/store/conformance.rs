@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use super::{JobRecord, Store, StoreOp};
+use super::{JobRecord, Seat, Store, StoreOp};
 use crate::delegation::{Delegation, JobId, Mode};
 use crate::lifecycle::{Binding, Durable, Trigger};
 
@@ -54,6 +54,7 @@ pub async fn run(open: impl Fn() -> Open) {
     a_replacement_deletes_and_inserts_in_one_commit(open()).await;
     inserting_an_existing_id_replaces_it(open()).await;
     many_jobs_round_trip(open()).await;
+    seats_are_found_by_room_and_user_until_they_expire(open()).await;
 }
 
 async fn empty_then_survives_reopen(open: Open) {
@@ -116,4 +117,41 @@ async fn many_jobs_round_trip(open: Open) {
     let jobs = sorted(&*open().await).await;
     assert_eq!(jobs.len(), n as usize);
     assert!(jobs.iter().zip(1..).all(|(j, i)| j.id == JobId(i) && j.delegation == record(i).delegation));
+}
+
+fn seat(room: &str, user: &str, identity: &str, expires_at_ms: u64) -> Seat {
+    Seat {
+        room_id: room.into(),
+        user_id: user.into(),
+        livekit_room: format!("lk-{room}"),
+        identity: identity.into(),
+        expires_at_ms,
+    }
+}
+
+async fn seats_are_found_by_room_and_user_until_they_expire(open: Open) {
+    let store = open().await;
+    assert_eq!(store.seated_rooms(0).await.unwrap(), Vec::<String>::new());
+    let now = crate::delegation::now_unix_ms();
+    let hour = now + 3_600_000;
+    let a1 = seat("!a:hs", "@alice:hs", "id-a1", hour);
+    let a2 = seat("!a:hs", "@alice:hs", "@alice:hs:DEV", hour + 1);
+    let b = seat("!a:hs", "@bob:hs", "id-b", hour);
+    let elsewhere = seat("!b:hs", "@alice:hs", "id-a1", now + 1_000);
+    for s in [&a1, &a2, &b, &elsewhere] {
+        store.add_seat(s).await.unwrap();
+    }
+    // A later token for the same identity replaces the seat (its expiry moves).
+    let a1_later = seat("!a:hs", "@alice:hs", "id-a1", hour + 2);
+    store.add_seat(&a1_later).await.unwrap();
+    drop(store);
+    let store = open().await;
+    assert_eq!(store.seats("!a:hs", Some("@alice:hs"), now).await.unwrap(), vec![a2.clone(), a1_later.clone()]);
+    assert_eq!(store.seats("!a:hs", Some("@bob:hs"), now).await.unwrap(), vec![b.clone()]);
+    assert_eq!(store.seats("!a:hs", None, now).await.unwrap(), vec![a2, a1_later, b]);
+    assert_eq!(store.seats("!c:hs", None, now).await.unwrap(), vec![]);
+    assert_eq!(store.seated_rooms(now).await.unwrap(), vec!["!a:hs".to_owned(), "!b:hs".to_owned()]);
+    // Once its token has expired, a seat is gone, and so is a room with no seat left.
+    assert_eq!(store.seats("!b:hs", None, now + 1_000).await.unwrap(), vec![]);
+    assert_eq!(store.seated_rooms(now + 1_000).await.unwrap(), vec!["!a:hs".to_owned()]);
 }

@@ -44,6 +44,20 @@ pub enum StoreOp {
     },
 }
 
+/// A LiveKit token issued to a Matrix user: who may connect as which identity in which LiveKit
+/// room, until the token expires. What removing a user who left the Matrix room needs (a token's
+/// identity is a hash: it does not say whose it is). Kept apart from jobs, by Matrix room and
+/// user; written by the instance that issued the token, read by whichever follows the room.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Seat {
+    pub room_id: String,
+    pub user_id: String,
+    pub livekit_room: String,
+    pub identity: String,
+    /// When the token expires (Unix ms): the seat is gone then.
+    pub expires_at_ms: u64,
+}
+
 /// The leases a fenced commit is made under: this instance's name and, for each shard it
 /// holds, the lease's epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,4 +84,21 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Whether the store can be used right now.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Records `seat`, replacing the seat of the same LiveKit room and identity (a later token).
+    async fn add_seat(&self, seat: &Seat) -> Result<(), StoreError> {
+        let _ = seat;
+        Err(StoreError("this store keeps no seats".into()))
+    }
+    /// The seats in Matrix room `room_id` not expired at `now_ms`: `user`'s, or everyone's; by
+    /// user, LiveKit room and identity.
+    async fn seats(&self, room_id: &str, user: Option<&str>, now_ms: u64) -> Result<Vec<Seat>, StoreError> {
+        let _ = (room_id, user, now_ms);
+        Err(StoreError("this store keeps no seats".into()))
+    }
+    /// The Matrix rooms with a seat not expired at `now_ms`, in order (expired seats are
+    /// forgotten).
+    async fn seated_rooms(&self, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let _ = now_ms;
+        Err(StoreError("this store keeps no seats".into()))
+    }
 }

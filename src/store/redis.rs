@@ -12,7 +12,10 @@
 //!   counter behind the epochs;
 //!
 //! and `{prefix}job-shards` (job id → its shard, for changes that name only the job),
-//! `{prefix}instances` (a sorted set of live instances, scored by when their heartbeat runs out).
+//! `{prefix}instances` (a sorted set of live instances, scored by when their heartbeat runs out),
+//! `{prefix}seats:{room id}` (a hash of the room's [`Seat`]s, by user, LiveKit room and
+//! identity; it expires with the last of them) and `{prefix}seated` (the rooms with seats, scored
+//! by when their last seat expires).
 //!
 //! A commit is one Lua script: Redis runs it atomically, and it checks everything it needs (the
 //! operations' shape, and for a fenced commit that every shard touched is still leased to this
@@ -32,7 +35,7 @@ use async_trait::async_trait;
 use redis::AsyncCommands as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Fence, JobRecord, Store, StoreError, StoreOp};
+use super::{Fence, JobRecord, Seat, Store, StoreError, StoreOp};
 use crate::cluster::{EntryId, Inbound, SHARDS, Shard, shard_of};
 use crate::delegation::JobId;
 
@@ -49,6 +52,19 @@ const INBOX_MAX: usize = 50_000;
 const PUSH: &str = r"
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 return redis.call('XADD', KEYS[1], '*', 'i', ARGV[2])
+";
+
+/// Records a seat: `KEYS[1]` the room's seats, `KEYS[2]` the seated rooms; `ARGV` = field,
+/// seat, its expiry (Unix ms), room id. Both keys live as long as the room's last seat.
+const ADD_SEAT: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local at = tonumber(ARGV[3])
+local last = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[4]) or '0')
+if at > last or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('ZADD', KEYS[2], math.max(at, last), ARGV[4])
+  redis.call('PEXPIREAT', KEYS[1], math.max(at, last))
+end
+return 1
 ";
 
 const COMMIT: &str = r#"
@@ -376,6 +392,56 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let _: () = conn.ping().await.map_err(err)?;
         Ok(())
+    }
+
+    async fn add_seat(&self, seat: &Seat) -> Result<(), StoreError> {
+        let field = format!("{}\n{}\n{}", seat.user_id, seat.livekit_room, seat.identity);
+        let value = serde_json::to_string(seat).map_err(err)?;
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::Script::new(ADD_SEAT)
+            .key(self.seats_key(&seat.room_id))
+            .key(format!("{}seated", self.prefix))
+            .arg(field)
+            .arg(value)
+            .arg(seat.expires_at_ms)
+            .arg(&seat.room_id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn seats(&self, room_id: &str, user: Option<&str>, now_ms: u64) -> Result<Vec<Seat>, StoreError> {
+        let mut seats = Vec::new();
+        for (field, value) in self.scan_hash(&self.seats_key(room_id)).await? {
+            if user.is_some_and(|u| field.split('\n').next() != Some(u)) {
+                continue;
+            }
+            match serde_json::from_str::<Seat>(&value) {
+                Ok(seat) if seat.expires_at_ms > now_ms => seats.push(seat),
+                Ok(_) => {}
+                Err(e) => tracing::error!(room = %room_id, error = %e, "unreadable stored seat skipped"),
+            }
+        }
+        seats.sort_by(|a, b| {
+            (&a.user_id, &a.livekit_room, &a.identity).cmp(&(&b.user_id, &b.livekit_room, &b.identity))
+        });
+        Ok(seats)
+    }
+
+    async fn seated_rooms(&self, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let key = format!("{}seated", self.prefix);
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.zrembyscore(&key, "-inf", now_ms).await.map_err(err)?;
+        let mut rooms: Vec<String> = conn.zrange(&key, 0, -1).await.map_err(err)?;
+        rooms.sort_unstable();
+        Ok(rooms)
+    }
+}
+
+impl RedisStore {
+    fn seats_key(&self, room_id: &str) -> String {
+        format!("{}seats:{room_id}", self.prefix)
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{JobRecord, Store, StoreError, StoreOp};
+use super::{JobRecord, Seat, Store, StoreError, StoreOp};
 use crate::delegation::JobId;
 
 pub struct SqliteStore {
@@ -76,7 +76,16 @@ impl SqliteStore {
                 delegation TEXT NOT NULL,
                 state TEXT NOT NULL,
                 updated_at_ms INTEGER NOT NULL
-            );",
+            );
+            CREATE TABLE IF NOT EXISTS seats (
+                livekit_room TEXT NOT NULL,
+                identity TEXT NOT NULL,
+                room_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                expires_at_ms INTEGER NOT NULL,
+                PRIMARY KEY (livekit_room, identity)
+            );
+            CREATE INDEX IF NOT EXISTS seats_by_member ON seats (room_id, user_id);",
         )
         .map_err(err)?;
         // Checkpoints (copying the WAL into the database, with fsyncs) run on their own thread
@@ -132,6 +141,16 @@ fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<()>) {
             tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
         }
     }
+}
+
+fn seat_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Seat> {
+    Ok(Seat {
+        room_id: row.get(0)?,
+        user_id: row.get(1)?,
+        livekit_room: row.get(2)?,
+        identity: row.get(3)?,
+        expires_at_ms: row.get::<_, i64>(4)? as u64,
+    })
 }
 
 #[async_trait]
@@ -212,6 +231,53 @@ impl Store for SqliteStore {
         self.with_conn(|conn| {
             conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).optional().map_err(err)?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Written `synchronous = NORMAL` (a seat lost to a power cut leaves a user who leaves the
+    /// room in the call until their token expires, as without the bridge).
+    async fn add_seat(&self, seat: &Seat) -> Result<(), StoreError> {
+        let seat = seat.clone();
+        self.with_conn(move |conn| {
+            conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO seats (livekit_room, identity, room_id, user_id, expires_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(err)?
+            .execute(params![seat.livekit_room, seat.identity, seat.room_id, seat.user_id, seat.expires_at_ms as i64])
+            .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn seats(&self, room_id: &str, user: Option<&str>, now_ms: u64) -> Result<Vec<Seat>, StoreError> {
+        let (room_id, user) = (room_id.to_owned(), user.map(str::to_owned));
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT room_id, user_id, livekit_room, identity, expires_at_ms FROM seats
+                     WHERE room_id = ?1 AND (?2 IS NULL OR user_id = ?2) AND expires_at_ms > ?3
+                     ORDER BY user_id, livekit_room, identity",
+                )
+                .map_err(err)?;
+            let rows = stmt.query_map(params![room_id, user, now_ms as i64], seat_of).map_err(err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(err)
+        })
+        .await
+    }
+
+    async fn seated_rooms(&self, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        self.with_conn(move |conn| {
+            conn.prepare_cached("DELETE FROM seats WHERE expires_at_ms <= ?1")
+                .map_err(err)?
+                .execute(params![now_ms as i64])
+                .map_err(err)?;
+            let mut stmt = conn.prepare_cached("SELECT DISTINCT room_id FROM seats ORDER BY room_id").map_err(err)?;
+            let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(err)
         })
         .await
     }

@@ -15,6 +15,9 @@
 //!   participant that disconnected may stay listed for a moment with state `DISCONNECTED`, as
 //!   LiveKit's store keeps it until the room drops it. `CreateRoom` requires `roomCreate`,
 //!   opens the room (or answers the existing one, as LiveKit does) and records its timeouts.
+//!   `RemoveParticipant` requires `roomAdmin` for the room, disconnects the identity (Twirp
+//!   `not_found` if nobody is connected as it) and records when, with `revokeTokenTs`; the test
+//!   then posts the `participant_left` LiveKit would send.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -84,6 +87,17 @@ struct Inner {
     created: Mutex<Vec<(String, u32, u32)>>,
     /// When set, CreateRoom fails (Twirp `internal`).
     create_fails: AtomicBool,
+    /// Every RemoveParticipant that removed someone: (room, identity, revokeTokenTs, when).
+    removed: Mutex<Vec<Removal>>,
+}
+
+/// A participant removed through RoomService.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    pub room: String,
+    pub identity: String,
+    pub revoke_token_ts: i64,
+    pub at: std::time::Instant,
 }
 
 #[derive(Clone)]
@@ -104,6 +118,7 @@ impl LiveKit {
         let app = axum::Router::new()
             .route("/twirp/livekit.RoomService/ListParticipants", axum::routing::post(list_participants))
             .route("/twirp/livekit.RoomService/CreateRoom", axum::routing::post(create_room))
+            .route("/twirp/livekit.RoomService/RemoveParticipant", axum::routing::post(remove_participant))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -129,6 +144,23 @@ impl LiveKit {
     /// list LiveKit's server answers.
     pub fn set_missing_room_not_found(&self, not_found: bool) {
         self.inner.missing_room_not_found.store(not_found, Ordering::SeqCst);
+    }
+
+    /// Every participant removed through RoomService, in order.
+    pub fn removals(&self) -> Vec<Removal> {
+        self.inner.removed.lock().unwrap().clone()
+    }
+
+    /// Waits (up to `within`) for the removal of `identity` from `room`.
+    pub async fn wait_removal(&self, room: &str, identity: &str, within: Duration) -> Option<Removal> {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let found = self.removals().into_iter().find(|r| r.room == room && r.identity == identity);
+            if found.is_some() || std::time::Instant::now() >= until {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Every CreateRoom received: (room, empty timeout s, departure timeout s).
@@ -342,6 +374,38 @@ async fn create_room(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
         ..Default::default()
     };
     ([(header::CONTENT_TYPE, "application/protobuf")], room.encode_to_vec()).into_response()
+}
+
+async fn remove_participant(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    if inner.unavailable.load(Ordering::SeqCst) {
+        return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "service unavailable");
+    }
+    let Some(req) = proto::RoomParticipantIdentity::decode(body.as_ref()).ok() else {
+        return twirp_error(StatusCode::BAD_REQUEST, "malformed", "cannot decode request");
+    };
+    let Some(claims) = claims(&headers) else {
+        return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid token");
+    };
+    if claims["video"]["roomAdmin"] != json!(true) || claims["video"]["room"] != json!(req.room) {
+        return twirp_error(StatusCode::FORBIDDEN, "permission_denied", "requires roomAdmin for this room");
+    }
+    let mut rooms = inner.rooms.lock().unwrap();
+    let Some(r) = rooms.get_mut(&req.room) else {
+        return twirp_error(StatusCode::NOT_FOUND, "not_found", "requested room does not exist");
+    };
+    let before = r.participants.len();
+    r.participants.retain(|p| p.identity != req.identity);
+    if r.participants.len() == before {
+        return twirp_error(StatusCode::NOT_FOUND, "not_found", "participant not found");
+    }
+    inner.removed.lock().unwrap().push(Removal {
+        room: req.room,
+        identity: req.identity,
+        revoke_token_ts: req.revoke_token_ts,
+        at: std::time::Instant::now(),
+    });
+    ([(header::CONTENT_TYPE, "application/protobuf")], proto::RemoveParticipantResponse::default().encode_to_vec())
+        .into_response()
 }
 
 async fn list_participants(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
