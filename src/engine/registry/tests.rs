@@ -1370,3 +1370,47 @@ fn an_inbox_delegation_takes_effect_before_the_departure_queued_after_it() {
     assert!(!sent.contains(&"syd_old"), "the superseded delay id was sent: {sent:?}");
     assert_eq!(rig.r.len(), 1);
 }
+
+/// Mutation testing found these untested: a webhook with effects of its own, arriving while
+/// another's commit is in flight, must be answered only once *its* effects are durable.
+#[test]
+fn a_webhook_with_effects_waits_for_its_own_commit_not_the_one_in_flight() {
+    let mut rig = Rig::new();
+    let (a, b) = (delegation("a", "DEV", "syd_a"), delegation("b", "DEV", "syd_b"));
+    rig.tracked(&a);
+    rig.tracked(&b);
+    rig.answer_calls(HsAnswer::Ok);
+    let first = rig.webhook(joined(&a, "PA_1", "EV_1"));
+    let commits = rig.commits.len();
+    let second = rig.webhook(joined(&b, "PA_2", "EV_2"));
+    assert_eq!(rig.commits.len(), commits, "one commit in flight at a time");
+    rig.commit(Ok(()));
+    assert_eq!(rig.webhook_answer(first).unwrap().as_ref().unwrap(), &WebhookOutcome::Applied);
+    assert!(rig.webhook_answer(second).is_none(), "answered before its own effects were durable");
+    assert_eq!(rig.commits.len(), commits + 1, "its own commit follows");
+    rig.commit(Ok(()));
+    assert_eq!(rig.webhook_answer(second).unwrap().as_ref().unwrap(), &WebhookOutcome::Applied);
+}
+
+/// The ids of applied webhooks are remembered up to the limit, the oldest forgotten first.
+#[test]
+fn webhook_ids_are_remembered_up_to_the_limit_oldest_forgotten_first() {
+    let mut rig = Rig::with(Limits { seen_webhooks: 3, ..Limits::default() });
+    let ds: Vec<Delegation> = (0..4).map(|i| delegation(&format!("u{i}"), "DEV", &format!("syd_{i}"))).collect();
+    for d in &ds {
+        rig.tracked(d);
+    }
+    rig.answer_calls(HsAnswer::Ok);
+    let mut deliver = |rig: &mut Rig, i: usize| {
+        let t = rig.webhook(joined(&ds[i], &format!("PA_{i}"), &format!("EV_{i}")));
+        rig.commit(Ok(()));
+        rig.webhook_answer(t).unwrap().as_ref().unwrap().clone()
+    };
+    for i in 0..3 {
+        assert_eq!(deliver(&mut rig, i), WebhookOutcome::Applied);
+    }
+    assert_eq!(deliver(&mut rig, 0), WebhookOutcome::Duplicate, "as many as the limit are remembered");
+    assert_eq!(deliver(&mut rig, 3), WebhookOutcome::Applied);
+    assert_ne!(deliver(&mut rig, 0), WebhookOutcome::Duplicate, "the oldest is forgotten first");
+    assert_eq!(deliver(&mut rig, 2), WebhookOutcome::Duplicate, "the others are kept");
+}
