@@ -493,3 +493,89 @@ async fn nobody_is_removed_on_a_doubt_and_polling_makes_up_for_lost_transactions
     assert!(later.is_empty(), "a joined user's session removed: {later:?}");
     assert!(!w.removed(&w.alice));
 }
+
+/// The whole path on a real LiveKit server (v1.13.5) and a real client: a kicked member's
+/// participant is disconnected by LiveKit (`PARTICIPANT_REMOVED`), and whatever this LiveKit
+/// does with the revoked token, it cannot keep its seat: refused at connect, or removed again
+/// as soon as LiveKit reports it connected (polling is off here: an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_real_livekit_a_kicked_member_is_disconnected_and_cannot_come_back() {
+    use common::livekit_server::LiveKitServer;
+    use common::participant::Participant as Client;
+    rtc_leave_bridge::homeserver::install_crypto_provider();
+    let (port, txn_port) = (common::free_port(), common::free_port());
+    let bridge_url = format!("http://127.0.0.1:{port}");
+    let _txns = TxnProxy::start(txn_port, bridge_url.clone()).await;
+    let options = SynapseOptions { appservice_registration: Some(registration(port, txn_port)), ..Default::default() };
+    let synapse = Synapse::start(options).await;
+    let hs = HsProxy::start(&synapse.url).await;
+    let livekit = LiveKitServer::start(&[format!("{bridge_url}/sfu_webhook")]).await;
+    let mut env = Bridge::env_for_url(&hs.url, &livekit.url);
+    env.insert("LIVEKIT_AS_TOKEN".into(), AS_TOKEN.into());
+    env.insert("LIVEKIT_HS_TOKEN".into(), HS_TOKEN.into());
+    env.insert("LIVEKIT_HS_SERVER_NAME".into(), SERVER_NAME.into());
+    env.insert("RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL".into(), "1h".into());
+    let bridge = Bridge::start_on(port, env).await;
+    let alice = synapse.register("alice").await;
+    let bob = synapse.register("bob").await;
+    let room = synapse.create_room(&alice).await;
+    synapse.join_room(&bob, &room).await;
+
+    // Bob joins the call as Element Call does: membership with its delayed leave, then a token
+    // from his homeserver with the leave handed over.
+    let delay_id = synapse.join_call(&bob, &room, 8_000).await;
+    let body = json!({"url": livekit.url, "room_id": room, "slot_id": SLOT, "member_id": "m1",
+        "delay_id": delay_id, "delay_timeout": 8000});
+    let (status, v) = synapse.proxied(&bob, "get_token", &body, true).await;
+    assert_eq!(status, 200, "{v}\n{}", bridge.logs());
+    let jwt = v["jwt"].as_str().unwrap().to_owned();
+    let mut client = Client::join(&livekit.url, &jwt).await;
+
+    let kicked = Instant::now();
+    synapse.remove_from_room(&alice, "kick", &bob, &room).await;
+    let gone = client.wait_for("disconnected", Duration::from_secs(5)).await;
+    let gone = gone.unwrap_or_else(|| panic!("not disconnected: {:?}\n{}", client.seen, bridge.logs()));
+    let after = kicked.elapsed();
+    eprintln!("real LiveKit: kick -> client disconnected in {after:?} ({gone})");
+    // The Python SDK names the reason by its number.
+    let removed = livekit_protocol::DisconnectReason::ParticipantRemoved;
+    let reason = gone["reason"].as_str().unwrap_or_default();
+    assert!(reason == (removed as i32).to_string() || reason.contains(removed.as_str_name()), "{gone}");
+    assert!(after < Duration::from_secs(2), "{after:?}");
+    // LiveKit reports it; bob's leave is tried and refused by Synapse (not in the room).
+    let until = Instant::now() + Duration::from_secs(3);
+    while hs.calls_of(&delay_id, "send").is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hs.calls_of(&delay_id, "send").first().and_then(|c| c.status), Some(403));
+    drop(client);
+
+    // The old token again.
+    match Client::try_join_as(&livekit.url, &jwt, None).await {
+        Err(seen) => {
+            eprintln!("the old token: removed while connecting ({seen:?})");
+            let removed = (livekit_protocol::DisconnectReason::ParticipantRemoved as i32).to_string();
+            let refused_or_removed = seen.iter().all(|e| e["event"] != "connected")
+                && seen.iter().any(|e| e["event"] == "error" || e["reason"] == json!(removed));
+            assert!(refused_or_removed, "{seen:?}");
+            if seen.iter().any(|e| e["reason"] == json!(removed)) {
+                let again = "rtc_leave_bridge_membership_removals_total{reason=\"gone\"}";
+                assert_eq!(
+                    bridge.metric_reaches(again, 1.0).await,
+                    1.0,
+                    "removed by the bridge, not refused by LiveKit"
+                );
+            }
+        }
+        Ok(mut again) => {
+            let back = Instant::now();
+            let gone = again.wait_for("disconnected", Duration::from_secs(3)).await;
+            assert!(gone.is_some(), "a kicked member came back with its old token and stayed: {:?}", again.seen);
+            eprintln!("real LiveKit let the old token in; removed again after {:?}", back.elapsed());
+            let again = "rtc_leave_bridge_membership_removals_total{reason=\"gone\"}";
+            assert_eq!(bridge.metric(again).await, 1.0);
+        }
+    }
+    let removals = "rtc_leave_bridge_membership_removals_total{reason=\"kicked\"}";
+    assert_eq!(bridge.metric(removals).await, 1.0);
+}

@@ -9,6 +9,7 @@ use axum::response::Response;
 use tracing::{debug, warn};
 
 use super::{AppState, MatrixError, empty_ok};
+use crate::livekit::SfuEventKind;
 use crate::livekit::webhook::RejectedWebhook;
 use crate::metrics::WebhookLabels;
 
@@ -35,6 +36,10 @@ pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: By
     };
     let name = event_label(event.kind.name());
     let id = event.id.clone();
+    if let (Some(following), SfuEventKind::ParticipantJoined(p)) = (&state.following, &event.kind) {
+        // Someone removed for leaving the room may come back with its old token.
+        following.connected(&event.room, &p.identity);
+    }
     match state.intake.webhook(event).await {
         Ok(outcome) => {
             count(name, outcome.as_str());

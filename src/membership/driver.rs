@@ -13,12 +13,14 @@
 //! * a **poll**, every `RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL` and whenever a transaction
 //!   could not be read, lists the joined members of every room with seats and suspects the
 //!   seated users missing from it: the backstop for lost transactions, for OpenID mode with a
-//!   bot, and for a token used after its user left.
+//!   bot, and for a token used after its user left;
+//! * a participant connecting under an identity removed here before (its seat not expired: an
+//!   old token that LiveKit did not revoke, or a user let back in) is suspected at once.
 //!
 //! With several instances, only the seats whose LiveKit room's shard this instance holds are
 //! acted on: each removal is made once, by the shard's holder.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,12 +51,28 @@ pub struct Observed {
 enum Input {
     Observed(Vec<Observed>),
     PollNow,
+    Connected { livekit_room: String, identity: String },
 }
 
 enum Report {
-    Checked { room: String, user: String, ticket: Ticket, answer: Answer, at_ms: u64 },
-    Removed { room: String, user: String, ticket: Ticket },
-    Polled { order: Order, suspects: Vec<(String, String)> },
+    Checked {
+        room: String,
+        user: String,
+        ticket: Ticket,
+        answer: Answer,
+        at_ms: u64,
+    },
+    /// With the seats it tried to disconnect.
+    Removed {
+        room: String,
+        user: String,
+        ticket: Ticket,
+        seats: Vec<Seat>,
+    },
+    Polled {
+        order: Order,
+        suspects: Vec<(String, String)>,
+    },
 }
 
 /// Where the appservice's transactions hand their membership changes.
@@ -75,6 +93,13 @@ impl Following {
     /// Changes may have been missed: every room with seats is looked at now.
     pub async fn poll_now(&self) {
         let _ = self.tx.send(Input::PollNow).await;
+    }
+
+    /// LiveKit reports `identity` connected in `livekit_room` (never waits: when following is
+    /// busy, the next poll looks instead).
+    pub fn connected(&self, livekit_room: &str, identity: &str) {
+        let connected = Input::Connected { livekit_room: livekit_room.to_owned(), identity: identity.to_owned() };
+        let _ = self.tx.try_send(connected);
     }
 }
 
@@ -154,9 +179,10 @@ impl Ports {
     }
 
     /// Disconnects every seat of `user` in `room`; tokens issued before `checked_at_ms` revoked.
-    async fn remove(&self, room: &str, user: &str, reason: Reason, checked_at_ms: u64) {
-        let Ok(seats) = self.seats(room, Some(user)).await else { return };
-        for seat in seats {
+    /// Returns the seats.
+    async fn remove(&self, room: &str, user: &str, reason: Reason, checked_at_ms: u64) -> Vec<Seat> {
+        let Ok(seats) = self.seats(room, Some(user)).await else { return Vec::new() };
+        for seat in &seats {
             let revoke_before = (checked_at_ms / 1_000) as i64;
             match self.room_service.remove_participant(&seat.livekit_room, &seat.identity, revoke_before).await {
                 Ok(true) => {
@@ -173,6 +199,7 @@ impl Ports {
                 }
             }
         }
+        seats
     }
 
     /// The seated users of every room with seats here who are not among its joined members.
@@ -219,6 +246,8 @@ async fn run(poll_interval: Duration, ports: Arc<Ports>, mut inputs: mpsc::Recei
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate: nothing has seats yet at start
     let mut polling = false;
+    // Seats removed here, until their token expires: (LiveKit room, identity) → (room, user, expiry).
+    let mut removed: HashMap<(String, String), (String, String, u64)> = HashMap::new();
     loop {
         let poll = tokio::select! {
             input = inputs.recv() => match input {
@@ -232,12 +261,28 @@ async fn run(poll_interval: Duration, ports: Arc<Ports>, mut inputs: mpsc::Recei
                     false
                 }
                 Some(Input::PollNow) => true,
+                Some(Input::Connected { livekit_room, identity }) => {
+                    let back = removed.get(&(livekit_room, identity)).filter(|(.., until)| *until > now_unix_ms());
+                    if let Some((room, user, _)) = back {
+                        debug!(room = %room, user = %user, "a participant removed before connected again; checked");
+                        follower.suspect(room.clone(), user.clone(), order);
+                    }
+                    false
+                }
             },
             _ = tick.tick() => true,
             Some(r) = reports.recv() => {
                 match r {
                     Report::Checked { room, user, ticket, answer, at_ms } => follower.checked(room, user, ticket, answer, at_ms),
-                    Report::Removed { room, user, ticket } => follower.removed(room, user, ticket),
+                    Report::Removed { room, user, ticket, seats } => {
+                        for seat in seats {
+                            removed.insert(
+                                (seat.livekit_room, seat.identity),
+                                (room.clone(), user.clone(), seat.expires_at_ms),
+                            );
+                        }
+                        follower.removed(room, user, ticket);
+                    }
                     Report::Polled { order, suspects } => {
                         polling = false;
                         for (room, user) in suspects {
@@ -250,6 +295,8 @@ async fn run(poll_interval: Duration, ports: Arc<Ports>, mut inputs: mpsc::Recei
         };
         if poll && !polling {
             polling = true;
+            let now = now_unix_ms();
+            removed.retain(|_, (.., until)| *until > now);
             let (ports, report, at) = (ports.clone(), report.clone(), order);
             tokio::spawn(async move {
                 let suspects = ports.poll().await;
@@ -267,8 +314,8 @@ async fn run(poll_interval: Duration, ports: Arc<Ports>, mut inputs: mpsc::Recei
                         Report::Checked { room, user, ticket, answer, at_ms }
                     }
                     Action::Remove { room, user, reason, ticket, checked_at_ms } => {
-                        ports.remove(&room, &user, reason, checked_at_ms).await;
-                        Report::Removed { room, user, ticket }
+                        let seats = ports.remove(&room, &user, reason, checked_at_ms).await;
+                        Report::Removed { room, user, ticket, seats }
                     }
                 };
                 let _ = report.send(done);

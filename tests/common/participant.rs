@@ -91,7 +91,8 @@ impl Participant {
                 if v["event"] == event {
                     return Some(v);
                 }
-                if v["event"] == "error" {
+                // An error, or a disconnection while waiting for something else, ends the wait.
+                if v["event"] == "error" || (v["event"] == "disconnected" && event == "connected") {
                     return None;
                 }
             }

@@ -1401,10 +1401,10 @@ fn webhook_ids_are_remembered_up_to_the_limit_oldest_forgotten_first() {
         rig.tracked(d);
     }
     rig.answer_calls(HsAnswer::Ok);
-    let mut deliver = |rig: &mut Rig, i: usize| {
+    let deliver = |rig: &mut Rig, i: usize| {
         let t = rig.webhook(joined(&ds[i], &format!("PA_{i}"), &format!("EV_{i}")));
         rig.commit(Ok(()));
-        rig.webhook_answer(t).unwrap().as_ref().unwrap().clone()
+        *rig.webhook_answer(t).unwrap().as_ref().unwrap()
     };
     for i in 0..3 {
         assert_eq!(deliver(&mut rig, i), WebhookOutcome::Applied);
