@@ -97,6 +97,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     ("RTC_LEAVE_BRIDGE_MEMBERSHIP_BOT_TOKEN", "", "that bot's access token"),
     (
+        "RTC_LEAVE_BRIDGE_CLOSE_ABANDONED_ROOMS",
+        "false",
+        "appservice mode: close (DeleteRoom) the LiveKit rooms of a Matrix room your homeserver has left (no user of it joined any more), disconnecting everyone, remote users included",
+    ),
+    (
         "RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL",
         "30s",
         "how often the joined members of every room with tokens in use are compared with those tokens' users, behind the appservice's pushed changes (1s–1h)",
@@ -723,6 +728,8 @@ pub struct Config {
     pub membership_bot: Option<MembershipBot>,
     /// How often rooms with seats are polled (membership following).
     pub membership_poll_interval: Duration,
+    /// Close the LiveKit rooms of Matrix rooms the homeserver has left.
+    pub close_abandoned_rooms: bool,
 }
 
 impl Section for Config {
@@ -741,6 +748,7 @@ impl Section for Config {
             appservice: parse_appservice(src)?,
             membership_bot: parse_membership_bot(src)?,
             membership_poll_interval: src.duration("RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL", ms(1_000), hours(1))?,
+            close_abandoned_rooms: src.flag("RTC_LEAVE_BRIDGE_CLOSE_ABANDONED_ROOMS")?,
         };
         if let Some(redis) = &config.storage.redis {
             let headroom = redis.failover_headroom();

@@ -136,6 +136,7 @@ pub struct Metrics {
     pub membership_checks: Family<MembershipCheckLabels, Counter>,
     pub membership_changes: Family<ChangeLabel, Counter>,
     pub membership_removals: Family<ReasonLabel, Counter>,
+    pub membership_rooms_closed: Counter,
     pub engine_busy: HistogramFamily<InputLabel>,
     pub jobs: Family<StateLabel, Gauge>,
     pub jobs_finished: Family<OutcomeLabel, Counter>,
@@ -180,6 +181,7 @@ impl Metrics {
             membership_checks: Family::default(),
             membership_changes: Family::default(),
             membership_removals: Family::default(),
+            membership_rooms_closed: Counter::default(),
             jobs: Family::default(),
             jobs_finished: Family::default(),
             delegations: Family::default(),
@@ -267,6 +269,11 @@ impl Metrics {
             "membership_removals",
             "LiveKit participants removed because their user is no longer joined to the Matrix room, by why",
             m.membership_removals.clone(),
+        );
+        registry.register(
+            "membership_rooms_closed",
+            "LiveKit rooms closed because the homeserver has left their Matrix room (RTC_LEAVE_BRIDGE_CLOSE_ABANDONED_ROOMS)",
+            m.membership_rooms_closed.clone(),
         );
         registry.register(
             "engine_busy_seconds",

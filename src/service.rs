@@ -148,6 +148,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 room_service,
                 gate,
                 metrics: metrics.clone(),
+                close_abandoned: config.close_abandoned_rooms,
             },
         )
     });

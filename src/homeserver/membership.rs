@@ -94,31 +94,37 @@ impl Views {
         membership(cs.client(self.discovery.clients()), &cs.base, room, user, view.viewer, self.timeout).await
     }
 
-    /// The joined members of `room`, as the first of `viewers` (users of the appservice's
-    /// homeserver) or the bot able to see it; `None` if none can.
-    pub async fn joined_members<'a>(&'a self, room: &str, viewers: &[&'a str]) -> Option<HashSet<String>> {
-        let mut views: Vec<View<'a>> = viewers.iter().filter(|u| self.is_local(u)).filter_map(|u| self.of(u)).collect();
-        if let Some(bot) = &self.bot {
-            views.push(View {
-                via: "bot",
-                server: &bot.server_name,
-                viewer: Viewer::Bot { access_token: &bot.access_token },
-            });
-        }
-        for view in views {
-            let Ok(cs) = self.discovery.client_server_api(view.server).await else { continue };
+    /// Who is joined to `room`, as the appservice itself (it may list the members of any room
+    /// one of its namespace's users is in) or the bot sees it.
+    pub async fn room(&self, room: &str) -> RoomView {
+        let mut no_local_member = false;
+        let appservice =
+            self.appservice.as_ref().map(|(server, as_token)| ("appservice", server, Viewer::Service { as_token }));
+        let bot = self.bot.as_ref().map(|b| ("bot", &b.server_name, Viewer::Bot { access_token: &b.access_token }));
+        for (via, server, viewer) in appservice.into_iter().chain(bot) {
+            let Ok(cs) = self.discovery.client_server_api(server).await else { continue };
             let http = cs.client(self.discovery.clients());
-            match joined_members(http, &cs.base, room, view.viewer, self.timeout).await {
-                Ok(Some(members)) => return Some(members),
-                Ok(None) => continue, // this viewer is not in the room
-                Err(e) => {
-                    tracing::debug!(room, via = view.via, error = %e, "cannot list a room's joined members");
-                    continue;
-                }
+            match joined_members(http, &cs.base, room, viewer, self.timeout).await {
+                Ok(Some(members)) => return RoomView::Members(members),
+                Ok(None) => no_local_member |= via == "appservice",
+                Err(e) => tracing::debug!(room, via, error = %e, "cannot list a room's joined members"),
             }
         }
-        None
+        if no_local_member { RoomView::NoLocalMember } else { RoomView::Unseen }
     }
+}
+
+/// Who is joined to a room, as far as the bridge can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomView {
+    /// Every joined member.
+    Members(HashSet<String>),
+    /// The appservice's homeserver refuses to list it because none of the users in the
+    /// appservice's namespace is joined: with a namespace of every local user, the homeserver
+    /// has left the room.
+    NoLocalMember,
+    /// Nobody here can see it (or it could not be asked).
+    Unseen,
 }
 
 fn user_server(user: &str) -> Option<&str> {
@@ -162,7 +168,7 @@ fn authorized(http: &reqwest::Client, mut url: Url, viewer: Viewer<'_>) -> reqwe
             url.query_pairs_mut().append_pair("user_id", user_id);
             http.get(url).bearer_auth(as_token)
         }
-        Viewer::Bot { access_token } => http.get(url).bearer_auth(access_token),
+        Viewer::Service { as_token: token } | Viewer::Bot { access_token: token } => http.get(url).bearer_auth(token),
     }
 }
 
@@ -171,6 +177,8 @@ fn authorized(http: &reqwest::Client, mut url: Url, viewer: Viewer<'_>) -> reqwe
 pub enum Viewer<'a> {
     /// The appservice, acting as `user_id` (whose membership is asked).
     AsUser { as_token: &'a str, user_id: &'a str },
+    /// The appservice itself (its sender): may list the members of rooms its users are in.
+    Service { as_token: &'a str },
     /// A bot account, with its access token.
     Bot { access_token: &'a str },
 }

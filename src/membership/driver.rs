@@ -17,6 +17,10 @@
 //! * a participant connecting under an identity removed here before (its seat not expired: an
 //!   old token that LiveKit did not revoke, or a user let back in) is suspected at once.
 //!
+//! With `RTC_LEAVE_BRIDGE_CLOSE_ABANDONED_ROOMS`, a poll that finds the homeserver gone from a
+//! room (the appservice sees none of its users in it, and every seated local user confirms it
+//! as themselves) closes the room's LiveKit rooms (`DeleteRoom`).
+//!
 //! With several instances, only the seats whose LiveKit room's shard this instance holds are
 //! acted on: each removal is made once, by the shard's holder.
 
@@ -30,7 +34,7 @@ use tracing::{debug, info, warn};
 use super::{Action, Answer, Change, Follower, Order, Reason, Ticket};
 use crate::cluster::shard_of;
 use crate::delegation::now_unix_ms;
-use crate::homeserver::membership::{MembershipError, Seen, Views};
+use crate::homeserver::membership::{MembershipError, RoomView, Seen, Views};
 use crate::livekit::room_service::RoomService;
 use crate::metrics::{MembershipCheckLabels, Metrics, ReasonLabel};
 use crate::ports::{CallGate, DelayedAction};
@@ -110,6 +114,8 @@ pub struct Ports {
     pub room_service: RoomService,
     pub gate: Arc<dyn CallGate>,
     pub metrics: Arc<Metrics>,
+    /// Close (`DeleteRoom`) the LiveKit rooms of a Matrix room the homeserver has left.
+    pub close_abandoned: bool,
 }
 
 impl Ports {
@@ -163,15 +169,11 @@ impl Ports {
                 }
             }
         }
-        // Through a seated local member of the room, who may see it.
-        let Ok(everyone) = self.seats(room, None).await else { return Answer::Unsure };
-        let locals: BTreeSet<&str> =
-            everyone.iter().map(|s| s.user_id.as_str()).filter(|u| self.views.is_local(u) && *u != user).collect();
-        let locals: Vec<&str> = locals.into_iter().collect();
-        match self.views.joined_members(room, &locals).await {
-            Some(joined) if joined.contains(user) => Answer::Joined,
-            Some(_) => Answer::NotJoined,
-            None => {
+        // Through the list of the room's joined members, if the appservice or the bot sees it.
+        match self.views.room(room).await {
+            RoomView::Members(joined) if joined.contains(user) => Answer::Joined,
+            RoomView::Members(_) => Answer::NotJoined,
+            RoomView::NoLocalMember | RoomView::Unseen => {
                 self.counted("none", "unchecked");
                 Answer::Unsure
             }
@@ -212,6 +214,7 @@ impl Ports {
             }
         };
         let mut suspects = Vec::new();
+        let mut abandoned = Vec::new();
         for room in rooms {
             let Ok(seats) = self.seats(&room, None).await else { continue };
             let users: BTreeSet<&str> = seats.iter().map(|s| s.user_id.as_str()).collect();
@@ -219,14 +222,53 @@ impl Ports {
                 continue;
             }
             let locals: Vec<&str> = users.iter().copied().filter(|u| self.views.is_local(u)).collect();
-            let missing: Vec<&str> = match self.views.joined_members(&room, &locals).await {
-                Some(joined) => users.into_iter().filter(|u| !joined.contains(*u)).collect(),
+            let missing: Vec<&str> = match self.views.room(&room).await {
+                RoomView::Members(joined) => users.into_iter().filter(|u| !joined.contains(*u)).collect(),
+                // The homeserver has no user left in the room: its seated users are checked as
+                // themselves, and the LiveKit rooms closed once they all confirm it (if asked).
+                RoomView::NoLocalMember => {
+                    if self.close_abandoned && !locals.is_empty() {
+                        abandoned.push((room.clone(), seats.clone()));
+                    }
+                    locals
+                }
                 // Nobody here sees the room: its local users can still be asked as themselves.
-                None => locals,
+                RoomView::Unseen => locals,
             };
             suspects.extend(missing.into_iter().map(|u| (room.clone(), u.to_owned())));
         }
+        for (room, seats) in abandoned {
+            self.close_if_abandoned(&room, &seats).await;
+        }
         suspects
+    }
+
+    /// Closes `room`'s LiveKit rooms (of `seats`) if every seated local user confirms, as
+    /// themselves, that they are no longer joined: with the appservice seeing none of its users
+    /// in the room, two independent signals that the homeserver has left it.
+    async fn close_if_abandoned(&self, room: &str, seats: &[Seat]) {
+        let locals: BTreeSet<&str> =
+            seats.iter().map(|s| s.user_id.as_str()).filter(|u| self.views.is_local(u)).collect();
+        for user in &locals {
+            let Some(view) = self.views.of(user) else { return };
+            if !matches!(self.views.ask(&view, room, user).await, Ok(Seen::Not(_))) {
+                return; // still joined, or cannot be told: the room stays
+            }
+        }
+        let livekit_rooms: BTreeSet<&str> = seats.iter().map(|s| s.livekit_room.as_str()).collect();
+        for livekit_room in livekit_rooms {
+            match self.room_service.delete_room(livekit_room).await {
+                Ok(closed) => {
+                    if closed {
+                        self.metrics.membership_rooms_closed.inc();
+                    }
+                    info!(room, livekit_room, closed, "the homeserver has left the room: its LiveKit room is closed");
+                }
+                Err(e) => {
+                    warn!(room, livekit_room, error = %e, "cannot close the LiveKit room of an abandoned room; tried again at the next poll")
+                }
+            }
+        }
     }
 }
 

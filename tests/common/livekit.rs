@@ -17,7 +17,8 @@
 //!   opens the room (or answers the existing one, as LiveKit does) and records its timeouts.
 //!   `RemoveParticipant` requires `roomAdmin` for the room, disconnects the identity (Twirp
 //!   `not_found` if nobody is connected as it) and records when, with `revokeTokenTs`; the test
-//!   then posts the `participant_left` LiveKit would send.
+//!   then posts the `participant_left` LiveKit would send. `DeleteRoom` requires `roomCreate`,
+//!   closes the room and records it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -89,6 +90,8 @@ struct Inner {
     create_fails: AtomicBool,
     /// Every RemoveParticipant that removed someone: (room, identity, revokeTokenTs, when).
     removed: Mutex<Vec<Removal>>,
+    /// Every room closed by DeleteRoom, in order.
+    deleted: Mutex<Vec<String>>,
 }
 
 /// A participant removed through RoomService.
@@ -119,6 +122,7 @@ impl LiveKit {
             .route("/twirp/livekit.RoomService/ListParticipants", axum::routing::post(list_participants))
             .route("/twirp/livekit.RoomService/CreateRoom", axum::routing::post(create_room))
             .route("/twirp/livekit.RoomService/RemoveParticipant", axum::routing::post(remove_participant))
+            .route("/twirp/livekit.RoomService/DeleteRoom", axum::routing::post(delete_room))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -149,6 +153,11 @@ impl LiveKit {
     /// Every participant removed through RoomService, in order.
     pub fn removals(&self) -> Vec<Removal> {
         self.inner.removed.lock().unwrap().clone()
+    }
+
+    /// Every room closed through RoomService, in order.
+    pub fn deleted_rooms(&self) -> Vec<String> {
+        self.inner.deleted.lock().unwrap().clone()
     }
 
     /// Waits (up to `within`) for the removal of `identity` from `room`.
@@ -405,6 +414,24 @@ async fn remove_participant(State(inner): State<Arc<Inner>>, headers: HeaderMap,
         at: std::time::Instant::now(),
     });
     ([(header::CONTENT_TYPE, "application/protobuf")], proto::RemoveParticipantResponse::default().encode_to_vec())
+        .into_response()
+}
+
+async fn delete_room(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(req) = proto::DeleteRoomRequest::decode(body.as_ref()).ok() else {
+        return twirp_error(StatusCode::BAD_REQUEST, "malformed", "cannot decode request");
+    };
+    let Some(claims) = claims(&headers) else {
+        return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "invalid token");
+    };
+    if claims["video"]["roomCreate"] != json!(true) {
+        return twirp_error(StatusCode::FORBIDDEN, "permission_denied", "requires roomCreate");
+    }
+    if inner.rooms.lock().unwrap().remove(&req.room).is_none() {
+        return twirp_error(StatusCode::NOT_FOUND, "not_found", "requested room does not exist");
+    }
+    inner.deleted.lock().unwrap().push(req.room);
+    ([(header::CONTENT_TYPE, "application/protobuf")], proto::DeleteRoomResponse::default().encode_to_vec())
         .into_response()
 }
 

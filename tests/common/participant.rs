@@ -35,6 +35,16 @@ impl Participant {
     /// As [`Participant::join_as`]; a participant that could not connect within 30 s (its
     /// process killed) is an error holding what it said.
     pub async fn try_join_as(url: &str, jwt: &str, uid: Option<u32>) -> Result<Participant, Vec<Value>> {
+        Participant::try_join_within(url, jwt, uid, Duration::from_secs(30)).await
+    }
+
+    /// As [`Participant::try_join_as`], giving up after `within`.
+    pub async fn try_join_within(
+        url: &str,
+        jwt: &str,
+        uid: Option<u32>,
+        within: Duration,
+    ) -> Result<Participant, Vec<Value>> {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/participant.py");
         let mut command = match uid {
             None => Command::new(super::synapse::python()),
@@ -74,7 +84,7 @@ impl Participant {
             identity: String::new(),
             sid: String::new(),
         };
-        let Some(connected) = p.wait_for("connected", Duration::from_secs(30)).await else {
+        let Some(connected) = p.wait_for("connected", within).await else {
             return Err(std::mem::take(&mut p.seen));
         };
         p.identity = connected["identity"].as_str().unwrap().to_owned();
