@@ -2,7 +2,7 @@
 //! machine. Not part of `cargo test`.
 //!
 //!     cargo bench --bench bench                       # all
-//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster, real-livekit
+//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster, real-livekit, membership
 //!
 //! * `leave`: `participant_left` webhook posted → Synapse's 200 to the bridge's send, over 200
 //!   leaves against a real Synapse, vs the bench's own `send` to the same Synapse; both timed to
@@ -40,6 +40,12 @@
 //!   split into LiveKit's detection (to its webhook, at a recording proxy) and the bridge's part
 //!   (webhook → Synapse's 200 to the send), vs the homeserver's own timer (what happens without
 //!   the bridge: the delay after the last restart); 5 runs.
+//!
+//! * `membership`: a real Synapse with the bridge as its appservice, the LiveKit emulator; 60
+//!   members each connected with a token from their homeserver, kicked one at a time: the kick
+//!   request → the member's participant removed through RoomService (goal: p50 ≤ 200 ms), vs
+//!   the homeserver's own part: the kick request → the transaction telling of it arriving at a
+//!   recording proxy in front of the bridge.
 //!
 //! Every goal is checked: a run that misses one says which and exits non-zero. Every wait has a
 //! deadline: a bench that would wait past it fails, naming what it waited for.
@@ -1491,12 +1497,81 @@ fn main() {
     if wants("real-livekit") {
         rt.block_on(real_livekit(&goals));
     }
+    if wants("membership") {
+        rt.block_on(membership(&goals));
+    }
     let missed = goals.missed.into_inner().unwrap();
     if !missed.is_empty() {
         println!("goals missed: {}", missed.join("; "));
         std::process::exit(1);
     }
     println!("all goals met");
+}
+
+async fn membership(goals: &Goals) {
+    use common::txn_proxy::{TxnProxy, registration};
+    const MEMBERS: usize = 60;
+    let (as_token, hs_token) = ("bench-as-token-0123456789", "bench-hs-token-9876543210");
+    let (port, txn_port) = (common::free_port(), common::free_port());
+    let txns = TxnProxy::start(txn_port, format!("http://127.0.0.1:{port}")).await;
+    let options = common::synapse::SynapseOptions {
+        appservice_registration: Some(registration(port, txn_port, as_token, hs_token, ".*")),
+        ..Default::default()
+    };
+    let synapse = common::synapse::Synapse::start(options).await;
+    let livekit = LiveKit::start().await;
+    let mut env = Bridge::env_for(&synapse.url, &livekit);
+    for (k, v) in [
+        ("LIVEKIT_AS_TOKEN", as_token),
+        ("LIVEKIT_HS_TOKEN", hs_token),
+        ("LIVEKIT_HS_SERVER_NAME", common::synapse::SERVER_NAME),
+        ("LIVEKIT_LOG_LEVEL", "warn"),
+        ("RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL", "1h"),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    let bridge = Bridge::start_on(port, env).await;
+    let owner = synapse.register("owner").await;
+    let room = synapse.create_room(&owner).await;
+    let lk_room = identity::livekit_room(&room, SLOT);
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let user = synapse.register(&format!("k{i}")).await;
+        synapse.join_room(&user, &room).await;
+        let body = json!({"room_id": room, "slot_id": SLOT, "member_id": "m1"});
+        let (status, v) = synapse.proxied(&user, "get_token", &body, true).await;
+        assert_eq!(status, 200, "{v}");
+        let identity = identity::identity_two_part(&user.user_id, "m1");
+        livekit.join(&bridge.url, &lk_room, &identity).await;
+        members.push((user, identity));
+    }
+    let (mut removed, mut pushed) = (Vec::new(), Vec::new());
+    for (user, identity) in &members {
+        let kicked = Instant::now();
+        synapse.remove_from_room(&owner, "kick", user, &room).await;
+        within("the kicked member's removal", Duration::from_secs(10), || {
+            let found = livekit.removals().iter().any(|r| &r.identity == identity);
+            async move { found }
+        })
+        .await;
+        let at = livekit.removals().into_iter().find(|r| &r.identity == identity).unwrap().at;
+        let arrival = txns.membership_arrival(&user.user_id, "leave", kicked).expect("the kick was pushed");
+        removed.push(ms(at - kicked));
+        pushed.push(ms(arrival - kicked));
+    }
+    let (removed, pushed) = (sorted(removed), sorted(pushed));
+    let (p50, p99) = (percentile(&removed, 0.5), percentile(&removed, 0.99));
+    let (b50, b99) = (percentile(&pushed, 0.5), percentile(&pushed, 0.99));
+    println!("membership ({MEMBERS} members kicked one at a time; real Synapse, emulated LiveKit):");
+    println!("  kick → participant removed: p50 {p50:.1} ms, p99 {p99:.1} ms");
+    println!("  baseline, kick → its transaction at the bridge's door: p50 {b50:.1} ms, p99 {b99:.1} ms");
+    println!(
+        "  the bridge's part (p50 difference) {:.1} ms; ratio to the baseline {:.2}× p50",
+        p50 - b50,
+        p50 / b50.max(0.001)
+    );
+    let met = goals.check("membership: kick → removed p50 ≤ 200 ms", p50 <= 200.0);
+    println!("  goal p50 ≤ 200 ms: {met}");
 }
 
 /// Today's date (UTC), for the record.

@@ -13,92 +13,24 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::response::IntoResponse;
 use common::bridge::{Bridge, SLOT, delegation_body};
 use common::hs_proxy::HsProxy;
 use common::hs_proxy::Outage;
 use common::livekit::{LiveKit, Participant};
 use common::synapse::{MatrixUser, SERVER_NAME, Synapse, SynapseOptions};
+use common::txn_proxy::{self, TxnProxy};
 use rtc_leave_bridge::identity;
 use serde_json::{Value, json};
 
 const AS_TOKEN: &str = "as-token-membership-0123456789";
 const HS_TOKEN: &str = "hs-token-membership-9876543210";
 
-/// An appservice registration whose users namespace holds alice, bob, dan and erin only (not
+/// The appservice registration: its users namespace holds alice, bob, dan and erin only (not
 /// carol); transactions go to `txn_port`, proxied requests to the bridge.
 fn registration(bridge_port: u16, txn_port: u16) -> String {
-    format!(
-        r#"id: rtc-leave-bridge
-url: "http://127.0.0.1:{txn_port}"
-as_token: "{AS_TOKEN}"
-hs_token: "{HS_TOKEN}"
-sender_localpart: rtc-leave-bridge
-rate_limited: false
-namespaces:
-  users:
-    - exclusive: false
-      regex: "@(alice|bob|dan|erin):{server}"
-  aliases: []
-  rooms: []
-io.element.msc4512.proxy_prefix: "rtc/livekit"
-io.element.msc4512.proxy_url: "http://127.0.0.1:{bridge_port}"
-"#,
-        server = SERVER_NAME.replace('.', "\\\\.")
-    )
-}
-
-/// Between Synapse and the bridge's transaction endpoint: forwards each transaction, or loses it
-/// (answered `200 {}`, never forwarded: Synapse never sends it again).
-#[derive(Clone)]
-struct TxnProxy {
-    lose: Arc<AtomicBool>,
-    forwarded: Arc<AtomicUsize>,
-}
-
-impl TxnProxy {
-    async fn start(port: u16, bridge: String) -> TxnProxy {
-        let proxy = TxnProxy { lose: Arc::default(), forwarded: Arc::default() };
-        let state = (proxy.clone(), bridge, reqwest::Client::new());
-        let app = axum::Router::new()
-            .fallback(
-                |State((proxy, bridge, http)): State<(TxnProxy, String, reqwest::Client)>,
-                 req: axum::extract::Request| async move {
-                    let (parts, body) = req.into_parts();
-                    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-                    if proxy.lose.load(Ordering::SeqCst) && parts.uri.path().contains("/transactions/") {
-                        return (axum::http::StatusCode::OK, "{}").into_response();
-                    }
-                    // The bridge may not listen yet (Synapse starts first): tried until it does, as
-                    // Synapse's own backoff would only slow the test down.
-                    let until = Instant::now() + Duration::from_secs(20);
-                    let resp = loop {
-                        let mut forward =
-                            http.request(parts.method.clone(), format!("{bridge}{}", parts.uri)).body(body.clone());
-                        if let Some(auth) = parts.headers.get("authorization") {
-                            forward = forward.header("authorization", auth);
-                        }
-                        match forward.send().await {
-                            Ok(resp) => break resp,
-                            Err(_) if Instant::now() < until => tokio::time::sleep(Duration::from_millis(50)).await,
-                            Err(e) => return (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-                        }
-                    };
-                    proxy.forwarded.fetch_add(1, Ordering::SeqCst);
-                    let status = axum::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
-                    (status, resp.bytes().await.unwrap_or_default()).into_response()
-                },
-            )
-            .with_state(state);
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        proxy
-    }
+    txn_proxy::registration(bridge_port, txn_port, AS_TOKEN, HS_TOKEN, "(alice|bob|dan|erin)")
 }
 
 struct World {
@@ -469,7 +401,7 @@ async fn nobody_is_removed_on_a_doubt_and_polling_makes_up_for_lost_transactions
     eprintln!("homeserver back -> removed: {after:?}");
 
     // Transactions lost: erin's departure never reaches the bridge; polling finds it.
-    w.txns.lose.store(true, Ordering::SeqCst);
+    w.txns.lose(true);
     let left = Instant::now();
     w.synapse.leave_room(&erin, &w.room).await;
     let after = w.removal_after(&erin, left, Duration::from_secs(6)).await.expect("found by polling");
@@ -479,7 +411,7 @@ async fn nobody_is_removed_on_a_doubt_and_polling_makes_up_for_lost_transactions
 
     // Dan leaves and rejoins: whether or not the bridge removed him in between (the homeserver
     // decides that race), once he is joined again a new token and session of his are kept.
-    w.txns.lose.store(false, Ordering::SeqCst);
+    w.txns.lose(false);
     w.synapse.leave_room(&dan, &w.room).await;
     w.synapse.join_room(&dan, &w.room).await;
     assert_issued(w.proxied_get_token(&dan).await, "dan, rejoined");
@@ -629,4 +561,76 @@ async fn through_the_bot_a_kicked_user_is_found_by_polling() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(w.livekit.removals().len(), 1, "alice, still joined, kept");
     assert_eq!(w.removals("gone").await, 1.0);
+}
+
+/// Two instances on one Redis; the homeserver pushes its transactions to one of them. Every
+/// kicked member is removed once, by the instance holding its LiveKit room's shard: at once
+/// when that is the instance the transaction reached, else by the holder's next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_instances_each_removal_is_made_once_by_the_shard_holder() {
+    const ROOMS: usize = 8;
+    rtc_leave_bridge::homeserver::install_crypto_provider();
+    let redis = common::redis::Redis::start().await;
+    let ports = [common::free_port(), common::free_port()];
+    let txn_port = common::free_port();
+    let _txns = TxnProxy::start(txn_port, format!("http://127.0.0.1:{}", ports[0])).await;
+    let options =
+        SynapseOptions { appservice_registration: Some(registration(ports[0], txn_port)), ..Default::default() };
+    let synapse = Synapse::start(options).await;
+    let hs = HsProxy::start(&synapse.url).await;
+    let livekit = LiveKit::start().await;
+    let mut bridges = Vec::new();
+    for (i, port) in ports.into_iter().enumerate() {
+        let lease = Duration::from_secs(1);
+        let mut env = Bridge::env_for_cluster(&hs.url, &livekit, &redis.url(), lease, &format!("m{i}"));
+        env.insert("LIVEKIT_AS_TOKEN".into(), AS_TOKEN.into());
+        env.insert("LIVEKIT_HS_TOKEN".into(), HS_TOKEN.into());
+        env.insert("LIVEKIT_HS_SERVER_NAME".into(), SERVER_NAME.into());
+        env.insert("RTC_LEAVE_BRIDGE_MEMBERSHIP_POLL_INTERVAL".into(), "1s".into());
+        bridges.push(Bridge::start_on(port, env).await);
+    }
+    let owned = "rtc_leave_bridge_shards_owned";
+    let split = common::eventually(Duration::from_secs(15), || async {
+        bridges[0].metric(owned).await + bridges[1].metric(owned).await == 64.0
+            && bridges[0].metric(owned).await > 0.0
+            && bridges[1].metric(owned).await > 0.0
+    })
+    .await;
+    assert!(split, "the two instances did not share the shards");
+
+    let alice = synapse.register("alice").await;
+    let bob = synapse.register("bob").await;
+    let identity = identity::identity_two_part(&bob.user_id, "m1");
+    let mut rooms = Vec::new();
+    for _ in 0..ROOMS {
+        let room = synapse.create_room(&alice).await;
+        synapse.join_room(&bob, &room).await;
+        let body = json!({"room_id": room, "slot_id": SLOT, "member_id": "m1"});
+        assert_issued(synapse.proxied(&bob, "get_token", &body, true).await, "bob");
+        let lk_room = identity::livekit_room(&room, SLOT);
+        livekit.join(&bridges[0].url, &lk_room, &identity).await;
+        rooms.push((room, lk_room));
+    }
+    let kicked = Instant::now();
+    for (room, _) in &rooms {
+        synapse.remove_from_room(&alice, "kick", &bob, room).await;
+    }
+    let all = common::eventually(Duration::from_secs(6), || async { livekit.removals().len() >= ROOMS }).await;
+    assert!(all, "removed from {} of {ROOMS} rooms: {:?}", livekit.removals().len(), livekit.removals());
+    eprintln!("two instances: {ROOMS} kicks -> all removed after {:?}", kicked.elapsed());
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for (_, lk_room) in &rooms {
+        let n = livekit.removals().iter().filter(|r| &r.room == lk_room).count();
+        assert_eq!(n, 1, "removed {n} times from {lk_room}");
+    }
+    let mut by_instance = Vec::new();
+    for b in &bridges {
+        let mut n = 0.0;
+        for reason in ["kicked", "gone"] {
+            n += b.metric(&format!("rtc_leave_bridge_membership_removals_total{{reason=\"{reason}\"}}")).await;
+        }
+        by_instance.push(n);
+    }
+    assert_eq!(by_instance.iter().sum::<f64>(), ROOMS as f64, "{by_instance:?}");
+    eprintln!("removals by instance: {by_instance:?}");
 }

@@ -94,17 +94,6 @@ pub enum Inbound {
     Unreadable,
 }
 
-impl Inbound {
-    /// The shard this applies to.
-    pub fn shard(&self) -> Option<Shard> {
-        match self {
-            Inbound::Delegation(d) => Some(shard_of(&d.livekit_room())),
-            Inbound::Webhook(e) => Some(shard_of(&e.room)),
-            Inbound::Unreadable => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +119,12 @@ mod tests {
         assert!(a < b && b < c);
         assert_eq!(b.to_string(), "1700000000000-12");
         assert!("12".parse::<EntryId>().is_err());
+    }
+
+    #[test]
+    fn shards_show_as_their_number() {
+        // As logs and errors name them, and operators find them in Redis keys.
+        assert_eq!(Shard(7).to_string(), "7");
+        assert_eq!(format!("shard {}", Shard(63)), "shard 63");
     }
 }

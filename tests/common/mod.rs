@@ -9,6 +9,7 @@ pub mod livekit_server;
 pub mod participant;
 pub mod redis;
 pub mod synapse;
+pub mod txn_proxy;
 pub mod webhook_proxy;
 
 use std::time::{Duration, Instant};
