@@ -181,6 +181,55 @@ mod tests {
         assert_eq!(c.held("b").len() + c.held("c").len(), SHARDS as usize);
     }
 
+    /// Shards go home: an instance above its aim gives up the shards homed elsewhere first,
+    /// one below takes its homes first; so after a join the split is the homes', and repeated
+    /// rebalancing moves the same few shards rather than any.
+    #[test]
+    fn shards_go_home() {
+        let mut c = Cluster::new(&["a"]);
+        c.look("a");
+        c.live.push("b".into());
+        for _ in 0..40 {
+            c.look("a");
+            c.look("b");
+        }
+        c.assert_balanced();
+        // Two instances: "a" (position 0) is home to the even shards, "b" to the odd ones.
+        let evens: BTreeSet<Shard> = Shard::all().filter(|s| s.0 % 2 == 0).collect();
+        let odds: BTreeSet<Shard> = Shard::all().filter(|s| s.0 % 2 == 1).collect();
+        assert_eq!((c.held("a"), c.held("b")), (evens, odds));
+    }
+
+    /// Shards freed by a death go to their homes first.
+    #[test]
+    fn freed_shards_are_taken_by_their_homes_first() {
+        let mut c = Cluster::new(&["a", "b", "c"]);
+        for _ in 0..30 {
+            for me in ["a", "b", "c"] {
+                c.look(me);
+            }
+        }
+        let before = c.held("a");
+        c.kill("c");
+        c.look("a");
+        let taken: Vec<Shard> = c.held("a").difference(&before).copied().collect();
+        assert!(!taken.is_empty());
+        // With "a" and "b" left, "a" is home to the even shards; enough of them were freed.
+        assert!(taken.iter().all(|s| s.0 % 2 == 0), "took shards homed elsewhere first: {taken:?}");
+    }
+
+    /// More instances than shards: those whose aim is none give up what they hold, one per look.
+    #[test]
+    fn instances_beyond_the_shards_hold_none() {
+        let names: Vec<String> = (0..70).map(|i| format!("i{i:03}")).collect();
+        let last = names.last().unwrap().clone();
+        assert_eq!(aim(&last, &names), 0);
+        let holders = vec![None; SHARDS as usize];
+        let held = BTreeSet::from([Shard(3), Shard(5)]);
+        let p = plan(&last, &held, &View { instances: names, holders });
+        assert_eq!((p.release.len(), p.acquire.len()), (1, 0));
+    }
+
     /// An instance back after a restart takes its share back lazily: each of the others gives
     /// up one shard per look, so no look moves more shards than there are other instances.
     #[test]
