@@ -117,6 +117,29 @@ mod tests {
     }
 
     #[test]
+    fn the_gate_answers_for_now() {
+        let leases = Leases::new(LEASE);
+        assert!(!leases.may_call(Shard(9), DelayedAction::Restart), "not held");
+        leases.renewed(Shard(9), 1, Instant::now());
+        leases.looked(true);
+        assert!(leases.may_call(Shard(9), DelayedAction::Send));
+    }
+
+    /// "Alive and trying" counts from the latest look's start, not from any earlier one.
+    #[test]
+    fn an_unreachable_redis_window_runs_from_the_latest_look() {
+        let leases = Leases::new(LEASE);
+        leases.renewed(Shard(1), 1, Instant::now());
+        std::thread::sleep(Duration::from_millis(100));
+        let look = Instant::now();
+        leases.looking();
+        leases.looked(false);
+        let late = look + 2 * LEASE - Duration::from_millis(50);
+        assert!(leases.allows(Shard(1), DelayedAction::Restart, late), "within two leases of the latest look");
+        assert!(!leases.allows(Shard(1), DelayedAction::Restart, look + 2 * LEASE + Duration::from_millis(50)));
+    }
+
+    #[test]
     fn while_redis_is_unreachable_restarts_go_on_and_sends_stop() {
         let leases = Leases::new(LEASE);
         let t0 = Instant::now();
