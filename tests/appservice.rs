@@ -16,25 +16,9 @@ use serde_json::{Value, json};
 const AS_TOKEN: &str = "as-token-for-tests-0123456789";
 const HS_TOKEN: &str = "hs-token-for-tests-9876543210";
 
+/// The bridge registered as an appservice of every local user, its transactions sent to it.
 fn registration(bridge_port: u16) -> String {
-    format!(
-        r#"id: rtc-leave-bridge
-url: "http://127.0.0.1:{bridge_port}"
-as_token: "{AS_TOKEN}"
-hs_token: "{HS_TOKEN}"
-sender_localpart: rtc-leave-bridge
-rate_limited: false
-namespaces:
-  users:
-    - exclusive: false
-      regex: "@.*:{server}"
-  aliases: []
-  rooms: []
-io.element.msc4512.proxy_prefix: "rtc/livekit"
-io.element.msc4512.proxy_url: "http://127.0.0.1:{bridge_port}"
-"#,
-        server = SERVER_NAME.replace('.', "\\\\.")
-    )
+    common::txn_proxy::registration(bridge_port, bridge_port, AS_TOKEN, HS_TOKEN, ".*")
 }
 
 struct World {

@@ -15,7 +15,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::bridge::{Bridge, SLOT, delegation_body};
+use common::bridge::{Bridge, SLOT, delegation_body, get_token_body};
 use common::hs_proxy::HsProxy;
 use common::hs_proxy::Outage;
 use common::livekit::{LiveKit, Participant};
@@ -106,16 +106,7 @@ impl World {
 
     /// `user` asks `/get_token` for `room`, as Element Call does, without a delayed leave.
     async fn get_token(&self, user: &MatrixUser, room: &str) -> (u16, Value) {
-        let body = json!({
-            "room_id": room,
-            "slot_id": SLOT,
-            "openid_token": self.synapse.openid_token(user).await,
-            "member": {
-                "id": format!("{}:{}", user.user_id, user.device_id),
-                "claimed_user_id": user.user_id,
-                "claimed_device_id": user.device_id,
-            },
-        });
+        let body = get_token_body(&self.synapse.openid_token(user).await, user, room);
         self.post("/get_token", &body).await
     }
 
@@ -633,4 +624,41 @@ async fn with_several_instances_each_removal_is_made_once_by_the_shard_holder() 
     }
     assert_eq!(by_instance.iter().sum::<f64>(), ROOMS as f64, "{by_instance:?}");
     eprintln!("removals by instance: {by_instance:?}");
+}
+
+/// In appservice mode a user of another homeserver is looked up in the room's joined members as
+/// the appservice sees them (no federation here: the remote user is in no room of this
+/// homeserver, so is refused — after the catch-up waits, not unchecked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_user_is_checked_in_the_rooms_members_as_the_appservice_sees_them() {
+    const REMOTE: &str = "remote.test";
+    // The remote homeserver's OpenID check: the token names its user.
+    let app = axum::Router::new().route(
+        "/_matrix/federation/v1/openid/userinfo",
+        axum::routing::get(|| async { axum::Json(json!({"sub": format!("@visitor:{REMOTE}")})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let remote = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let w = World::new(Checks::Appservice).await;
+    let mut env = Bridge::env_for(&w.hs.url, &w.livekit);
+    env.insert("LIVEKIT_AS_TOKEN".into(), AS_TOKEN.into());
+    env.insert("LIVEKIT_HS_TOKEN".into(), HS_TOKEN.into());
+    env.insert("LIVEKIT_HS_SERVER_NAME".into(), SERVER_NAME.into());
+    env.insert("LIVEKIT_FEDERATION_URL_OVERRIDES".into(), format!("{SERVER_NAME}={},{REMOTE}={remote}", w.hs.url));
+    let bridge = Bridge::start(env).await;
+    let body = json!({
+        "room_id": w.room, "slot_id": SLOT,
+        "openid_token": {"access_token": "t", "matrix_server_name": REMOTE},
+        "member": {"id": "m1", "claimed_user_id": format!("@visitor:{REMOTE}"), "claimed_device_id": "D"},
+    });
+    let asked = Instant::now();
+    let resp = w.http.post(format!("{}/get_token", bridge.url)).json(&body).send().await.unwrap();
+    let answer = (resp.status().as_u16(), resp.json::<Value>().await.unwrap());
+    assert_refused(answer, "a remote user in no room of this homeserver");
+    assert!(asked.elapsed() >= Duration::from_millis(1_500), "refused before the catch-up waits");
+    let refused =
+        "rtc_leave_bridge_membership_checks_total{purpose=\"token\",via=\"appservice\",outcome=\"not_joined\"}";
+    assert_eq!(bridge.metric(refused).await, 1.0);
+    assert_eq!(w.livekit.created_rooms(), vec![], "no LiveKit room opened");
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::bridge::{Bridge, SLOT};
+use common::bridge::{Bridge, SLOT, get_token_body};
 use common::hs_proxy::HsProxy;
 use common::livekit::{LiveKit, assert_join_token, js_hash};
 use common::synapse::{MatrixUser, SERVER_NAME, Synapse, SynapseOptions};
@@ -49,16 +49,7 @@ impl World {
     /// Element Call's `/get_token` body (`getLiveKitJWTWithDelayDelegation`): the member id is
     /// `user:device`, the slot `m.call#ROOM`, and it sends its homeserver's URL, which we ignore.
     async fn get_token_body(&self, user: &MatrixUser, delay_id: Option<&str>) -> Value {
-        let mut body = json!({
-            "room_id": self.room,
-            "slot_id": SLOT,
-            "openid_token": self.synapse.openid_token(user).await,
-            "member": {
-                "id": format!("{}:{}", user.user_id, user.device_id),
-                "claimed_user_id": user.user_id,
-                "claimed_device_id": user.device_id,
-            },
-        });
+        let mut body = get_token_body(&self.synapse.openid_token(user).await, user, &self.room);
         if let Some(delay_id) = delay_id {
             body["delay_id"] = json!(delay_id);
             body["delay_timeout"] = json!(DELAY_MS);

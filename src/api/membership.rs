@@ -3,9 +3,12 @@
 //!
 //! * Users of the appservice's homeserver are checked as themselves (the appservice acts as any
 //!   user of its namespace): always decisive.
+//! * Users of other homeservers, in appservice mode, in the list of the room's joined members as
+//!   the appservice sees it (any room one of its users is in).
 //! * Other users (everyone, in OpenID mode) through the membership bot, if one is configured,
-//!   in rooms the bot is in. A remote user's join may reach the bot's homeserver a moment after
-//!   the user's own: a "not joined" is asked again twice within 1.5 s before it is believed.
+//!   in rooms the bot is in. A remote user's join may reach this side a moment after the user's
+//!   own homeserver has it: a "not joined" seen from here is asked again twice within 1.5 s
+//!   before it is believed.
 //! * Otherwise the room cannot be seen: the request goes on unchecked (counted, and said at
 //!   start), as lk-jwt-service does.
 //!
@@ -19,7 +22,7 @@ use axum::http::StatusCode;
 use tracing::{debug, error, info, warn};
 
 use super::{AppState, MatrixError};
-use crate::homeserver::membership::{MembershipError, Seen};
+use crate::homeserver::membership::{MembershipError, RoomView, Seen};
 use crate::metrics::MembershipCheckLabels;
 
 /// Waits before asking again about a remote user the bot does not see joined yet.
@@ -36,6 +39,13 @@ pub async fn require_joined(
     user: &ruma::UserId,
     room: &str,
 ) -> Result<(), MatrixError> {
+    // A user of another homeserver: the appservice sees every room its users are in, with
+    // everyone joined to it.
+    if let Some(server) = state.views.appservice_server().filter(|s| *s != user.server_name().as_str()) {
+        if let Some(result) = through_the_room(state, endpoint, server, user, room).await? {
+            return result;
+        }
+    }
     let Some(view) = state.views.of(user.as_str()) else {
         count(state, "none", "unchecked");
         return Ok(());
@@ -79,6 +89,50 @@ pub async fn require_joined(
             count(state, via, "failed");
             warn!(server, user = %user, room, via, detail, "cannot check room membership: homeserver unreachable");
             Err(unavailable())
+        }
+    }
+}
+
+/// `user` (of another homeserver) checked in the list of `room`'s joined members, as the
+/// appservice sees it: `Ok(None)` if it does not see the room (none of its users is in it).
+async fn through_the_room(
+    state: &AppState,
+    endpoint: &'static str,
+    server: &str,
+    user: &ruma::UserId,
+    room: &str,
+) -> Result<Option<Result<(), MatrixError>>, MatrixError> {
+    let _slot = super::member::check_slot(state, endpoint, server).await?;
+    // The user's join may reach this homeserver a moment after their own.
+    let mut waits = CATCH_UP.iter();
+    loop {
+        match state.views.room(room).await {
+            Ok(RoomView::Members(joined)) if joined.contains(user.as_str()) => {
+                count(state, "appservice", "joined");
+                return Ok(Some(Ok(())));
+            }
+            Ok(RoomView::Members(_)) => match waits.next() {
+                Some(wait) => tokio::time::sleep(*wait).await,
+                None => {
+                    count(state, "appservice", "not_joined");
+                    info!(user = %user, room, via = "appservice", endpoint, "refused: the user is not joined to the room");
+                    return Ok(Some(Err(MatrixError::new(
+                        StatusCode::FORBIDDEN,
+                        "M_FORBIDDEN",
+                        "you are not joined to this room",
+                    ))));
+                }
+            },
+            Ok(RoomView::NoLocalMember | RoomView::Unseen) => return Ok(None),
+            Err(e) => {
+                count(state, "appservice", "failed");
+                warn!(server, user = %user, room, error = %e, "cannot check room membership: homeserver unreachable");
+                return Ok(Some(Err(MatrixError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "M_UNKNOWN",
+                    "cannot check room membership now",
+                ))));
+            }
         }
     }
 }

@@ -7,6 +7,11 @@
 //! left, so asking as the user says `leave` or `ban`; one who never joined (or is only invited)
 //! cannot read it at all (`403`), which this tells apart from an appservice the homeserver does
 //! not let act as that user by asking who it is acting as (`/account/whoami`).
+//!
+//! Also a room's joined members ([`Views::room`]), as the appservice itself — Synapse lets it list
+//! any room one of its namespace's users is in, and refuses ("Appservice not in room") once none
+//! is — or as the bot. [`Views`] says who sees what, from the configuration: the `as_token` only
+//! ever goes to the appservice's own homeserver, the bot's token only to the bot's.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -95,22 +100,40 @@ impl Views {
     }
 
     /// Who is joined to `room`, as the appservice itself (it may list the members of any room
-    /// one of its namespace's users is in) or the bot sees it.
-    pub async fn room(&self, room: &str) -> RoomView {
+    /// one of its namespace's users is in) or the bot sees it. An error only if neither could
+    /// tell and one of them could not be asked.
+    pub async fn room(&self, room: &str) -> Result<RoomView, MembershipError> {
         let mut no_local_member = false;
+        let mut failed = None;
         let appservice =
             self.appservice.as_ref().map(|(server, as_token)| ("appservice", server, Viewer::Service { as_token }));
         let bot = self.bot.as_ref().map(|b| ("bot", &b.server_name, Viewer::Bot { access_token: &b.access_token }));
         for (via, server, viewer) in appservice.into_iter().chain(bot) {
-            let Ok(cs) = self.discovery.client_server_api(server).await else { continue };
-            let http = cs.client(self.discovery.clients());
-            match joined_members(http, &cs.base, room, viewer, self.timeout).await {
-                Ok(Some(members)) => return RoomView::Members(members),
+            let answer = match self.discovery.client_server_api(server).await {
+                Ok(cs) => {
+                    joined_members(cs.client(self.discovery.clients()), &cs.base, room, viewer, self.timeout).await
+                }
+                Err(e) => Err(MembershipError::Unavailable(format!("cannot locate {server}: {e}"))),
+            };
+            match answer {
+                Ok(Some(members)) => return Ok(RoomView::Members(members)),
                 Ok(None) => no_local_member |= via == "appservice",
-                Err(e) => tracing::debug!(room, via, error = %e, "cannot list a room's joined members"),
+                Err(e) => {
+                    tracing::debug!(room, via, error = %e, "cannot list a room's joined members");
+                    failed.get_or_insert(e);
+                }
             }
         }
-        if no_local_member { RoomView::NoLocalMember } else { RoomView::Unseen }
+        match (failed, no_local_member) {
+            (Some(e), _) => Err(e),
+            (None, true) => Ok(RoomView::NoLocalMember),
+            (None, false) => Ok(RoomView::Unseen),
+        }
+    }
+
+    /// Whether the appservice's homeserver is `server`.
+    pub fn appservice_server(&self) -> Option<&str> {
+        self.appservice.as_ref().map(|(server, _)| server.as_str())
     }
 }
 
@@ -123,7 +146,7 @@ pub enum RoomView {
     /// appservice's namespace is joined: with a namespace of every local user, the homeserver
     /// has left the room.
     NoLocalMember,
-    /// Nobody here can see it (or it could not be asked).
+    /// Nobody here can see it.
     Unseen,
 }
 

@@ -171,10 +171,14 @@ impl Ports {
         }
         // Through the list of the room's joined members, if the appservice or the bot sees it.
         match self.views.room(room).await {
-            RoomView::Members(joined) if joined.contains(user) => Answer::Joined,
-            RoomView::Members(_) => Answer::NotJoined,
-            RoomView::NoLocalMember | RoomView::Unseen => {
+            Ok(RoomView::Members(joined)) if joined.contains(user) => Answer::Joined,
+            Ok(RoomView::Members(_)) => Answer::NotJoined,
+            Ok(RoomView::NoLocalMember | RoomView::Unseen) => {
                 self.counted("none", "unchecked");
+                Answer::Unsure
+            }
+            Err(e) => {
+                warn!(room, user, error = %e, "cannot list the room's members; nobody removed");
                 Answer::Unsure
             }
         }
@@ -223,17 +227,18 @@ impl Ports {
             }
             let locals: Vec<&str> = users.iter().copied().filter(|u| self.views.is_local(u)).collect();
             let missing: Vec<&str> = match self.views.room(&room).await {
-                RoomView::Members(joined) => users.into_iter().filter(|u| !joined.contains(*u)).collect(),
+                Ok(RoomView::Members(joined)) => users.into_iter().filter(|u| !joined.contains(*u)).collect(),
                 // The homeserver has no user left in the room: its seated users are checked as
                 // themselves, and the LiveKit rooms closed once they all confirm it (if asked).
-                RoomView::NoLocalMember => {
+                Ok(RoomView::NoLocalMember) => {
                     if self.close_abandoned && !locals.is_empty() {
                         abandoned.push((room.clone(), seats.clone()));
                     }
                     locals
                 }
-                // Nobody here sees the room: its local users can still be asked as themselves.
-                RoomView::Unseen => locals,
+                // Nobody here sees the room (or it could not be asked): its local users can still
+                // be asked as themselves.
+                Ok(RoomView::Unseen) | Err(_) => locals,
             };
             suspects.extend(missing.into_iter().map(|u| (room.clone(), u.to_owned())));
         }

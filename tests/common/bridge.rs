@@ -242,6 +242,21 @@ impl Bridge {
 
 pub const SLOT: &str = "m.call#ROOM";
 
+/// Element Call's `/get_token` body (`getLiveKitJWTWithDelayDelegation`) without a delayed leave:
+/// the member id is `user:device`, the slot `m.call#ROOM`.
+pub fn get_token_body(openid: &Value, user: &MatrixUser, room: &str) -> Value {
+    json!({
+        "room_id": room,
+        "slot_id": SLOT,
+        "openid_token": openid,
+        "member": {
+            "id": format!("{}:{}", user.user_id, user.device_id),
+            "claimed_user_id": user.user_id,
+            "claimed_device_id": user.device_id,
+        },
+    })
+}
+
 pub fn delegation_body(
     openid: &Value,
     user: &MatrixUser,
