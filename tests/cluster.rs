@@ -375,4 +375,28 @@ async fn every_instance_is_back_within_a_second_of_redis() {
     println!("a departure then sent after {latency:?} ({since_back:?} after Redis came back)");
     assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
     w.all_stay(Duration::from_millis(2 * DELAY_MS), "after Redis came back").await;
+    // What operators saw: each instance said once that Redis was unreachable (not at every
+    // failed look) and once that it was back, after several failed looks; looks are timed.
+    for (i, instance) in w.instances.iter().enumerate() {
+        let logs = instance.bridge.logs();
+        let down = logs.matches("Redis unreachable: leases not renewed").count();
+        let back_lines: Vec<&str> = logs.lines().filter(|l| l.contains("Redis reachable again")).collect();
+        assert_eq!((down, back_lines.len()), (1, 1), "instance {i}: {down} down, {back_lines:?}");
+        let failed: u32 = back_lines[0]
+            .split("failed_looks=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("instance {i}: {}", back_lines[0]));
+        assert!(failed > 1, "instance {i}: {failed} failed looks over 5 s of outage");
+        let ticks = "rtc_leave_bridge_redis_duration_seconds_count{op=\"tick\"}";
+        assert!(instance.bridge.metric(ticks).await > 0.0, "instance {i}: looks not timed");
+    }
+    // An event nothing acts on is answered without a round trip to Redis: ignored, not queued.
+    let other = w.livekit.participant_event("track_published", &w.lk_room, &probe, None);
+    let auth = LiveKit::sign(&other, common::livekit::API_SECRET);
+    assert_eq!(w.livekit.post_webhook(&w.instances[0].bridge.url, &other, Some(&auth)).await, 200);
+    let counted = |outcome: &str| format!("rtc_leave_bridge_webhooks_total{{event=\"other\",outcome=\"{outcome}\"}}");
+    assert_eq!(w.instances[0].bridge.metric(&counted("ignored")).await, 1.0);
+    assert_eq!(w.instances[0].bridge.metric(&counted("queued")).await, 0.0);
 }
