@@ -28,6 +28,16 @@ use crate::metrics::MembershipCheckLabels;
 /// Waits before asking again about a remote user the bot does not see joined yet.
 const CATCH_UP: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(1)];
 
+/// `403 M_FORBIDDEN`: the user is not joined to the room.
+fn not_joined() -> MatrixError {
+    MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "you are not joined to this room")
+}
+
+/// `503`: the check cannot be made now.
+fn cannot_check() -> MatrixError {
+    MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot check room membership now")
+}
+
 fn count(state: &AppState, via: &'static str, outcome: &'static str) {
     state.metrics.membership_checks.get_or_create(&MembershipCheckLabels { purpose: "token", via, outcome }).inc();
 }
@@ -51,8 +61,6 @@ pub async fn require_joined(
         return Ok(());
     };
     let (via, server) = (view.via, view.server);
-    let unavailable =
-        || MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "cannot check room membership now");
     let _slot = super::member::check_slot(state, endpoint, server).await?;
     // Only another homeserver's view can lag behind the user's own.
     let mut waits = CATCH_UP.iter().filter(|_| user.server_name().as_str() != server);
@@ -72,7 +80,7 @@ pub async fn require_joined(
         Ok(Seen::Not(membership)) => {
             count(state, via, "not_joined");
             info!(user = %user, room, membership, via, endpoint, "refused: the user is not joined to the room");
-            Err(MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "you are not joined to this room"))
+            Err(not_joined())
         }
         Ok(Seen::Hidden) => {
             count(state, via, "unchecked");
@@ -83,12 +91,12 @@ pub async fn require_joined(
             count(state, via, "failed");
             error!(server, user = %user, room, via, detail,
                 "the homeserver refused a membership check: check the as_token and the users namespace, or the bot's token");
-            Err(unavailable())
+            Err(cannot_check())
         }
         Err(MembershipError::Unavailable(detail)) => {
             count(state, via, "failed");
             warn!(server, user = %user, room, via, detail, "cannot check room membership: homeserver unreachable");
-            Err(unavailable())
+            Err(cannot_check())
         }
     }
 }
@@ -116,22 +124,14 @@ async fn through_the_room(
                 None => {
                     count(state, "appservice", "not_joined");
                     info!(user = %user, room, via = "appservice", endpoint, "refused: the user is not joined to the room");
-                    return Ok(Some(Err(MatrixError::new(
-                        StatusCode::FORBIDDEN,
-                        "M_FORBIDDEN",
-                        "you are not joined to this room",
-                    ))));
+                    return Ok(Some(Err(not_joined())));
                 }
             },
             Ok(RoomView::NoLocalMember | RoomView::Unseen) => return Ok(None),
             Err(e) => {
                 count(state, "appservice", "failed");
                 warn!(server, user = %user, room, error = %e, "cannot check room membership: homeserver unreachable");
-                return Ok(Some(Err(MatrixError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "M_UNKNOWN",
-                    "cannot check room membership now",
-                ))));
+                return Ok(Some(Err(cannot_check())));
             }
         }
     }
