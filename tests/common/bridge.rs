@@ -87,6 +87,7 @@ impl Bridge {
 
     /// As [`Bridge::start`], on a port chosen beforehand (one a homeserver was told about).
     pub async fn start_on(port: u16, env: HashMap<String, String>) -> Bridge {
+        super::remember_failures();
         rtc_leave_bridge::homeserver::install_crypto_provider();
         let data = tempfile::tempdir().unwrap();
         let log = data.path().join("bridge.log");
@@ -281,6 +282,7 @@ impl Drop for Bridge {
         self.kill9();
         if std::thread::panicking() {
             eprintln!("---- bridge log ----\n{}", self.logs());
+            super::repeat_failure();
         }
     }
 }

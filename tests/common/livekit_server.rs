@@ -49,6 +49,7 @@ fn free_udp_range(n: u16) -> u16 {
 impl LiveKitServer {
     /// Starts LiveKit with its webhooks sent to `webhook_urls`.
     pub async fn start(webhook_urls: &[String]) -> LiveKitServer {
+        super::remember_failures();
         let port = super::free_port();
         let mut server = LiveKitServer {
             url: format!("ws://127.0.0.1:{port}"),
@@ -149,6 +150,7 @@ impl Drop for LiveKitServer {
             for line in tail.into_iter().rev() {
                 eprintln!("{line}");
             }
+            super::repeat_failure();
         }
     }
 }

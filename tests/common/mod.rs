@@ -12,7 +12,47 @@ pub mod synapse;
 pub mod txn_proxy;
 pub mod webhook_proxy;
 
+use std::cell::RefCell;
+use std::sync::Once;
 use std::time::{Duration, Instant};
+
+thread_local! {
+    /// The panic this thread is unwinding from, as [`remember_failures`]' hook saw it.
+    static FAILURE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Makes a failing test's reason visible at the end of its output. Harness children print their
+/// logs while the test unwinds, after the panic's message; CI shows only the output's end, so
+/// [`repeat_failure`] says the reason again after each such log.
+pub fn remember_failures() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+            let mut short: String = message.chars().take(1_500).collect();
+            if short.len() < message.len() {
+                short.push_str(" …");
+            }
+            FAILURE.with(|f| *f.borrow_mut() = Some(format!("{location}: {short}")));
+            default(info);
+        }));
+    });
+}
+
+/// After a log printed while unwinding: the failure that caused it, again (at most 1 500
+/// characters of its message).
+pub fn repeat_failure() {
+    if let Some(f) = FAILURE.with(|f| f.borrow().clone()) {
+        eprintln!("---- the test failed (the logs above are its children's) ----\n{f}");
+    }
+}
 
 /// SIGKILL of a harness child process, if running, reaped at once: no chance to clean up.
 pub fn kill9(child: &mut Option<std::process::Child>) {
