@@ -1,8 +1,8 @@
 //! Three instances on one real Redis in front of one real Synapse, each instance with its own
 //! recording proxy to the homeserver (so every call is counted per instance): webhooks and
 //! delegations reach random instances; the owner of live members is killed, paused past its
-//! lease, stopped gracefully; Redis itself crashes. Connected members stay in room state
-//! throughout, and a departure still yields a leave within a second.
+//! lease, stopped gracefully (while another crashes); Redis itself crashes, or stalls. Connected
+//! members stay in room state throughout, and a departure still yields a leave within a second.
 
 mod common;
 
@@ -49,13 +49,20 @@ impl World {
     /// Three instances sharing one Redis; `MEMBERS` members of one call (one LiveKit room, so one
     /// shard and one owner), each delegated through and announced to a random instance.
     async fn start(seed: u64) -> World {
+        World::with_members(seed, MEMBERS, DELAY_MS, &[]).await
+    }
+
+    /// As [`World::start`], with `members` members whose delayed leaves are `delay_ms` long, and
+    /// the instances' settings changed by `settings`.
+    async fn with_members(seed: u64, members: usize, delay_ms: u64, settings: &[(&str, &str)]) -> World {
         let synapse = Synapse::start(SynapseOptions::default()).await;
         let livekit = LiveKit::start().await;
         let redis = Redis::start().await;
         let mut instances = Vec::new();
         for i in 0..3 {
             let hs = HsProxy::start(&synapse.url).await;
-            let env = Bridge::env_for_cluster(&hs.url, &livekit, &redis.url(), LEASE, &format!("bridge{i}"));
+            let mut env = Bridge::env_for_cluster(&hs.url, &livekit, &redis.url(), LEASE, &format!("bridge{i}"));
+            env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             instances.push(Instance { bridge: Bridge::start(env).await, hs });
         }
         let owner = synapse.register("owner").await;
@@ -73,12 +80,12 @@ impl World {
             started: Instant::now(),
         };
         w.wait_balanced().await;
-        for i in 0..MEMBERS {
+        for i in 0..members {
             let user = w.synapse.register(&format!("member{i}")).await;
             w.synapse.join_room(&user, &w.room).await;
-            let delay_id = w.synapse.join_call(&user, &w.room, DELAY_MS).await;
+            let delay_id = w.synapse.join_call(&user, &w.room, delay_ms).await;
             let at = w.random_live();
-            w.instances[at].bridge.delegate(&w.synapse, &user, &w.room, "m1", &delay_id, DELAY_MS).await;
+            w.instances[at].bridge.delegate(&w.synapse, &user, &w.room, "m1", &delay_id, delay_ms).await;
             let ident = identity::identity_three_part(&user.user_id, &user.device_id, "m1");
             let at = w.random_live();
             let p = w.livekit.join(&w.instances[at].bridge.url, &w.lk_room, &ident).await;
@@ -306,6 +313,81 @@ async fn a_graceful_stop_hands_the_shards_over_in_under_a_second() {
     w.wait_balanced().await;
 }
 
+/// A stopping instance drains its calls in flight; meanwhile it takes no shard and no longer
+/// counts as an instance, so that the shards of another one crashing meanwhile are all taken by
+/// the survivors at once, not only once the stopping one is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_takes_nothing_and_the_others_take_every_shard_freed_meanwhile() {
+    // One member with a long delay: its send, held 6 s by the homeserver's proxy (inside the
+    // request timeout), keeps its owner draining.
+    let mut w = World::with_members(4, 1, 60_000, &[("RTC_LEAVE_BRIDGE_REQUEST_TIMEOUT", "8s")]).await;
+    let owner = w.owner(Duration::from_secs(5)).await;
+    let (crashing, surviving) = ((owner + 1) % 3, (owner + 2) % 3);
+    let owned = "rtc_leave_bridge_shards_owned";
+    let held = w.instances[owner].bridge.metric(owned).await;
+    w.instances[owner].hs.stall(Some(("send", Duration::from_secs(6))));
+    let m = &w.members[0];
+    w.livekit.leave(&w.instances[owner].bridge.url, &w.lk_room, &m.p, "CLIENT_INITIATED").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // its send under way, held
+    signal(w.instances[owner].bridge.pid().unwrap(), "-TERM");
+    w.instances[crashing].bridge.kill9();
+    let crashed = Instant::now();
+    // Once the crashed instance's leases run out, the survivor holds every shard but the
+    // stopping instance's, while that one still drains.
+    let until = crashed + LEASE * 3 + Duration::from_millis(500);
+    loop {
+        let survivor = w.instances[surviving].bridge.metric(owned).await;
+        if survivor + held == 64.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "{:?} after the crash the survivor holds {survivor} shards, the stopping instance {held}",
+            crashed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    println!("every freed shard taken {:?} after the crash, while the other instance drained", crashed.elapsed());
+    let logs = w.instances[owner].bridge.logs();
+    assert!(!logs.contains("left the cluster"), "the stopping instance was gone already:\n{logs}");
+    // Its drain ends with its send; then it leaves, and the survivor takes its shards too.
+    let send = w.instances[owner].hs.wait_accepted_send(&m.delay_id, Duration::from_secs(8)).await;
+    assert!(send.is_some(), "the send in flight at SIGTERM was not carried out");
+    let left = common::eventually(Duration::from_secs(3), || async {
+        w.instances[owner].bridge.logs().contains("left the cluster")
+    })
+    .await;
+    assert!(left, "{}", w.instances[owner].bridge.logs());
+    w.instances[owner].bridge.kill9(); // reaps it
+    w.wait_balanced().await;
+    assert_eq!(w.instances[surviving].bridge.metric(owned).await, 64.0);
+}
+
+/// A Redis that stalls for less than two renewal intervals (busy, swapping, paused by its host)
+/// is waited for: no look fails, no lease is lost, nobody is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_stalling_for_less_than_two_renewals_costs_no_lease() {
+    let mut w = World::start(6).await;
+    w.owner(Duration::from_secs(5)).await;
+    for _ in 0..6 {
+        w.redis.freeze(true);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        w.redis.freeze(false);
+        tokio::time::sleep(Duration::from_millis(750)).await;
+    }
+    w.all_stay(Duration::from_millis(DELAY_MS), "after Redis stalled").await;
+    for (i, instance) in w.instances.iter().enumerate() {
+        for outcome in ["failed", "lost"] {
+            let sample = format!("rtc_leave_bridge_lease_renewals_total{{outcome=\"{outcome}\"}}");
+            assert_eq!(instance.bridge.metric(&sample).await, 0.0, "instance {i}: renewals {outcome}");
+        }
+        let logs = instance.bridge.logs();
+        assert!(!logs.contains("Redis unreachable"), "instance {i}:\n{logs}");
+    }
+    let latency = w.leave(0).await;
+    assert!(latency < Duration::from_secs(1), "leave after {latency:?}");
+}
+
 /// Retries `request` every 25 ms until it is answered 200 (`Ok`); fails if that is not within a
 /// second of `back`, with what it last answered (`Err`).
 async fn answered_within_a_second_of<F, Fut>(back: Instant, what: &str, mut request: F)
@@ -389,6 +471,12 @@ async fn every_instance_is_back_within_a_second_of_redis() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("instance {i}: {}", back_lines[0]));
         assert!(failed > 1, "instance {i}: {failed} failed looks over 5 s of outage");
+        // The same for reads of the inboxes.
+        let down = logs.matches("cannot read the inboxes").count();
+        let back = logs.matches("inbox reads work again").count();
+        assert_eq!((down, back), (1, 1), "instance {i}: inbox reads failing told {down} times, their end {back}");
+        let failed_renewals = "rtc_leave_bridge_lease_renewals_total{outcome=\"failed\"}";
+        assert!(instance.bridge.metric(failed_renewals).await > 0.0, "instance {i}: failed renewals not counted");
         let ticks = "rtc_leave_bridge_redis_duration_seconds_count{op=\"tick\"}";
         assert!(instance.bridge.metric(ticks).await > 0.0, "instance {i}: looks not timed");
     }

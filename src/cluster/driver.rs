@@ -51,8 +51,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// From now on only renews what is held: no shard is acquired or handed over while the
-    /// engine drains (it takes no more commands).
+    /// From now on only renews what is held, and no longer counts as an instance: no shard is
+    /// acquired or handed over while the engine drains (it starts nothing any more), and the
+    /// others take every shard freed meanwhile.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
@@ -75,8 +76,8 @@ struct Driver {
     leases: Arc<Leases>,
     metrics: Arc<Metrics>,
     positions: watch::Sender<Positions>,
-    /// Consecutive failed looks (to log the first and the recovery, not each).
-    failures: u32,
+    /// Consecutive failed looks.
+    failures: Failures,
     draining: Arc<AtomicBool>,
 }
 
@@ -103,7 +104,7 @@ pub async fn start(
         leases,
         metrics: metrics.clone(),
         positions,
-        failures: 0,
+        failures: Failures::default(),
         draining: draining.clone(),
     };
     // Before taking anything: a heartbeat, then a renewal interval for instances started at the
@@ -148,7 +149,11 @@ impl Driver {
         self.leases.looking();
         let held = self.leases.held();
         let s = &self.settings;
-        let look = self.coordination.look(&s.instance, s.lease, s.lease, &held).await;
+        // A draining instance no longer counts as one (its heartbeat ends now): the others aim
+        // at every shard, and take at once any freed meanwhile (by a crash) instead of once this
+        // one is gone. It still renews what it holds.
+        let heartbeat = if self.draining.load(Ordering::SeqCst) { Duration::ZERO } else { s.lease };
+        let look = self.coordination.look(&s.instance, heartbeat, s.lease, &held).await;
         self.timed("tick", asked);
         let look = match look {
             Ok(look) => look,
@@ -158,18 +163,16 @@ impl Driver {
                     .lease_renewals
                     .get_or_create(&OutcomeLabel { outcome: "failed" })
                     .inc_by(held.len() as u64);
-                if self.failures == 0 {
+                if self.failures.failed() {
                     error!(error = %e, shards = held.len(),
                         "Redis unreachable: leases not renewed; held members are restarted from memory, nothing is sent");
                 }
-                self.failures += 1;
                 return;
             }
         };
         self.leases.looked(true);
-        if self.failures > 0 {
-            info!(failed_looks = self.failures, "Redis reachable again");
-            self.failures = 0;
+        if let Some(failed) = self.failures.succeeded() {
+            info!(failed_looks = failed, "Redis reachable again");
         }
         self.metrics.instances.set(look.instances.len() as i64);
         for (&shard, &renewed) in &look.renewed {
@@ -292,22 +295,9 @@ async fn read_inboxes(
     metrics: Arc<Metrics>,
 ) {
     let mut reading = Positions::new();
-    let mut failing = false;
+    let mut failures = Failures::default();
     loop {
-        {
-            // A shard newly held, or held again under a new epoch, is read from where its
-            // commit left it; others keep their progress.
-            let wanted = positions.borrow_and_update();
-            reading.retain(|s, _| wanted.contains_key(s));
-            for (shard, &(epoch, applied)) in wanted.iter() {
-                match reading.get(shard) {
-                    Some((e, _)) if *e == epoch => {}
-                    _ => {
-                        reading.insert(*shard, (epoch, applied));
-                    }
-                }
-            }
-        }
+        follow(&mut reading, &positions.borrow_and_update());
         let from: BTreeMap<Shard, EntryId> = reading.iter().map(|(s, (_, at))| (*s, *at)).collect();
         let started = Instant::now();
         let read = reader.read(&from, READ_BATCH).await;
@@ -317,7 +307,9 @@ async fn read_inboxes(
             .observe(started.elapsed().as_secs_f64());
         match read {
             Ok(entries) => {
-                failing = false;
+                if let Some(failed) = failures.succeeded() {
+                    info!(failed_reads = failed, "inbox reads work again");
+                }
                 for (shard, entry, inbound) in entries {
                     let Some((epoch, at)) = reading.get_mut(&shard) else { continue };
                     *at = entry;
@@ -327,12 +319,92 @@ async fn read_inboxes(
                 }
             }
             Err(e) => {
-                if !failing {
+                if failures.failed() {
                     warn!(error = %e, "cannot read the inboxes; retrying");
                 }
-                failing = true;
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
+    }
+}
+
+/// Where the reader goes on from, given the shards held now (`wanted`): a shard newly held, or
+/// held again under a new epoch, from where its commit left it (entries past that were read for
+/// an earlier holding, and the engine dropped them); the others from where the reader got to.
+fn follow(reading: &mut Positions, wanted: &Positions) {
+    reading.retain(|s, _| wanted.contains_key(s));
+    for (shard, &(epoch, applied)) in wanted {
+        match reading.get(shard) {
+            Some((e, _)) if *e == epoch => {}
+            _ => {
+                reading.insert(*shard, (epoch, applied));
+            }
+        }
+    }
+}
+
+/// A run of consecutive failures of one kind of round trip to Redis: its first is logged, and
+/// its end with how many there were, not each.
+#[derive(Debug, Default)]
+struct Failures(u32);
+
+impl Failures {
+    /// Counts one; `true` if it starts a run.
+    fn failed(&mut self) -> bool {
+        self.0 += 1;
+        self.0 == 1
+    }
+
+    /// Ends the run, if any: how many failed.
+    fn succeeded(&mut self) -> Option<u32> {
+        (self.0 > 0).then(|| std::mem::take(&mut self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> EntryId {
+        EntryId { ms, seq: 0 }
+    }
+
+    #[test]
+    fn the_reader_keeps_its_progress_on_a_shard_held_on() {
+        let mut reading = Positions::new();
+        let wanted = Positions::from([(Shard(1), (4, at(10)))]);
+        follow(&mut reading, &wanted);
+        assert_eq!(reading, wanted, "a shard newly held is read from its committed position");
+        reading.get_mut(&Shard(1)).unwrap().1 = at(25); // entries read since
+        follow(&mut reading, &wanted);
+        assert_eq!(reading[&Shard(1)], (4, at(25)), "read again from its commit: entries applied twice");
+    }
+
+    #[test]
+    fn a_shard_held_again_under_a_new_epoch_is_read_from_its_commit() {
+        let mut reading = Positions::from([(Shard(1), (4, at(25))), (Shard(2), (9, at(40)))]);
+        // Shard 1 was lost and taken back (its new holding's commit at 20) between two reads,
+        // without the reader seeing it go; shard 2 held on, shard 3 new, shard 4 gone.
+        let wanted = Positions::from([(Shard(1), (6, at(20))), (Shard(2), (9, at(30))), (Shard(3), (1, at(5)))]);
+        follow(&mut reading, &wanted);
+        assert_eq!(
+            reading,
+            Positions::from([(Shard(1), (6, at(20))), (Shard(2), (9, at(40))), (Shard(3), (1, at(5)))])
+        );
+        follow(&mut reading, &Positions::from([(Shard(3), (1, at(5)))]));
+        assert_eq!(reading, Positions::from([(Shard(3), (1, at(5)))]), "shards given up are no longer read");
+    }
+
+    #[test]
+    fn a_run_of_failures_is_told_at_its_start_and_its_end() {
+        let mut f = Failures::default();
+        assert_eq!(f.succeeded(), None, "nothing to tell without failures");
+        assert!(f.failed());
+        assert!(!f.failed());
+        assert!(!f.failed());
+        assert_eq!(f.succeeded(), Some(3));
+        assert_eq!(f.succeeded(), None);
+        assert!(f.failed(), "a new run starts");
+        assert_eq!(f.succeeded(), Some(1));
     }
 }

@@ -79,3 +79,16 @@ async fn queue(store: &RedisStore, metrics: &Metrics, shard: Shard, inbound: Inb
     metrics.redis_duration.get_or_create(&RedisOpLabel { op: "inbox_add" }).observe(started.elapsed().as_secs_f64());
     Ok(Receipt::Queued(shard, pushed?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Receipts name what an operator looks for in the store: the job, or the inbox entry.
+    #[test]
+    fn receipts_show_where_the_request_went() {
+        assert_eq!(Receipt::Job(JobId(0x2a)).to_string(), "job 000000000000002a");
+        let queued = Receipt::Queued(Shard(7), EntryId { ms: 1_700_000_000_000, seq: 3 });
+        assert_eq!(queued.to_string(), "inbox of shard 7, entry 1700000000000-3");
+    }
+}

@@ -45,6 +45,15 @@ impl Redis {
         super::kill9(&mut self.child);
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a Redis that stops answering a while, its
+    /// connections open (busy, swapping, or paused by its host).
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
     /// Starts again on the same port and data.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "kill it first");
