@@ -45,7 +45,9 @@ const LEASE: Duration = Duration::from_secs(1);
 const DELAY_MS: u64 = 6_000;
 /// How long the bridge waits for a delegated member to connect before it may give up on it: its
 /// join timeout (`Bridge::env_for`: 3 s; 30 s by default) and then three listings 1.5 s apart
-/// that do not list it.
+/// that do not list it. Both run from the delegation's creation by the bridge, which is after the
+/// client first asked for its token, but may be well before the answer reached it (an answer
+/// slow on a loaded machine, or lost with an instance killed after storing the delegation).
 const JOIN_PATIENCE: Duration = Duration::from_secs(6);
 
 fn setting(name: &str, default: u64) -> u64 {
@@ -63,6 +65,9 @@ struct Life {
     delay_id: String,
     /// When its delayed leave was scheduled at Synapse (its delay runs from then).
     scheduled: Instant,
+    /// When the client first asked for its token (the bridge cannot have stored the delegation
+    /// before).
+    asked: Instant,
     /// When the bridge took its delegation (the token answered).
     delegated: Instant,
     /// Its first LiveKit session (empty: the client never connected, LiveKit being down).
@@ -99,6 +104,7 @@ async fn live(
         });
         // As a client: any instance, retried on 502/503/429, refused connections, and 500 (the
         // room could not be opened: LiveKit down).
+        let asked = Instant::now();
         let answer = loop {
             let url = &bridges[rng.random_range(0..bridges.len())];
             if let Ok(r) = http.post(format!("{url}/sfu/get")).json(&body).send().await {
@@ -118,6 +124,7 @@ async fn live(
             key,
             delay_id,
             scheduled,
+            asked,
             delegated,
             sid: String::new(),
             ended: None,
@@ -275,7 +282,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     // A client that took longer than the bridge's patience to connect (a loaded machine starting
     // 20 WebRTC clients at once) may have been given up on before it did: the join timeout is
     // the operator's setting. Its first session then counts from LiveKit's report of its join.
-    let slow_to_join = |life: &Life| joined(&life.sid).is_some_and(|j| j > life.delegated + JOIN_PATIENCE);
+    let slow_to_join = |life: &Life| joined(&life.sid).is_some_and(|j| j > life.asked + JOIN_PATIENCE);
     // A life's sessions by LiveKit's account, each (from, until): its first (from its
     // scheduling: a member about to connect counts as connected, unless it was slower than the
     // bridge's patience), then any its client opened by reconnecting after LiveKit's restart
