@@ -2,7 +2,7 @@
 //! machine. Not part of `cargo test`.
 //!
 //!     cargo bench --bench bench                       # all
-//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster, real-livekit, membership
+//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster, real-livekit, membership, element-call
 //!
 //! * `leave`: `participant_left` webhook posted → Synapse's 200 to the bridge's send, over 200
 //!   leaves against a real Synapse, vs the bench's own `send` to the same Synapse; both timed to
@@ -46,6 +46,14 @@
 //!   request → the member's participant removed through RoomService (goal: p50 ≤ 200 ms), vs
 //!   the homeserver's own part: the kick request → the transaction telling of it arriving at a
 //!   recording proxy in front of the bridge.
+//!
+//! * `element-call`: today's Element Call in Chromium (as `tests/element_call.rs` runs it), the
+//!   delayed leave it hands over a minute long, restarted by itself every 20 s. Each run a new user creates a call and joins it, then: closes
+//!   the tab → the membership gone from room state (as another member sees it), through LiveKit
+//!   and the bridge, 10 runs; presses Element Call's own hang-up button → the same, 10 runs; the
+//!   same client left alone (a bridge that cannot reach the homeserver's delayed-event API: no
+//!   restart, no send) closes the tab → its membership gone by the homeserver's timer, 3 runs.
+//!   Goal: p50 ≤ 2 s through the bridge.
 //!
 //! Every goal is checked: a run that misses one says which and exits non-zero. Every wait has a
 //! deadline: a bench that would wait past it fails, naming what it waited for.
@@ -1500,6 +1508,9 @@ fn main() {
     if wants("membership") {
         rt.block_on(membership(&goals));
     }
+    if wants("element-call") {
+        rt.block_on(element_call(&goals));
+    }
     let missed = goals.missed.into_inner().unwrap();
     if !missed.is_empty() {
         println!("goals missed: {}", missed.join("; "));
@@ -1581,4 +1592,70 @@ fn today() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+async fn element_call(goals: &Goals) {
+    use common::element_call::{Stack, room_of};
+    println!(
+        "Element Call {} in Chromium, real LiveKit v{} ({}):",
+        common::element_call::version(),
+        common::livekit_server::VERSION,
+        machine()
+    );
+    // One run: a new user creates a call; `end` ends it (closes the tab, hangs up); how long
+    // until the membership was gone, as the stack's observer (a member of the room) sees it.
+    async fn run(stack: &Stack, n: usize, hang_up: bool, within: Duration) -> f64 {
+        let mut user = stack.join(&format!("User {n}"), None, None, &[]).await;
+        let room = room_of(&user.browser.call_url);
+        stack.synapse.join_room(&stack.observer, &room).await;
+        let me = user.browser.user_id.clone();
+        let set = stack.wait_member(&room, &me, true, Duration::from_secs(20)).await;
+        set.unwrap_or_else(|| panic!("bench: {me}'s membership never appeared"));
+        let t0 = Instant::now();
+        if hang_up {
+            user.browser.hang_up().await;
+        } else {
+            user.browser.close_tab().await;
+        }
+        let gone = stack.wait_member(&room, &me, false, within).await;
+        ms(gone.unwrap_or_else(|| panic!("bench: {me}'s membership still there {within:?} after the call ended")) - t0)
+    }
+    let stack = Stack::start("compatibility").await;
+    let (mut closed, mut hung_up) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        closed.push(run(&stack, 2 * i, false, Duration::from_secs(10)).await);
+        hung_up.push(run(&stack, 2 * i + 1, true, Duration::from_secs(10)).await);
+    }
+    drop(stack);
+    // Nobody acting on the leave: the bridge's calls to the homeserver's client API go nowhere.
+    let alone =
+        Stack::start_with("compatibility", &[("LIVEKIT_CS_API_URL_OVERRIDES", "hs1.test=http://127.0.0.1:9")]).await;
+    let mut timer = Vec::new();
+    for i in 0..3 {
+        timer.push(run(&alone, 100 + i, false, Duration::from_secs(90)).await);
+    }
+    drop(alone);
+    let (c, h, t) = (sorted(closed), sorted(hung_up), sorted(timer));
+    println!("  the call ended -> membership gone, as another member sees it:");
+    let goal = goals.check("Element Call: tab closed -> membership gone p50 <= 2 s", percentile(&c, 0.5) <= 2_000.0);
+    println!(
+        "    tab closed, the bridge           p50 {:8.1} ms  max {:8.1} ms  (10 runs; goal p50 <= 2 s: {goal})",
+        percentile(&c, 0.5),
+        percentile(&c, 1.0)
+    );
+    println!(
+        "    Element Call's own hang-up       p50 {:8.1} ms  max {:8.1} ms  (10 runs)",
+        percentile(&h, 0.5),
+        percentile(&h, 1.0)
+    );
+    println!(
+        "    tab closed, nobody acting on it  p50 {:8.1} ms  max {:8.1} ms  (3 runs: the homeserver's timer)",
+        percentile(&t, 0.5),
+        percentile(&t, 1.0)
+    );
+    println!(
+        "    ratios: the bridge / the client's own hang-up {:.2}x; the bridge / the timer {:.4}x",
+        percentile(&c, 0.5) / percentile(&h, 0.5),
+        percentile(&c, 0.5) / percentile(&t, 0.5)
+    );
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test on a fresh machine: installs Redis and promtool (Debian), the Python side
-# (Synapse, LiveKit's server and client SDKs) into .venv, and LiveKit server (Go) if needed, then
-# checks formatting and clippy, builds and runs unit, property and integration tests.
+# Runs every test on a fresh machine: installs Redis, promtool, nft, Chromium and Node.js (Debian),
+# the Python side (Synapse, LiveKit's server and client SDKs) into .venv, LiveKit server (Go) and
+# Element Call with playwright-core (npm) if needed, then checks formatting and clippy, builds and
+# runs unit, property and integration tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,12 +26,14 @@ if ! "$lk_dir/server" --version 2>/dev/null | grep -q "$LIVEKIT_SERVER_VERSION";
 fi
 export LIVEKIT_SERVER_BIN="$lk_dir/server"
 
-# Debian packages the tests use: a real Redis, promtool (in prometheus) for the alert rules, and
-# nft (nftables) to cut a real participant's network.
+# Debian packages the tests use: a real Redis, promtool (in prometheus) for the alert rules, nft
+# (nftables) to cut a real participant's network, Chromium and Node.js for Element Call.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v nft >/dev/null || missing+=(nftables)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -39,6 +42,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Element Call (its embedded build) and playwright-core, at the exact versions package.json pins
+# (npm ls fails when one is missing or another version).
+if ! (cd tests/element-call && npm ls --depth=0 >/dev/null 2>&1); then
+  echo "==> installing Element Call and playwright-core (npm ci in tests/element-call)"
+  (cd tests/element-call && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 # The code's own hygiene first: formatted as rustfmt.toml says, and no clippy warning.

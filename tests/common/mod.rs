@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod element_call;
 pub mod hs_proxy;
 pub mod livekit;
 pub mod livekit_server;

@@ -29,11 +29,22 @@ pub struct SynapseOptions {
     pub appservice_registration: Option<String>,
     /// A `matrix_rtc` section (YAML, without its key) to serve at `rtc/transports` (MSC4143).
     pub matrix_rtc: Option<String>,
+    /// `default_room_version`; `None` keeps Synapse's (12 in 1.163, whose power levels Element
+    /// Call 0.26.1's new rooms break: it lists their creator in `users`).
+    pub default_room_version: Option<&'static str>,
+    /// Sticky events (MSC4354), where Element Call's `matrix_2_0` mode keeps its membership.
+    pub sticky_events: bool,
 }
 
 impl Default for SynapseOptions {
     fn default() -> Self {
-        SynapseOptions { delayed_event_rate: Some((1000.0, 1000)), appservice_registration: None, matrix_rtc: None }
+        SynapseOptions {
+            delayed_event_rate: Some((1000.0, 1000)),
+            appservice_registration: None,
+            matrix_rtc: None,
+            default_room_version: None,
+            sticky_events: false,
+        }
     }
 }
 
@@ -71,6 +82,12 @@ impl Synapse {
             std::fs::write(dir.path().join("registration.yaml"), registration).unwrap();
             experimental.push("msc4512_enabled: true");
             extra += &format!("app_service_config_files: [{d}/registration.yaml]\n");
+        }
+        if let Some(version) = options.default_room_version {
+            extra += &format!("default_room_version: \"{version}\"\n");
+        }
+        if options.sticky_events {
+            experimental.push("msc4354_enabled: true");
         }
         extra += "experimental_features:\n";
         for line in experimental {
@@ -285,6 +302,14 @@ rc_room_creation: {{per_second: 1000, burst_count: 1000}}
             404 => Some(false),
             _ => None,
         }
+    }
+
+    /// The room's whole current state as `user` (joined) sees it.
+    pub async fn room_state(&self, user: &MatrixUser, room: &str) -> Vec<Value> {
+        let path = format!("/_matrix/client/v3/rooms/{}/state", enc(room));
+        let (status, v) = self.call(reqwest::Method::GET, &path, Some(&user.token), Value::Null).await;
+        assert_eq!(status, 200, "room state: {v}");
+        v.as_array().cloned().unwrap_or_default()
     }
 
     /// Polls until the membership is gone; returns how long that took, or `None` after `within`.
