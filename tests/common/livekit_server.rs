@@ -37,7 +37,9 @@ pub fn binary() -> PathBuf {
 /// A UDP port range of `n` ports that is free now (probed).
 fn free_udp_range(n: u16) -> u16 {
     for _ in 0..200 {
-        let base = 20_000 + (rand::random::<u16>() % 30_000);
+        // Above the kernel's ephemeral range (32768–60999 by default), where no socket of another
+        // process lands by chance, and apart from [`super::free_port`]'s ports.
+        let base = 61_000 + (rand::random::<u16>() % 4_400);
         let all_free = (base..base + n).all(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok());
         if all_free {
             return base;

@@ -55,6 +55,35 @@ pub fn repeat_failure() {
     }
 }
 
+/// A command running `program`, as user id `uid` if given (its own group, no others), so that a
+/// [`participant::NetworkCut`] can single out its packets.
+pub fn command_as(program: impl AsRef<std::ffi::OsStr>, uid: Option<u32>) -> std::process::Command {
+    match uid {
+        None => std::process::Command::new(program),
+        Some(uid) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups").arg(program);
+            c
+        }
+    }
+}
+
+/// The JSON objects a child process prints, one per line, as they come (other lines skipped).
+pub fn json_lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    use std::io::BufRead as _;
+    let (tx, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    events
+}
+
 /// SIGKILL of a harness child process, if running, reaped at once: no chance to clean up.
 pub fn kill9(child: &mut Option<std::process::Child>) {
     if let Some(mut c) = child.take() {
@@ -63,8 +92,19 @@ pub fn kill9(child: &mut Option<std::process::Child>) {
     }
 }
 
+/// A TCP port free on 127.0.0.1 now, for a child process to listen on. Picked below the kernel's
+/// ephemeral range (32768–60999 by default), where no outgoing connection takes it between this
+/// check and the child's bind: port 0 would hand out an ephemeral one, and with browsers,
+/// LiveKit and several Synapses opening connections in parallel tests, one was seen taken in
+/// that window.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    for _ in 0..1_000 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in 20000-31999");
 }
 
 /// Polls `check` every 20 ms until it holds or `within` has passed.
