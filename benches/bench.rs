@@ -91,6 +91,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// One line of latencies: `label`, then the p50 and the max of `sorted` (ms), then `note`.
+fn p50_max(label: &str, sorted: &[f64], note: &str) {
+    println!("    {label:<33} p50 {:8.1} ms  max {:8.1} ms{note}", percentile(sorted, 0.5), percentile(sorted, 1.0));
+}
+
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v
@@ -1414,16 +1419,8 @@ async fn real_livekit(goals: &Goals) {
     let (o, c) = (sorted(ours), sorted(own));
     let ratio = percentile(&o, 0.5) / percentile(&c, 0.5);
     println!("  clean hang-up -> membership gone, as another member sees it (10 runs):");
-    println!(
-        "    through LiveKit and the bridge p50 {:7.1} ms  max {:7.1} ms",
-        percentile(&o, 0.5),
-        percentile(&o, 1.0)
-    );
-    println!(
-        "    the client's own leave         p50 {:7.1} ms  max {:7.1} ms",
-        percentile(&c, 0.5),
-        percentile(&c, 1.0)
-    );
+    p50_max("through LiveKit and the bridge", &o, "");
+    p50_max("the client's own leave", &c, "");
     println!(
         "    ratio p50 {ratio:.2}x (goal <= 1.2x: {})",
         goals.check("real LiveKit hang-up p50 <= 1.2x the client's own leave", ratio <= 1.2)
@@ -1595,7 +1592,7 @@ fn today() -> String {
 }
 
 async fn element_call(goals: &Goals) {
-    use common::element_call::{Stack, room_of};
+    use common::element_call::Stack;
     println!(
         "Element Call {} in Chromium, real LiveKit v{} ({}):",
         common::element_call::version(),
@@ -1605,12 +1602,8 @@ async fn element_call(goals: &Goals) {
     // One run: a new user creates a call; `end` ends it (closes the tab, hangs up); how long
     // until the membership was gone, as the stack's observer (a member of the room) sees it.
     async fn run(stack: &Stack, n: usize, hang_up: bool, within: Duration) -> f64 {
-        let mut user = stack.join(&format!("User {n}"), None, None, &[]).await;
-        let room = room_of(&user.browser.call_url);
-        stack.synapse.join_room(&stack.observer, &room).await;
+        let (mut user, room) = stack.start_call(&format!("User {n}"), None).await;
         let me = user.browser.user_id.clone();
-        let set = stack.wait_member(&room, &me, true, Duration::from_secs(20)).await;
-        set.unwrap_or_else(|| panic!("bench: {me}'s membership never appeared"));
         let t0 = Instant::now();
         if hang_up {
             user.browser.hang_up().await;
@@ -1638,21 +1631,9 @@ async fn element_call(goals: &Goals) {
     let (c, h, t) = (sorted(closed), sorted(hung_up), sorted(timer));
     println!("  the call ended -> membership gone, as another member sees it:");
     let goal = goals.check("Element Call: tab closed -> membership gone p50 <= 2 s", percentile(&c, 0.5) <= 2_000.0);
-    println!(
-        "    tab closed, the bridge           p50 {:8.1} ms  max {:8.1} ms  (10 runs; goal p50 <= 2 s: {goal})",
-        percentile(&c, 0.5),
-        percentile(&c, 1.0)
-    );
-    println!(
-        "    Element Call's own hang-up       p50 {:8.1} ms  max {:8.1} ms  (10 runs)",
-        percentile(&h, 0.5),
-        percentile(&h, 1.0)
-    );
-    println!(
-        "    tab closed, nobody acting on it  p50 {:8.1} ms  max {:8.1} ms  (3 runs: the homeserver's timer)",
-        percentile(&t, 0.5),
-        percentile(&t, 1.0)
-    );
+    p50_max("tab closed, the bridge", &c, &format!("  (10 runs; goal p50 <= 2 s: {goal})"));
+    p50_max("Element Call's own hang-up", &h, "  (10 runs)");
+    p50_max("tab closed, nobody acting on it", &t, "  (3 runs: the homeserver's timer)");
     println!(
         "    ratios: the bridge / the client's own hang-up {:.2}x; the bridge / the timer {:.4}x",
         percentile(&c, 0.5) / percentile(&h, 0.5),

@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::element_call::{self, MEMBER, Stack, User, room_of};
+use common::element_call::{self, MEMBER, Stack, User};
 use common::participant::NetworkCut;
 
 /// The user id the browser whose network is cut runs as (the real-LiveKit tests use 65 533–4).
@@ -22,11 +22,8 @@ const CUT_UID: u32 = 65_532;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_in_a_call_stays_and_its_closed_tab_leaves_within_two_seconds() {
     let w = Stack::start("compatibility").await;
-    let mut alice = w.join("Alice", None, None, &[]).await;
-    let room = room_of(&alice.browser.call_url);
+    let (mut alice, room) = w.start_call("Alice", None).await;
     println!("Element Call {}: {} in {room}", element_call::version(), alice.identity);
-    w.synapse.join_room(&w.observer, &room).await;
-    assert!(w.wait_member(&room, &alice.browser.user_id, true, Duration::from_secs(10)).await.is_some());
     let joined = w.webhooks.first("participant_joined", Some(&alice.identity)).unwrap();
     let lk_room = joined.body["room"]["name"].as_str().unwrap().to_owned();
     let listed = common::livekit::room_service(&w.livekit.http_url).list_participants(&lk_room).await.unwrap();
@@ -57,9 +54,7 @@ async fn a_browser_in_a_call_stays_and_its_closed_tab_leaves_within_two_seconds(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_see_each_other_and_survive_a_bridge_restart() {
     let mut w = Stack::start("compatibility").await;
-    let alice = w.join("Alice", None, None, &[]).await;
-    let room = room_of(&alice.browser.call_url);
-    w.synapse.join_room(&w.observer, &room).await;
+    let (alice, room) = w.start_call("Alice", None).await;
     let link = alice.browser.call_url.clone();
     let mut bob = w.join("Bob", Some(&link), None, &[&alice]).await;
     let mut alice = alice;
@@ -100,10 +95,7 @@ async fn two_browsers_see_each_other_and_survive_a_bridge_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_browser_is_removed_as_soon_as_livekit_reports_it_gone() {
     let w = Stack::start("compatibility").await;
-    let mut alice = w.join("Alice", None, None, &[]).await;
-    let room = room_of(&alice.browser.call_url);
-    w.synapse.join_room(&w.observer, &room).await;
-    assert!(w.wait_member(&room, &alice.browser.user_id, true, Duration::from_secs(10)).await.is_some());
+    let (mut alice, room) = w.start_call("Alice", None).await;
     let killed = Instant::now();
     alice.browser.kill9();
     removed_when_livekit_says(&w, &alice, &room, killed, "kill -9").await;
@@ -114,10 +106,7 @@ async fn a_killed_browser_is_removed_as_soon_as_livekit_reports_it_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_that_loses_its_network_is_removed_when_livekit_reports_it_gone() {
     let w = Stack::start("compatibility").await;
-    let alice = w.join("Alice", None, Some(CUT_UID), &[]).await;
-    let room = room_of(&alice.browser.call_url);
-    w.synapse.join_room(&w.observer, &room).await;
-    assert!(w.wait_member(&room, &alice.browser.user_id, true, Duration::from_secs(10)).await.is_some());
+    let (alice, room) = w.start_call("Alice", Some(CUT_UID)).await;
     let cut_at = Instant::now();
     let cut = NetworkCut::start(CUT_UID);
     removed_when_livekit_says(&w, &alice, &room, cut_at, "network cut").await;
@@ -157,10 +146,7 @@ async fn removed_when_livekit_says(w: &Stack, user: &User, room: &str, since: In
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn element_calls_own_hang_up_changes_the_state_once_and_the_bridge_ends_quietly() {
     let w = Stack::start("compatibility").await;
-    let mut alice = w.join("Alice", None, None, &[]).await;
-    let room = room_of(&alice.browser.call_url);
-    w.synapse.join_room(&w.observer, &room).await;
-    assert!(w.wait_member(&room, &alice.browser.user_id, true, Duration::from_secs(10)).await.is_some());
+    let (mut alice, room) = w.start_call("Alice", None).await;
     let user_id = alice.browser.user_id.clone();
     let memberships = |state: Vec<serde_json::Value>| {
         state

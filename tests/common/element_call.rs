@@ -4,7 +4,7 @@
 //! and one browser per user), so that closing a tab, killing a browser and cutting its network are
 //! what they are for a real user.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -140,16 +140,10 @@ impl Browser {
         super::remember_failures();
         let dir = tempfile::tempdir().unwrap();
         let script = npm_dir().join("browser.mjs");
-        let mut command = match uid {
-            None => Command::new("node"),
-            Some(uid) => {
-                let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups").arg("node");
-                std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
-                c
-            }
-        };
-        let mut driver = command
+        if let Some(uid) = uid {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+        }
+        let mut driver = super::command_as("node", uid)
             .arg(script)
             .arg(dir.path().join("console.log"))
             .env("HOME", dir.path())
@@ -158,17 +152,7 @@ impl Browser {
             .stderr(std::fs::File::create(dir.path().join("driver.log")).unwrap())
             .spawn()
             .expect("node runs (Debian nodejs)");
-        let stdout = driver.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let events = super::json_lines(driver.stdout.take().unwrap());
         let stdin = driver.stdin.take();
         let mut b = Browser {
             driver: Some(driver),
@@ -394,6 +378,17 @@ impl Stack {
         let handed = super::eventually(Duration::from_secs(30), || async { !self.delay_ids(&user).is_empty() }).await;
         assert!(handed, "{} handed no delayed leave over\n{}", user.identity, self.bridge.logs());
         user
+    }
+
+    /// A new user creating a call (compatibility mode), as user id `uid` if given: returns once
+    /// the observer, joined to the call's room, sees the user's membership in its state.
+    pub async fn start_call(&self, name: &str, uid: Option<u32>) -> (User, String) {
+        let user = self.join(name, None, uid, &[]).await;
+        let room = room_of(&user.browser.call_url);
+        self.synapse.join_room(&self.observer, &room).await;
+        let set = self.wait_member(&room, &user.browser.user_id, true, Duration::from_secs(10)).await;
+        assert!(set.is_some(), "{}'s call membership never appeared\n{}", user.identity, self.bridge.logs());
+        (user, room)
     }
 
     /// The delayed leaves `user`'s Element Call handed over that the bridge called the

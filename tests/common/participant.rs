@@ -2,7 +2,7 @@
 //! library) per participant, so that a hang-up, a kill -9 and a freeze (SIGSTOP) are what they
 //! are for a real client. The token comes from the bridge, as a MatrixRTC client gets it.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -46,16 +46,7 @@ impl Participant {
         within: Duration,
     ) -> Result<Participant, Vec<Value>> {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/participant.py");
-        let mut command = match uid {
-            None => Command::new(super::synapse::python()),
-            Some(uid) => {
-                let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups");
-                c.arg(super::synapse::python());
-                c
-            }
-        };
-        let mut child = command
+        let mut child = super::command_as(super::synapse::python(), uid)
             .arg(script)
             .arg(url)
             .arg(jwt)
@@ -64,17 +55,7 @@ impl Participant {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let events = super::json_lines(child.stdout.take().unwrap());
         let stdin = child.stdin.take();
         let mut p = Participant {
             child: Some(child),
