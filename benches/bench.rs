@@ -201,6 +201,12 @@ impl FakeHs {
         self.last_restart.lock().unwrap().values().filter(|(t, _)| *t >= since).count()
     }
 
+    /// How many of `ids` had a restart arrive since `since`.
+    fn restarted_among_since(&self, ids: &[String], since: Instant) -> usize {
+        let last = self.last_restart.lock().unwrap();
+        ids.iter().filter(|id| last.get(*id).is_some_and(|(at, _)| *at >= since)).count()
+    }
+
     /// Restart counts of every delay id seen so far, to take the difference of over a window.
     fn counts(&self) -> HashMap<String, u64> {
         self.last_restart.lock().unwrap().iter().map(|(id, (_, n))| (id.clone(), *n)).collect()
@@ -1230,12 +1236,8 @@ async fn cluster(goals: &Goals) {
     let killed = Instant::now();
     // Judged at the homeserver: a moved job has failed over once its first restart by its new
     // holder arrived (a holder restarts every job it takes over at once).
-    let restarted_after_kill = || {
-        let last = fake.last_restart.lock().unwrap();
-        moved.iter().filter(|id| last.get(*id).is_some_and(|(at, _)| *at >= killed)).count()
-    };
     let failover = within("every moved job restarted by its new holder", Duration::from_secs(30), || async {
-        restarted_after_kill() == moved.len()
+        fake.restarted_among_since(&moved, killed) == moved.len()
     })
     .await;
     let survivors: Vec<&Bridge> = three.iter().enumerate().filter(|(i, _)| *i != most.0).map(|(_, b)| b).collect();

@@ -311,8 +311,9 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         s.iter().any(|(from, until)| *from <= t && until.is_none_or(|u| t < u))
     };
     let mut slowest_report = Duration::ZERO;
-    // Sends for lives LiveKit itself no longer had (timed out, or died with it): right.
-    let mut dropped_by_livekit = 0;
+    // Sends for lives LiveKit itself no longer had (timed out, or died with it), and for clients
+    // given up on before their slow join: right.
+    let (mut dropped_by_livekit, mut given_up) = (0, 0);
     let mut rejoined = 0;
     for (i, life) in lives.iter().enumerate() {
         // The same member's next call, if any.
@@ -325,6 +326,8 @@ async fn real_livekit_chaos_three_instances_on_redis() {
             if life.ended.is_none_or(|ended| send.received < ended) {
                 if connected_at(&sessions, send.received) {
                     premature.push(format!("{life:?}: sent at {:?} while connected {sessions:?}", send.received));
+                } else if slow_to_join(life) && joined(&life.sid).is_some_and(|j| send.received < j) {
+                    given_up += 1;
                 } else {
                     dropped_by_livekit += 1;
                 }
@@ -384,7 +387,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     println!(
         "real chaos: {} lives ({ended} ended, {killed} by kill -9, {frozen} frozen a while, {never} never connected, {slow} slower to connect than the bridge's patience, \
          {rejoined} sessions reopened after LiveKit's restart, {superseded} superseded before their leave), \
-         {kills} bridge kills, {} LiveKit kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first), superseded sent {}, late {}, \
+         {kills} bridge kills, {} LiveKit kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first, {given_up} given up on before a slow join), superseded sent {}, late {}, \
          left to the homeserver's timer {}, gone while connected {} (and {handed_too_late} handed over too late); \
          LiveKit's slowest report of a departure {slowest_report:?}, worst leave after it {worst:?}",
         lives.len(),
