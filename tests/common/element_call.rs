@@ -320,11 +320,6 @@ pub struct User {
 impl Stack {
     /// Everything, with Element Call in `mode` (`compatibility` or `matrix_2_0`).
     pub async fn start(mode: &str) -> Stack {
-        Stack::start_with(mode, &[]).await
-    }
-
-    /// As [`Stack::start`], with the bridge's settings changed by `settings`.
-    pub async fn start_with(mode: &str, settings: &[(&str, &str)]) -> Stack {
         let options = SynapseOptions {
             default_room_version: Some("11"),
             sticky_events: mode == "matrix_2_0",
@@ -336,9 +331,7 @@ impl Stack {
         let bridge_url = format!("http://127.0.0.1:{port}");
         let webhooks = WebhookProxy::start(&bridge_url).await;
         let livekit = LiveKitServer::start(std::slice::from_ref(&webhooks.url)).await;
-        let mut env = Bridge::env_for_url(&hs.url, &livekit.url);
-        env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let bridge = Bridge::start_on(port, env).await;
+        let bridge = Bridge::start_on(port, Bridge::env_for_url(&hs.url, &livekit.url)).await;
         let app = App::serve(config(&synapse.url, SERVER_NAME, &bridge.url, mode)).await;
         let observer = synapse.register("observer").await;
         Stack { synapse, hs, livekit, webhooks, bridge, app, observer }
