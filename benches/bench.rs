@@ -1606,6 +1606,10 @@ async fn element_call(goals: &Goals) {
     async fn run(stack: &Stack, n: usize, hang_up: bool, within: Duration) -> f64 {
         let (mut user, room) = stack.start_call(&format!("User {n}"), None).await;
         let me = user.browser.user_id.clone();
+        // In the call for real: its media published, a moment spent there.
+        let published = stack.webhooks.wait_for("track_published", Some(&user.identity), Duration::from_secs(20)).await;
+        published.unwrap_or_else(|| panic!("bench: {me} published nothing"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let t0 = Instant::now();
         if hang_up {
             user.browser.hang_up().await;
@@ -1618,8 +1622,8 @@ async fn element_call(goals: &Goals) {
     let stack = Stack::start("compatibility").await;
     let (mut closed, mut hung_up) = (Vec::new(), Vec::new());
     for i in 0..10 {
-        closed.push(run(&stack, 2 * i, false, Duration::from_secs(10)).await);
-        hung_up.push(run(&stack, 2 * i + 1, true, Duration::from_secs(10)).await);
+        closed.push(run(&stack, 2 * i, false, Duration::from_secs(40)).await);
+        hung_up.push(run(&stack, 2 * i + 1, true, Duration::from_secs(40)).await);
     }
     // Nobody acting on the leave: the bridge's sends held at the proxy for longer than the delay,
     // so that the homeserver's timer (a minute after the last restart) fires first.
