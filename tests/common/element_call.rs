@@ -241,7 +241,9 @@ impl Browser {
 
     /// SIGKILL of the whole browser (its process group) and of its driver: gone without a word.
     pub fn kill9(&mut self) {
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.pid)]).status();
+        // (Quiet: a browser killed by the test is killed again, gone already, when dropped.)
+        let group = format!("-{}", self.pid);
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         super::kill9(&mut self.driver);
     }
 
