@@ -410,16 +410,8 @@ impl Stack {
 
     /// Waits up to `within` for [`Stack::accepted_send`].
     pub async fn wait_accepted_send(&self, user: &User, within: Duration) -> Option<Call> {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(send) = self.accepted_send(user) {
-                return Some(send);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::eventually(within, || async { self.accepted_send(user).is_some() }).await;
+        self.accepted_send(user)
     }
 
     /// Every call the bridge made about `user`'s delayed leaves.
@@ -428,24 +420,12 @@ impl Stack {
         self.hs.calls().into_iter().filter(|c| c.delay_id.as_ref().is_some_and(|id| ids.contains(id))).collect()
     }
 
-    /// The call memberships in `room`'s state (legacy state events): (sender, event id) of each
-    /// that is not empty.
-    pub async fn call_members(&self, room: &str) -> Vec<(String, String)> {
-        let state = self.synapse.room_state(&self.observer, room).await;
-        state
-            .iter()
-            .filter(|e| e["type"] == MEMBER && e["content"].as_object().is_some_and(|c| !c.is_empty()))
-            .map(|e| {
-                (
-                    e["sender"].as_str().unwrap_or_default().to_owned(),
-                    e["event_id"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect()
-    }
-
+    /// Whether `user` has a call membership (a legacy state event, not empty) in `room`'s state.
     pub async fn is_member(&self, room: &str, user: &str) -> bool {
-        self.call_members(room).await.iter().any(|(s, _)| s == user)
+        let state = self.synapse.room_state(&self.observer, room).await;
+        state.iter().any(|e| {
+            e["type"] == MEMBER && e["sender"] == user && e["content"].as_object().is_some_and(|c| !c.is_empty())
+        })
     }
 
     /// Polls until `user`'s call membership is in `room`'s state (`true`) or gone (`false`);
