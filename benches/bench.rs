@@ -669,6 +669,156 @@ async fn ingest(goals: &Goals) {
     );
 }
 
+/// lk-jwt-service, when `PEER_BIN` names a build of it: the same key and secret, on `port`.
+struct Peer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Peer {
+    async fn start(livekit_url: &str, homeserver: &str) -> Option<Peer> {
+        let bin = std::env::var("PEER_BIN").ok()?;
+        let port = common::free_port();
+        let overrides = format!("{FAKE_SERVER}={homeserver}");
+        let child = std::process::Command::new(&bin)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LIVEKIT_URL", livekit_url)
+            .env("LIVEKIT_KEY", common::livekit::API_KEY)
+            .env("LIVEKIT_SECRET", API_SECRET)
+            .env("LIVEKIT_FULL_ACCESS_HOMESERVERS", FAKE_SERVER)
+            .env("LIVEKIT_CS_API_URL_OVERRIDES", &overrides)
+            .env("LIVEKIT_JWT_BIND", format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("PEER_BIN={bin}: {e}"));
+        let url = format!("http://127.0.0.1:{port}");
+        let health = format!("{url}/healthz");
+        within("the peer answering /healthz", Duration::from_secs(30), || {
+            let health = health.clone();
+            async move { reqwest::get(&health).await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        Some(Peer { child, url })
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `wrk -t1 -c32` POSTing `body` signed with `auth` to `url` for `seconds`; requests/s. Every
+/// answer must be a 2xx (wrk counts the others; any fails the bench).
+fn wrk(url: &str, body: &str, auth: &str, seconds: u64) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("post.lua");
+    let quoted = |s: &str| serde_json::to_string(s).unwrap(); // a JSON string is a Lua string
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = {}\nwrk.headers[\"Content-Type\"] = \"application/webhook+json\"\nwrk.headers[\"Authorization\"] = {}\n",
+            quoted(body),
+            quoted(auth)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("wrk")
+        .args(["-t1", "-c32", &format!("-d{seconds}s"), "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("wrk (Debian package `wrk`) runs the ingest benchmarks");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("Non-2xx"), "{url} answered non-2xx:\n{text}");
+    assert!(!text.contains("Socket errors"), "{url}: socket errors:\n{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{text}"))
+}
+
+/// Webhooks for rooms and identities nobody delegated (a LiveKit shared with other applications
+/// sends every room's), as fast as they come: the bridge vs a bare axum endpoint parsing the same
+/// JSON, and vs lk-jwt-service (`PEER_BIN`); runs alternated, median of each.
+async fn untracked_ingest(goals: &Goals) {
+    const ROUNDS: usize = 3;
+    const SECONDS: u64 = 5;
+    let (hs, _) = fake_homeserver(Duration::from_secs(60)).await;
+    let livekit = LiveKit::start().await;
+    let mut env = fake_env(&livekit, &hs, "30s");
+    env.remove("LIVEKIT_LOG_LEVEL"); // as operators run it: info
+    let bridge = Bridge::start(env).await;
+    let peer = Peer::start(&livekit.url, &hs).await;
+    let mut bare = spawn_self(&["bare-server"]);
+    let bare_url = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(bare.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        format!("http://127.0.0.1:{}/sfu_webhook", line.trim())
+    };
+    // A participant of another application's room, as LiveKit sends it.
+    let someone = common::livekit::Participant {
+        identity: "someone-else".into(),
+        sid: "PA_someone1234".into(),
+        joined_at: unix_now_secs() as i64,
+        joined_at_ms: unix_now_secs() as i64 * 1000,
+    };
+    let body = livekit.participant_event("participant_joined", "another-application-room", &someone, None);
+    let body: String = serde_json::to_string(&serde_json::from_str::<Value>(&body).unwrap()).unwrap();
+    let auth = LiveKit::sign_valid(&body, API_SECRET, unix_now_secs() as i64 - 10, unix_now_secs() as i64 + 3600);
+    let mut targets: Vec<(&str, String, Vec<f64>)> = vec![
+        ("bare axum endpoint parsing the JSON", bare_url, vec![]),
+        ("rtc-leave-bridge", format!("{}/sfu_webhook", bridge.url), vec![]),
+    ];
+    if let Some(peer) = &peer {
+        targets.push(("lk-jwt-service (PEER_BIN)", format!("{}/sfu_webhook", peer.url), vec![]));
+    }
+    for _ in 0..ROUNDS {
+        for (_, url, runs) in &mut targets {
+            let (url, body, auth) = (url.clone(), body.clone(), auth.clone());
+            runs.push(tokio::task::spawn_blocking(move || wrk(&url, &body, &auth, SECONDS)).await.unwrap());
+        }
+    }
+    let _ = bare.kill();
+    let _ = bare.wait();
+    let ignored =
+        bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_joined\",outcome=\"ignored\"}").await;
+    println!(
+        "untracked webhook ingest ({} bytes, signed, for an identity nobody delegated; wrk -t1 -c32, {ROUNDS}x{SECONDS} s alternated, median):",
+        body.len()
+    );
+    let median = |runs: &[f64]| sorted(runs.to_vec())[runs.len() / 2];
+    for (name, _, runs) in &targets {
+        let runs_text: Vec<String> = runs.iter().map(|r| format!("{r:.0}")).collect();
+        println!("  {name:38} {:8.0} req/s  (runs {})", median(runs), runs_text.join(", "));
+    }
+    assert!(ignored > 0.0, "the bridge counted no ignored webhook");
+    let ours = median(&targets[1].2);
+    let bare_ratio = ours / median(&targets[0].2);
+    println!(
+        "  ratio to the bare endpoint {bare_ratio:.2}x (goal >= 0.9x: {})",
+        goals.check("untracked ingest >= 0.9x a bare endpoint parsing JSON", bare_ratio >= 0.9)
+    );
+    if let Some((_, _, runs)) = targets.get(2) {
+        let peer_ratio = ours / median(runs);
+        println!(
+            "  ratio to lk-jwt-service {peer_ratio:.2}x (goal >= 1.2x: {})",
+            goals.check("untracked ingest >= 1.2x lk-jwt-service", peer_ratio >= 1.2)
+        );
+    } else {
+        println!("  (set PEER_BIN to a build of lk-jwt-service to measure it side by side)");
+    }
+}
+
+fn unix_now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
 // ---- 3 and 4. memory, punctuality, cold start at scale ----------------------------------------
 
 /// Waits (up to 5 minutes) until the bridge tracks `jobs` jobs.
@@ -1485,6 +1635,9 @@ fn main() {
     let goals = Goals::default();
     if wants("leave") {
         rt.block_on(leave_latency(&goals));
+    }
+    if wants("ingest") || wants("untracked") {
+        rt.block_on(untracked_ingest(&goals));
     }
     if wants("ingest") {
         rt.block_on(ingest(&goals));

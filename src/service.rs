@@ -152,7 +152,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             },
         )
     });
-    let state = AppState {
+    let state = Arc::new(AppState {
         issuer,
         views: views.clone(),
         following: following.as_ref().map(|(f, _)| f.clone()),
@@ -175,7 +175,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 request_timeout: hs.request_timeout,
             })
         }),
-    };
+    });
     let listen = &config.listen;
     let listener = tokio::net::TcpListener::bind(listen.bind)
         .await

@@ -61,7 +61,7 @@ fn shape(body: &Value) -> Vec<(String, String)> {
 fn reading(body: &str) -> String {
     let verifier = WebhookVerifier::new(&[(API_KEY.to_owned(), API_SECRET.to_owned())]);
     let auth = LiveKit::sign(body, API_SECRET);
-    let event: SfuEvent = verifier.verify(body, Some(&auth)).expect("the bridge reads it");
+    let event: SfuEvent = verifier.verify(body.as_bytes(), Some(&auth)).expect("the bridge reads it");
     match event.kind {
         SfuEventKind::ParticipantJoined(p) => format!("joined {} at>0={}", p.identity, p.joined_at_ms > 0),
         SfuEventKind::ParticipantLeft { participant, departure, aborted } => {

@@ -69,7 +69,7 @@ fn appservice(state: &AppState) -> Result<&AppserviceState, MatrixError> {
 /// `GET`/`PUT`/`POST /_matrix/app/v1/ping` (the homeserver checking it can reach us): answered
 /// once the hs_token checks out.
 pub async fn acknowledge(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Query<TokenQuery>,
 ) -> Result<Response, MatrixError> {
@@ -90,7 +90,7 @@ const TRANSACTION_LIMIT: usize = 16 << 20;
 /// seats polled instead — nothing relies on it alone. (The body is read to its end so that the
 /// homeserver, still writing, is not cut off before it reads the answer.)
 pub async fn transaction(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Query<TokenQuery>,
     body: axum::body::Body,
@@ -232,7 +232,7 @@ pub(crate) struct Proxied<'a> {
 
 /// `POST …/rtc/livekit/delegate_delayed_leave`, unstable and stable paths.
 pub async fn delegate(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Query<TokenQuery>,
     body: Bytes,
@@ -244,7 +244,7 @@ pub async fn delegate(
 /// homeserver authenticated, under the 2-part identity `b64(sha256(json([user, member])))`,
 /// with its delayed leave riding along if it names one.
 pub async fn get_token(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Query<TokenQuery>,
     body: Bytes,

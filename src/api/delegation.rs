@@ -5,6 +5,8 @@
 //! URL we will call is resolved by us — `delay_cs_api_url` from the client is ignored. The answer
 //! `200 {}` is given only once the delegation is durably stored.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -38,7 +40,7 @@ struct Member {
     claimed_device_id: String,
 }
 
-pub async fn delegate(State(state): State<AppState>, body: Bytes) -> Result<Response, MatrixError> {
+pub async fn delegate(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, MatrixError> {
     super::delegation_answer(&state, handle(&state, &body).await)
 }
 

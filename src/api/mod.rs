@@ -38,7 +38,8 @@ pub const DELEGATION_BODY_LIMIT: usize = 64 << 10;
 
 pub use crate::config::AllowedHomeservers;
 
-#[derive(Clone)]
+/// What the handlers share, behind one `Arc`: axum clones the state for every request, so it
+/// must cost one reference count, not a copy of every field.
 pub struct AppState {
     /// This instance's engine (what `/admin/jobs` shows: the jobs driven here).
     pub engine: EngineHandle,
@@ -71,7 +72,7 @@ pub struct AppState {
 /// The public endpoints; the operator endpoints too unless `operator_apart` (they then have
 /// their own listener, [`operator_router`]; `/healthz` and `/readyz` stay here as well, for load
 /// balancers).
-pub fn router(state: AppState, operator_apart: bool) -> Router {
+pub fn router(state: Arc<AppState>, operator_apart: bool) -> Router {
     // Browsers call the delegation endpoint directly, as they do lk-jwt-service's.
     let cors = CorsLayer::new()
         .allow_origin(Any)
@@ -122,7 +123,7 @@ pub fn router(state: AppState, operator_apart: bool) -> Router {
 }
 
 /// The operator endpoints on their own listener (`RTC_LEAVE_BRIDGE_OPERATOR_BIND`).
-pub fn operator_router(state: AppState) -> Router {
+pub fn operator_router(state: Arc<AppState>) -> Router {
     let timeout = state.request_timeout;
     Router::new()
         .merge(operator_routes())
@@ -133,7 +134,7 @@ pub fn operator_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn operator_routes() -> Router<AppState> {
+fn operator_routes() -> Router<Arc<AppState>> {
     Router::new().route("/metrics", get(operator::metrics)).route("/admin/jobs", get(operator::jobs))
 }
 

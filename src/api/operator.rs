@@ -5,6 +5,8 @@
 //! neither grant). With `RTC_LEAVE_BRIDGE_OPERATOR_BIND`, `/metrics` and `/admin/jobs` are served
 //! on that listener only.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -17,7 +19,7 @@ pub async fn healthz() -> Response {
 }
 
 /// `/readyz` may be public: it says whether the store is usable, never why not (the log does).
-pub async fn readyz(State(state): State<AppState>) -> Result<Response, MatrixError> {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Response, MatrixError> {
     match state.store.ping().await {
         Ok(()) => Ok(empty_ok()),
         Err(e) => {
@@ -27,12 +29,12 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, MatrixErr
     }
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
 
-pub async fn jobs(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, MatrixError> {
+pub async fn jobs(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, MatrixError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -179,7 +179,7 @@ pub(super) fn not_full_access(server: &str, user: &ruma::UserId) -> MatrixError 
 }
 
 /// `POST /get_token`: identity = the 3-part hash of user, device and member id.
-pub async fn get_token(State(state): State<AppState>, body: Bytes) -> Result<Json<Answer>, MatrixError> {
+pub async fn get_token(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Answer>, MatrixError> {
     count(&state, "get_token", get_token_inner(&state, &body).await)
 }
 
@@ -199,7 +199,7 @@ async fn get_token_inner(state: &AppState, body: &[u8]) -> Result<Answer, Matrix
 }
 
 /// `POST /sfu/get`: identity = `@user:server:DEVICE`, slot `m.call#ROOM`.
-pub async fn sfu_get(State(state): State<AppState>, body: Bytes) -> Result<Json<Answer>, MatrixError> {
+pub async fn sfu_get(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Answer>, MatrixError> {
     count(&state, "sfu_get", sfu_get_inner(&state, &body).await)
 }
 

@@ -22,7 +22,7 @@ pub mod registry;
 mod tasks;
 pub mod views;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ pub use views::JobSummary;
 use crate::cluster::{EntryId, Inbound, Shard};
 use crate::delegation::{Delegation, JobId};
 use crate::lifecycle::{Millis, Timing};
-use crate::livekit::SfuEvent;
+use crate::livekit::{SfuEvent, SfuEventKind};
 use crate::metrics::{InputLabel, Metrics};
 use crate::ports::{CallGate, DelayedEvents, Presence};
 use crate::store::{Fence, JobRecord, Store, StoreError};
@@ -101,6 +101,29 @@ enum Reply {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    rooms: Arc<WatchedRooms>,
+}
+
+/// The LiveKit rooms the registry has jobs in, kept by the engine from [`Effect::Watch`] and
+/// read by the HTTP handlers: a webhook for any other room concerns nobody and is answered
+/// without a round trip through the engine (a LiveKit shared with other applications sends
+/// every room's webhooks).
+#[derive(Default)]
+struct WatchedRooms(std::sync::RwLock<HashSet<Arc<str>>>);
+
+impl WatchedRooms {
+    fn contains(&self, room: &str) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).contains(room)
+    }
+
+    fn set(&self, room: Arc<str>, watched: bool) {
+        let mut rooms = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if watched {
+            rooms.insert(room);
+        } else {
+            rooms.remove(&room);
+        }
+    }
 }
 
 impl EngineHandle {
@@ -111,8 +134,12 @@ impl EngineHandle {
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
-    /// Applies a verified webhook; returns once its effects are durable.
+    /// Applies a verified webhook; returns once its effects are durable. One of a kind nothing
+    /// acts on, or for a room without jobs, is ignored at once.
     pub async fn webhook(&self, event: SfuEvent) -> Result<WebhookOutcome, EngineError> {
+        if matches!(event.kind, SfuEventKind::Other(_)) || !self.rooms.contains(&event.room) {
+            return Ok(WebhookOutcome::Ignored);
+        }
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Webhook(event, tx)).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
@@ -194,6 +221,7 @@ struct Engine {
     reports_tx: mpsc::Sender<Report>,
     instance: Option<String>,
     appservice_server: Option<String>,
+    rooms: Arc<WatchedRooms>,
 }
 
 /// The stored jobs that may be resumed: an appservice job must belong to the appservice's own
@@ -246,6 +274,11 @@ pub async fn start(
     }
     let instance = config.instance;
     let appservice_server = config.appservice_server;
+    // Known before the task first runs: the listener may take webhooks before that.
+    let rooms = Arc::new(WatchedRooms::default());
+    for room in registry.rooms() {
+        rooms.set(room, true);
+    }
     let engine = Engine {
         registry,
         ports,
@@ -255,9 +288,10 @@ pub async fn start(
         reports_tx,
         instance,
         appservice_server,
+        rooms: rooms.clone(),
     };
     let task = tokio::spawn(engine.run(rx, reports_rx, config.reconcile_interval));
-    Ok((EngineHandle { tx }, task))
+    Ok((EngineHandle { tx, rooms }, task))
 }
 
 impl Engine {
@@ -437,6 +471,7 @@ impl Engine {
                     let store = self.ports.store.clone();
                     tasks::commit(store, self.ports.metrics.clone(), self.reports_tx.clone(), ops, fence)
                 }
+                Effect::Watch { room, watched } => self.rooms.set(room, watched),
                 // Inbox entries were answered when they were queued.
                 Effect::Delegated { ticket: Ticket::INBOX, .. }
                 | Effect::WebhookHandled { ticket: Ticket::INBOX, .. } => {}

@@ -21,7 +21,9 @@
 //!   answered already, which takes effect at once so that the entries after it (the member's
 //!   departure) apply to it;
 //! * a webhook is answered only once the commit holding its effects succeeded (a webhook with no
-//!   effects waits for the commit in flight, if any);
+//!   effects waits for the commit in flight, if any) — except one for a room with no job at all,
+//!   which the shell answers without asking ([`Effect::Watch`]): no job's state depends on it,
+//!   and a job resumed after a crash lists its room before it believes anything;
 //! * restarts and sends never wait for the store: a slow or stuck store delays answers to LiveKit
 //!   and delegating clients, never a call to a homeserver.
 
@@ -158,6 +160,10 @@ pub enum Effect {
     Delegated { ticket: Ticket, result: Result<JobId, Refusal> },
     /// Answer a webhook.
     WebhookHandled { ticket: Ticket, result: Result<WebhookOutcome, StoreError> },
+    /// LiveKit room `room` has jobs from now on (`watched`), or no longer has any: webhooks for
+    /// a room without jobs may be answered without the registry. Comes before the answers to
+    /// the delegations that gave the room its first job.
+    Watch { room: Arc<str>, watched: bool },
 }
 
 /// A delegation waiting for the commit that makes it durable.
@@ -318,6 +324,11 @@ impl Registry {
             ids: StdRng::from_rng(&mut rand::rng()),
             waiting_gauges,
         }
+    }
+
+    /// The LiveKit rooms with jobs (each also announced by [`Effect::Watch`]).
+    pub fn rooms(&self) -> impl Iterator<Item = Arc<str>> + '_ {
+        self.by_room.keys().cloned()
     }
 
     /// Draws job ids from `seed` (a test replaying a run exactly).
@@ -808,7 +819,11 @@ impl Registry {
         for identity in watch.identities(&delegation.user_id, &delegation.device_id) {
             self.by_identity.insert(&(&*room, identity.as_str()), id);
         }
-        self.by_room.entry(room.clone()).or_default().insert(id);
+        let jobs = self.by_room.entry(room.clone()).or_default();
+        if jobs.is_empty() {
+            self.effects.push_back(Effect::Watch { room: room.clone(), watched: true });
+        }
+        jobs.insert(id);
         self.by_member.insert(&delegation.member_key(), id);
         self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
         *self.by_user.entry(delegation.user_id.as_str().into()).or_default() += 1;
@@ -828,6 +843,7 @@ impl Registry {
             ids.remove(&id);
             if ids.is_empty() {
                 self.by_room.remove(&entry.room);
+                self.effects.push_back(Effect::Watch { room: entry.room.clone(), watched: false });
             }
         }
         let d = &entry.delegation;

@@ -52,6 +52,7 @@ struct Rig {
     fences: Vec<Option<Vec<(Shard, u64)>>>,
     delegated: Vec<(Ticket, Result<JobId, super::Refusal>)>,
     webhooks: Vec<(Ticket, Result<WebhookOutcome, StoreError>)>,
+    watched: Vec<(Arc<str>, bool, usize)>,
     next_ticket: u64,
 }
 
@@ -69,6 +70,7 @@ impl Rig {
             fences: Vec::new(),
             delegated: Vec::new(),
             webhooks: Vec::new(),
+            watched: Vec::new(),
             next_ticket: 0,
         }
     }
@@ -88,6 +90,8 @@ impl Rig {
                 }
                 Effect::Delegated { ticket, result } => self.delegated.push((ticket, result)),
                 Effect::WebhookHandled { ticket, result } => self.webhooks.push((ticket, result)),
+                // With the number of delegations answered by then.
+                Effect::Watch { room, watched } => self.watched.push((room, watched, self.delegated.len())),
             }
         }
     }
@@ -172,6 +176,38 @@ fn a_webhook_ignored_before_the_delegation_took_effect_counts_when_delivered_aga
     rig.commit(Ok(()));
     assert_eq!(rig.webhook_answer(again).unwrap().as_ref().unwrap(), &WebhookOutcome::Applied);
     assert_eq!(rig.r.jobs.values().next().unwrap().job.kind(), crate::lifecycle::PhaseKind::Connected);
+}
+
+/// The shell answers webhooks for rooms without jobs by itself: it must hear of a room before
+/// the client whose delegation opened it is answered (the client joins LiveKit after that), and
+/// must not forget it while one of its jobs lives.
+#[test]
+fn a_room_is_watched_from_its_first_job_until_its_last_one_ends() {
+    let mut rig = Rig::new();
+    let (a, b) = (delegation("a", "DEV", "syd_a"), delegation("b", "DEV", "syd_b"));
+    let room: Arc<str> = a.livekit_room().into();
+    assert_eq!(b.livekit_room(), *room);
+    rig.delegate(&a);
+    assert!(rig.watched.is_empty(), "not before its commit");
+    rig.commit(Ok(()));
+    assert_eq!(rig.watched, [(room.clone(), true, 0)], "announced before the delegation is answered");
+    assert_eq!(rig.r.rooms().collect::<Vec<_>>(), std::slice::from_ref(&room));
+    rig.tracked(&b);
+    rig.answer_calls(HsAnswer::Ok);
+    assert_eq!(rig.watched.len(), 1, "a second job in the room changes nothing");
+    for (d, sid) in [(&a, "PA_a"), (&b, "PA_b")] {
+        rig.webhook(joined(d, sid, &format!("EV_j{sid}")));
+        rig.commit(Ok(()));
+        rig.webhook(left(d, sid, &format!("EV_l{sid}")));
+        rig.commit(Ok(()));
+        assert_eq!(rig.sends().len(), 1, "{sid} left: its leave is sent");
+        rig.answer_calls(HsAnswer::Ok);
+        rig.commit(Ok(()));
+        let last = std::ptr::eq(d, &b);
+        assert_eq!(rig.watched.len(), 1 + usize::from(last), "{sid} ended; the room's last job: {last}");
+    }
+    assert_eq!((rig.watched[1].0.clone(), rig.watched[1].1), (room, false));
+    assert!(rig.r.is_empty() && rig.r.rooms().next().is_none());
 }
 
 #[test]
