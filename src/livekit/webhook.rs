@@ -170,34 +170,121 @@ struct WireParticipant<'a> {
     #[serde(borrow, default)]
     sid: Cow<'a, str>,
     #[serde(default, rename = "joinedAt", alias = "joined_at")]
-    joined_at: Option<Value>,
+    joined_at: Int64,
     #[serde(default, rename = "joinedAtMs", alias = "joined_at_ms")]
-    joined_at_ms: Option<Value>,
-    #[serde(default, rename = "disconnectReason", alias = "disconnect_reason")]
-    disconnect_reason: Option<Value>,
+    joined_at_ms: Int64,
+    #[serde(borrow, default, rename = "disconnectReason", alias = "disconnect_reason")]
+    disconnect_reason: Reason<'a>,
 }
 
 /// An int64 as protojson writes it (a string) or as a number; 0 when absent or unreadable.
-fn int(v: Option<&Value>) -> i64 {
-    match v {
-        Some(Value::Number(n)) => n.as_i64().unwrap_or_default(),
-        Some(Value::String(s)) => s.parse().unwrap_or_default(),
-        _ => 0,
+#[derive(Default, Clone, Copy)]
+struct Int64(i64);
+
+impl<'de> Deserialize<'de> for Int64 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Int64;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer, or one written as a string")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Int64, E> {
+                Ok(Int64(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Int64, E> {
+                Ok(Int64(i64::try_from(v).unwrap_or_default()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Int64, E> {
+                Ok(Int64(0))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Int64, E> {
+                Ok(Int64(v.parse().unwrap_or_default()))
+            }
+            fn visit_unit<E>(self) -> Result<Int64, E> {
+                Ok(Int64(0))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Int64, E> {
+                Ok(Int64(0))
+            }
+            // An object or a list is unreadable, not an error: skipped as 0.
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Int64, A::Error> {
+                while m.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Int64(0))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Int64, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Int64(0))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
-/// A DisconnectReason by its protobuf name, whether sent by name or by number; a number this
-/// build does not know stays a number (a final departure).
-fn reason_name(v: Option<&Value>) -> Cow<'_, str> {
-    match v {
-        Some(Value::String(s)) => Cow::Borrowed(s),
-        Some(Value::Number(n)) => {
-            let known =
-                n.as_i64().and_then(|n| i32::try_from(n).ok()).and_then(|n| proto::DisconnectReason::try_from(n).ok());
-            known.map_or_else(|| Cow::Owned(n.to_string()), |r| Cow::Borrowed(r.as_str_name()))
+/// A DisconnectReason as sent: by name, or by number.
+#[derive(Default)]
+enum Reason<'a> {
+    /// protojson leaves the default value out.
+    #[default]
+    Absent,
+    Name(Cow<'a, str>),
+    Number(i64),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Reason<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Reason<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a disconnect reason's name or number")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Reason<'de>, E> {
+                Ok(Reason::Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Reason<'de>, E> {
+                Ok(Reason::Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Reason<'de>, E> {
+                Ok(Reason::Number(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Reason<'de>, E> {
+                Ok(Reason::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_unit<E>(self) -> Result<Reason<'de>, E> {
+                Ok(Reason::Absent)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Reason<'de>, E> {
+                Ok(Reason::Absent)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Reason<'de>, E> {
+                Ok(Reason::Absent)
+            }
+            // Unreadable, like an absent one: a final departure.
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Reason<'de>, A::Error> {
+                while m.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Reason::Absent)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Reason<'de>, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Reason::Absent)
+            }
         }
-        // protojson leaves the default value out.
-        _ => Cow::Borrowed(proto::DisconnectReason::UnknownReason.as_str_name()),
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Reason<'_> {
+    /// The protobuf name; a number this build does not know stays a number (a final departure).
+    fn name(&self) -> Cow<'_, str> {
+        let known = |n: i64| i32::try_from(n).ok().and_then(|n| proto::DisconnectReason::try_from(n).ok());
+        match self {
+            Reason::Name(name) => Cow::Borrowed(name),
+            Reason::Number(n) => {
+                known(*n).map_or_else(|| Cow::Owned(n.to_string()), |r| Cow::Borrowed(r.as_str_name()))
+            }
+            Reason::Absent => Cow::Borrowed(proto::DisconnectReason::UnknownReason.as_str_name()),
+        }
     }
 }
 
@@ -213,12 +300,13 @@ fn decode_event(body: &[u8]) -> Result<SfuEvent, RejectedWebhook> {
         Ok(Participant {
             identity: p.identity.clone().into_owned(),
             sid: p.sid.clone().into_owned(),
-            joined_at_ms: super::joined_ms(int(p.joined_at_ms.as_ref()), int(p.joined_at.as_ref())),
+            joined_at_ms: super::joined_ms(p.joined_at_ms.0, p.joined_at.0),
         })
     };
     let departure = || {
-        let reason = wire.participant.as_ref().and_then(|p| p.disconnect_reason.as_ref());
-        Departure::from_reason_name(&reason_name(reason))
+        let absent = Reason::Absent;
+        let reason = wire.participant.as_ref().map_or(&absent, |p| &p.disconnect_reason);
+        Departure::from_reason_name(&reason.name())
     };
     let kind = match name {
         "participant_joined" => SfuEventKind::ParticipantJoined(participant()?),
@@ -523,6 +611,27 @@ mod tests {
                     (ours, oracle) => prop_assert!(false, "ours {:?}, livekit-api {:?}", ours, oracle),
                 }
             }
+        }
+    }
+
+    /// Fields of unexpected shapes (a newer or broken sender) are read as absent, never taken
+    /// for a reason to refuse an authentic departure.
+    #[test]
+    fn odd_field_shapes_read_as_absent() {
+        let v = WebhookVerifier::new(&[("key".into(), "secret".into())]);
+        for (joined, reason) in [
+            (r#"{"s":1}"#, r#"{"x":[1,2]}"#),
+            ("[1,2]", "[\"MIGRATION\"]"),
+            ("true", "null"),
+            ("1.5", "2.5"),
+            (r#""not a number""#, "false"),
+        ] {
+            let body = LEFT.replace(r#""1732550100""#, joined).replace(r#""MIGRATION""#, reason);
+            let e = v.verify(body.as_bytes(), Some(&sign(&body, "secret"))).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(e.id, "EV_1", "the fields after them are read: {body}");
+            let SfuEventKind::ParticipantLeft { participant, departure, .. } = e.kind else { panic!() };
+            assert_eq!(participant.joined_at_ms, 0, "{body}");
+            assert_eq!(departure, Departure::Final("UNKNOWN_REASON".into()), "{body}");
         }
     }
 
