@@ -4,22 +4,22 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
 use axum::response::Response;
 use tracing::{debug, warn};
 
-use super::{AppState, MatrixError, empty_ok};
+use super::{AppState, MatrixError, WEBHOOK_BODY_LIMIT, empty_ok};
 use crate::livekit::SfuEventKind;
 use crate::livekit::webhook::RejectedWebhook;
 use crate::metrics::WebhookLabels;
 
-pub async fn receive(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, MatrixError> {
+pub async fn receive(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, MatrixError> {
+    let (parts, body) = match super::read_limited(req, WEBHOOK_BODY_LIMIT).await {
+        Ok(read) => read,
+        Err(refused) => return Ok(refused),
+    };
+    let headers = parts.headers;
     let count = |event: &'static str, outcome: &'static str| {
         state.metrics.webhooks.get_or_create(&WebhookLabels { event, outcome }).inc();
     };
