@@ -589,7 +589,9 @@ fn migration_rounds(
 
 async fn ingest(goals: &Goals) {
     const MEMBERS: usize = 1_000;
-    const ROUNDS: usize = 10; // each round: every member migrates away and back (2 state changes)
+    // Each round: every member migrates away and back (2 state changes). More with
+    // BENCH_INGEST_ROUNDS, to profile the bridge under this load.
+    let rounds_wanted: usize = std::env::var("BENCH_INGEST_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     const CONCURRENCY: usize = 32;
     let (hs, _) = fake_homeserver(Duration::from_secs(60)).await;
     let livekit = LiveKit::start().await;
@@ -602,7 +604,7 @@ async fn ingest(goals: &Goals) {
     }
     let rounds =
         |sessions: &mut Vec<(String, common::livekit::Participant)>, n: usize| migration_rounds(&livekit, sessions, n);
-    let bodies = Arc::new(rounds(&mut sessions, ROUNDS));
+    let bodies = Arc::new(rounds(&mut sessions, rounds_wanted));
     let (bridge_rps, bridge_lat) =
         closed_loop(&format!("{}/sfu_webhook", bridge.url), bodies.clone(), CONCURRENCY).await;
     let changed =
