@@ -517,6 +517,34 @@ fn due_jobs_are_handled_in_bounded_batches() {
     assert!(rig.r.poll_timeout().unwrap() <= due, "the rest are still due");
 }
 
+/// A town hall's members keep arriving, each job asking for a listing: the room is listed
+/// again only once its spacing (10 µs per job) has passed since the last listing started, so
+/// that applying listings does not take all the engine's time.
+#[test]
+fn a_big_room_asked_for_again_is_listed_again_only_after_its_spacing() {
+    let mut rig = Rig::new();
+    let ds: Vec<Delegation> = (0..300).map(|i| delegation(&format!("u{i}"), "DEV", &format!("syd_{i}"))).collect();
+    for d in &ds {
+        rig.delegate(d);
+    }
+    rig.commit(Ok(()));
+    rig.commit(Ok(()));
+    assert_eq!(rig.r.jobs.len(), 300);
+    let (room, at) = rig.lists.last().cloned().unwrap();
+    let listed = rig.lists.len();
+    rig.r.reconcile();
+    rig.flush();
+    assert_eq!(rig.lists.len(), listed, "asked again while one runs: after it");
+    rig.now = at + 1;
+    rig.r.listed(room.clone(), at, Ok(vec![]), rig.now);
+    rig.flush();
+    assert_eq!(rig.lists.len(), listed, "not before 3 ms after the last one started");
+    assert!(rig.r.poll_timeout().is_some_and(|t| t <= at + 3), "the engine is woken for it");
+    rig.advance(at + 3);
+    assert_eq!(rig.lists.len(), listed + 1);
+    assert_eq!(rig.lists[listed], (room, at + 3));
+}
+
 #[test]
 fn a_listing_asked_for_while_one_runs_runs_once_more_after_it() {
     let mut rig = Rig::new();
