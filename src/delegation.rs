@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::identity;
@@ -61,22 +62,22 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delegation {
     /// Matrix room of the call.
-    pub room_id: String,
+    pub room_id: CompactString,
     /// MatrixRTC slot (`m.call#ROOM` for legacy calls).
-    pub slot_id: String,
+    pub slot_id: CompactString,
     /// The member's Matrix user id (authenticated).
-    pub user_id: String,
+    pub user_id: CompactString,
     /// Empty when the client named only its member id (homeserver-proxied form).
-    pub device_id: String,
+    pub device_id: CompactString,
     /// The MatrixRTC member id (`member.id`).
-    pub member_id: String,
+    pub member_id: CompactString,
     /// The delayed leave event to keep alive, then send.
-    pub delay_id: String,
+    pub delay_id: CompactString,
     /// The delay it was scheduled with, in milliseconds.
     pub delay_ms: u64,
     /// Client-server API base URL of the member's homeserver, resolved by us (operator override
     /// or well-known), never taken from the request.
-    pub cs_api_url: String,
+    pub cs_api_url: CompactString,
     /// When we accepted the delegation (Unix milliseconds).
     pub created_at_ms: u64,
     #[serde(default)]
@@ -85,7 +86,7 @@ pub struct Delegation {
     /// token request: then the only identity watched. `None` for a delegation made on its own
     /// (the member may hold a token from any service, under any of its identities).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
+    pub identity: Option<CompactString>,
 }
 
 impl Delegation {

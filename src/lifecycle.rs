@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds on the shell's clock: Unix time as of the shell's start, advanced monotonically
@@ -33,9 +34,9 @@ pub use crate::config::Timing;
 /// A LiveKit session of the member that the job is bound to (believes connected).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
-    pub identity: String,
+    pub identity: CompactString,
     /// Participant SID of the session (`PA_…`).
-    pub sid: String,
+    pub sid: CompactString,
     /// `joinedAt` (Unix seconds) as LiveKit reported it.
     pub joined_at: i64,
     /// The same in milliseconds (0 in rows stored before it was kept: then `joined_at`).
@@ -43,7 +44,7 @@ pub struct Binding {
     pub joined_at_ms: i64,
     /// SID of the LiveKit room instance (`RM_…`), when known; empty when learnt from a listing.
     #[serde(default)]
-    pub room_sid: String,
+    pub room_sid: CompactString,
 }
 
 /// Why a job decided to send its leave. Kept for logs and metrics.
@@ -122,7 +123,7 @@ pub enum Durable {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         others: Vec<Binding>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        absent: Vec<(String, Absences)>,
+        absent: Vec<(CompactString, Absences)>,
     },
     /// `until`: when the grace period given to the bound session ends; `absent`: the listings
     /// past it that found the member absent so far.
@@ -271,7 +272,9 @@ enum Phase {
     },
     /// The bound session left at `since` with a reason it may come back from.
     Grace {
-        binding: Binding,
+        /// Boxed: the phase is in every job, a grace period in few of them at a time (inline, it
+        /// made every job 70 bytes larger).
+        binding: Box<Binding>,
         since: Millis,
         until: Millis,
     },
@@ -368,11 +371,11 @@ impl Absences {
 impl Binding {
     fn of(session: Session) -> Self {
         Binding {
-            identity: session.identity,
-            sid: session.sid,
+            identity: session.identity.into(),
+            sid: session.sid.into(),
             joined_at: session.joined_at_ms.div_euclid(1000),
             joined_at_ms: session.joined_at_ms,
-            room_sid: session.room_sid,
+            room_sid: session.room_sid.into(),
         }
     }
 
@@ -392,7 +395,7 @@ const MAX_SESSIONS: usize = 8;
 /// duplicate), and one that joined strictly later makes `b` a stale report. Equal join times (a
 /// LiveKit that sends whole seconds only) keep both. At the cap, the session learnt longest ago
 /// makes room.
-fn admit(sessions: &mut Vec<Live>, gone: &mut Vec<(String, Millis)>, b: Binding, now: Millis) -> bool {
+fn admit(sessions: &mut Vec<Live>, gone: &mut Few<(CompactString, Millis)>, b: Binding, now: Millis) -> bool {
     let same_identity = |l: &Live| l.binding.identity == b.identity;
     if sessions.iter().any(|l| l.binding.sid == b.sid || (same_identity(l) && l.binding.joined_ms() > b.joined_ms())) {
         return false;
@@ -424,18 +427,18 @@ fn forget_returns(returned: &mut Vec<Binding>, gone: impl Fn(&Binding) -> bool) 
 }
 
 /// Records that the job stopped counting on session `sid` at `at`.
-fn note_gone(gone: &mut Vec<(String, Millis)>, sid: &str, at: Millis) {
+fn note_gone(gone: &mut Few<(CompactString, Millis)>, sid: &str, at: Millis) {
     gone.retain(|(s, _)| s != sid);
     if gone.len() == DEAD_SIDS_KEPT {
         gone.remove(0);
     }
-    gone.push((sid.to_owned(), at));
+    gone.push((sid.into(), at));
 }
 
 /// Keeps the `sessions` for which `keep` holds, noting the others gone at `now`; whether any went.
 fn prune(
     sessions: &mut Vec<Live>,
-    gone: &mut Vec<(String, Millis)>,
+    gone: &mut Few<(CompactString, Millis)>,
     now: Millis,
     keep: impl Fn(&Live) -> bool,
 ) -> bool {
@@ -458,7 +461,7 @@ fn prune(
 /// session pruned, or the evidence against one).
 fn reconcile(
     sessions: &mut Vec<Live>,
-    gone: &mut Vec<(String, Millis)>,
+    gone: &mut Few<(CompactString, Millis)>,
     present: &[Session],
     at: Millis,
     now: Millis,
@@ -517,11 +520,54 @@ pub struct Job {
     /// A listing was asked for; unanswered by then, it counts as failed.
     probe_expires: Option<Millis>,
     /// Sessions we have seen leave; a late or duplicated `participant_joined` for them is stale.
-    dead_sids: Vec<String>,
+    dead_sids: Few<CompactString>,
     /// Sessions the job stopped counting on without a final departure (gone for a migration,
     /// absent from listings, in a finished room, or the reason the job is sending), with when:
     /// only a listing started after that shows them back.
-    gone_sids: Vec<(String, Millis)>,
+    gone_sids: Few<(CompactString, Millis)>,
+}
+
+/// A short list (at most [`DEAD_SIDS_KEPT`] here) that costs one pointer while empty, as it is
+/// in almost every job (two `Vec`s cost every job 48 bytes).
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::box_collection)] // the point: one pointer (a Vec is three) while empty
+struct Few<T>(Option<Box<Vec<T>>>);
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Few(None)
+    }
+}
+
+impl<T> std::ops::Deref for Few<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl<T> Few<T> {
+    fn push(&mut self, item: T) {
+        self.0.get_or_insert_with(Box::default).push(item);
+    }
+
+    fn remove(&mut self, i: usize) -> T {
+        let items = self.0.as_mut().expect("removing from an empty list");
+        let item = items.remove(i);
+        if items.is_empty() {
+            self.0 = None;
+        }
+        item
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
+        if let Some(items) = &mut self.0 {
+            items.retain(keep);
+            if items.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
 }
 
 const DEAD_SIDS_KEPT: usize = 4;
@@ -543,8 +589,8 @@ impl Job {
             probe_at: Some(now),
             probe_expires: None,
             absent: Absences::default(),
-            dead_sids: Vec::new(),
-            gone_sids: Vec::new(),
+            dead_sids: Few::default(),
+            gone_sids: Few::default(),
         };
         let mut actions = vec![Action::Persist];
         job.handle_timeout(now, &mut actions);
@@ -596,7 +642,7 @@ impl Job {
             Durable::Grace { binding, until, absent: evidence } => {
                 absent = evidence.carried_over(now);
                 let until = until.map_or(now + timing.grace, |u| left(u, timing.grace));
-                Phase::Grace { binding, since: now, until }
+                Phase::Grace { binding: Box::new(binding), since: now, until }
             }
             // The member came back while the send was in flight: whether it went out is not
             // known here. Kept alive instead of sent again: if it did go out, the first restart
@@ -620,8 +666,8 @@ impl Job {
             probe_at,
             probe_expires: None,
             absent,
-            dead_sids: Vec::new(),
-            gone_sids: Vec::new(),
+            dead_sids: Few::default(),
+            gone_sids: Few::default(),
         };
         let mut actions = if rebound { vec![Action::Persist] } else { Vec::new() };
         job.handle_timeout(now, &mut actions);
@@ -650,7 +696,7 @@ impl Job {
                 Durable::Connected { binding, others, absent }
             }
             Phase::Grace { binding, until, .. } => {
-                Durable::Grace { binding: binding.clone(), until: Some(*until), absent: self.absent }
+                Durable::Grace { binding: (**binding).clone(), until: Some(*until), absent: self.absent }
             }
             Phase::Sending { trigger, returned, .. } => {
                 Durable::Sending { trigger: *trigger, returned: returned.clone() }
@@ -795,7 +841,7 @@ impl Job {
     }
 
     fn on_joined(&mut self, session: Session, now: Millis, out: &mut Vec<Action>) {
-        if self.dead_sids.contains(&session.sid) {
+        if self.dead_sids.iter().any(|d| *d == session.sid) {
             return; // a stale or duplicated join of a session that already left
         }
         match &mut self.phase {
@@ -823,11 +869,11 @@ impl Job {
 
     fn on_left(&mut self, session: Session, reason: LeaveReason, now: Millis, out: &mut Vec<Action>) {
         // A session that may return (a migration keeps its SID) is not dead yet.
-        if reason == LeaveReason::Final && !self.dead_sids.contains(&session.sid) {
+        if reason == LeaveReason::Final && !self.dead_sids.iter().any(|d| *d == session.sid) {
             if self.dead_sids.len() == DEAD_SIDS_KEPT {
                 self.dead_sids.remove(0);
             }
-            self.dead_sids.push(session.sid.clone());
+            self.dead_sids.push(session.sid.as_str().into());
         }
         match &mut self.phase {
             Phase::Connected { sessions } => {
@@ -849,7 +895,7 @@ impl Job {
                         let binding = sessions.remove(i).binding;
                         note_gone(&mut self.gone_sids, &binding.sid, now);
                         let until = now + self.timing.grace;
-                        self.phase = Phase::Grace { binding, since: now, until };
+                        self.phase = Phase::Grace { binding: Box::new(binding), since: now, until };
                         self.absent = Absences::default();
                         self.probe_at = Some(until);
                         out.push(Action::Persist);
@@ -911,7 +957,8 @@ impl Job {
         let present: Vec<Session> = present
             .into_iter()
             .filter(|s| {
-                !self.dead_sids.contains(&s.sid) && !self.gone_sids.iter().any(|(sid, t)| *sid == s.sid && at < *t)
+                !self.dead_sids.iter().any(|d| *d == s.sid)
+                    && !self.gone_sids.iter().any(|(sid, t)| *sid == s.sid && at < *t)
             })
             .collect();
         if present.is_empty() {
@@ -1095,7 +1142,7 @@ impl Job {
         // reserve room for four (400 bytes per member).
         let mut live = Vec::with_capacity(sessions.len() + usize::from(matches!(self.phase, Phase::Grace { .. })));
         if let Phase::Grace { binding, since, .. } = &self.phase {
-            live.push(Live { binding: binding.clone(), since: *since, absent: Absences::default() });
+            live.push(Live { binding: (**binding).clone(), since: *since, absent: Absences::default() });
         }
         for b in sessions {
             admit(&mut live, &mut self.gone_sids, b, now);

@@ -350,17 +350,17 @@ async fn looked_up(
     }
     let delay_ms = state.delays.check("the delayed event's delay", event.delay_ms)?;
     Ok(Delegation {
-        room_id: p.room_id.to_string(),
-        slot_id: p.slot_id.clone(),
-        user_id: p.user_id.to_string(),
-        device_id: p.device_id.clone(),
-        member_id: p.member_id.clone(),
-        delay_id: delay_id.to_owned(),
+        room_id: p.room_id.as_str().into(),
+        slot_id: p.slot_id.as_str().into(),
+        user_id: p.user_id.as_str().into(),
+        device_id: p.device_id.as_str().into(),
+        member_id: p.member_id.as_str().into(),
+        delay_id: delay_id.into(),
         delay_ms,
-        cs_api_url: endpoint.base.to_string(),
+        cs_api_url: endpoint.base.as_str().into(),
         created_at_ms: now_unix_ms(),
         mode: Mode::Appservice,
-        identity,
+        identity: identity.map(Into::into),
     })
 }
 

@@ -89,14 +89,14 @@ async fn handle(state: &AppState, body: &[u8]) -> Result<(), MatrixError> {
         .map_err(|e| upstream_error(server, OpenIdError::Discovery(e)))?;
 
     let delegation = Delegation {
-        room_id: room_id.to_string(),
-        slot_id: req.slot_id,
-        user_id: user_id.to_string(),
-        device_id: req.member.claimed_device_id,
-        member_id: req.member.id,
-        delay_id: req.delay_id,
+        room_id: room_id.as_str().into(),
+        slot_id: req.slot_id.into(),
+        user_id: user_id.as_str().into(),
+        device_id: req.member.claimed_device_id.into(),
+        member_id: req.member.id.into(),
+        delay_id: req.delay_id.into(),
         delay_ms,
-        cs_api_url: cs.base.to_string(),
+        cs_api_url: cs.base.as_str().into(),
         created_at_ms: now_unix_ms(),
         mode: crate::delegation::Mode::OpenId,
         identity: None,

@@ -153,17 +153,17 @@ impl Grant {
     /// The delegation of `delay_id` that rides along with this grant: bound to its identity.
     pub(super) fn delegation(&self, delay_id: &str, delay_ms: u64, cs_api_url: String, mode: Mode) -> Delegation {
         Delegation {
-            room_id: self.room_id.clone(),
-            slot_id: self.slot_id.clone(),
-            user_id: self.user_id.to_string(),
-            device_id: self.device_id.clone(),
-            member_id: self.member_id.clone(),
-            delay_id: delay_id.to_owned(),
+            room_id: self.room_id.as_str().into(),
+            slot_id: self.slot_id.as_str().into(),
+            user_id: self.user_id.as_str().into(),
+            device_id: self.device_id.as_str().into(),
+            member_id: self.member_id.as_str().into(),
+            delay_id: delay_id.into(),
             delay_ms,
-            cs_api_url,
+            cs_api_url: cs_api_url.into(),
             created_at_ms: now_unix_ms(),
             mode,
-            identity: Some(self.identity.clone()),
+            identity: Some(self.identity.as_str().into()),
         }
     }
 }

@@ -29,26 +29,24 @@ impl Hasher for PassThrough {
 /// as they are.
 pub type JobIdHasher = BuildHasherDefault<PassThrough>;
 
-enum Ids {
-    One(JobId),
-    Many(Vec<JobId>),
-}
-
+/// Keys (by a keyed hash) to the jobs they name. Almost every hash names one job, kept in
+/// `one` as 16 bytes an entry; a hash shared by several jobs (two delegations of one identity,
+/// or a collision) has all of them in `many` instead. (An enum of one id or a list was 40 bytes
+/// an entry: at five keys per job, 120 bytes per tracked member more than this.)
 pub struct HashIndex {
     keys: RandomState,
-    map: HashMap<u64, Ids, BuildHasherDefault<PassThrough>>,
+    one: HashMap<u64, JobId, BuildHasherDefault<PassThrough>>,
+    many: HashMap<u64, Vec<JobId>, BuildHasherDefault<PassThrough>>,
 }
 
 impl Default for HashIndex {
     fn default() -> Self {
-        HashIndex { keys: RandomState::new(), map: HashMap::default() }
+        HashIndex { keys: RandomState::new(), one: HashMap::default(), many: HashMap::default() }
     }
 }
 
 #[cfg(test)]
 thread_local! {
-    /// Set by a test, before it builds anything: every key of every index on its thread then
-    /// hashes alike, so the engine's check of each hit against its job is all that routes events.
     pub static COLLIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -63,48 +61,73 @@ impl HashIndex {
 
     pub fn insert(&mut self, key: &impl Hash, id: JobId) {
         let h = self.hash(key);
-        match self.map.get_mut(&h) {
-            None => {
-                self.map.insert(h, Ids::One(id));
-            }
-            Some(Ids::One(other)) => {
-                let other = *other;
-                self.map.insert(h, Ids::Many(vec![other, id]));
-            }
-            Some(Ids::Many(ids)) => ids.push(id),
+        if let Some(ids) = self.many.get_mut(&h) {
+            ids.push(id);
+        } else if let Some(other) = self.one.remove(&h) {
+            self.many.insert(h, vec![other, id]);
+        } else {
+            self.one.insert(h, id);
         }
     }
 
     pub fn remove(&mut self, key: &impl Hash, id: JobId) {
         let h = self.hash(key);
-        let now_empty = match self.map.get_mut(&h) {
-            Some(Ids::One(other)) => *other == id,
-            Some(Ids::Many(ids)) => {
-                ids.retain(|j| *j != id);
-                if let [last] = ids[..] {
-                    self.map.insert(h, Ids::One(last));
-                }
-                false
+        if let Some(ids) = self.many.get_mut(&h) {
+            ids.retain(|j| *j != id);
+            if let [last] = ids[..] {
+                self.many.remove(&h);
+                self.one.insert(h, last);
             }
-            None => false,
-        };
-        if now_empty {
-            self.map.remove(&h);
+        } else if self.one.get(&h) == Some(&id) {
+            self.one.remove(&h);
         }
     }
 
     /// The jobs that may be named by `key` (a superset: check each).
     pub fn candidates(&self, key: &impl Hash) -> &[JobId] {
-        match self.map.get(&self.hash(key)) {
-            None => &[],
-            Some(Ids::One(id)) => std::slice::from_ref(id),
-            Some(Ids::Many(ids)) => ids,
+        let h = self.hash(key);
+        if let Some(ids) = self.many.get(&h) {
+            return ids;
         }
+        self.one.get(&h).map_or(&[], std::slice::from_ref)
     }
 
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.one.is_empty() && self.many.is_empty()
+    }
+}
+
+/// A count per key, by the key's keyed 64-bit hash (12 bytes an entry, nothing allocated per
+/// key). Two keys sharing a hash would share a count: for 100,000 keys, a chance in 10^9.
+pub struct HashCount {
+    keys: RandomState,
+    counts: HashMap<u64, u32, BuildHasherDefault<PassThrough>>,
+}
+
+impl Default for HashCount {
+    fn default() -> Self {
+        HashCount { keys: RandomState::new(), counts: HashMap::default() }
+    }
+}
+
+impl HashCount {
+    pub fn get(&self, key: &impl Hash) -> u32 {
+        self.counts.get(&self.keys.hash_one(key)).copied().unwrap_or(0)
+    }
+
+    pub fn increment(&mut self, key: &impl Hash) {
+        *self.counts.entry(self.keys.hash_one(key)).or_default() += 1;
+    }
+
+    pub fn decrement(&mut self, key: &impl Hash) {
+        let h = self.keys.hash_one(key);
+        if let Some(n) = self.counts.get_mut(&h) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&h);
+            }
+        }
     }
 }
 
@@ -125,5 +148,25 @@ mod tests {
         index.remove(&("room", "alice"), JobId(3));
         index.remove(&("room", "bob"), JobId(2));
         assert!(index.is_empty());
+        // A job not in the index, or named by another key, is not removed.
+        index.insert(&("room", "carol"), JobId(4));
+        index.remove(&("room", "carol"), JobId(5));
+        index.remove(&("room", "dave"), JobId(4));
+        assert_eq!(index.candidates(&("room", "carol")), &[JobId(4)]);
+    }
+
+    #[test]
+    fn counts_go_up_and_down_and_are_forgotten_at_zero() {
+        let mut counts = HashCount::default();
+        counts.increment(&"@a:hs");
+        counts.increment(&"@a:hs");
+        counts.increment(&"@b:hs");
+        assert_eq!((counts.get(&"@a:hs"), counts.get(&"@b:hs"), counts.get(&"@c:hs")), (2, 1, 0));
+        counts.decrement(&"@a:hs");
+        counts.decrement(&"@b:hs");
+        counts.decrement(&"@c:hs");
+        assert_eq!((counts.get(&"@a:hs"), counts.get(&"@b:hs")), (1, 0));
+        counts.decrement(&"@a:hs");
+        assert!(counts.counts.is_empty());
     }
 }

@@ -36,7 +36,7 @@ use rand::{Rng as _, SeedableRng as _};
 use tracing::{debug, error, info, warn};
 
 use super::calls::FairQueues;
-use super::index::{HashIndex, JobIdHasher};
+use super::index::{HashCount, HashIndex, JobIdHasher};
 use super::views::{self, JobSummary};
 use crate::cluster::{EntryId, Inbound, Shard, shard_of};
 use crate::delegation::{DelayRef, Delegation, JobId};
@@ -212,7 +212,7 @@ impl Entry {
     /// The LiveKit identity to name in logs: the bound one, else the first one watched.
     fn identity(&self) -> String {
         match self.job.binding() {
-            Some(b) => b.identity.clone(),
+            Some(b) => b.identity.to_string(),
             None => self.watch.primary(),
         }
     }
@@ -263,7 +263,7 @@ pub struct Registry {
     /// (server name, delay id) → its job.
     by_delay: HashIndex,
     /// Matrix user → how many live jobs it has ([`Limits::jobs_per_user`]).
-    by_user: HashMap<Box<str>, u32>,
+    by_user: HashCount,
     scheduler: Scheduler<JobId>,
     /// Calls issued by jobs, waiting and in flight, per homeserver; sends apart so they never
     /// wait behind restarts.
@@ -315,7 +315,7 @@ impl Registry {
             by_room: HashMap::new(),
             by_member: HashIndex::default(),
             by_delay: HashIndex::default(),
-            by_user: HashMap::new(),
+            by_user: HashCount::default(),
             scheduler: Scheduler::default(),
             restarts: FairQueues::new(per_homeserver, restarts),
             sends: FairQueues::new(per_homeserver, sends),
@@ -507,7 +507,7 @@ impl Registry {
         }
         let staged = self.staged.iter().chain(self.committing.iter().flat_map(|b| &b.staged));
         let staged = staged.filter(|s| s.replaces.is_none() && s.delegation.user_id == d.user_id).count();
-        let live = self.by_user.get(d.user_id.as_str()).map_or(0, |n| *n as usize);
+        let live = self.by_user.get(&d.user_id.as_str()) as usize;
         if live + staged < self.limits.jobs_per_user {
             return Ok(());
         }
@@ -841,7 +841,7 @@ impl Registry {
         jobs.insert(id);
         self.by_member.insert(&delegation.member_key(), id);
         self.by_delay.insert(&(delegation.server_name(), delegation.delay_id.as_str()), id);
-        *self.by_user.entry(delegation.user_id.as_str().into()).or_default() += 1;
+        self.by_user.increment(&delegation.user_id.as_str());
         views::move_gauge(&self.metrics, None, Some(job.kind()));
         let shard = shard_of(&room);
         self.incarnations += 1;
@@ -864,12 +864,7 @@ impl Registry {
         let d = &entry.delegation;
         self.by_member.remove(&d.member_key(), id);
         self.by_delay.remove(&(d.server_name(), d.delay_id.as_str()), id);
-        if let Some(n) = self.by_user.get_mut(d.user_id.as_str()) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_user.remove(d.user_id.as_str());
-            }
-        }
+        self.by_user.decrement(&d.user_id.as_str());
         self.scheduler.set(id, None);
         Some(entry)
     }

@@ -86,7 +86,7 @@ impl FakeHomeserver {
 impl DelayedEvents for FakeHomeserver {
     async fn call(&self, d: &Delegation, action: DelayedAction) -> HsAnswer {
         let arrived = Instant::now();
-        self.calls.lock().unwrap().push((d.delay_id.clone(), action, arrived));
+        self.calls.lock().unwrap().push((d.delay_id.to_string(), action, arrived));
         while self.held.load(Ordering::SeqCst) {
             let released = self.release.notified();
             if !self.held.load(Ordering::SeqCst) {
@@ -98,7 +98,7 @@ impl DelayedEvents for FakeHomeserver {
             self.panics.fetch_sub(1, Ordering::SeqCst);
             panic!("a bug in the homeserver adapter");
         }
-        self.accepted.lock().unwrap().push((d.delay_id.clone(), action, arrived));
+        self.accepted.lock().unwrap().push((d.delay_id.to_string(), action, arrived));
         HsAnswer::Ok
     }
 }
@@ -154,7 +154,7 @@ fn delegation(delay_id: &str, device: &str) -> Delegation {
         slot_id: "m.call#ROOM".into(),
         user_id: "@a:hs.test".into(),
         device_id: device.into(),
-        member_id: format!("m.{device}"),
+        member_id: format!("m.{device}").into(),
         delay_id: delay_id.into(),
         delay_ms: 60_000,
         cs_api_url: "https://hs.test/".into(),

@@ -30,15 +30,15 @@ impl JobSummary {
     pub fn of(id: JobId, d: &Delegation, livekit_room: &str, job: &Job, now: Millis) -> Self {
         JobSummary {
             id: id.to_string(),
-            room_id: d.room_id.clone(),
+            room_id: d.room_id.to_string(),
             livekit_room: livekit_room.to_owned(),
-            user_id: d.user_id.clone(),
-            device_id: d.device_id.clone(),
-            member_id: d.member_id.clone(),
+            user_id: d.user_id.to_string(),
+            device_id: d.device_id.to_string(),
+            member_id: d.member_id.to_string(),
             delay_ref: DelayRef(&d.delay_id).to_string(),
             mode: d.mode,
             state: job.kind().as_str().to_owned(),
-            identity: job.binding().map(|b| b.identity.clone()),
+            identity: job.binding().map(|b| b.identity.to_string()),
             next_call_in_ms: job.next_call().map(|t| t as i64 - now as i64),
             created_at_ms: d.created_at_ms,
         }

@@ -471,7 +471,7 @@ mod tests {
             delay_id: "syd_1".into(),
             delay_ms: 10_000,
             // A loopback address, as a discovered (untrusted) one.
-            cs_api_url: local.to_string(),
+            cs_api_url: local.as_str().into(),
             created_at_ms: 0,
             mode: Mode::OpenId,
             identity: None,
@@ -557,7 +557,7 @@ mod tests {
             member_id: "m".into(),
             delay_id: "syd_1".into(),
             delay_ms: 10_000,
-            cs_api_url: cs_api_url.to_string(),
+            cs_api_url: cs_api_url.as_str().into(),
             created_at_ms: 0,
             mode: Mode::Appservice,
             identity: None,

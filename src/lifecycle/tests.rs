@@ -430,7 +430,7 @@ fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
         sid: "PA_a".into(),
         joined_at: 1,
         joined_at_ms: 1_000,
-        room_sid: String::new(),
+        room_sid: Default::default(),
     };
     let (mut job, actions) = Job::resume(
         DELAY,
@@ -879,7 +879,7 @@ impl Sim {
             }
         }
         if let Some(b) = self.job.binding() {
-            self.last_bound = Some(b.sid.clone());
+            self.last_bound = Some(b.sid.to_string());
         }
     }
 
@@ -1302,7 +1302,7 @@ fn a_proof_under_way_is_not_cut_short_by_the_unconfirmed_limit() {
 }
 
 fn session_binding(sid: &str) -> Binding {
-    Binding { identity: "id".into(), sid: sid.into(), joined_at: 1, joined_at_ms: 1_000, room_sid: String::new() }
+    Binding { identity: "id".into(), sid: sid.into(), joined_at: 1, joined_at_ms: 1_000, room_sid: Default::default() }
 }
 
 #[test]

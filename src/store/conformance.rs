@@ -17,17 +17,17 @@ pub fn record(id: u64) -> JobRecord {
         id: JobId(id),
         delegation: Delegation {
             // Rooms in several shards.
-            room_id: format!("!r{}:hs", id % 3),
+            room_id: format!("!r{}:hs", id % 3).into(),
             slot_id: "m.call#ROOM".into(),
-            user_id: format!("@u{id}:hs"),
+            user_id: format!("@u{id}:hs").into(),
             device_id: "DEV".into(),
-            member_id: format!("m{id}\nwith a newline"),
-            delay_id: format!("syd_{id}"),
+            member_id: format!("m{id}\nwith a newline").into(),
+            delay_id: format!("syd_{id}").into(),
             delay_ms: 8_000,
             cs_api_url: "https://hs".into(),
             created_at_ms: 1,
             mode: Mode::OpenId,
-            identity: (id % 2 == 0).then(|| format!("minted-{id}")),
+            identity: (id % 2 == 0).then(|| format!("minted-{id}").into()),
         },
         state: Durable::WAITING,
     }

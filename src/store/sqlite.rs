@@ -308,7 +308,7 @@ mod tests {
                 user_id: "@a:hs".into(),
                 device_id: "DEV".into(),
                 member_id: "m1".into(),
-                delay_id: format!("syd_{id}"),
+                delay_id: format!("syd_{id}").into(),
                 delay_ms: 8_000,
                 cs_api_url: "https://hs".into(),
                 created_at_ms: 1,

@@ -13,9 +13,9 @@ fn delegation(user: &str, device: &str, delay_id: &str) -> Delegation {
     Delegation {
         room_id: "!r:hs.test".into(),
         slot_id: "m.call#ROOM".into(),
-        user_id: format!("@{user}:hs.test"),
+        user_id: format!("@{user}:hs.test").into(),
         device_id: device.into(),
-        member_id: format!("m.{user}.{device}"),
+        member_id: format!("m.{user}.{device}").into(),
         delay_id: delay_id.into(),
         delay_ms: DELAY,
         cs_api_url: "https://hs.test/".into(),
@@ -406,8 +406,8 @@ fn a_homeserver_that_never_answers_delays_only_its_own_members() {
     let mut rig = Rig::with(limits);
     for i in 0..600 {
         let d = Delegation {
-            user_id: format!("@h{i}:hostile.test"),
-            delay_id: format!("syd_h{i}"),
+            user_id: format!("@h{i}:hostile.test").into(),
+            delay_id: format!("syd_h{i}").into(),
             ..delegation("x", "DEV", "unused")
         };
         rig.r.resume(JobRecord { id: JobId(10_000 + i), delegation: d, state: Durable::WAITING }, 0);
@@ -493,11 +493,11 @@ fn due_jobs_are_handled_in_bounded_batches() {
         let mut d = delegation(&format!("u{i}"), "DEV", &format!("syd_{i}"));
         d.delay_ms = 1_000_000;
         let binding = crate::lifecycle::Binding {
-            identity: d.identities()[0].clone(),
-            sid: format!("PA_{i}"),
+            identity: d.identities()[0].as_str().into(),
+            sid: format!("PA_{i}").into(),
             joined_at: 1,
             joined_at_ms: 1_000,
-            room_sid: String::new(),
+            room_sid: Default::default(),
         };
         let state = Durable::Connected { binding, others: Vec::new(), absent: Vec::new() };
         rig.r.resume(JobRecord { id: JobId(i + 1), delegation: d, state }, 0);
@@ -862,10 +862,10 @@ impl World {
                 .filter(|r| r.delegation == *d)
                 .flat_map(|r| match &r.state {
                     Durable::Connected { binding, others, .. } => {
-                        others.iter().chain([binding]).map(|b| b.sid.clone()).collect()
+                        others.iter().chain([binding]).map(|b| b.sid.to_string()).collect()
                     }
-                    Durable::Grace { binding, .. } => vec![binding.sid.clone()],
-                    Durable::Sending { returned, .. } => returned.iter().map(|b| b.sid.clone()).collect(),
+                    Durable::Grace { binding, .. } => vec![binding.sid.to_string()],
+                    Durable::Sending { returned, .. } => returned.iter().map(|b| b.sid.to_string()).collect(),
                     Durable::Waiting { .. } => Vec::new(),
                 })
                 .collect();
@@ -892,7 +892,7 @@ impl World {
             if let Some(sid) = &self.connected[m] {
                 assert!(!self.known[m].contains(sid), "job {job} sent a leave while its member is connected as {sid}");
             }
-            self.sent.insert(d.delay_id.clone());
+            self.sent.insert(d.delay_id.to_string());
         }
         for (room, at) in std::mem::take(&mut self.rig.lists) {
             let present = (0..3)
@@ -1133,7 +1133,7 @@ impl World {
             // Its last chance to be restarted (a tenth of the delay before its deadline) still
             // ahead: after that, a homeserver that failed it lets it fire.
             .filter(|(_, e)| e.job.deadline().saturating_sub(e.delegation.delay_ms / 10) > now)
-            .map(|(id, e)| (*id, e.delegation.delay_id.clone()))
+            .map(|(id, e)| (*id, e.delegation.delay_id.to_string()))
             .collect();
         let timing = Timing::default();
         let end = now + timing.join_timeout.max(timing.grace) + timing.unconfirmed_limit + 60_000;
@@ -1233,7 +1233,7 @@ fn consume(rig: &mut Rig, shard: Shard, epoch: u64, at: u64, inbound: Inbound) {
 /// Job `id` of member `d` as stored connected in session `PA_1`.
 fn stored_connected(id: JobId, d: &Delegation) -> JobRecord {
     let binding = crate::lifecycle::Binding {
-        identity: d.identities()[0].clone(),
+        identity: d.identities()[0].as_str().into(),
         sid: "PA_1".into(),
         joined_at: 1,
         joined_at_ms: 1_000,
