@@ -143,6 +143,56 @@ fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<()>) {
     }
 }
 
+/// Applies a commit's changes inside its transaction.
+fn apply_ops(conn: &Connection, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+    let now = crate::delegation::now_unix_ms() as i64;
+    for op in ops {
+        match op {
+            StoreOp::Insert(r) => {
+                let delegation = serde_json::to_string(&r.delegation).map_err(err)?;
+                let state = serde_json::to_string(&r.state).map_err(err)?;
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO jobs (id, delegation, state, updated_at_ms)
+                             VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?
+                .execute(params![r.id.to_string(), delegation, state, now])
+                .map_err(err)?;
+            }
+            StoreOp::SetState(id, state) => {
+                let state = serde_json::to_string(&state).map_err(err)?;
+                conn.prepare_cached("UPDATE jobs SET state = ?2, updated_at_ms = ?3 WHERE id = ?1")
+                    .map_err(err)?
+                    .execute(params![id.to_string(), state, now])
+                    .map_err(err)?;
+            }
+            StoreOp::Delete(id) => {
+                conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")
+                    .map_err(err)?
+                    .execute(params![id.to_string()])
+                    .map_err(err)?;
+            }
+            // A single instance has no inbox: requests reach its engine directly.
+            StoreOp::Consumed { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The connection's `synchronous` setting, on the thread that owns the connection (as
+    /// [`SqliteStore::open`] leaves it): set again only when it changes.
+    static SYNCHRONOUS: std::cell::Cell<&'static str> = const { std::cell::Cell::new("NORMAL") };
+}
+
+fn set_synchronous(conn: &Connection, mode: &'static str) -> Result<(), StoreError> {
+    if SYNCHRONOUS.get() != mode {
+        conn.pragma_update(None, "synchronous", mode).map_err(err)?;
+        SYNCHRONOUS.set(mode);
+    }
+    Ok(())
+}
+
 fn seat_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Seat> {
     Ok(Seat {
         room_id: row.get(0)?,
@@ -188,41 +238,20 @@ impl Store for SqliteStore {
         }
         let stores_delegation = ops.iter().any(|op| matches!(op, StoreOp::Insert(_)));
         self.with_conn(move |conn| {
-            let sync = if stores_delegation { "FULL" } else { "NORMAL" };
-            conn.pragma_update(None, "synchronous", sync).map_err(err)?;
-            let tx = conn.transaction().map_err(err)?;
-            let now = crate::delegation::now_unix_ms() as i64;
-            for op in ops {
-                match op {
-                    StoreOp::Insert(r) => {
-                        let delegation = serde_json::to_string(&r.delegation).map_err(err)?;
-                        let state = serde_json::to_string(&r.state).map_err(err)?;
-                        tx.prepare_cached(
-                            "INSERT OR REPLACE INTO jobs (id, delegation, state, updated_at_ms)
-                             VALUES (?1, ?2, ?3, ?4)",
-                        )
-                        .map_err(err)?
-                        .execute(params![r.id.to_string(), delegation, state, now])
-                        .map_err(err)?;
-                    }
-                    StoreOp::SetState(id, state) => {
-                        let state = serde_json::to_string(&state).map_err(err)?;
-                        tx.prepare_cached("UPDATE jobs SET state = ?2, updated_at_ms = ?3 WHERE id = ?1")
-                            .map_err(err)?
-                            .execute(params![id.to_string(), state, now])
-                            .map_err(err)?;
-                    }
-                    StoreOp::Delete(id) => {
-                        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")
-                            .map_err(err)?
-                            .execute(params![id.to_string()])
-                            .map_err(err)?;
-                    }
-                    // A single instance has no inbox: requests reach its engine directly.
-                    StoreOp::Consumed { .. } => {}
+            set_synchronous(conn, if stores_delegation { "FULL" } else { "NORMAL" })?;
+            // BEGIN and COMMIT prepared once, like every statement here (a Transaction parses
+            // them again on each commit).
+            conn.prepare_cached("BEGIN").map_err(err)?.execute([]).map_err(err)?;
+            let applied = apply_ops(conn, ops).and_then(|()| {
+                conn.prepare_cached("COMMIT").map_err(err)?.execute([]).map_err(err)?;
+                Ok(())
+            });
+            if applied.is_err() && !conn.is_autocommit() {
+                if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    tracing::error!(error = %e, "rollback of a failed commit failed");
                 }
             }
-            tx.commit().map_err(err)
+            applied
         })
         .await
     }
@@ -240,7 +269,7 @@ impl Store for SqliteStore {
     async fn add_seat(&self, seat: &Seat) -> Result<(), StoreError> {
         let seat = seat.clone();
         self.with_conn(move |conn| {
-            conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+            set_synchronous(conn, "NORMAL")?;
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO seats (livekit_room, identity, room_id, user_id, expires_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
