@@ -2,15 +2,19 @@
 //! machine. Not part of `cargo test`.
 //!
 //!     cargo bench --bench bench                       # all
-//!     cargo bench --bench bench -- leave ingest       # some: leave, ingest, scale, town-hall, tokens, cluster, real-livekit, membership, element-call
+//!     cargo bench --bench bench -- leave ingest       # some: leave, untracked, ingest, scale, town-hall, tokens, cluster, real-livekit, membership, element-call
 //!
 //! * `leave`: `participant_left` webhook posted → Synapse's 200 to the bridge's send, over 200
 //!   leaves against a real Synapse, vs the bench's own `send` to the same Synapse; both timed to
 //!   the same point, the instant Synapse's answer passes the recording proxy in front of it.
+//! * `untracked` (also run by `ingest`): a signed `participant_joined` for a room nobody
+//!   delegated in (a LiveKit shared with other applications sends every room's), `wrk -t1 -c32`
+//!   (Debian package `wrk`), 3 × 5 s alternated with a bare axum endpoint parsing the same JSON
+//!   and, when `PEER_BIN` names a build of lk-jwt-service, with it; medians compared.
 //! * `ingest`: signed webhooks/s that change durable state (checked in the bridge's database
 //!   afterwards), vs a bare axum JSON endpoint (a child process) under the same load generator;
 //!   then p99 latency at half the bridge's throughput, open loop, timed from each request's
-//!   scheduled send time.
+//!   scheduled send time. `BENCH_INGEST_ROUNDS` (default 10) lengthens the run, to profile.
 //! * `scale`: memory per tracked member at 10k and 100k members (RSS delta / members, vs the
 //!   members' raw delegation bytes); restart punctuality at 100k members on 30 s delays, judged by
 //!   the fake homeserver as each restart arrives against that delay id's deadline, and over the
@@ -19,7 +23,9 @@
 //!   client making the same calls spread over the same window; cold start with 100k stored jobs
 //!   until every job's first restart reached the homeserver (vs reading the same rows from
 //!   SQLite).
-//! * `town-hall`: 20,000 members in one LiveKit room, listed every 5 s for two restart cycles:
+//! * `town-hall`: 20,000 delegations into one room by 64 clients, timed until every one was
+//!   answered (each stored durably first; counted in the database after); then those members
+//!   in one LiveKit room, listed every 5 s for two restart cycles:
 //!   late and missing restarts judged by the fake homeserver (as for `scale`); the engine's
 //!   unavailability judged from outside: the worst latency of a webhook posted every 10 ms
 //!   meanwhile, beyond its median (the engine is unavailable to everyone while busy); the
@@ -448,7 +454,7 @@ async fn leave_latency(goals: &Goals) {
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // initial restarts and probes settle
 
-    let mut bridge_ms = Vec::new();
+    let (mut bridge_ms, mut own_ms) = (Vec::new(), Vec::new());
     for (delay_id, p) in &sessions {
         let body = livekit.participant_event("participant_left", &lk_room, p, Some("CLIENT_INITIATED"));
         let auth = LiveKit::sign(&body, API_SECRET);
@@ -457,6 +463,8 @@ async fn leave_latency(goals: &Goals) {
         assert_eq!(livekit.post_webhook(&bridge.url, &body, Some(&auth)).await, 200);
         let send = proxy.wait_accepted_send(delay_id, Duration::from_secs(10)).await.expect("the bridge sent");
         bridge_ms.push(ms(send.answered - t0));
+        // The bridge's own part: the webhook posted -> its send reaching the proxy.
+        own_ms.push(ms(send.received - t0));
     }
     // Baseline: the bench's own send to the same Synapse through the same proxy, timed to the
     // same point (Synapse's answer passing the proxy), not to its arrival back at the bench.
@@ -480,9 +488,16 @@ async fn leave_latency(goals: &Goals) {
     println!("  bridge (webhook -> send) p50 {:7.2} ms  p99 {:7.2} ms", percentile(&b, 0.5), percentile(&b, 0.99));
     println!("  bare send                p50 {:7.2} ms  p99 {:7.2} ms", percentile(&r, 0.5), percentile(&r, 0.99));
     println!(
-        "  ratio                    p50 {ratio:.2}x          p99 {:.2}x   (goal p50 <= 1.2x: {})",
+        "  ratio                    p50 {ratio:.2}x          p99 {:.2}x   (goal p50 <= 1.05x: {})",
         percentile(&b, 0.99) / percentile(&r, 0.99),
-        goals.check("leave latency p50 <= 1.2x a bare send", ratio <= 1.2)
+        goals.check("leave latency p50 <= 1.05x a bare send", ratio <= 1.05)
+    );
+    let own = sorted(own_ms);
+    println!(
+        "  the bridge's own part (webhook posted -> its send at the proxy) p50 {:.2} ms  p99 {:.2} ms (goal p50 <= 2 ms: {})",
+        percentile(&own, 0.5),
+        percentile(&own, 0.99),
+        goals.check("the bridge's own part of a leave p50 <= 2 ms", percentile(&own, 0.5) <= 2.0)
     );
 }
 
@@ -653,7 +668,7 @@ async fn ingest(goals: &Goals) {
         percentile(&al, 0.99)
     );
     let ratio = bridge_rps / bare_rps;
-    println!("  ratio {ratio:.2}x (goal >= 0.5x: {})", goals.check("ingest >= 0.5x a bare endpoint", ratio >= 0.5));
+    println!("  ratio {ratio:.2}x (goal >= 0.7x: {})", goals.check("ingest >= 0.7x a bare endpoint", ratio >= 0.7));
     let p99 = percentile(&half_lat, 0.99);
     println!(
         "  at half the bridge's throughput ({:.0} req/s, open loop, {} requests): bridge p50 {:.2} ms  p99 {p99:.2} ms (goal p99 <= 5 ms: {}); bare p50 {:.2} ms  p99 {:.2} ms",
@@ -919,11 +934,13 @@ async fn scale(goals: &Goals) {
             .sum();
         total as f64 / n as f64
     };
+    // At 100k, where fixed costs no longer count, the goal is a kibibyte.
     let report = |label: &str, n: usize, now: (u64, u64, u64)| {
         let per_member = (now.0 as f64 - idle.0 as f64) / n as f64;
+        let goal = if n >= 100_000 { 1024.0 } else { 2048.0 };
         println!(
-            "  memory at {label} members: {per_member:5.0} B/member (goal <= 2048: {}; RSS {} -> {} MiB, of which heap {:+.0} B/member, code pages {:+.0} B/member; raw delegation data {:.0} B/member)",
-            goals.check(&format!("memory at {label} members <= 2048 B/member"), per_member <= 2048.0),
+            "  memory at {label} members: {per_member:5.0} B/member (goal <= {goal}: {}; RSS {} -> {} MiB, of which heap {:+.0} B/member, code pages {:+.0} B/member; raw delegation data {:.0} B/member)",
+            goals.check(&format!("memory at {label} members <= {goal} B/member"), per_member <= goal),
             idle.0 >> 20,
             now.0 >> 20,
             (now.1 as f64 - idle.1 as f64) / n as f64,
