@@ -422,6 +422,8 @@ async fn leave_latency(goals: &Goals) {
     let livekit = LiveKit::start().await;
     let mut env = Bridge::env_for(&proxy.url, &livekit);
     env.insert("LIVEKIT_LOG_LEVEL".into(), "warn".into());
+    // One user holds every delegation here (one Synapse account, 200 devices).
+    env.insert("RTC_LEAVE_BRIDGE_JOBS_PER_USER".into(), (2 * N).to_string());
     let bridge = Bridge::start(env).await;
     let alice = synapse.register("alice").await;
     let room = synapse.create_room(&alice).await;
@@ -454,8 +456,12 @@ async fn leave_latency(goals: &Goals) {
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // initial restarts and probes settle
 
-    let (mut bridge_ms, mut own_ms) = (Vec::new(), Vec::new());
-    for (delay_id, p) in &sessions {
+    // Alternated, one of each in turn, so that neither side gets a warmer or a quieter Synapse:
+    // a leave through the bridge, then the baseline, the bench's own send to the same Synapse
+    // through the same proxy, timed to the same point (Synapse's answer passing the proxy), not
+    // to its arrival back at the bench.
+    let (mut bridge_ms, mut own_ms, mut raw_ms) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (delay_id, p)) in sessions.iter().enumerate() {
         let body = livekit.participant_event("participant_left", &lk_room, p, Some("CLIENT_INITIATED"));
         let auth = LiveKit::sign(&body, API_SECRET);
         livekit.disconnect(&lk_room, &p.sid);
@@ -465,12 +471,8 @@ async fn leave_latency(goals: &Goals) {
         bridge_ms.push(ms(send.answered - t0));
         // The bridge's own part: the webhook posted -> its send reaching the proxy.
         own_ms.push(ms(send.received - t0));
-    }
-    // Baseline: the bench's own send to the same Synapse through the same proxy, timed to the
-    // same point (Synapse's answer passing the proxy), not to its arrival back at the bench.
-    let mut raw_ms = Vec::new();
-    for i in N..2 * N {
-        let delay_id = schedule(i).await;
+
+        let delay_id = schedule(N + i).await;
         let t0 = Instant::now();
         let r = http
             .post(format!("{}/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/send", proxy.url))
