@@ -241,6 +241,10 @@ impl Store for SqliteStore {
             set_synchronous(conn, if stores_delegation { "FULL" } else { "NORMAL" })?;
             // BEGIN and COMMIT prepared once, like every statement here (a Transaction parses
             // them again on each commit).
+            if !conn.is_autocommit() {
+                // A transaction left open by a commit whose rollback failed: end it first.
+                conn.execute_batch("ROLLBACK").map_err(err)?;
+            }
             conn.prepare_cached("BEGIN").map_err(err)?.execute([]).map_err(err)?;
             let applied = apply_ops(conn, ops).and_then(|()| {
                 conn.prepare_cached("COMMIT").map_err(err)?.execute([]).map_err(err)?;
