@@ -405,6 +405,30 @@ async fn bare_client(url: String, count: u64, seconds: f64) {
     }
 }
 
+/// [`bare_server`] in a child process, stopped when dropped.
+struct BareServer {
+    child: std::process::Child,
+    /// Its webhook endpoint.
+    url: String,
+}
+
+impl BareServer {
+    fn start() -> BareServer {
+        use std::io::BufRead;
+        let mut child = spawn_self(&["bare-server"]);
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        BareServer { child, url: format!("http://127.0.0.1:{}/sfu_webhook", line.trim()) }
+    }
+}
+
+impl Drop for BareServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn_self(args: &[&str]) -> std::process::Child {
     std::process::Command::new(std::env::current_exe().unwrap())
         .args(args)
@@ -628,14 +652,8 @@ async fn ingest(goals: &Goals) {
         bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_joined\",outcome=\"accepted\"}").await;
     assert_durably_bound(&bridge, &sessions);
 
-    let mut bare = spawn_self(&["bare-server"]);
-    let port = {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(bare.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    };
-    let bare_url = format!("http://127.0.0.1:{port}/sfu_webhook");
+    let bare = BareServer::start();
+    let bare_url = bare.url.clone();
     let (bare_rps, bare_lat) = closed_loop(&bare_url, bodies.clone(), CONCURRENCY).await;
 
     // p99 at half the bridge's throughput, on the next state changes (~5 s of load, whole
@@ -645,8 +663,7 @@ async fn ingest(goals: &Goals) {
     let half_lat = sorted(open_loop(&format!("{}/sfu_webhook", bridge.url), half.clone(), bridge_rps * 0.5).await);
     // The same open loop against the bare endpoint: what the load generator itself adds.
     let half_bare = sorted(open_loop(&bare_url, half.clone(), bridge_rps * 0.5).await);
-    let _ = bare.kill();
-    let _ = bare.wait();
+    drop(bare);
     // Where the bridge's time went: its store commits, by duration.
     let metrics = bridge.metrics().await;
     let commits: Vec<&str> =
@@ -773,13 +790,8 @@ async fn untracked_ingest(goals: &Goals) {
     env.remove("LIVEKIT_LOG_LEVEL"); // as operators run it: info
     let bridge = Bridge::start(env).await;
     let peer = Peer::start(&livekit.url, &hs).await;
-    let mut bare = spawn_self(&["bare-server"]);
-    let bare_url = {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(bare.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        format!("http://127.0.0.1:{}/sfu_webhook", line.trim())
-    };
+    let bare = BareServer::start();
+    let bare_url = bare.url.clone();
     // A participant of another application's room, as LiveKit sends it.
     let someone = common::livekit::Participant {
         identity: "someone-else".into(),
@@ -803,8 +815,7 @@ async fn untracked_ingest(goals: &Goals) {
             runs.push(tokio::task::spawn_blocking(move || wrk(&url, &body, &auth, SECONDS)).await.unwrap());
         }
     }
-    let _ = bare.kill();
-    let _ = bare.wait();
+    drop(bare);
     let ignored =
         bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_joined\",outcome=\"ignored\"}").await;
     println!(

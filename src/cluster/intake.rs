@@ -59,10 +59,12 @@ impl Intake {
     }
 
     pub async fn webhook(&self, event: SfuEvent) -> Result<WebhookOutcome, IntakeError> {
+        // Nothing acts on other events: not worth a round trip, to the engine or to Redis.
+        if matches!(event.kind, SfuEventKind::Other(_)) {
+            return Ok(WebhookOutcome::Ignored);
+        }
         match self {
             Intake::Engine(engine) => Ok(engine.webhook(event).await?),
-            // Nothing acts on other events: not worth a round trip.
-            Intake::Inbox { .. } if matches!(event.kind, SfuEventKind::Other(_)) => Ok(WebhookOutcome::Ignored),
             Intake::Inbox { store, metrics } => {
                 let shard = shard_of(&event.room);
                 queue(store, metrics, shard, Inbound::Webhook(event)).await?;

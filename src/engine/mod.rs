@@ -35,7 +35,7 @@ pub use views::JobSummary;
 use crate::cluster::{EntryId, Inbound, Shard};
 use crate::delegation::{Delegation, JobId};
 use crate::lifecycle::{Millis, Timing};
-use crate::livekit::{SfuEvent, SfuEventKind};
+use crate::livekit::SfuEvent;
 use crate::metrics::{InputLabel, Metrics};
 use crate::ports::{CallGate, DelayedEvents, Presence};
 use crate::store::{Fence, JobRecord, Store, StoreError};
@@ -134,10 +134,10 @@ impl EngineHandle {
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
-    /// Applies a verified webhook; returns once its effects are durable. One of a kind nothing
-    /// acts on, or for a room without jobs, is ignored at once.
+    /// Applies a verified webhook; returns once its effects are durable. One for a room without
+    /// jobs is ignored at once.
     pub async fn webhook(&self, event: SfuEvent) -> Result<WebhookOutcome, EngineError> {
-        if matches!(event.kind, SfuEventKind::Other(_)) || !self.rooms.contains(&event.room) {
+        if !self.rooms.contains(&event.room) {
             return Ok(WebhookOutcome::Ignored);
         }
         let (tx, rx) = oneshot::channel();
