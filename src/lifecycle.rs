@@ -214,8 +214,9 @@ pub enum Event {
     Observed { at: Millis, present: Vec<Session> },
     /// RoomService could not be asked.
     ObservationFailed,
-    /// The homeserver answered the restart issued as call `call`.
-    Restarted { call: u64, answer: HsAnswer },
+    /// The homeserver answered the restart issued as call `call`, which the shell started at
+    /// `started` (the homeserver cannot have restarted the event before).
+    Restarted { call: u64, started: Millis, answer: HsAnswer },
     /// The homeserver answered the send issued as call `call`.
     SendAnswered { call: u64, answer: HsAnswer },
 }
@@ -250,13 +251,16 @@ struct Calls {
     next_at: Millis,
     /// Consecutive failures, for the backoff.
     failures: u32,
+    /// Calls started whose answer has not come (the one in flight, and any given up on as too
+    /// slow: the homeserver may still carry them out).
+    unanswered: u8,
     /// Requests issued so far; salts the jitter.
     count: u64,
 }
 
 impl Calls {
     fn due_now(now: Millis) -> Self {
-        Calls { in_flight: false, issued_at: now, expires: None, next_at: now, failures: 0, count: 0 }
+        Calls { in_flight: false, issued_at: now, expires: None, next_at: now, failures: 0, unanswered: 0, count: 0 }
     }
 }
 
@@ -783,13 +787,13 @@ impl Job {
             self.on_observation_failed(now);
         }
         if self.calls.in_flight && self.calls.expires.is_some_and(|t| t <= now) {
-            // The answer was lost: as if the homeserver could not be reached.
-            let (call, answer) = (self.calls.count, HsAnswer::Failed);
-            let event = match self.phase {
-                Phase::Sending { .. } => Event::SendAnswered { call, answer },
-                _ => Event::Restarted { call, answer },
-            };
-            return self.handle(event, now, out);
+            // Too slow, or its answer lost: retried as if the homeserver could not be reached.
+            // The call itself may still be carried out; its answer, if it comes, is still heard.
+            match self.phase {
+                Phase::Sending { .. } => self.on_send_answered(HsAnswer::Failed, now, out),
+                _ => self.on_restarted(HsAnswer::Failed, now, out),
+            }
+            return self.handle_timeout(now, out);
         }
         if self.probe_expires.is_none() && self.probe_at.is_some_and(|t| t <= now) {
             self.probe_at = None;
@@ -798,10 +802,11 @@ impl Job {
         }
         if !self.calls.in_flight && self.calls.next_at <= now {
             // Once the event's own deadline has passed while every call failed (the homeserver
-            // could not be reached), the homeserver has fired it by itself. A late call that is
-            // not after failures is still made: the homeserver's answer tells whether the event
-            // is still there.
-            if self.calls.failures > 0 && now > self.deadline {
+            // could not be reached), the homeserver has fired it by itself. Not while a call
+            // given up on as too slow may still be carried out (its answer would say), and a late
+            // call that is not after failures is still made: the homeserver's answer tells
+            // whether the event is still there.
+            if self.calls.failures > 0 && now > self.deadline && self.calls.unanswered == 0 {
                 self.finish(Outcome::Expired, out);
                 return;
             }
@@ -825,12 +830,19 @@ impl Job {
             Event::RoomFinished { room_sid } => self.on_room_finished(&room_sid, now, out),
             Event::Observed { at, present } => self.on_observed(at, present, now, out),
             Event::ObservationFailed => self.on_observation_failed(now),
-            Event::Restarted { call, answer } => {
+            Event::Restarted { call, started, answer } => {
+                self.calls.unanswered = self.calls.unanswered.saturating_sub(1);
                 if self.answers_current_call(call) {
                     self.on_restarted(answer, now, out)
+                } else if answer == HsAnswer::Ok && !matches!(self.phase, Phase::Done(_)) {
+                    // A call given up on as too slow was carried out after all: the event runs
+                    // at least from when it was started. (Ignored, it let the job believe the
+                    // event had fired while the homeserver kept it alive.)
+                    self.deadline = self.deadline.max(started + self.delay);
                 }
             }
             Event::SendAnswered { call, answer } => {
+                self.calls.unanswered = self.calls.unanswered.saturating_sub(1);
                 if self.answers_current_call(call) {
                     self.on_send_answered(answer, now, out)
                 }
@@ -1078,6 +1090,7 @@ impl Job {
             wait = wait.min((last_chance - now) / 2).max(1);
         }
         self.calls.expires = Some(now + wait);
+        self.calls.unanswered = self.calls.unanswered.saturating_add(1);
         true
     }
 
@@ -1149,7 +1162,7 @@ impl Job {
         }
         if matches!(self.phase, Phase::Sending { .. }) {
             // Back to keeping the event alive, right away.
-            self.calls = Calls { count: self.calls.count, ..Calls::due_now(now) };
+            self.calls = Calls { count: self.calls.count, unanswered: self.calls.unanswered, ..Calls::due_now(now) };
         }
         self.phase = Phase::Connected { sessions: live };
         self.probe_at = None;
@@ -1197,12 +1210,13 @@ impl Job {
     /// Plans the next call at `at`, never past the event's deadline: one last attempt a tenth of
     /// the delay before it is worth more than one after it, even against a `Retry-After` (the
     /// alternative is the member's certain removal). Past the deadline, nothing can be done but
-    /// noticing it has passed.
+    /// noticing it has passed, or, while a call given up on may still have kept the event alive,
+    /// going on trying at the pace of the backoff.
     fn plan_retry(&mut self, now: Millis, mut at: Millis) {
         let last_chance = self.deadline.saturating_sub(self.delay / 10);
         if at > last_chance && now < last_chance {
             at = last_chance;
-        } else if at > self.deadline {
+        } else if at > self.deadline && now <= self.deadline {
             at = at.min(self.deadline + 1);
         }
         self.calls.next_at = at;

@@ -269,8 +269,9 @@ pub struct Registry {
     /// wait behind restarts.
     restarts: FairQueues<(JobId, u64)>,
     sends: FairQueues<(JobId, u64)>,
-    /// The homeserver of each call in flight (its job may be gone when the answer comes).
-    calls: HashMap<CallRef, Arc<str>>,
+    /// The homeserver of each call in flight (its job may be gone when the answer comes), and
+    /// when it was started.
+    calls: HashMap<CallRef, (Arc<str>, Millis)>,
     /// Entries inserted so far (the last [`Entry::incarnation`]).
     incarnations: u64,
     listings: HashMap<Arc<str>, Listing>,
@@ -622,16 +623,22 @@ impl Registry {
 
     /// The answer to an [`Effect::Call`].
     pub fn call_answered(&mut self, call: CallRef, action: DelayedAction, answer: HsAnswer, now: Millis) {
-        match self.calls.remove(&call) {
-            Some(server) => self.queue_of(action).finished(&server),
-            None => error!(job = %call.job, "an answer to a call not in flight; ignored"),
-        }
+        let started = match self.calls.remove(&call) {
+            Some((server, started)) => {
+                self.queue_of(action).finished(&server);
+                started
+            }
+            None => {
+                error!(job = %call.job, "an answer to a call not in flight");
+                0 // started no one knows when: nothing learnt from it if late
+            }
+        };
         // A job that ended meanwhile, or was given up and taken again, ignores it.
         if self.jobs.get(&call.job).is_none_or(|e| e.incarnation != call.incarnation) {
             return;
         }
         let event = match action {
-            DelayedAction::Restart => Event::Restarted { call: call.call, answer },
+            DelayedAction::Restart => Event::Restarted { call: call.call, started, answer },
             DelayedAction::Send => Event::SendAnswered { call: call.call, answer },
         };
         self.apply(call.job, event, now);
@@ -1008,7 +1015,7 @@ impl Registry {
                 "restart issued after the event's estimated deadline");
         }
         let (shard, call) = (entry.shard, CallRef { job: id, incarnation: entry.incarnation, call });
-        self.calls.insert(call, server);
+        self.calls.insert(call, (server, now));
         self.effects.push_back(Effect::Call { call, shard, action, delegation: d, identity });
         true
     }

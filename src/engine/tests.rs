@@ -65,7 +65,9 @@ impl Store for FakeStore {
 }
 
 /// A homeserver that answers every call at once with 200, and records it; its first
-/// `panics` calls panic instead; while `held`, calls wait.
+/// `panics` calls panic instead; while `held`, calls wait. With a `latency`, it carries a call
+/// out as it arrives but answers only that long after, and refuses (as a timeout would) a call
+/// that arrives while another of the same event is still being answered.
 #[derive(Default)]
 struct FakeHomeserver {
     calls: Mutex<Vec<(String, DelayedAction, Instant)>>,
@@ -74,6 +76,8 @@ struct FakeHomeserver {
     panics: AtomicUsize,
     held: AtomicBool,
     release: tokio::sync::Notify,
+    latency_ms: AtomicU64,
+    busy: Mutex<std::collections::HashSet<String>>,
 }
 
 impl FakeHomeserver {
@@ -98,7 +102,18 @@ impl DelayedEvents for FakeHomeserver {
             self.panics.fetch_sub(1, Ordering::SeqCst);
             panic!("a bug in the homeserver adapter");
         }
+        let latency = Duration::from_millis(self.latency_ms.load(Ordering::SeqCst));
+        if latency.is_zero() {
+            self.accepted.lock().unwrap().push((d.delay_id.to_string(), action, arrived));
+            return HsAnswer::Ok;
+        }
+        if !self.busy.lock().unwrap().insert(d.delay_id.to_string()) {
+            tokio::time::sleep(latency).await;
+            return HsAnswer::Failed;
+        }
         self.accepted.lock().unwrap().push((d.delay_id.to_string(), action, arrived));
+        tokio::time::sleep(latency).await;
+        self.busy.lock().unwrap().remove(d.delay_id.as_str());
         HsAnswer::Ok
     }
 }
@@ -326,6 +341,31 @@ async fn a_call_task_that_panics_does_not_stop_the_restarts() {
     assert!(calls.len() >= 2, "the restart was retried after the panic: {calls:?}");
     assert_kept_alive(&fakes.hs, &d, since, Instant::now());
     assert_eq!(engine.jobs().await.unwrap().len(), 1, "the job lives on");
+}
+
+/// A homeserver that carries restarts out at once but answers them more slowly than the job
+/// waits (a loaded one), refusing the retries that arrive meanwhile: the late 200s keep the job
+/// going, and the member alive, cycle after cycle. (Taken for failures, they once made a job
+/// believe the homeserver's timer had fired and stop restarting a connected member.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_answered_late_keep_a_member_alive() {
+    let fakes = Fakes::new();
+    fakes.hs.latency_ms.store(2_000, Ordering::SeqCst);
+    let engine = fakes.engine().await;
+    let d = Delegation { delay_ms: 6_000, ..delegation("syd_slow", "DEV") };
+    fakes.livekit.rooms.lock().unwrap().insert(d.livekit_room(), vec![participant(&d, "PA_1")]);
+    let since = Instant::now();
+    engine.delegate(d.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let calls = fakes.hs.calls_of(&d.delay_id);
+    let accepted = fakes.hs.accepted.lock().unwrap().len();
+    assert!(calls.len() > accepted, "some restarts were refused meanwhile: {calls:?}");
+    assert_kept_alive(&fakes.hs, &d, since, Instant::now());
+    let jobs = engine.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1, "the job lives on");
+    let metrics = fakes.metrics.encode();
+    let expired = metrics.lines().find(|l| l.contains("jobs_finished") && l.contains("outcome=\"expired\"")).unwrap();
+    assert!(expired.ends_with(" 0"), "taken for expired: {expired}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
