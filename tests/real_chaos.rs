@@ -12,12 +12,13 @@
 //!   with LiveKit, is gone for the SFU, the source of truth: such sends are counted apart);
 //! * superseded sent: a life's leave sent after the same member's next call was delegated (its
 //!   old delay id must never be sent) — never;
-//! * late: a life's leave accepted more than 10 s after the bridge could know it was over: its
+//! * late: a life's leave (accepted) sent more than 10 s after the bridge could know it was over: its
 //!   end, LiveKit's report of its last session gone, or, for a session that died with LiveKit,
 //!   LiveKit's restart (failover and reconciliation of lost webhooks included);
 //! * left to the homeserver's timer: a life that ended, was not superseded in time, and left room
 //!   state without the bridge's send — never, unless its client handed the leave over too late for
-//!   any restart (its delay all but run out while it got its token: counted apart);
+//!   any restart (its delay all but run out while it got its token, or less of it left than a
+//!   failover takes while an instance was being killed: counted apart);
 //! * still connected at the end: membership present.
 //!
 //! Each call has its own state key, as in the emulator's chaos suite: a killed client's old
@@ -201,7 +202,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     let mut bridges = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let mut env = Bridge::env_for_cluster_url(&hs.url, &livekit.url, &redis.url(), LEASE, &format!("rc{i}"));
-        env.insert("LIVEKIT_LOG_LEVEL".into(), "info".into());
+        env.insert("LIVEKIT_LOG_LEVEL".into(), "debug".into());
         bridges.push(Bridge::start_on(*port, env).await);
     }
     let owner = synapse.register("owner").await;
@@ -225,7 +226,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     }
     // Faults: every few seconds a bridge instance killed -9 and restarted two seconds later; now
     // and then (first after 12–20 s, then every 25–40 s) LiveKit itself instead.
-    let (mut kills, mut outages) = (0, Vec::new());
+    let (mut kills, mut outages) = (Vec::new(), Vec::new());
     let mut livekit_next = begin + Duration::from_millis(rng.random_range(12_000..20_000));
     while Instant::now() + Duration::from_secs(6) < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(4_000..8_000))).await;
@@ -240,7 +241,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         }
         let i = rng.random_range(0..bridges.len());
         bridges[i].kill9();
-        kills += 1;
+        kills.push(Instant::now());
         tokio::time::sleep(Duration::from_secs(2)).await;
         bridges[i].restart().await;
     }
@@ -313,10 +314,16 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     };
     // A client that handed its leave over too late for any restart (its delay all but gone
     // while it was still getting its token: a loaded homeserver, or retries through the faults):
-    // the homeserver's timer may fire before the bridge can act, whatever it does.
+    // the homeserver's timer may fire before the bridge can act, whatever it does. So may one
+    // that handed over less than a failover takes (the bridge's minimum delay, lease × 1.25 +
+    // 2 s: why it refuses shorter delays) around the time an instance was killed: its shard's
+    // holder may be the one that died, and its first restart then waits for the takeover.
+    let failover = LEASE + LEASE / 4 + Duration::from_secs(2);
     let too_late = |life: &Life| {
-        life.delegated.saturating_duration_since(life.scheduled) + Duration::from_secs(1)
-            >= Duration::from_millis(DELAY_MS)
+        let left =
+            Duration::from_millis(DELAY_MS).saturating_sub(life.delegated.saturating_duration_since(life.scheduled));
+        left <= Duration::from_secs(1)
+            || (left < failover && kills.iter().any(|k| *k + failover >= life.delegated && *k <= life.delegated + left))
     };
     let mut handed_too_late = 0;
     let mut slowest_report = Duration::ZERO;
@@ -354,7 +361,9 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         let known = asked_again(last_gone.map_or(ended, |g| g.max(ended)));
         match &send {
             Some(send) => {
-                let took = send.answered.saturating_duration_since(known);
+                // To the send reaching the homeserver: a loaded Synapse takes up to seconds to
+                // answer, which is not the bridge's part.
+                let took = send.received.saturating_duration_since(known);
                 worst = worst.max(took);
                 if took > bound {
                     late.push(format!("{life:?}: {took:?} after it could be known ({sessions:?})"));
@@ -395,10 +404,11 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     println!(
         "real chaos: {} lives ({ended} ended, {killed} by kill -9, {frozen} frozen a while, {never} never connected, {slow} slower to connect than the bridge's patience, \
          {rejoined} sessions reopened after LiveKit's restart, {superseded} superseded before their leave), \
-         {kills} bridge kills, {} LiveKit kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first, {given_up} given up on before a slow join), superseded sent {}, late {}, \
+         {} bridge kills, {} LiveKit kills, {lost} webhooks lost of {}; premature {} ({dropped_by_livekit} dropped by LiveKit first, {given_up} given up on before a slow join), superseded sent {}, late {}, \
          left to the homeserver's timer {}, gone while connected {} ({handed_too_late} handed over too late, not counted); \
          LiveKit's slowest report of a departure {slowest_report:?}, worst leave after it {worst:?}",
         lives.len(),
+        kills.len(),
         outages.len(),
         webhooks.deliveries().len(),
         premature.len(),
@@ -408,7 +418,24 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         gone_while_connected.len(),
     );
     let logs = || bridges.iter().map(|b| b.logs()).collect::<Vec<_>>().join("\n----\n");
-    assert!(gone_while_connected.is_empty(), "gone from room state while connected: {gone_while_connected:#?}");
+    if !gone_while_connected.is_empty() {
+        // The whole story, from every instance, in a file; what the bridge said of the members
+        // lost (but their successful restarts) in the failure itself.
+        let all = logs();
+        let path = std::env::temp_dir().join(format!("real_chaos-{seed}.log"));
+        std::fs::write(&path, &all).unwrap();
+        let mut story: Vec<&str> = all
+            .lines()
+            .filter(|l| gone_while_connected.iter().any(|g| g.split(": ").next().is_some_and(|user| l.contains(user))))
+            .filter(|l| !l.contains("outcome=\"ok\"") && !l.contains("listing applied"))
+            .collect();
+        story.sort(); // by their timestamps, across instances
+        panic!(
+            "gone from room state while connected: {gone_while_connected:#?}\n{}\n(every instance's log: {})",
+            story[story.len().saturating_sub(40)..].join("\n"),
+            path.display()
+        );
+    }
     assert!(premature.is_empty(), "premature leaves: {premature:#?}\n{}", logs());
     assert!(superseded_sent.is_empty(), "superseded leaves sent: {superseded_sent:#?}");
     assert!(late.is_empty(), "late leaves: {late:?}");
