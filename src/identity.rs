@@ -122,6 +122,16 @@ impl Watch {
         }
     }
 
+    /// What a job keeps of this to check the hits of its identity index.
+    pub fn matcher(&self) -> Matcher {
+        match self {
+            Watch::Member { three, two, go } => {
+                Matcher::Member { three: three.as_ref().map(prefix), two: prefix(two), go: go.clone() }
+            }
+            Watch::Exact(_) => Matcher::Exact,
+        }
+    }
+
     /// Whether `identity` is one the member may connect under.
     pub fn matches(&self, identity: &str, user_id: &str, device_id: &str) -> bool {
         let (three, two, go) = match self {
@@ -138,9 +148,83 @@ impl Watch {
     }
 }
 
+/// The first 8 bytes of a digest.
+fn prefix(digest: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// What a job keeps of its [`Watch`] to check that a hit of the engine's identity index (a keyed
+/// 64-bit hash of room and identity) is its member: 32 bytes where the watch takes 80, for
+/// every tracked member. Of the hashed forms only the first 8 bytes of each digest are kept: a
+/// false match would need an identity LiveKit placed in the same room whose SHA-256 shares
+/// them, behind the index's own keyed hash. (The Go forms, rare, stay whole.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    Member {
+        three: Option<u64>,
+        two: u64,
+        go: Option<Box<[Option<[u8; 32]>; 2]>>,
+    },
+    /// The identity minted with the member's token, which the caller keeps.
+    Exact,
+}
+
+impl Matcher {
+    /// Whether `identity` is one the member may connect under; `minted` is the identity of an
+    /// exact watch.
+    pub fn matches(&self, identity: &str, user_id: &str, device_id: &str, minted: Option<&str>) -> bool {
+        let (three, two, go) = match self {
+            Matcher::Member { three, two, go } => (three, two, go),
+            Matcher::Exact => return minted == Some(identity),
+        };
+        let mut digest = [0u8; 32];
+        if identity.len() == 43 && STANDARD_NO_PAD.decode_slice(identity, &mut digest) == Ok(32) {
+            let p = prefix(&digest);
+            return p == *two || Some(p) == *three || go.as_ref().is_some_and(|g| g.contains(&Some(digest)));
+        }
+        // Legacy `@user:server:DEVICE`.
+        !device_id.is_empty()
+            && identity.strip_prefix(user_id).and_then(|rest| rest.strip_prefix(':')) == Some(device_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The matcher a job keeps answers as the whole watch does, for every form and none other.
+    #[test]
+    fn a_matcher_agrees_with_its_watch() {
+        let forms = |user: &str, device: &str, member: &str| {
+            let mut all = member_identities(user, device, member);
+            all.extend(Watch::new(user, device, member).identities(user, device));
+            all.push(identity_legacy(user, device));
+            all
+        };
+        let members = [
+            ("@alice:example.com", "DEVICE123", "memberABC"),
+            ("@alice:example.com", "", "m"),
+            ("@b:x.org", "D<&>", "m\u{2028}"),
+        ];
+        for (user, device, member) in members {
+            let watch = Watch::new(user, device, member);
+            let matcher = watch.matcher();
+            for (u, d, m) in members.iter().chain([&("@alice:example.com", "DEVICE124", "memberABC")]) {
+                for identity in forms(u, d, m).into_iter().chain(["garbage".into(), format!("{user}:")]) {
+                    assert_eq!(
+                        matcher.matches(&identity, user, device, None),
+                        watch.matches(&identity, user, device),
+                        "{identity} for {user} {device} {member}"
+                    );
+                }
+            }
+        }
+        let minted = identity_legacy("@alice:example.com", "DEVICE123");
+        let exact = Watch::Exact(minted.as_str().into()).matcher();
+        assert!(exact.matches(&minted, "@alice:example.com", "DEVICE123", Some(&minted)));
+        assert!(!exact.matches(&minted, "@alice:example.com", "DEVICE123", Some("other")));
+        assert!(std::mem::size_of::<Matcher>() <= 32, "{}", std::mem::size_of::<Matcher>());
+    }
 
     #[test]
     fn room_name_matches_the_reference_vector() {

@@ -31,20 +31,111 @@ pub use crate::config::Millis;
 /// The lifecycle's timing knobs, read from the configuration.
 pub use crate::config::Timing;
 
+/// A LiveKit participant identity, held without a heap allocation: a hashed one (43 characters
+/// of unpadded base64, what today's services mint) as its 32-byte digest, any other as text
+/// (inline up to 24 bytes, as the legacy `@user:server:DEVICE`). Every connected member holds
+/// one: as text, the hashed form took 88 bytes of it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Identity {
+    Digest([u8; 32]),
+    Text(CompactString),
+}
+
+impl Identity {
+    pub fn new(identity: &str) -> Identity {
+        use base64::Engine as _;
+        let mut digest = [0u8; 32];
+        // Only canonical base64 decodes (no stray trailing bits): the digest writes back the
+        // same text.
+        let base64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+        if identity.len() == 43 && base64.decode_slice(identity, &mut digest) == Ok(32) {
+            Identity::Digest(digest)
+        } else {
+            Identity::Text(identity.into())
+        }
+    }
+}
+
+impl From<&str> for Identity {
+    fn from(identity: &str) -> Identity {
+        Identity::new(identity)
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use base64::Engine as _;
+        match self {
+            Identity::Digest(digest) => f.write_str(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)),
+            Identity::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl Serialize for Identity {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Identity {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Identity, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Ok(Identity::new(&text))
+    }
+}
+
 /// A LiveKit session of the member that the job is bound to (believes connected).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredBinding", into = "StoredBinding")]
 pub struct Binding {
-    pub identity: CompactString,
+    pub identity: Identity,
     /// Participant SID of the session (`PA_…`).
     pub sid: CompactString,
-    /// `joinedAt` (Unix seconds) as LiveKit reported it.
-    pub joined_at: i64,
-    /// The same in milliseconds (0 in rows stored before it was kept: then `joined_at`).
-    #[serde(default)]
+    /// When it joined, Unix milliseconds (`joinedAt` × 1000 from a LiveKit that sends no
+    /// `joinedAtMs`).
     pub joined_at_ms: i64,
     /// SID of the LiveKit room instance (`RM_…`), when known; empty when learnt from a listing.
-    #[serde(default)]
     pub room_sid: CompactString,
+}
+
+/// A [`Binding`] as stored: `joined_at` in seconds too, all that rows stored before the
+/// milliseconds were kept have (their `joined_at_ms` is 0).
+#[derive(Serialize, Deserialize)]
+struct StoredBinding {
+    identity: Identity,
+    sid: CompactString,
+    joined_at: i64,
+    #[serde(default)]
+    joined_at_ms: i64,
+    #[serde(default)]
+    room_sid: CompactString,
+}
+
+impl From<StoredBinding> for Binding {
+    fn from(s: StoredBinding) -> Binding {
+        let joined_at_ms = crate::livekit::joined_ms(s.joined_at_ms, s.joined_at);
+        Binding { identity: s.identity, sid: s.sid, joined_at_ms, room_sid: s.room_sid }
+    }
+}
+
+impl From<Binding> for StoredBinding {
+    fn from(b: Binding) -> StoredBinding {
+        let joined_at = b.joined_at_ms.div_euclid(1000);
+        StoredBinding {
+            identity: b.identity,
+            sid: b.sid,
+            joined_at,
+            joined_at_ms: b.joined_at_ms,
+            room_sid: b.room_sid,
+        }
+    }
 }
 
 /// Why a job decided to send its leave. Kept for logs and metrics.
@@ -246,7 +337,7 @@ struct Calls {
     issued_at: Millis,
     /// When the outstanding request counts as failed if unanswered; set once the shell has
     /// started it (it may wait in the shell's queue first, which is not the homeserver's fault).
-    expires: Option<Millis>,
+    expires: Maybe,
     /// When to issue the next request (meaningful only when not in flight).
     next_at: Millis,
     /// Consecutive failures, for the backoff.
@@ -260,7 +351,15 @@ struct Calls {
 
 impl Calls {
     fn due_now(now: Millis) -> Self {
-        Calls { in_flight: false, issued_at: now, expires: None, next_at: now, failures: 0, unanswered: 0, count: 0 }
+        Calls {
+            in_flight: false,
+            issued_at: now,
+            expires: Maybe::NONE,
+            next_at: now,
+            failures: 0,
+            unanswered: 0,
+            count: 0,
+        }
     }
 }
 
@@ -288,7 +387,7 @@ enum Phase {
         since: Millis,
         /// Sessions of the member seen connected again while the send was in flight: if the send
         /// does not go out, the job binds to them instead of sending again.
-        returned: Vec<Binding>,
+        returned: Few<Binding>,
     },
     Done(Outcome),
 }
@@ -319,65 +418,103 @@ impl Live {
 ///
 /// Stored with the job (times on the shell's clock), so that its next holder carries on with the
 /// evidence rather than starting over.
+///
+/// 16 bytes (two in most connected jobs): the count rides in the top byte of the last listing's
+/// time, which Unix milliseconds leave free for two million years.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(from = "StoredAbsences", into = "StoredAbsences")]
 pub struct Absences {
-    /// How many listings counted; the first and the last of them started at these times.
+    /// When the first listing counted started.
+    first: Millis,
+    /// When the last one started (low 56 bits), and how many counted (top 8).
+    last_and_count: u64,
+}
+
+/// [`Absences`] as stored.
+#[derive(Serialize, Deserialize)]
+struct StoredAbsences {
     count: u8,
     first: Millis,
     last: Millis,
 }
 
+impl From<StoredAbsences> for Absences {
+    fn from(s: StoredAbsences) -> Absences {
+        Absences::new(s.count, s.first, s.last)
+    }
+}
+
+impl From<Absences> for StoredAbsences {
+    fn from(a: Absences) -> StoredAbsences {
+        StoredAbsences { count: a.count(), first: a.first, last: a.last() }
+    }
+}
+
 impl Durable {
     /// A delegation just stored: waiting for its member, nothing established yet.
-    pub const WAITING: Durable = Durable::Waiting { absent: Absences { count: 0, first: 0, last: 0 } };
+    pub const WAITING: Durable = Durable::Waiting { absent: Absences { first: 0, last_and_count: 0 } };
 }
 
 impl Absences {
+    const TIME: u64 = (1 << 56) - 1;
+
+    fn new(count: u8, first: Millis, last: Millis) -> Absences {
+        Absences { first, last_and_count: (last & Absences::TIME) | (u64::from(count) << 56) }
+    }
+
+    /// How many listings counted.
+    fn count(&self) -> u8 {
+        (self.last_and_count >> 56) as u8
+    }
+
+    /// When the last listing counted started.
+    fn last(&self) -> Millis {
+        self.last_and_count & Absences::TIME
+    }
+
     fn is_empty(&self) -> bool {
-        self.count == 0
+        self.count() == 0
     }
 
     /// Evidence gathered by an earlier holder, as this one can use it at `now`: a time ahead of
     /// `now` (the earlier holder's clock ran ahead of ours) is taken as `now`, so that skew can
     /// only make the proof slower, never let it span less than it must.
     fn carried_over(self, now: Millis) -> Absences {
-        Absences { count: self.count, first: self.first.min(now), last: self.last.min(now) }
+        Absences::new(self.count(), self.first.min(now), self.last().min(now))
     }
 
     /// The same listings seen `by` later (a test of clocks that disagree).
     #[cfg(test)]
     pub(crate) fn shifted(self, by: Millis) -> Absences {
-        Absences { first: self.first + by, last: self.last + by, ..self }
+        Absences::new(self.count(), self.first + by, self.last() + by)
     }
 
     /// Counts a listing started at `at` that did not show it (unless it started too soon after
     /// the last one counted).
     fn note(&mut self, at: Millis, timing: &Timing) {
-        if self.count == 0 {
-            *self = Absences { count: 1, first: at, last: at };
-        } else if at >= self.last + timing.absence_spacing {
-            self.count = self.count.saturating_add(1);
-            self.last = at;
+        if self.count() == 0 {
+            *self = Absences::new(1, at, at);
+        } else if at >= self.last() + timing.absence_spacing {
+            *self = Absences::new(self.count().saturating_add(1), self.first, at);
         }
     }
 
     fn proven(&self, span: Millis, timing: &Timing) -> bool {
-        self.count >= timing.absences_to_leave && self.last >= self.first + span
+        self.count() >= timing.absences_to_leave && self.last() >= self.first + span
     }
 
     /// When a listing can next add to the evidence, if it is still short of proof.
     fn next_listing(&self, span: Millis, timing: &Timing) -> Option<Millis> {
-        (self.count > 0 && !self.proven(span, timing))
-            .then(|| (self.last + timing.absence_spacing).max(self.first + span))
+        (self.count() > 0 && !self.proven(span, timing))
+            .then(|| (self.last() + timing.absence_spacing).max(self.first + span))
     }
 }
 
 impl Binding {
     fn of(session: Session) -> Self {
         Binding {
-            identity: session.identity.into(),
+            identity: Identity::new(&session.identity),
             sid: session.sid.into(),
-            joined_at: session.joined_at_ms.div_euclid(1000),
             joined_at_ms: session.joined_at_ms,
             room_sid: session.room_sid.into(),
         }
@@ -385,7 +522,7 @@ impl Binding {
 
     /// When the session joined, Unix milliseconds.
     pub fn joined_ms(&self) -> i64 {
-        crate::livekit::joined_ms(self.joined_at_ms, self.joined_at)
+        self.joined_at_ms
     }
 }
 
@@ -415,7 +552,7 @@ fn admit(sessions: &mut Vec<Live>, gone: &mut Few<(CompactString, Millis)>, b: B
 /// Remembers that session `b` was seen back while a send was in flight (once, and as many as
 /// [`MAX_SESSIONS`]); whether it was new. Stored: a job taken over must not send again for a
 /// member its previous holder saw back.
-fn note_return(returned: &mut Vec<Binding>, b: Binding) -> bool {
+fn note_return(returned: &mut Few<Binding>, b: Binding) -> bool {
     if returned.len() < MAX_SESSIONS && !returned.iter().any(|r| r.sid == b.sid) {
         returned.push(b);
         return true;
@@ -424,7 +561,7 @@ fn note_return(returned: &mut Vec<Binding>, b: Binding) -> bool {
 }
 
 /// Forgets the sessions seen back that are `gone`; whether any was.
-fn forget_returns(returned: &mut Vec<Binding>, gone: impl Fn(&Binding) -> bool) -> bool {
+fn forget_returns(returned: &mut Few<Binding>, gone: impl Fn(&Binding) -> bool) -> bool {
     let before = returned.len();
     returned.retain(|b| !gone(b));
     returned.len() != before
@@ -491,9 +628,36 @@ fn next_listing(sessions: &[Live], timing: &Timing) -> Option<Millis> {
 }
 
 /// Asks for a listing at `at` (not before `now`), unless one is asked for sooner already.
-fn want_listing(probe_at: &mut Option<Millis>, at: Option<Millis>, now: Millis) {
+fn want_listing(probe_at: &mut Maybe, at: Option<Millis>, now: Millis) {
     if let Some(at) = at {
-        *probe_at = Some(probe_at.map_or(at, |p| p.min(at)).max(now));
+        *probe_at = Maybe::at(probe_at.get().map_or(at, |p| p.min(at)).max(now));
+    }
+}
+
+/// An instant or none in 8 bytes, where an `Option<Millis>` takes 16: four in every job's
+/// entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Maybe(Millis);
+
+impl Maybe {
+    pub const NONE: Maybe = Maybe(Millis::MAX);
+
+    /// `at`, which is never `Millis::MAX` (585 million years after the epoch).
+    pub fn at(at: Millis) -> Maybe {
+        debug_assert!(at != Millis::MAX);
+        Maybe(at)
+    }
+
+    pub fn of(at: Option<Millis>) -> Maybe {
+        at.map_or(Maybe::NONE, Maybe::at)
+    }
+
+    pub fn get(self) -> Option<Millis> {
+        (self != Maybe::NONE).then_some(self.0)
+    }
+
+    pub fn take(&mut self) -> Option<Millis> {
+        std::mem::replace(self, Maybe::NONE).get()
     }
 }
 
@@ -518,11 +682,11 @@ pub struct Job {
     /// Conservative estimate of when the homeserver fires the event if we do nothing more.
     deadline: Millis,
     /// A RoomService listing is wanted at this time (and none has been asked for since).
-    probe_at: Option<Millis>,
+    probe_at: Maybe,
     /// Waiting or in grace: the listings that found the member absent past its deadline.
     absent: Absences,
     /// A listing was asked for; unanswered by then, it counts as failed.
-    probe_expires: Option<Millis>,
+    probe_expires: Maybe,
     /// Sessions we have seen leave; a late or duplicated `participant_joined` for them is stale.
     dead_sids: Few<CompactString>,
     /// Sessions the job stopped counting on without a final departure (gone for a migration,
@@ -531,8 +695,9 @@ pub struct Job {
     gone_sids: Few<(CompactString, Millis)>,
 }
 
-/// A short list (at most [`DEAD_SIDS_KEPT`] here) that costs one pointer while empty, as it is
-/// in almost every job (two `Vec`s cost every job 48 bytes).
+/// A short list (sessions seen leaving, at most [`DEAD_SIDS_KEPT`]; or back during a send) that
+/// costs one pointer while empty, as it is in almost every job (three `Vec`s cost every job 72
+/// bytes).
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::box_collection)] // the point: one pointer (a Vec is three) while empty
 struct Few<T>(Option<Box<Vec<T>>>);
@@ -551,6 +716,10 @@ impl<T> std::ops::Deref for Few<T> {
 }
 
 impl<T> Few<T> {
+    fn into_vec(self) -> Vec<T> {
+        self.0.map_or_else(Vec::new, |items| *items)
+    }
+
     fn push(&mut self, item: T) {
         self.0.get_or_insert_with(Box::default).push(item);
     }
@@ -590,8 +759,8 @@ impl Job {
             calls: Calls::due_now(now),
             // Unknown until our first restart succeeds; it cannot be later than this.
             deadline: now + delay,
-            probe_at: Some(now),
-            probe_expires: None,
+            probe_at: Maybe::at(now),
+            probe_expires: Maybe::NONE,
             absent: Absences::default(),
             dead_sids: Few::default(),
             gone_sids: Few::default(),
@@ -654,7 +823,7 @@ impl Job {
             Durable::Sending { returned, .. } if !returned.is_empty() => {
                 Phase::Connected { sessions: returned.into_iter().map(|b| Live::new(b, now)).collect() }
             }
-            Durable::Sending { trigger, .. } => Phase::Sending { trigger, since: now, returned: Vec::new() },
+            Durable::Sending { trigger, .. } => Phase::Sending { trigger, since: now, returned: Few::default() },
         };
         let probe_at = match phase {
             Phase::Sending { .. } => None,
@@ -667,8 +836,8 @@ impl Job {
             phase,
             calls: Calls::due_now(now),
             deadline: now + delay,
-            probe_at,
-            probe_expires: None,
+            probe_at: Maybe::of(probe_at),
+            probe_expires: Maybe::NONE,
             absent,
             dead_sids: Few::default(),
             gone_sids: Few::default(),
@@ -695,15 +864,18 @@ impl Job {
             Phase::Connected { sessions } => {
                 let binding = newest(sessions).expect("a connected job has a session").clone();
                 let others = sessions.iter().map(|l| &l.binding).filter(|b| b.sid != binding.sid).cloned().collect();
-                let absent =
-                    sessions.iter().filter(|l| l.absent.count > 0).map(|l| (l.binding.sid.clone(), l.absent)).collect();
+                let absent = sessions
+                    .iter()
+                    .filter(|l| l.absent.count() > 0)
+                    .map(|l| (l.binding.sid.clone(), l.absent))
+                    .collect();
                 Durable::Connected { binding, others, absent }
             }
             Phase::Grace { binding, until, .. } => {
                 Durable::Grace { binding: (**binding).clone(), until: Some(*until), absent: self.absent }
             }
             Phase::Sending { trigger, returned, .. } => {
-                Durable::Sending { trigger: *trigger, returned: returned.clone() }
+                Durable::Sending { trigger: *trigger, returned: returned.to_vec() }
             }
             Phase::Done(_) => return None,
         })
@@ -747,8 +919,8 @@ impl Job {
         if matches!(self.phase, Phase::Done(_)) {
             return None;
         }
-        let call = if self.calls.in_flight { self.calls.expires } else { Some(self.calls.next_at) };
-        let probe = self.probe_expires.or(self.probe_at);
+        let call = if self.calls.in_flight { self.calls.expires.get() } else { Some(self.calls.next_at) };
+        let probe = self.probe_expires.get().or(self.probe_at.get());
         [call, probe, self.unconfirmed_deadline()].into_iter().flatten().min()
     }
 
@@ -757,7 +929,7 @@ impl Job {
     /// of absence takes several): only LiveKit's silence makes the job give up, never a proof
     /// still under way.
     fn unconfirmed_deadline(&self) -> Option<Millis> {
-        let answered = if self.absent.count > 0 { self.absent.last } else { 0 };
+        let answered = if self.absent.count() > 0 { self.absent.last() } else { 0 };
         match self.phase {
             Phase::Waiting { join_deadline } => Some(join_deadline.max(answered) + self.timing.unconfirmed_limit),
             Phase::Grace { until, .. } => Some(until.max(answered) + self.timing.unconfirmed_limit),
@@ -783,10 +955,10 @@ impl Job {
             self.finish(Outcome::Unconfirmed, out);
             return;
         }
-        if self.probe_expires.is_some_and(|t| t <= now) {
+        if self.probe_expires.get().is_some_and(|t| t <= now) {
             self.on_observation_failed(now);
         }
-        if self.calls.in_flight && self.calls.expires.is_some_and(|t| t <= now) {
+        if self.calls.in_flight && self.calls.expires.get().is_some_and(|t| t <= now) {
             // Too slow, or its answer lost: retried as if the homeserver could not be reached.
             // The call itself may still be carried out; its answer, if it comes, is still heard.
             match self.phase {
@@ -795,9 +967,9 @@ impl Job {
             }
             return self.handle_timeout(now, out);
         }
-        if self.probe_expires.is_none() && self.probe_at.is_some_and(|t| t <= now) {
-            self.probe_at = None;
-            self.probe_expires = Some(now + self.timing.call_timeout);
+        if self.probe_expires.get().is_none() && self.probe_at.get().is_some_and(|t| t <= now) {
+            self.probe_at = Maybe::NONE;
+            self.probe_expires = Maybe::at(now + self.timing.call_timeout);
             out.push(Action::Probe);
         }
         if !self.calls.in_flight && self.calls.next_at <= now {
@@ -812,7 +984,7 @@ impl Job {
             }
             self.calls.in_flight = true;
             self.calls.issued_at = now;
-            self.calls.expires = None;
+            self.calls.expires = Maybe::NONE;
             self.calls.count += 1;
             let call = self.calls.count;
             out.push(match self.phase {
@@ -909,7 +1081,7 @@ impl Job {
                         let until = now + self.timing.grace;
                         self.phase = Phase::Grace { binding: Box::new(binding), since: now, until };
                         self.absent = Absences::default();
-                        self.probe_at = Some(until);
+                        self.probe_at = Maybe::at(until);
                         out.push(Action::Persist);
                     }
                 }
@@ -1020,7 +1192,7 @@ impl Job {
                 } else if asked {
                     // Too early to prove anything: ask again at the deadline (or now, if our
                     // answer came from a listing started before it).
-                    self.probe_at = Some(now.max(*join_deadline));
+                    self.probe_at = Maybe::at(now.max(*join_deadline));
                 }
             }
             Phase::Connected { sessions } => {
@@ -1040,7 +1212,7 @@ impl Job {
                         out.push(Action::Persist); // the evidence, stored for the next holder
                     }
                 } else if asked && now >= *until {
-                    self.probe_at = Some(now);
+                    self.probe_at = Maybe::at(now);
                 }
             }
             Phase::Sending { .. } | Phase::Done(_) => {}
@@ -1055,7 +1227,7 @@ impl Job {
         match self.absent.next_listing(0, &self.timing) {
             None => true,
             Some(next) => {
-                self.probe_at = Some(now.max(next));
+                self.probe_at = Maybe::at(now.max(next));
                 false
             }
         }
@@ -1063,23 +1235,23 @@ impl Job {
 
     fn on_observation_failed(&mut self, now: Millis) {
         let asked = self.probe_expires.take().is_some();
-        if !asked || self.probe_at.is_some() {
+        if !asked || self.probe_at.get().is_some() {
             return;
         }
         // Only a job that needs an answer asks again; periodic reconciliation covers the rest.
         let retry = now + self.timing.probe_retry;
-        self.probe_at = match self.phase {
+        self.probe_at = Maybe::of(match self.phase {
             Phase::Waiting { join_deadline } => Some(retry.max(join_deadline)),
             Phase::Grace { until, .. } => Some(retry.max(until)),
             Phase::Connected { ref sessions } => next_listing(sessions, &self.timing).map(|t| t.max(retry)),
             _ => None,
-        };
+        });
     }
 
     /// The shell starts call `call` now (it may have queued it). Returns whether the job still
     /// awaits that call; if not (the job moved on meanwhile), the shell drops it.
     pub fn call_started(&mut self, call: u64, now: Millis) -> bool {
-        if !self.answers_current_call(call) || self.calls.expires.is_some() {
+        if !self.answers_current_call(call) || self.calls.expires.get().is_some() {
             return false;
         }
         // A restart must not wait for an answer past the point where a retry can still keep
@@ -1089,7 +1261,7 @@ impl Job {
         if !matches!(self.phase, Phase::Sending { .. }) && last_chance > now {
             wait = wait.min((last_chance - now) / 2).max(1);
         }
-        self.calls.expires = Some(now + wait);
+        self.calls.expires = Maybe::at(now + wait);
         self.calls.unanswered = self.calls.unanswered.saturating_add(1);
         true
     }
@@ -1137,7 +1309,7 @@ impl Job {
             }
             // It did not go out, and the member is back: keep it alive instead.
             HsAnswer::RetryAfter(_) | HsAnswer::Failed if !returned.is_empty() => {
-                let returned = std::mem::take(returned);
+                let returned = std::mem::take(returned).into_vec();
                 self.bind(returned, now, out);
             }
             HsAnswer::RetryAfter(wait) => self.retry_at(now, wait),
@@ -1165,7 +1337,7 @@ impl Job {
             self.calls = Calls { count: self.calls.count, unanswered: self.calls.unanswered, ..Calls::due_now(now) };
         }
         self.phase = Phase::Connected { sessions: live };
-        self.probe_at = None;
+        self.probe_at = Maybe::NONE;
         out.push(Action::Persist);
     }
 
@@ -1176,8 +1348,8 @@ impl Job {
         if let Phase::Grace { binding, .. } = &self.phase {
             note_gone(&mut self.gone_sids, &binding.sid, now);
         }
-        self.phase = Phase::Sending { trigger, since: now, returned: Vec::new() };
-        self.probe_at = None;
+        self.phase = Phase::Sending { trigger, since: now, returned: Few::default() };
+        self.probe_at = Maybe::NONE;
         // Send now even if a restart is in flight: its answer is ignored from here on.
         self.calls.in_flight = false;
         self.calls.failures = 0;
@@ -1187,7 +1359,7 @@ impl Job {
 
     fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
         self.phase = Phase::Done(outcome);
-        self.probe_at = None;
+        self.probe_at = Maybe::NONE;
         out.push(Action::Finish(outcome));
     }
 

@@ -40,8 +40,10 @@ use super::index::{HashCount, HashIndex, JobIdHasher};
 use super::views::{self, JobSummary};
 use crate::cluster::{EntryId, Inbound, Shard, shard_of};
 use crate::delegation::{DelayRef, Delegation, JobId};
-use crate::identity::Watch;
-use crate::lifecycle::{Action, Durable, Event, HsAnswer, Job, LeaveReason, Millis, Outcome, Session, Timing, Trigger};
+use crate::identity::Matcher;
+use crate::lifecycle::{
+    Action, Durable, Event, HsAnswer, Job, LeaveReason, Maybe, Millis, Outcome, Session, Timing, Trigger,
+};
 use crate::livekit::{Departure, Participant, SfuEvent, SfuEventKind};
 use crate::metrics::{ActionLabel, Metrics, OutcomeLabel, TriggerLabel};
 use crate::ports::{DelayedAction, Unobserved};
@@ -141,7 +143,7 @@ pub enum Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CallRef {
     pub job: JobId,
-    incarnation: u64,
+    incarnation: u32,
     call: u64,
 }
 
@@ -199,28 +201,43 @@ struct Batch {
 
 struct Entry {
     job: Job,
-    /// Which of the job's lives in this process (see [`CallRef`]).
-    incarnation: u64,
+    /// Which of the job's lives in this process (see [`CallRef`]; counts wrap after 4 billion
+    /// insertions, far past any call still in flight).
+    incarnation: u32,
+    shard: Shard,
     delegation: Arc<Delegation>,
     room: Arc<str>,
-    shard: Shard,
-    /// The LiveKit identities the member may connect under.
-    watch: Watch,
+    /// Checks that a LiveKit identity is one the member may connect under.
+    watch: Matcher,
+    /// Where the job stands in the scheduler: its `poll_timeout` when last looked at.
+    scheduled: Maybe,
 }
 
 impl Entry {
+    /// Moves the job in `scheduler` to when it next wants its timeout handled.
+    fn reschedule(&mut self, scheduler: &mut Scheduler<JobId>, id: JobId) {
+        let at = self.job.poll_timeout();
+        scheduler.set(id, self.scheduled.get(), at);
+        self.scheduled = Maybe::of(at);
+    }
+
     /// The LiveKit identity to name in logs: the bound one, else the first one watched.
     fn identity(&self) -> String {
         match self.job.binding() {
             Some(b) => b.identity.to_string(),
-            None => self.watch.primary(),
+            None => self.delegation.watch().primary(),
         }
     }
 
     /// Whether `identity` in LiveKit room `room` is one of the member's.
     fn watches_in(&self, room: &Arc<str>, identity: &str) -> bool {
         (Arc::ptr_eq(&self.room, room) || self.room == *room)
-            && self.watch.matches(identity, &self.delegation.user_id, &self.delegation.device_id)
+            && self.watch.matches(
+                identity,
+                &self.delegation.user_id,
+                &self.delegation.device_id,
+                self.delegation.identity.as_deref(),
+            )
     }
 }
 
@@ -273,7 +290,7 @@ pub struct Registry {
     /// when it was started.
     calls: HashMap<CallRef, (Arc<str>, Millis)>,
     /// Entries inserted so far (the last [`Entry::incarnation`]).
-    incarnations: u64,
+    incarnations: u32,
     listings: HashMap<Arc<str>, Listing>,
     listing_queue: VecDeque<Arc<str>>,
     listings_in_flight: usize,
@@ -724,6 +741,9 @@ impl Registry {
     /// [`Registry::poll_timeout`] is due).
     pub fn handle_timeout(&mut self, now: Millis) {
         for id in self.scheduler.pop_due(now, self.limits.timeouts) {
+            if let Some(entry) = self.jobs.get_mut(&id) {
+                entry.scheduled = Maybe::NONE;
+            }
             let actions = self.step(id, |job, out| job.handle_timeout(now, out));
             self.run(id, actions);
         }
@@ -841,6 +861,7 @@ impl Registry {
         for identity in watch.identities(&delegation.user_id, &delegation.device_id) {
             self.by_identity.insert(&(&*room, identity.as_str()), id);
         }
+        let watch = watch.matcher();
         let jobs = self.by_room.entry(room.clone()).or_default();
         if jobs.is_empty() {
             self.effects.push_back(Effect::Watch { room: room.clone(), watched: true });
@@ -851,14 +872,15 @@ impl Registry {
         self.by_user.increment(&delegation.user_id.as_str());
         views::move_gauge(&self.metrics, None, Some(job.kind()));
         let shard = shard_of(&room);
-        self.incarnations += 1;
+        self.incarnations = self.incarnations.wrapping_add(1);
         let incarnation = self.incarnations;
-        self.jobs.insert(id, Box::new(Entry { job, incarnation, delegation, room, shard, watch }));
+        let scheduled = Maybe::NONE;
+        self.jobs.insert(id, Box::new(Entry { job, incarnation, shard, delegation, room, watch, scheduled }));
     }
 
     fn remove(&mut self, id: JobId) -> Option<Box<Entry>> {
         let entry = self.jobs.remove(&id)?;
-        for identity in entry.watch.identities(&entry.delegation.user_id, &entry.delegation.device_id) {
+        for identity in entry.delegation.identities() {
             self.by_identity.remove(&(&*entry.room, identity.as_str()), id);
         }
         if let Some(ids) = self.by_room.get_mut(&entry.room) {
@@ -872,7 +894,7 @@ impl Registry {
         self.by_member.remove(&d.member_key(), id);
         self.by_delay.remove(&(d.server_name(), d.delay_id.as_str()), id);
         self.by_user.decrement(&d.user_id.as_str());
-        self.scheduler.set(id, None);
+        self.scheduler.set(id, entry.scheduled.get(), None);
         Some(entry)
     }
 
@@ -942,8 +964,8 @@ impl Registry {
                 Action::Finish(outcome) => self.finish(id, outcome),
             }
         }
-        if let Some(entry) = self.jobs.get(&id) {
-            self.scheduler.set(id, entry.job.poll_timeout());
+        if let Some(entry) = self.jobs.get_mut(&id) {
+            entry.reschedule(&mut self.scheduler, id);
         }
     }
 
@@ -1006,7 +1028,7 @@ impl Registry {
         if !entry.job.call_started(call, now) {
             return false;
         }
-        self.scheduler.set(id, entry.job.poll_timeout());
+        entry.reschedule(&mut self.scheduler, id);
         let d = entry.delegation.clone();
         let identity = entry.identity();
         if action == DelayedAction::Restart && now > entry.job.deadline() {

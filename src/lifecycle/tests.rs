@@ -425,13 +425,8 @@ fn superseded_job_never_sends() {
 
 #[test]
 fn resumed_jobs_restart_at_once_and_reconcile_before_trusting_absence() {
-    let binding = Binding {
-        identity: "id".into(),
-        sid: "PA_a".into(),
-        joined_at: 1,
-        joined_at_ms: 1_000,
-        room_sid: Default::default(),
-    };
+    let binding =
+        Binding { identity: "id".into(), sid: "PA_a".into(), joined_at_ms: 1_000, room_sid: Default::default() };
     let (mut job, actions) = Job::resume(
         DELAY,
         1,
@@ -553,7 +548,6 @@ fn a_resumed_job_reads_as_it_was_stored() {
     let session = |identity: &str, sid: &str, joined_at_ms| Binding {
         identity: identity.into(),
         sid: sid.into(),
-        joined_at: 1,
         joined_at_ms,
         room_sid: "RM_1".into(),
     };
@@ -1256,7 +1250,7 @@ fn a_takeover_continues_a_join_timeout_and_a_grace_period() {
         assert!(out.contains(&Action::Persist), "the evidence is stored as it grows: {out:?}");
     }
     let stored = h.job.durable().unwrap();
-    assert!(matches!(stored, Durable::Waiting { absent } if absent.count == 2), "{stored:?}");
+    assert!(matches!(stored, Durable::Waiting { absent } if absent.count() == 2), "{stored:?}");
     let now = t.join_timeout + 60_000;
     let (mut job, _) = Job::resume(DELAY, 1, t.clone(), stored, 0, now);
     let mut out = Vec::new();
@@ -1276,7 +1270,7 @@ fn a_takeover_continues_a_join_timeout_and_a_grace_period() {
         h.ev(Event::Observed { at: h.now, present: vec![] });
     }
     let stored = h.job.durable().unwrap();
-    assert!(matches!(&stored, Durable::Grace { until: Some(u), absent, .. } if *u == until && absent.count == 2));
+    assert!(matches!(&stored, Durable::Grace { until: Some(u), absent, .. } if *u == until && absent.count() == 2));
     let now = until + 30_000;
     let (mut job, _) = Job::resume(DELAY, 1, t.clone(), stored, 0, now);
     let mut out = Vec::new();
@@ -1336,7 +1330,7 @@ fn a_proof_under_way_is_not_cut_short_by_the_unconfirmed_limit() {
 }
 
 fn session_binding(sid: &str) -> Binding {
-    Binding { identity: "id".into(), sid: sid.into(), joined_at: 1, joined_at_ms: 1_000, room_sid: Default::default() }
+    Binding { identity: "id".into(), sid: sid.into(), joined_at_ms: 1_000, room_sid: Default::default() }
 }
 
 #[test]
@@ -1851,4 +1845,50 @@ fn a_lost_listing_times_out_and_livekit_is_asked_again() {
     assert!(!out.contains(&Action::Probe), "one listing at a time: {out:?}");
     let out = h.advance_to(Timing::default().join_timeout.max(expires + Timing::default().probe_retry));
     assert!(out.contains(&Action::Probe), "asked again after the lost listing: {out:?}");
+}
+
+/// An identity reads back as it came, whatever its form, through the store's JSON too; the
+/// hashed forms are held as digests.
+#[test]
+fn identities_are_held_compactly_and_read_back_as_they_came() {
+    let hashed = crate::identity::identity_three_part("@alice:example.com", "DEVICE123", "memberABC");
+    // 43 characters of base64 whose last one carries stray bits: not a canonical digest.
+    let stray = format!("{}B", &hashed[..42]);
+    for text in [
+        hashed.as_str(),
+        stray.as_str(),
+        "@alice:example.com:DEVICE123",
+        "",
+        "a-much-longer-identity-than-inline-storage-holds",
+    ] {
+        let identity = Identity::new(text);
+        assert_eq!(identity.to_string(), text);
+        let json = serde_json::to_string(&identity).unwrap();
+        assert_eq!(json, serde_json::to_string(text).unwrap());
+        assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), identity);
+    }
+    assert!(matches!(Identity::new(&hashed), Identity::Digest(_)));
+    assert!(matches!(Identity::new(&stray), Identity::Text(_)), "{stray}");
+    assert!(std::mem::size_of::<Identity>() <= 40);
+}
+
+/// What is stored of a session and of the evidence of absence reads as it did before their
+/// in-memory forms were packed, rows from before `joined_at_ms` was kept (seconds only) too.
+#[test]
+fn stored_bindings_and_absences_keep_their_form() {
+    use serde_json::json;
+    let b =
+        Binding { identity: "@a:b:DEV".into(), sid: "PA_1".into(), joined_at_ms: 1_234_567, room_sid: "RM_1".into() };
+    let stored = serde_json::to_value(&b).unwrap();
+    let form = json!({"identity": "@a:b:DEV", "sid": "PA_1", "joined_at": 1234, "joined_at_ms": 1_234_567, "room_sid": "RM_1"});
+    assert_eq!(stored, form);
+    assert_eq!(serde_json::from_value::<Binding>(stored).unwrap(), b);
+    let old: Binding = serde_json::from_value(json!({"identity": "x", "sid": "PA_2", "joined_at": 7})).unwrap();
+    assert_eq!(old.joined_ms(), 7_000);
+    let a = Absences::new(3, 1_700_000_000_000, 1_700_000_004_500);
+    let stored = serde_json::to_value(a).unwrap();
+    assert_eq!(stored, json!({"count": 3, "first": 1_700_000_000_000u64, "last": 1_700_000_004_500u64}));
+    assert_eq!(serde_json::from_value::<Absences>(stored).unwrap(), a);
+    assert_eq!((a.count(), a.last(), a.first), (3, 1_700_000_004_500, 1_700_000_000_000));
+    assert_eq!(std::mem::size_of::<Absences>(), 16);
 }

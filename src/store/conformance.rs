@@ -35,8 +35,7 @@ pub fn record(id: u64) -> JobRecord {
 
 /// A connected job with an absence proof under way (stored so that the next holder continues it).
 fn connected() -> Durable {
-    let binding =
-        Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, joined_at_ms: 3_000, room_sid: "RM".into() };
+    let binding = Binding { identity: "i".into(), sid: "PA_1".into(), joined_at_ms: 3_000, room_sid: "RM".into() };
     let evidence = serde_json::from_str(r#"{"count": 2, "first": 1764800000000, "last": 1764800001500}"#).unwrap();
     Durable::Connected { binding, others: vec![], absent: vec![("PA_1".into(), evidence)] }
 }

@@ -353,7 +353,7 @@ mod tests {
     }
 
     fn binding() -> Binding {
-        Binding { identity: "i".into(), sid: "PA_1".into(), joined_at: 3, joined_at_ms: 3_000, room_sid: "RM".into() }
+        Binding { identity: "i".into(), sid: "PA_1".into(), joined_at_ms: 3_000, room_sid: "RM".into() }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -495,7 +495,6 @@ fn due_jobs_are_handled_in_bounded_batches() {
         let binding = crate::lifecycle::Binding {
             identity: d.identities()[0].as_str().into(),
             sid: format!("PA_{i}").into(),
-            joined_at: 1,
             joined_at_ms: 1_000,
             room_sid: Default::default(),
         };
@@ -624,7 +623,7 @@ proptest! {
             let bound = rig.r.jobs[id].job.binding().is_some();
             prop_assert_eq!(bound, expected, "job {} of {}", id, d.user_id);
             if let Some(b) = rig.r.jobs[id].job.binding() {
-                prop_assert!(d.watch().matches(&b.identity, &d.user_id, &d.device_id));
+                prop_assert!(d.watch().matches(&b.identity.to_string(), &d.user_id, &d.device_id));
             }
         }
     }
@@ -717,7 +716,7 @@ struct World {
 
 /// A listing started: its room and start, who was connected then, and which job (incarnation)
 /// each member had then: only that job is told what the listing finds.
-type Started = (Arc<str>, Millis, Vec<Participant>, Vec<Option<u64>>);
+type Started = (Arc<str>, Millis, Vec<Participant>, Vec<Option<u32>>);
 
 /// The one shard of the room, as a sharded instance holds it, and its side of the store.
 struct Holding {
@@ -874,7 +873,7 @@ impl World {
     }
 
     /// The incarnation of member `m`'s job, if it has one.
-    fn incarnation_of(&self, m: usize) -> Option<u64> {
+    fn incarnation_of(&self, m: usize) -> Option<u32> {
         self.rig.r.jobs.values().find(|e| *e.delegation == self.members[m]).map(|e| e.incarnation)
     }
 
@@ -1235,7 +1234,6 @@ fn stored_connected(id: JobId, d: &Delegation) -> JobRecord {
     let binding = crate::lifecycle::Binding {
         identity: d.identities()[0].as_str().into(),
         sid: "PA_1".into(),
-        joined_at: 1,
         joined_at_ms: 1_000,
         room_sid: "RM_1".into(),
     };
