@@ -90,6 +90,17 @@ pub struct Delegation {
 }
 
 impl Delegation {
+    /// The member's most specific identity, for logs (the first of [`Delegation::identities`]):
+    /// the one minted with its token, else its hashed form with the device (without one, the
+    /// two-part form). One hash, where the whole watch takes two to four.
+    pub fn primary_identity(&self) -> String {
+        match &self.identity {
+            Some(minted) => minted.to_string(),
+            None if self.device_id.is_empty() => identity::identity_two_part(&self.user_id, &self.member_id),
+            None => identity::identity_three_part(&self.user_id, &self.device_id, &self.member_id),
+        }
+    }
+
     /// The LiveKit room the member connects to.
     pub fn livekit_room(&self) -> String {
         identity::livekit_room(&self.room_id, &self.slot_id)
@@ -133,5 +144,31 @@ mod tests {
         assert!(!shown.contains("secret") && shown.starts_with('#') && shown.len() == 9, "{shown}");
         assert_eq!(shown, DelayRef("syd_secretcapability").to_string());
         assert_ne!(shown, DelayRef("syd_other").to_string());
+    }
+
+    #[test]
+    fn the_primary_identity_is_the_first_watched() {
+        let d = |device: &str, minted: Option<&str>| Delegation {
+            room_id: "!r:hs".into(),
+            slot_id: "m.call#".into(),
+            user_id: "@alice:example.com".into(),
+            device_id: device.into(),
+            member_id: "memberABC".into(),
+            delay_id: "syd_1".into(),
+            delay_ms: 10_000,
+            cs_api_url: "https://hs".into(),
+            created_at_ms: 0,
+            mode: Mode::OpenId,
+            identity: minted.map(Into::into),
+        };
+        let minted = identity::identity_legacy("@alice:example.com", "DEVICE123");
+        for d in [d("DEVICE123", None), d("", None), d("D<&>", None), d("DEVICE123", Some(&minted))] {
+            assert_eq!(d.primary_identity(), d.identities()[0], "{d:?}");
+        }
+        assert_eq!(d("DEVICE123", Some(&minted)).primary_identity(), minted);
+        assert_eq!(
+            d("DEVICE123", None).primary_identity(),
+            identity::identity_three_part("@alice:example.com", "DEVICE123", "memberABC")
+        );
     }
 }

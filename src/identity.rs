@@ -97,14 +97,6 @@ impl Watch {
         Watch::Member { three, two: digest_parts(&[user_id, member_id]), go }
     }
 
-    /// The member's most specific identity (for logs).
-    pub fn primary(&self) -> String {
-        match self {
-            Watch::Member { three, two, .. } => STANDARD_NO_PAD.encode(three.unwrap_or(*two)),
-            Watch::Exact(identity) => identity.to_string(),
-        }
-    }
-
     /// Every identity the member may connect under, most specific first (the strings of
     /// [`member_identities`], without re-hashing).
     pub fn identities(&self, user_id: &str, device_id: &str) -> Vec<String> {
@@ -288,7 +280,6 @@ mod tests {
             assert!(!watch.matches(&other, "@alice:example.com", "DEVICE123"), "{other}");
         }
         assert_eq!(watch.identities("@alice:example.com", "DEVICE123"), vec![minted.clone()]);
-        assert_eq!(watch.primary(), minted);
     }
 
     #[test]

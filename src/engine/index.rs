@@ -47,6 +47,8 @@ impl Default for HashIndex {
 
 #[cfg(test)]
 thread_local! {
+    /// Set by a test, before it builds anything: every key of every index on its thread then
+    /// hashes alike, so the engine's check of each hit against its job is all that routes events.
     pub static COLLIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 

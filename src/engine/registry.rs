@@ -225,7 +225,7 @@ impl Entry {
     fn identity(&self) -> String {
         match self.job.binding() {
             Some(b) => b.identity.to_string(),
-            None => self.delegation.watch().primary(),
+            None => self.delegation.primary_identity(),
         }
     }
 
@@ -512,7 +512,7 @@ impl Registry {
             self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "conflict" }).inc();
             return Err(Refusal::Conflict);
         }
-        debug!(job = %id, room = %d.room_id, identity = %d.identities()[0], delay_id = %DelayRef(&d.delay_id),
+        debug!(job = %id, room = %d.room_id, identity = %d.primary_identity(), delay_id = %DelayRef(&d.delay_id),
             "delegation repeated; already tracked");
         self.metrics.delegations.get_or_create(&OutcomeLabel { outcome: "repeated" }).inc();
         Ok(Some(id))
@@ -837,7 +837,7 @@ impl Registry {
         let delegation = Arc::new(d);
         let (job, actions) = Job::new(delegation.delay_ms, id.0, self.timing.clone(), now);
         info!(
-            job = %id, room = %delegation.room_id, identity = %delegation.identities()[0],
+            job = %id, room = %delegation.room_id, identity = %delegation.primary_identity(),
             livekit_room = %delegation.livekit_room(), user = %delegation.user_id, device = %delegation.device_id,
             delay_id = %DelayRef(&delegation.delay_id), delay_ms = delegation.delay_ms, mode = ?delegation.mode,
             "delegation accepted"
