@@ -318,7 +318,7 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     // that handed over less than a failover takes (the bridge's minimum delay, lease × 1.25 +
     // 2 s: why it refuses shorter delays) around the time an instance was killed: its shard's
     // holder may be the one that died, and its first restart then waits for the takeover.
-    let failover = LEASE + LEASE / 4 + Duration::from_secs(2);
+    let failover = Bridge::shortest_delay(LEASE);
     let too_late = |life: &Life| {
         let left =
             Duration::from_millis(DELAY_MS).saturating_sub(life.delegated.saturating_duration_since(life.scheduled));

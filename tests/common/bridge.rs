@@ -75,10 +75,15 @@ impl Bridge {
         env.insert("LIVEKIT_REDIS_URL".into(), redis_url.into());
         env.insert("RTC_LEAVE_BRIDGE_LEASE".into(), format!("{}ms", lease.as_millis()));
         env.insert("RTC_LEAVE_BRIDGE_INSTANCE".into(), instance.into());
-        // The shortest delay failover allows (lease × 1.25 + 2 s), below the 5 s default.
-        let min_delay = lease + lease / 4 + Duration::from_secs(2);
+        let min_delay = Bridge::shortest_delay(lease);
         env.insert("RTC_LEAVE_BRIDGE_MIN_DELAY".into(), format!("{}ms", min_delay.as_millis()));
         env
+    }
+
+    /// The shortest delay failover allows with leases of `lease` (lease × 1.25 + 2 s, below the
+    /// 5 s default): what a takeover may take before a moved job's first restart.
+    pub fn shortest_delay(lease: Duration) -> Duration {
+        lease + lease / 4 + Duration::from_secs(2)
     }
 
     pub async fn start(env: HashMap<String, String>) -> Bridge {
