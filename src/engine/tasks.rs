@@ -1,9 +1,9 @@
-//! The engine's spawned work: homeserver calls, RoomService listings and store commits, each a
-//! task that reports back to the engine loop exactly once.
+//! The engine's spawned work: homeserver calls and RoomService listings, each a task, and store
+//! commits, handed to the store; each reports back to the engine loop exactly once.
 //!
 //! The registry has already counted each against its limit before it is spawned, so nothing
 //! waits inside a task for a permit, and the report channel is sized to hold every report that
-//! can be outstanding. A task that panics or is cancelled still reports (a failure), from the
+//! can be outstanding. Work that panics or is cancelled still reports (a failure), from the
 //! guard it holds: a lost report would leave a call counted in flight forever.
 
 use std::sync::Arc;
@@ -102,7 +102,8 @@ pub fn list(port: Arc<dyn Presence>, reports: mpsc::Sender<Report>, room: Arc<st
     });
 }
 
-/// Spawns a commit of `ops`, fenced if `fence` is given.
+/// Starts a commit of `ops`, fenced if `fence` is given; its outcome is reported from wherever
+/// the store finishes it.
 pub fn commit(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -110,15 +111,15 @@ pub fn commit(
     ops: Vec<StoreOp>,
     fence: Option<Fence>,
 ) {
-    let failed = Report::Committed(Err(StoreError("the commit task ended without an answer".into())));
+    let failed = Report::Committed(Err(StoreError("the commit ended without an answer".into())));
     let guard = ReportGuard::new(reports, failed, "store commit");
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let result = match &fence {
-            Some(fence) => store.commit_fenced(ops, fence).await,
-            None => store.commit(ops).await,
-        };
-        metrics.store_commit_duration.observe(started.elapsed().as_secs_f64());
-        guard.done(Report::Committed(result));
-    });
+    let started = Instant::now();
+    store.start_commit(
+        ops,
+        fence,
+        Box::new(move |result| {
+            metrics.store_commit_duration.observe(started.elapsed().as_secs_f64());
+            guard.done(Report::Committed(result));
+        }),
+    );
 }

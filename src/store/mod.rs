@@ -15,6 +15,8 @@ pub mod conformance;
 pub mod redis;
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::cluster::{EntryId, Shard};
@@ -70,6 +72,10 @@ pub struct Fence {
 #[error("store unavailable: {0}")]
 pub struct StoreError(pub String);
 
+/// Where a commit's outcome is told, once. Dropped without being called when the work that
+/// holds it dies: its owner must then count the commit as failed.
+pub type CommitDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Every stored job.
@@ -81,6 +87,18 @@ pub trait Store: Send + Sync + 'static {
     async fn commit_fenced(&self, ops: Vec<StoreOp>, fence: &Fence) -> Result<(), StoreError> {
         let _ = (ops, fence);
         Err(StoreError("this store is not shared: it takes no fenced commits".into()))
+    }
+    /// Starts committing `ops` ([`Store::commit_fenced`] under `fence` when given, else
+    /// [`Store::commit`]) and returns at once; `done` is told the outcome. By default from a task
+    /// of its own; a store that works on a thread of its own tells it from there.
+    fn start_commit(self: Arc<Self>, ops: Vec<StoreOp>, fence: Option<Fence>, done: CommitDone) {
+        tokio::spawn(async move {
+            let result = match &fence {
+                Some(fence) => self.commit_fenced(ops, fence).await,
+                None => self.commit(ops).await,
+            };
+            done(result);
+        });
     }
     /// Whether the store can be used right now.
     async fn ping(&self) -> Result<(), StoreError>;

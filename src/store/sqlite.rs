@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{JobRecord, Seat, Store, StoreError, StoreOp};
+use super::{CommitDone, Fence, JobRecord, Seat, Store, StoreError, StoreOp};
 use crate::delegation::JobId;
 
 pub struct SqliteStore {
@@ -179,6 +179,33 @@ fn apply_ops(conn: &Connection, ops: Vec<StoreOp>) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Commits `ops` in one transaction: `synchronous = FULL` when it stores a delegation, else
+/// `NORMAL` (see the module's doc).
+fn commit_now(conn: &mut Connection, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let stores_delegation = ops.iter().any(|op| matches!(op, StoreOp::Insert(_)));
+    set_synchronous(conn, if stores_delegation { "FULL" } else { "NORMAL" })?;
+    // BEGIN and COMMIT prepared once, like every statement here (a Transaction parses them
+    // again on each commit).
+    if !conn.is_autocommit() {
+        // A transaction left open by a commit whose rollback failed: end it first.
+        conn.execute_batch("ROLLBACK").map_err(err)?;
+    }
+    conn.prepare_cached("BEGIN").map_err(err)?.execute([]).map_err(err)?;
+    let applied = apply_ops(conn, ops).and_then(|()| {
+        conn.prepare_cached("COMMIT").map_err(err)?.execute([]).map_err(err)?;
+        Ok(())
+    });
+    if applied.is_err() && !conn.is_autocommit() {
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "rollback of a failed commit failed");
+        }
+    }
+    applied
+}
+
 thread_local! {
     /// The connection's `synchronous` setting, on the thread that owns the connection (as
     /// [`SqliteStore::open`] leaves it): set again only when it changes.
@@ -233,31 +260,18 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
-        if ops.is_empty() {
-            return Ok(());
+        self.with_conn(move |conn| commit_now(conn, ops)).await
+    }
+
+    /// Told from the connection's thread as soon as the commit ends: no task is woken in
+    /// between (this is the engine's hot path: every webhook that changes a job waits for it).
+    fn start_commit(self: Arc<Self>, ops: Vec<StoreOp>, fence: Option<Fence>, done: CommitDone) {
+        if fence.is_some() {
+            return done(Err(StoreError("this store is not shared: it takes no fenced commits".into())));
         }
-        let stores_delegation = ops.iter().any(|op| matches!(op, StoreOp::Insert(_)));
-        self.with_conn(move |conn| {
-            set_synchronous(conn, if stores_delegation { "FULL" } else { "NORMAL" })?;
-            // BEGIN and COMMIT prepared once, like every statement here (a Transaction parses
-            // them again on each commit).
-            if !conn.is_autocommit() {
-                // A transaction left open by a commit whose rollback failed: end it first.
-                conn.execute_batch("ROLLBACK").map_err(err)?;
-            }
-            conn.prepare_cached("BEGIN").map_err(err)?.execute([]).map_err(err)?;
-            let applied = apply_ops(conn, ops).and_then(|()| {
-                conn.prepare_cached("COMMIT").map_err(err)?.execute([]).map_err(err)?;
-                Ok(())
-            });
-            if applied.is_err() && !conn.is_autocommit() {
-                if let Err(e) = conn.execute_batch("ROLLBACK") {
-                    tracing::error!(error = %e, "rollback of a failed commit failed");
-                }
-            }
-            applied
-        })
-        .await
+        // Should the thread be gone, the work (and `done` with it) is dropped unanswered: its
+        // owner counts that as a failed commit.
+        let _ = self.jobs.send(Box::new(move |conn| done(commit_now(conn, ops))));
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
