@@ -124,11 +124,11 @@ pub async fn serve(
 /// Answers `503 M_UNKNOWN` (and closes the connection) when a request is not read and answered
 /// within `limit`: a client trickling its body holds nothing for longer.
 pub async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_owned();
+    let uri = req.uri().clone(); // shares the request's bytes: nothing copied on the way
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => {
-            warn!(path = %path, limit_ms = limit.as_millis() as u64, "request not read and answered in time; 503");
+            warn!(path = %uri.path(), limit_ms = limit.as_millis() as u64, "request not read and answered in time; 503");
             let mut r =
                 MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "request took too long").into_response();
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
