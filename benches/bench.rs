@@ -646,15 +646,22 @@ async fn ingest(goals: &Goals) {
     let rounds =
         |sessions: &mut Vec<(String, common::livekit::Participant)>, n: usize| migration_rounds(&livekit, sessions, n);
     let bodies = Arc::new(rounds(&mut sessions, rounds_wanted));
+    let pid = bridge.pid().unwrap();
+    let cpu0 = cpu(pid);
     let (bridge_rps, bridge_lat) =
         closed_loop(&format!("{}/sfu_webhook", bridge.url), bodies.clone(), CONCURRENCY).await;
+    // CPU time per webhook: steadier than throughput on a shared machine, and what a change to
+    // the path buys whatever the load generator costs.
+    let bridge_cpu = (cpu(pid) - cpu0) / bodies.len() as f64;
     let changed =
         bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_joined\",outcome=\"accepted\"}").await;
     assert_durably_bound(&bridge, &sessions);
 
     let bare = BareServer::start();
     let bare_url = bare.url.clone();
+    let cpu0 = cpu(bare.child.id());
     let (bare_rps, bare_lat) = closed_loop(&bare_url, bodies.clone(), CONCURRENCY).await;
+    let bare_cpu = (cpu(bare.child.id()) - cpu0) / bodies.len() as f64;
 
     // p99 at half the bridge's throughput, on the next state changes (~5 s of load, whole
     // rounds so that every member ends bound to its last session).
@@ -685,6 +692,12 @@ async fn ingest(goals: &Goals) {
         bare_rps,
         percentile(&al, 0.5),
         percentile(&al, 0.99)
+    );
+    println!(
+        "  CPU per webhook: bridge {:.1} µs, bare {:.1} µs ({:.2}x)",
+        bridge_cpu * 1e6,
+        bare_cpu * 1e6,
+        bridge_cpu / bare_cpu
     );
     let ratio = bridge_rps / bare_rps;
     println!("  ratio {ratio:.2}x (goal >= 0.7x: {})", goals.check("ingest >= 0.7x a bare endpoint", ratio >= 0.7));
