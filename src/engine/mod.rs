@@ -264,14 +264,14 @@ impl Input {
     }
 
     /// Each input's histogram, by [`Input`] order: looked up once, not on every input.
-    fn meters(metrics: &Metrics) -> [Histogram; 12] {
+    fn meters(metrics: &Metrics) -> [Histogram; Input::ALL.len()] {
         Input::ALL.map(|input| metrics.engine_busy.get_or_create(&InputLabel { input: input.as_str() }).clone())
     }
 }
 
 struct Engine {
     registry: Registry,
-    busy_meters: [Histogram; 12],
+    busy_meters: [Histogram; Input::ALL.len()],
     ports: Ports,
     clock: Clock,
     replies: HashMap<Ticket, Reply>,

@@ -54,6 +54,19 @@ pub async fn run(open: impl Fn() -> Open) {
     inserting_an_existing_id_replaces_it(open()).await;
     many_jobs_round_trip(open()).await;
     seats_are_found_by_room_and_user_until_they_expire(open()).await;
+    a_started_commit_is_told_once_applied(open()).await;
+}
+
+/// [`Store::start_commit`] applies as [`Store::commit`] does, and tells its outcome once the
+/// changes are stored (the engine answers webhooks on it).
+async fn a_started_commit_is_told_once_applied(open: Open) {
+    let store: std::sync::Arc<dyn Store> = open().await.into();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ops = vec![StoreOp::Insert(Box::new(record(1))), StoreOp::Insert(Box::new(record(2)))];
+    store.clone().start_commit(ops, None, Box::new(move |result| tx.send(result).unwrap()));
+    rx.await.expect("the outcome is told").unwrap();
+    assert_eq!(sorted(&*store).await, vec![record(1), record(2)]);
+    assert_eq!(sorted(&*open().await).await, vec![record(1), record(2)], "and it survives a reopen");
 }
 
 async fn empty_then_survives_reopen(open: Open) {

@@ -382,6 +382,19 @@ mod tests {
         .await;
     }
 
+    /// A fenced commit is for shared stores: refused, told so, nothing written.
+    #[tokio::test]
+    async fn a_fenced_commit_is_refused_and_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let fence = Fence { instance: "a".into(), epochs: vec![] };
+        let ops = vec![StoreOp::Insert(Box::new(record(1)))];
+        store.clone().start_commit(ops, Some(fence), Box::new(move |result| tx.send(result).unwrap()));
+        assert!(rx.await.unwrap().is_err());
+        assert!(store.load().await.unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
