@@ -388,21 +388,8 @@ impl Metrics {
                 let _ = m.tokens.get_or_create(&TokenLabels { endpoint, outcome });
             }
         }
-        for input in [
-            "listing",
-            "webhook",
-            "delegation",
-            "call_answer",
-            "commit",
-            "timeouts",
-            "reconcile",
-            "effects",
-            "jobs",
-            "inbox",
-            "adopt",
-            "release",
-        ] {
-            let _ = m.engine_busy.get_or_create(&InputLabel { input });
+        for input in crate::engine::Input::ALL {
+            let _ = m.engine_busy.get_or_create(&InputLabel { input: input.as_str() });
         }
         for outcome in ["renewed", "lost", "failed"] {
             let _ = m.lease_renewals.get_or_create(&OutcomeLabel { outcome });

@@ -215,7 +215,7 @@ impl Clock {
 
 /// What the engine is busy with, as `engine_busy_seconds{input}` names it.
 #[derive(Clone, Copy)]
-enum Input {
+pub enum Input {
     Listing,
     Webhook,
     Delegation,
@@ -231,7 +231,7 @@ enum Input {
 }
 
 impl Input {
-    const ALL: [Input; 12] = [
+    pub const ALL: [Input; 12] = [
         Input::Listing,
         Input::Webhook,
         Input::Delegation,
@@ -246,7 +246,7 @@ impl Input {
         Input::Release,
     ];
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Input::Listing => "listing",
             Input::Webhook => "webhook",
