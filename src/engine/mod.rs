@@ -3,9 +3,10 @@
 //! work it spawned, the registry's own deadlines and the reconciliation tick.
 //!
 //! The loop is the whole of it: take a bounded batch of one kind of input, feed it to the
-//! registry with the time, then carry out the registry's effects — spawn calls, listings and
-//! commits ([`tasks`]) through the ports, and answer requests. The task never waits on anything
-//! but its inputs; in particular not on the store, whose commits run as tasks of their own.
+//! registry with the time, then carry out the registry's effects — spawn calls and listings,
+//! hand commits to the store ([`tasks`]), and answer requests. The task never waits on anything
+//! but its inputs; in particular not on the store, which reports each commit's outcome as one of
+//! them ([`crate::store::Store::start_commit`]).
 //!
 //! With several instances ([`crate::cluster`]) the engine starts empty; the cluster's driver
 //! hands it shards ([`EngineHandle::adopt`], [`EngineHandle::release`]) and their inbox entries
