@@ -12,7 +12,8 @@
 //!   (Debian package `wrk`), 3 × 5 s alternated with a bare axum endpoint parsing the same JSON
 //!   and, when `PEER_BIN` names a build of lk-jwt-service, with it; medians compared.
 //! * `ingest`: signed webhooks/s that change durable state (checked in the bridge's database
-//!   afterwards), vs a bare axum JSON endpoint (a child process) under the same load generator;
+//!   afterwards; the bridge logging at info, as operators run it), and CPU time per webhook, vs
+//!   a bare axum JSON endpoint (a child process) under the same load generator;
 //!   then p99 latency at half the bridge's throughput, open loop, timed from each request's
 //!   scheduled send time. `BENCH_INGEST_ROUNDS` (default 10) lengthens the run, to profile.
 //! * `scale`: memory per tracked member at 10k and 100k members (RSS delta / members, vs the
