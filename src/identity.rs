@@ -39,6 +39,19 @@ fn hash_parts(parts: &[&str]) -> String {
     STANDARD_NO_PAD.encode(digest_parts(parts))
 }
 
+/// The digest a hashed identity (43 characters of unpadded base64) encodes; `None` for any
+/// other identity. Only canonical base64 decodes (no stray trailing bits), so the digest
+/// encodes back to the same text.
+pub fn hashed_digest(identity: &str) -> Option<[u8; 32]> {
+    let mut digest = [0u8; 32];
+    (identity.len() == 43 && STANDARD_NO_PAD.decode_slice(identity, &mut digest) == Ok(32)).then_some(digest)
+}
+
+/// Whether `identity` is the legacy `@user:server:DEVICE` of `user_id`'s device `device_id`.
+fn is_legacy_of(identity: &str, user_id: &str, device_id: &str) -> bool {
+    !device_id.is_empty() && identity.strip_prefix(user_id).and_then(|rest| rest.strip_prefix(':')) == Some(device_id)
+}
+
 /// The LiveKit room a MatrixRTC slot of a Matrix room is hosted in.
 pub fn livekit_room(room_id: &str, slot_id: &str) -> String {
     hash_parts(&[room_id, slot_id])
@@ -124,19 +137,18 @@ impl Watch {
         }
     }
 
-    /// Whether `identity` is one the member may connect under.
+    /// Whether `identity` is one the member may connect under: the whole watch, the reference
+    /// the [`Matcher`] a job keeps is tested against.
+    #[cfg(test)]
     pub fn matches(&self, identity: &str, user_id: &str, device_id: &str) -> bool {
         let (three, two, go) = match self {
             Watch::Member { three, two, go } => (three, two, go),
             Watch::Exact(exact) => return **exact == *identity,
         };
-        let mut digest = [0u8; 32];
-        if identity.len() == 43 && STANDARD_NO_PAD.decode_slice(identity, &mut digest) == Ok(32) {
-            return digest == *two || Some(digest) == *three || go.as_ref().is_some_and(|g| g.contains(&Some(digest)));
+        match hashed_digest(identity) {
+            Some(d) => d == *two || Some(d) == *three || go.as_ref().is_some_and(|g| g.contains(&Some(d))),
+            None => is_legacy_of(identity, user_id, device_id),
         }
-        // Legacy `@user:server:DEVICE`.
-        !device_id.is_empty()
-            && identity.strip_prefix(user_id).and_then(|rest| rest.strip_prefix(':')) == Some(device_id)
     }
 }
 
@@ -169,14 +181,13 @@ impl Matcher {
             Matcher::Member { three, two, go } => (three, two, go),
             Matcher::Exact => return minted == Some(identity),
         };
-        let mut digest = [0u8; 32];
-        if identity.len() == 43 && STANDARD_NO_PAD.decode_slice(identity, &mut digest) == Ok(32) {
-            let p = prefix(&digest);
-            return p == *two || Some(p) == *three || go.as_ref().is_some_and(|g| g.contains(&Some(digest)));
+        match hashed_digest(identity) {
+            Some(d) => {
+                let p = prefix(&d);
+                p == *two || Some(p) == *three || go.as_ref().is_some_and(|g| g.contains(&Some(d)))
+            }
+            None => is_legacy_of(identity, user_id, device_id),
         }
-        // Legacy `@user:server:DEVICE`.
-        !device_id.is_empty()
-            && identity.strip_prefix(user_id).and_then(|rest| rest.strip_prefix(':')) == Some(device_id)
     }
 }
 

@@ -43,15 +43,9 @@ pub enum Identity {
 
 impl Identity {
     pub fn new(identity: &str) -> Identity {
-        use base64::Engine as _;
-        let mut digest = [0u8; 32];
-        // Only canonical base64 decodes (no stray trailing bits): the digest writes back the
-        // same text.
-        let base64 = base64::engine::general_purpose::STANDARD_NO_PAD;
-        if identity.len() == 43 && base64.decode_slice(identity, &mut digest) == Ok(32) {
-            Identity::Digest(digest)
-        } else {
-            Identity::Text(identity.into())
+        match crate::identity::hashed_digest(identity) {
+            Some(digest) => Identity::Digest(digest),
+            None => Identity::Text(identity.into()),
         }
     }
 }
