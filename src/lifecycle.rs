@@ -513,11 +513,6 @@ impl Binding {
             room_sid: session.room_sid.into(),
         }
     }
-
-    /// When the session joined, Unix milliseconds.
-    pub fn joined_ms(&self) -> i64 {
-        self.joined_at_ms
-    }
 }
 
 /// Sessions of one member counted at most. LiveKit keeps one session per identity and a member
@@ -532,10 +527,11 @@ const MAX_SESSIONS: usize = 8;
 /// makes room.
 fn admit(sessions: &mut Vec<Live>, gone: &mut Few<(CompactString, Millis)>, b: Binding, now: Millis) -> bool {
     let same_identity = |l: &Live| l.binding.identity == b.identity;
-    if sessions.iter().any(|l| l.binding.sid == b.sid || (same_identity(l) && l.binding.joined_ms() > b.joined_ms())) {
+    if sessions.iter().any(|l| l.binding.sid == b.sid || (same_identity(l) && l.binding.joined_at_ms > b.joined_at_ms))
+    {
         return false;
     }
-    prune(sessions, gone, now, |l| !(same_identity(l) && l.binding.joined_ms() < b.joined_ms()));
+    prune(sessions, gone, now, |l| !(same_identity(l) && l.binding.joined_at_ms < b.joined_at_ms));
     if sessions.len() == MAX_SESSIONS {
         sessions.remove(0);
     }
@@ -657,7 +653,7 @@ impl Maybe {
 
 /// The newest of `sessions` (by `joinedAt`; of equals, the one learnt last).
 fn newest(sessions: &[Live]) -> Option<&Binding> {
-    sessions.iter().rev().max_by_key(|l| l.binding.joined_ms()).map(|l| &l.binding)
+    sessions.iter().rev().max_by_key(|l| l.binding.joined_at_ms).map(|l| &l.binding)
 }
 
 /// One delegated delayed leave and everything known about its member.
@@ -796,7 +792,7 @@ impl Job {
                 // Back where it was among them: before every session that joined no earlier, so
                 // that it is the newest again (ties go to the session admitted first), and the
                 // job's durable phase reads as stored until something changes.
-                let at = others.iter().position(|o| o.joined_ms() >= binding.joined_ms()).unwrap_or(others.len());
+                let at = others.iter().position(|o| o.joined_at_ms >= binding.joined_at_ms).unwrap_or(others.len());
                 others.insert(at, binding);
                 // The proof of a lost departure goes on where it was: listings the earlier holder
                 // made count, and the next one here may complete it.

@@ -38,6 +38,7 @@ impl<K: Ord + Copy> Scheduler<K> {
         }
     }
 
+    /// The earliest deadline, if any.
     pub fn next_deadline(&self) -> Option<Millis> {
         self.queue.first().map(|(at, _)| *at)
     }
