@@ -161,6 +161,21 @@ impl Fakes {
         };
         start(config, ports).await.unwrap().0
     }
+
+    /// A member with delay `delay_ms` connected to LiveKit (session `PA_1`), then delegated to
+    /// `engine`; when it was delegated, from which on it must be kept alive.
+    async fn connected_and_delegated(
+        &self,
+        engine: &EngineHandle,
+        delay_id: &str,
+        delay_ms: u64,
+    ) -> (Delegation, Instant) {
+        let d = Delegation { delay_ms, ..delegation(delay_id, "DEV") };
+        self.livekit.rooms.lock().unwrap().insert(d.livekit_room(), vec![participant(&d, "PA_1")]);
+        let since = Instant::now();
+        engine.delegate(d.clone()).await.unwrap();
+        (d, since)
+    }
 }
 
 fn delegation(delay_id: &str, device: &str) -> Delegation {
@@ -332,10 +347,7 @@ async fn a_call_task_that_panics_does_not_stop_the_restarts() {
     let fakes = Fakes::new();
     fakes.hs.panics.store(1, Ordering::SeqCst);
     let engine = fakes.engine().await;
-    let d = Delegation { delay_ms: 3_000, ..delegation("syd_1", "DEV") };
-    fakes.livekit.rooms.lock().unwrap().insert(d.livekit_room(), vec![participant(&d, "PA_1")]);
-    let since = Instant::now();
-    engine.delegate(d.clone()).await.unwrap();
+    let (d, since) = fakes.connected_and_delegated(&engine, "syd_1", 3_000).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let calls = fakes.hs.calls_of(&d.delay_id);
     assert!(calls.len() >= 2, "the restart was retried after the panic: {calls:?}");
@@ -352,10 +364,7 @@ async fn restarts_answered_late_keep_a_member_alive() {
     let fakes = Fakes::new();
     fakes.hs.latency_ms.store(2_000, Ordering::SeqCst);
     let engine = fakes.engine().await;
-    let d = Delegation { delay_ms: 6_000, ..delegation("syd_slow", "DEV") };
-    fakes.livekit.rooms.lock().unwrap().insert(d.livekit_room(), vec![participant(&d, "PA_1")]);
-    let since = Instant::now();
-    engine.delegate(d.clone()).await.unwrap();
+    let (d, since) = fakes.connected_and_delegated(&engine, "syd_slow", 6_000).await;
     tokio::time::sleep(Duration::from_secs(16)).await;
     let calls = fakes.hs.calls_of(&d.delay_id);
     let accepted = fakes.hs.accepted.lock().unwrap().len();
