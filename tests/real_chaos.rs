@@ -51,6 +51,13 @@ const DELAY_MS: u64 = 6_000;
 /// client first asked for its token, but may be well before the answer reached it (an answer
 /// slow on a loaded machine, or lost with an instance killed after storing the delegation).
 const JOIN_PATIENCE: Duration = Duration::from_secs(6);
+/// How long a client goes on asking for a token before the run fails: every fault here (an
+/// instance killed for 2 s, LiveKit for 2 s and its restart) is over well within it, so an
+/// instance still unable to answer past it is a bridge that does not recover.
+const TOKEN_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a life may take past the end of the run before the run fails as stuck (a token
+/// asked for at the last moment, a 30 s join, a 15 s hang-up, with room to spare).
+const LIFE_OVERRUN: Duration = Duration::from_secs(150);
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -82,15 +89,24 @@ struct Life {
     frozen: bool,
 }
 
-async fn live(
+/// What one client knows: who it is, its room, its homeserver, the bridge instances' addresses.
+struct Client {
     user: MatrixUser,
     room: String,
     synapse: Arc<Synapse>,
     bridges: Vec<String>,
+}
+
+/// One client living call after call until `until`, each call recorded in `lives`, what it is
+/// doing in `step`; the participant still connected at the end, if any.
+async fn live(
+    Client { user, room, synapse, bridges }: Client,
     seed: u64,
     until: Instant,
     lives: Arc<Mutex<Vec<Life>>>,
+    step: Arc<Mutex<String>>,
 ) -> Option<Participant> {
+    let at = |what: String| *step.lock().unwrap() = what;
     let mut rng = StdRng::seed_from_u64(seed);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
     let identity = format!("{}:{}", user.user_id, user.device_id);
@@ -99,6 +115,7 @@ async fn live(
         n += 1;
         let key = format!("{}_{n}", user.state_key());
         let scheduled = Instant::now();
+        at(format!("call {n}: scheduling its leave and asking for an OpenID token"));
         let delay_id = synapse.join_call_as(&user, &room, &key, DELAY_MS).await;
         let body = json!({
             "room": room, "openid_token": synapse.openid_token(&user).await, "device_id": user.device_id,
@@ -107,18 +124,29 @@ async fn live(
         // As a client: any instance, retried on 502/503/429, refused connections, and 500 (the
         // room could not be opened: LiveKit down).
         let asked = Instant::now();
+        let mut refusals = Vec::new();
         let answer = loop {
             let url = &bridges[rng.random_range(0..bridges.len())];
-            if let Ok(r) = http.post(format!("{url}/sfu/get")).json(&body).send().await {
-                match r.status().as_u16() {
+            at(format!("call {n}: asking {url} for a token ({:?} so far: {:?})", asked.elapsed(), refusals.last()));
+            match http.post(format!("{url}/sfu/get")).json(&body).send().await {
+                Ok(r) => match r.status().as_u16() {
                     200 => break r.json::<Value>().await.unwrap(),
-                    429 | 500 | 502 | 503 => {}
+                    status @ (429 | 500 | 502 | 503) => {
+                        refusals.push(format!("{url}: {status} {}", r.text().await.unwrap_or_default()))
+                    }
                     other => panic!("token refused with {other}: {}", r.text().await.unwrap_or_default()),
-                }
+                },
+                Err(e) => refusals.push(format!("{url}: {e}")),
             }
+            assert!(
+                asked.elapsed() < TOKEN_PATIENCE,
+                "{}: no token within {TOKEN_PATIENCE:?}: {refusals:#?}",
+                user.user_id
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         };
         let delegated = Instant::now();
+        at(format!("call {n}: joining LiveKit"));
         let joined = Participant::try_join_as(answer["url"].as_str().unwrap(), answer["jwt"].as_str().unwrap(), None);
         let mut life = Life {
             user: user.user_id.clone(),
@@ -148,6 +176,7 @@ async fn live(
             l.push(life);
             l.len() - 1
         };
+        at(format!("call {n}: in the call"));
         let stay = Duration::from_millis(rng.random_range(3_000..10_000));
         let end = (Instant::now() + stay).min(until);
         // A quarter of the calls freeze for 2–8 s (well inside LiveKit's ~20 s timeout).
@@ -168,6 +197,7 @@ async fn live(
         }
         let mut killed = rng.random_bool(0.4);
         let ended = Instant::now();
+        at(format!("call {n}: ending it (killed: {killed})"));
         if killed {
             p.kill9();
         } else {
@@ -178,6 +208,7 @@ async fn live(
             l[index].ended = Some(ended);
             l[index].killed = killed;
         }
+        at(format!("call {n}: over"));
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..2_000))).await;
     }
     None
@@ -220,8 +251,10 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     let lives = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (user, room) in &users {
-        let task = live(user.clone(), room.clone(), synapse.clone(), urls.clone(), rng.random(), until, lives.clone());
-        tasks.push(tokio::spawn(task));
+        let step = Arc::new(Mutex::new(String::from("starting")));
+        let client = Client { user: user.clone(), room: room.clone(), synapse: synapse.clone(), bridges: urls.clone() };
+        let task = live(client, rng.random(), until, lives.clone(), step.clone());
+        tasks.push((user.user_id.clone(), step, tokio::spawn(task)));
         tokio::time::sleep(Duration::from_millis(150)).await; // not every client at once
     }
     // Faults: every few seconds a bridge instance killed -9 and restarted two seconds later; now
@@ -245,10 +278,19 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         bridges[i].restart().await;
     }
+    // Every life over within its bound, or the run fails saying where each stuck one is.
     let mut connected = Vec::new();
-    for t in tasks {
-        connected.extend(t.await.unwrap());
+    let mut stuck = Vec::new();
+    for (user, step, mut task) in tasks {
+        match tokio::time::timeout_at((until + LIFE_OVERRUN).into(), &mut task).await {
+            Ok(done) => connected.extend(done.unwrap()),
+            Err(_) => {
+                task.abort();
+                stuck.push(format!("{user}: {}", step.lock().unwrap()));
+            }
+        }
     }
+    assert!(stuck.is_empty(), "lives still running {LIFE_OVERRUN:?} after the run's end: {stuck:#?}");
     // Every leave has had its time to land (a kill: LiveKit's ~21 s, then ours).
     tokio::time::sleep(Duration::from_secs(45)).await;
 

@@ -106,17 +106,33 @@ impl Participant {
         }
     }
 
-    /// Asks the client to hang up; whether it said it did within 10 s (else it is killed).
+    /// Asks the client to hang up; whether it said it did within 10 s. Its process is gone when
+    /// this returns: killed if it did not say so, or did not exit within 5 s of saying it.
     pub async fn leave(&mut self) -> bool {
         self.ask_to_leave();
         let left = self.wait_for("left", Duration::from_secs(10)).await.is_some();
-        if !left {
+        if !(left && self.exited_within(Duration::from_secs(5)).await) {
             self.kill9();
         }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
         left
+    }
+
+    /// Whether the process exits within `within`; reaped if it does. Polled, not waited for:
+    /// a blocking wait would hold one of the runtime's threads for as long as the process
+    /// lingers, and a process that never exits would hold it for good.
+    async fn exited_within(&mut self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while let Some(c) = self.child.as_mut() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                self.child = None;
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// SIGKILL: the client vanishes without a word.
