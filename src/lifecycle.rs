@@ -344,6 +344,12 @@ struct Calls {
 }
 
 impl Calls {
+    /// Whether the call asked for has been started by the shell and not answered yet: a send
+    /// may then reach the homeserver whatever the job learns from now on.
+    fn started(&self) -> bool {
+        self.in_flight && self.expires.get().is_some()
+    }
+
     fn due_now(now: Millis) -> Self {
         Calls {
             in_flight: false,
@@ -1029,9 +1035,10 @@ impl Job {
             }
             Phase::Sending { returned, .. } => {
                 // The member is connected again before the leave went out: it must not go out.
-                // (If the send is in flight it cannot be recalled: the job binds to the session
-                // if the send fails, and ends if it succeeded.)
-                if !self.calls.in_flight {
+                // (Once the shell has started the send it cannot be recalled: the job binds to
+                // the session if the send fails, and ends if it succeeded. Until then — it may
+                // wait in the shell's queues — it is dropped.)
+                if !self.calls.started() {
                     self.bind(vec![Binding::of(session)], now, out);
                 } else if note_return(returned, Binding::of(session)) {
                     out.push(Action::Persist);
@@ -1154,7 +1161,7 @@ impl Job {
                 }
             }
             Phase::Sending { returned, .. } => {
-                if !self.calls.in_flight {
+                if !self.calls.started() {
                     self.bind(present.into_iter().map(Binding::of).collect(), now, out);
                 } else {
                     let mut changed = false;

@@ -117,6 +117,11 @@ impl Harness {
         let call = self.last_call();
         self.ev(Event::Restarted { call, started: 0, answer })
     }
+    /// The shell starts the call the job issued last (it may have waited in its queues).
+    fn start_last_call(&mut self) {
+        let call = self.last_call();
+        assert!(self.job.call_started(call, self.now), "call {call} is awaited");
+    }
     fn answer_send(&mut self, answer: HsAnswer) -> Vec<Action> {
         let call = self.last_call();
         self.ev(Event::SendAnswered { call, answer })
@@ -636,6 +641,7 @@ fn a_member_back_during_a_failed_send_is_kept_alive_not_sent_again() {
     let mut h = Harness::bound("PA_1", 1);
     h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
     assert_eq!(h.sends(), 1);
+    h.start_last_call();
     h.ev(Event::Joined(session("PA_2", 2))); // while the send is in flight
     let out = h.answer_send(HsAnswer::Failed);
     assert_eq!(h.job.kind(), PhaseKind::Connected, "{out:?}");
@@ -646,9 +652,34 @@ fn a_member_back_during_a_failed_send_is_kept_alive_not_sent_again() {
     let mut h = Harness::new();
     h.ev(Event::Joined(session("PA_1", 1)));
     h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    h.start_last_call();
     h.ev(Event::Joined(session("PA_2", 2)));
     let out = h.answer_send(HsAnswer::Ok);
     assert!(matches!(out.as_slice(), [Action::Finish(Outcome::Sent { .. })]), "{out:?}");
+}
+
+/// Found by the registry's property test with shards, once sends waited for a look at the inbox:
+/// the member came back while its send was asked for but not yet started (waiting in the
+/// shell's queues), and the job, taking the send for in flight, let it go out. A send not
+/// started is dropped: the job keeps the member alive, and the shell's late start is refused.
+#[test]
+fn a_member_back_before_the_send_is_started_is_kept_alive_and_nothing_is_sent() {
+    let mut h = Harness::bound("PA_1", 1);
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    assert_eq!(h.sends(), 1);
+    let send = h.last_call();
+    let out = h.ev(Event::Joined(session("PA_2", 2)));
+    assert_eq!(h.job.kind(), PhaseKind::Connected, "{out:?}");
+    assert!(!h.job.call_started(send, h.now), "the send asked for is not started any more");
+    // The same through a listing that finds the member.
+    let mut h = Harness::bound("PA_1", 1);
+    h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
+    let send = h.last_call();
+    h.ev(Event::Observed { at: h.now, present: vec![session("PA_2", 2)] });
+    assert_eq!(h.job.kind(), PhaseKind::Connected);
+    assert!(!h.job.call_started(send, h.now));
+    h.advance_to(5 * DELAY);
+    assert_eq!(h.sends(), 1, "never sent again");
 }
 
 /// Found by the registry's property test with handovers: the member came back while the send
@@ -660,6 +691,7 @@ fn a_member_back_during_a_send_is_kept_alive_by_the_next_holder() {
     let mut h = Harness::bound("PA_1", 1);
     h.ev(Event::Left { session: session("PA_1", 1), reason: LeaveReason::Final });
     assert_eq!(h.sends(), 1);
+    h.start_last_call();
     let out = h.ev(Event::Joined(session("PA_2", 2))); // while the send is in flight
     assert!(out.contains(&Action::Persist), "the return is stored: {out:?}");
     let stored = h.job.durable().unwrap();
