@@ -113,7 +113,7 @@ pub struct LimitLabels {
 pub const LIMITS: [&str; 3] = ["user_rate", "homeserver_rate", "homeserver_busy"];
 
 /// What each Redis round trip is for (the `op` label of `redis_duration_seconds`).
-pub const REDIS_OPS: [&str; 6] = ["tick", "acquire", "release", "load", "inbox_add", "inbox_read"];
+pub const REDIS_OPS: [&str; 7] = ["tick", "acquire", "release", "load", "inbox_add", "inbox_read", "inbox_look"];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 

@@ -314,10 +314,12 @@ pub async fn start(
     };
     let records = loadable(records, config.appservice_server.as_deref());
     let (tx, rx) = mpsc::channel(4_096);
-    // Room for every report that can be outstanding: each started call, listing and commit
-    // reports once, and the registry starts no more than its limits.
+    // Room for every report that can be outstanding: each started call, listing, commit and look
+    // at an inbox reports once, and the registry starts no more than its limits (one commit at a
+    // time, one look per shard).
     let limits = &config.limits;
-    let (reports_tx, reports_rx) = mpsc::channel(limits.restarts + limits.sends + limits.listings + 1);
+    let outstanding = limits.restarts + limits.sends + limits.listings + 1 + usize::from(crate::cluster::SHARDS);
+    let (reports_tx, reports_rx) = mpsc::channel(outstanding);
     let clock = Clock::start();
     let mut registry = Registry::new(config.timing, config.limits, ports.metrics.clone());
     if config.instance.is_some() {
@@ -493,6 +495,10 @@ impl Engine {
                 self.registry.committed(result, now);
                 Input::Commit
             }
+            Report::InboxLooked { shard, epoch, result } => {
+                self.registry.inbox_looked(shard, epoch, result);
+                Input::Inbox
+            }
         };
         self.busy(input, started);
     }
@@ -531,6 +537,13 @@ impl Engine {
                     tasks::commit(store, self.ports.metrics.clone(), self.reports_tx.clone(), ops, fence)
                 }
                 Effect::Watch { room, watched } => self.rooms.set(room, watched),
+                Effect::LookAtInbox { shard, epoch } => tasks::look_at_inbox(
+                    self.ports.store.clone(),
+                    self.ports.metrics.clone(),
+                    self.reports_tx.clone(),
+                    shard,
+                    epoch,
+                ),
                 // Inbox entries were answered when they were queued.
                 Effect::Delegated { ticket: Ticket::INBOX, .. }
                 | Effect::WebhookHandled { ticket: Ticket::INBOX, .. } => {}

@@ -166,6 +166,9 @@ pub enum Effect {
     /// a room without jobs may be answered without the registry. Comes before the answers to
     /// the delegations that gave the room its first job.
     Watch { room: Arc<str>, watched: bool },
+    /// With shards: read the id of the latest entry in `shard`'s inbox (held under `epoch`);
+    /// report with [`Registry::inbox_looked`]. One at a time per shard.
+    LookAtInbox { shard: Shard, epoch: u64 },
 }
 
 /// A delegation waiting for the commit that makes it durable.
@@ -242,11 +245,37 @@ impl Entry {
 }
 
 /// A shard this instance holds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Owned {
     epoch: u64,
     /// The last inbox entry taken in (entries at or before it are not taken twice).
     last: EntryId,
+    sends: HeldSends,
+}
+
+/// The sends of one shard's jobs, held until the shard's inbox is known to hold no newer
+/// delegation of their members. Any instance stores a delegation in the inbox and answers the
+/// client at once; until the holder takes it in, the member's older job may still decide to
+/// send — and an older delay id sent after the newer one was accepted would overwrite the
+/// member's new membership with a leave. So each send waits for a look at the inbox's latest
+/// entry that started after it was decided, then for the entries up to that one to be taken in:
+/// a newer delegation among them supersedes its job, and the send is dropped.
+#[derive(Debug, Default)]
+struct HeldSends {
+    /// Decided since the look under way started, or with none under way: the next look's.
+    next: Vec<(JobId, u64)>,
+    /// Covered by the look under way, or by the last one while the entries it found come in.
+    covered: Vec<(JobId, u64)>,
+    look: Look,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    #[default]
+    Idle,
+    InFlight,
+    /// The inbox's latest entry then (the zero id: it was empty).
+    Found(EntryId),
 }
 
 /// A room's listing: queued, or in flight (and wanted once more after it).
@@ -401,7 +430,7 @@ impl Registry {
     /// once and is reconciled with LiveKit) and takes in its inbox after `applied`.
     pub fn adopt(&mut self, shard: Shard, epoch: u64, applied: EntryId, records: Vec<JobRecord>, now: Millis) {
         let Some(owned) = &mut self.owned else { return };
-        if owned.insert(shard, Owned { epoch, last: applied }).is_some() {
+        if owned.insert(shard, Owned { epoch, last: applied, sends: HeldSends::default() }).is_some() {
             error!(shard = %shard, "adopted a shard already held; its jobs are replaced by the stored ones");
             self.release_jobs(shard);
         }
@@ -466,6 +495,32 @@ impl Registry {
             Inbound::Unreadable => {}
         }
         self.pending.push((shard, StoreOp::Consumed { shard, entry }));
+        self.release_sends(shard);
+    }
+
+    /// The answer to a look at `shard`'s inbox ([`Effect::LookAtInbox`]) started under `epoch`:
+    /// its latest entry then (`None`: it was empty), or why it could not be read.
+    pub fn inbox_looked(&mut self, shard: Shard, epoch: u64, result: Result<Option<EntryId>, StoreError>) {
+        let Some(owned) = self.owned.as_mut().and_then(|o| o.get_mut(&shard)) else { return };
+        if owned.epoch != epoch || owned.sends.look != Look::InFlight {
+            return;
+        }
+        let held = &mut owned.sends;
+        match result {
+            Ok(latest) => held.look = Look::Found(latest.unwrap_or_default()),
+            Err(e) => {
+                // Looked at again, with the sends decided since: Redis answers again, or the lease
+                // runs out and the shard's next holder decides its sends afresh.
+                warn!(shard = %shard, sends = held.covered.len(), error = %e,
+                    "cannot look at the shard's inbox; its sends wait");
+                let mut covered = std::mem::take(&mut held.covered);
+                covered.append(&mut held.next);
+                held.next = covered;
+                held.look = Look::Idle;
+            }
+        }
+        self.release_sends(shard);
+        self.look_at_inbox(shard);
     }
 
     /// A delegation from an inbox: already durable there, and already answered, so it takes effect
@@ -950,7 +1005,13 @@ impl Registry {
                     self.restarts.push(entry.delegation.server_name(), (id, call));
                 }
                 Action::Send { call } => {
-                    self.sends.push(entry.delegation.server_name(), (id, call));
+                    let shard = entry.shard;
+                    if let Some(owned) = self.owned.as_mut().and_then(|o| o.get_mut(&shard)) {
+                        owned.sends.next.push((id, call));
+                        self.look_at_inbox(shard);
+                    } else if let Some(entry) = self.jobs.get(&id) {
+                        self.sends.push(entry.delegation.server_name(), (id, call));
+                    }
                 }
                 Action::Probe => {
                     let room = entry.room.clone();
@@ -1002,6 +1063,37 @@ impl Registry {
             Outcome::Superseded => return,
         }
         self.pending.push((entry.shard, StoreOp::Delete(id)));
+    }
+
+    /// Starts a look at `shard`'s inbox for the sends decided since the last one, unless one is
+    /// under way or its sends still wait for the entries it found.
+    fn look_at_inbox(&mut self, shard: Shard) {
+        let Some(owned) = self.owned.as_mut().and_then(|o| o.get_mut(&shard)) else { return };
+        let held = &mut owned.sends;
+        if held.look != Look::Idle || held.next.is_empty() {
+            return;
+        }
+        held.covered = std::mem::take(&mut held.next);
+        held.look = Look::InFlight;
+        self.effects.push_back(Effect::LookAtInbox { shard, epoch: owned.epoch });
+    }
+
+    /// Queues `shard`'s sends covered by its last look once every entry the look found is taken
+    /// in (a send whose job was superseded meanwhile is dropped when its turn comes), and looks
+    /// again for those decided since.
+    fn release_sends(&mut self, shard: Shard) {
+        let Some(owned) = self.owned.as_mut().and_then(|o| o.get_mut(&shard)) else { return };
+        let held = &mut owned.sends;
+        match held.look {
+            Look::Found(latest) if latest <= owned.last => held.look = Look::Idle,
+            _ => return,
+        }
+        for (id, call) in std::mem::take(&mut held.covered) {
+            if let Some(entry) = self.jobs.get(&id) {
+                self.sends.push(entry.delegation.server_name(), (id, call));
+            }
+        }
+        self.look_at_inbox(shard);
     }
 
     fn queue_of(&mut self, action: DelayedAction) -> &mut FairQueues<(JobId, u64)> {

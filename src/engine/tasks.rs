@@ -1,5 +1,6 @@
-//! The engine's spawned work: homeserver calls and RoomService listings, each a task, and store
-//! commits, handed to the store; each reports back to the engine loop exactly once.
+//! The engine's spawned work: homeserver calls, RoomService listings and looks at a shard's
+//! inbox, each a task, and store commits, handed to the store; each reports back to the engine
+//! loop exactly once.
 //!
 //! The registry has already counted each against its limit before it is spawned, so nothing
 //! waits inside a task for a permit, and the report channel is sized to hold every report that
@@ -7,17 +8,17 @@
 //! guard it holds: a lost report would leave a call counted in flight forever.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, error};
 
 use super::registry::CallRef;
-use crate::cluster::Shard;
+use crate::cluster::{EntryId, Shard};
 use crate::delegation::Delegation;
 use crate::lifecycle::{HsAnswer, Millis};
 use crate::livekit::Participant;
-use crate::metrics::{ActionLabel, Metrics};
+use crate::metrics::{ActionLabel, Metrics, RedisOpLabel};
 use crate::ports::{CallGate, DelayedAction, DelayedEvents, Presence, Unobserved};
 use crate::store::{Fence, Store, StoreError, StoreOp};
 
@@ -27,7 +28,11 @@ pub enum Report {
     Call { call: CallRef, action: DelayedAction, answer: HsAnswer },
     Listing { room: Arc<str>, at: Millis, result: Result<Vec<Participant>, Unobserved> },
     Committed(Result<(), StoreError>),
+    InboxLooked { shard: Shard, epoch: u64, result: Result<Option<EntryId>, StoreError> },
 }
+
+/// How long a failed look at an inbox waits before it reports (the registry then looks again).
+const LOOK_RETRY: Duration = Duration::from_millis(250);
 
 /// Sends its report when dropped: the real one if the task got that far, else the failure it
 /// was created with.
@@ -99,6 +104,28 @@ pub fn list(port: Arc<dyn Presence>, reports: mpsc::Sender<Report>, room: Arc<st
     tokio::spawn(async move {
         let result = port.participants(&room).await;
         guard.done(Report::Listing { room, at, result });
+    });
+}
+
+/// Spawns a look at the latest entry of `shard`'s inbox (held under `epoch`).
+pub fn look_at_inbox(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    reports: mpsc::Sender<Report>,
+    shard: Shard,
+    epoch: u64,
+) {
+    let failed = Report::InboxLooked { shard, epoch, result: Err(StoreError("the look was cut short".into())) };
+    let guard = ReportGuard::new(reports, failed, "inbox look");
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let result = store.latest_in_inbox(shard).await;
+        let op = RedisOpLabel { op: "inbox_look" };
+        metrics.redis_duration.get_or_create(&op).observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            tokio::time::sleep(LOOK_RETRY).await;
+        }
+        guard.done(Report::InboxLooked { shard, epoch, result });
     });
 }
 

@@ -100,6 +100,12 @@ pub trait Store: Send + Sync + 'static {
             done(result);
         });
     }
+    /// The id of the latest entry in `shard`'s inbox (`None`: it is empty). Only stores shared
+    /// by several instances have inboxes.
+    async fn latest_in_inbox(&self, shard: Shard) -> Result<Option<EntryId>, StoreError> {
+        let _ = shard;
+        Err(StoreError("this store is not shared: it has no inboxes".into()))
+    }
     /// Whether the store can be used right now.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Records `seat`, replacing the seat of the same LiveKit room and identity (a later token).

@@ -388,6 +388,13 @@ impl Store for RedisStore {
         self.run_commit(ops, Some(fence)).await
     }
 
+    async fn latest_in_inbox(&self, shard: Shard) -> Result<Option<EntryId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply =
+            conn.xrevrange_count(self.key(shard, "inbox"), "+", "-", 1).await.map_err(err)?;
+        reply.ids.first().map(|e| e.id.parse()).transpose().map_err(err)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: () = conn.ping().await.map_err(err)?;
@@ -746,9 +753,11 @@ mod tests {
         let redis = TestRedis::start().await;
         let s = store(&redis.url(), "p:").await;
         let shard = shard_of_record(1);
+        assert_eq!(s.latest_in_inbox(shard).await.unwrap(), None, "an empty inbox");
         let mut ids = Vec::new();
         for n in 1..=3 {
             ids.push(s.push(shard, &Inbound::Delegation(conformance::record(n).delegation)).await.unwrap());
+            assert_eq!(s.latest_in_inbox(shard).await.unwrap(), ids.last().copied(), "the latest entry");
         }
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         let mut reader = s.inbox_reader(Duration::from_millis(100)).await.unwrap();
@@ -772,6 +781,7 @@ mod tests {
         let mut raw = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
         let len: usize = raw.xlen(format!("p:shard:{}:inbox", shard.0)).await.unwrap();
         assert_eq!(len, 2);
+        assert_eq!(s.latest_in_inbox(shard).await.unwrap(), Some(ids[2]), "still the latest once some are applied");
         // Nothing there: the read waits its block time and returns nothing.
         let started = std::time::Instant::now();
         assert!(reader.read(&BTreeMap::from([(shard, ids[2])]), 10).await.unwrap().is_empty());

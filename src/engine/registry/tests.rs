@@ -53,6 +53,8 @@ struct Rig {
     delegated: Vec<(Ticket, Result<JobId, super::Refusal>)>,
     webhooks: Vec<(Ticket, Result<WebhookOutcome, StoreError>)>,
     watched: Vec<(Arc<str>, bool, usize)>,
+    /// Looks at an inbox asked for and not answered yet.
+    looks: Vec<(Shard, u64)>,
     next_ticket: u64,
 }
 
@@ -71,6 +73,7 @@ impl Rig {
             delegated: Vec::new(),
             webhooks: Vec::new(),
             watched: Vec::new(),
+            looks: Vec::new(),
             next_ticket: 0,
         }
     }
@@ -92,6 +95,7 @@ impl Rig {
                 Effect::WebhookHandled { ticket, result } => self.webhooks.push((ticket, result)),
                 // With the number of delegations answered by then.
                 Effect::Watch { room, watched } => self.watched.push((room, watched, self.delegated.len())),
+                Effect::LookAtInbox { shard, epoch } => self.looks.push((shard, epoch)),
             }
         }
     }
@@ -136,6 +140,13 @@ impl Rig {
             self.flush();
         }
         self.now = to;
+        self.flush();
+    }
+    /// Answers every look at an inbox asked for: its latest entry is `latest`.
+    fn answer_looks(&mut self, latest: Option<EntryId>) {
+        for (shard, epoch) in std::mem::take(&mut self.looks) {
+            self.r.inbox_looked(shard, epoch, Ok(latest));
+        }
         self.flush();
     }
     fn sends(&self) -> Vec<JobId> {
@@ -647,6 +658,8 @@ enum Op {
     Read(u8),
     /// With shards: the shard's lease runs out and this instance takes it again (new epoch).
     Handover,
+    /// With shards: the looks at the inbox asked for are answered (its latest entry), or fail.
+    Look(bool),
     /// One instance: killed and started again on its store; whether the commit in flight landed.
     Crash(bool),
 }
@@ -666,6 +679,7 @@ fn sharded_op() -> impl Strategy<Value = Op> {
         10 => op(),
         4 => (1u8..6).prop_map(Op::Read),
         2 => Just(Op::Handover),
+        3 => any::<bool>().prop_map(Op::Look),
     ]
 }
 
@@ -804,6 +818,19 @@ impl World {
             // Checked as they are issued: a send is judged by what the jobs were told so far.
             self.take_effects();
         }
+    }
+
+    /// With shards: answers the looks at the inbox asked for, with its latest entry now, or a
+    /// failure.
+    fn answer_looks(&mut self, ok: bool) {
+        let Some(h) = &self.holding else { return };
+        let latest = h.inbox.last().map(|(id, _)| *id);
+        for (shard, epoch) in std::mem::take(&mut self.rig.looks) {
+            let result = if ok { Ok(latest) } else { Err(StoreError("down".into())) };
+            self.rig.r.inbox_looked(shard, epoch, result);
+        }
+        self.rig.flush();
+        self.take_effects();
     }
 
     /// With shards: the lease runs out; the shard is given up, then taken again under a new
@@ -1061,6 +1088,7 @@ impl World {
             }
             Op::Read(n) => self.read(usize::from(n)),
             Op::Handover => self.hand_over(),
+            Op::Look(ok) => self.answer_looks(ok),
             Op::Crash(landed) => self.crash(landed),
             _ => {}
         }
@@ -1082,6 +1110,8 @@ fn run_world(sharded: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
     w.rig.advance(w.rig.now + retry);
     w.take_effects();
     for _ in 0..20 {
+        w.read(usize::MAX);
+        w.answer_looks(true);
         w.read(usize::MAX);
         if w.rig.commits.is_empty() {
             if w.rig.r.pending.is_empty() && w.rig.r.staged.is_empty() {
@@ -1143,6 +1173,7 @@ impl World {
                 last_seen.insert(*id, (self.rig.now, format!("{:?} deadline {}", e.job.kind(), e.job.deadline())));
             }
             self.read(usize::MAX);
+            self.answer_looks(true);
             self.settle_commit(true);
             self.take_effects();
             let calls = std::mem::take(&mut self.rig.calls);
@@ -1283,6 +1314,59 @@ fn an_inbox_entry_takes_effect_once_and_its_position_is_committed_with_its_effec
     );
 }
 
+/// Found by the real-LiveKit chaos run: a member hung up and called again at once; the instance
+/// that took the new delegation stored it in the shard's inbox and answered, and the shard's
+/// holder, before taking that entry in, proved the old call's departure and sent its delay id —
+/// the one that, sent after the newer delegation, overwrites the new membership with a leave.
+/// A send now waits for a look at the inbox started after it was decided, and for the entries up
+/// to the latest it found: a newer delegation there supersedes the job and the send is dropped.
+#[test]
+fn a_send_waits_until_the_inbox_holds_no_newer_delegation_of_its_member() {
+    let (mut rig, shard) = sharded();
+    let a = delegation("a", "DEV", "syd_a");
+    delegated_and_joining(&mut rig, shard, &a);
+    rig.commit(Ok(()));
+    let old = rig.r.jobs.keys().copied().next().unwrap();
+    consume(&mut rig, shard, 3, 3, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
+    assert!(rig.sends().is_empty(), "not before a look at the inbox");
+    assert_eq!(rig.looks, [(shard, 3)]);
+    // The member called again meanwhile: its newer delegation is entry 4, not taken in yet.
+    rig.answer_looks(Some(entry(4)));
+    assert!(rig.sends().is_empty(), "not before the entries the look found are taken in");
+    let newer = delegation("a", "DEV", "syd_a2");
+    consume(&mut rig, shard, 3, 4, Inbound::Delegation(newer.clone()));
+    rig.advance(rig.now + 10 * DELAY);
+    assert!(!rig.calls.iter().any(|c| c.0 == old && c.2 == DelayedAction::Send), "the older delay id is never sent");
+    assert!(rig.r.jobs.values().any(|e| *e.delegation == newer), "the newer delegation is tracked");
+    assert!(rig.looks.is_empty(), "no send, no look");
+
+    // Nothing newer in the inbox: sent as soon as the look says so.
+    let (mut rig, shard) = sharded();
+    delegated_and_joining(&mut rig, shard, &a);
+    rig.commit(Ok(()));
+    consume(&mut rig, shard, 3, 3, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
+    rig.answer_looks(Some(entry(3)));
+    assert_eq!(rig.sends().len(), 1);
+
+    // A look that fails is made again; the send waits for it.
+    let (mut rig, shard) = sharded();
+    delegated_and_joining(&mut rig, shard, &a);
+    rig.commit(Ok(()));
+    consume(&mut rig, shard, 3, 3, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
+    for (s, epoch) in std::mem::take(&mut rig.looks) {
+        rig.r.inbox_looked(s, epoch, Err(StoreError("Redis down".into())));
+    }
+    rig.flush();
+    assert!(rig.sends().is_empty());
+    assert_eq!(rig.looks, [(shard, 3)], "looked at again");
+    // An answer to a look of an earlier holding of the shard changes nothing.
+    rig.r.inbox_looked(shard, 2, Ok(None));
+    rig.flush();
+    assert!(rig.sends().is_empty());
+    rig.answer_looks(None);
+    assert_eq!(rig.sends().len(), 1, "an empty inbox holds nothing newer");
+}
+
 #[test]
 fn a_failed_commit_retries_an_inbox_delegation_instead_of_refusing_it() {
     let (mut rig, shard) = sharded();
@@ -1313,6 +1397,8 @@ fn a_released_shard_is_forgotten_without_a_call_and_its_changes_are_not_committe
     rig.answer_calls(HsAnswer::Ok);
     // A departure is applied, its send queued; the commit of its phase is in flight.
     consume(&mut rig, shard, 4, 10, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
+    assert_eq!(rig.looks, [(shard, 4)], "the send waits for a look at the inbox");
+    rig.answer_looks(Some(entry(10)));
     let sends_before = rig.sends().len();
     assert_eq!(sends_before, 1);
     let commits = rig.commits.len();
@@ -1357,6 +1443,7 @@ fn an_entry_applied_but_not_committed_is_applied_again_when_its_shard_is_held_ag
     let sends = rig.sends().len();
     consume(&mut rig, shard, 4, 3, Inbound::Webhook(joined(&a, "PA_1", "EV_2")));
     consume(&mut rig, shard, 4, 4, Inbound::Webhook(left(&a, "PA_1", "EV_3")));
+    rig.answer_looks(Some(entry(4)));
     assert_eq!(rig.sends().len(), sends + 1, "the departure read again is applied: the leave is sent");
 }
 
