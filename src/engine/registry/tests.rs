@@ -1322,12 +1322,17 @@ fn an_inbox_entry_takes_effect_once_and_its_position_is_committed_with_its_effec
 /// to the latest it found: a newer delegation there supersedes the job and the send is dropped.
 #[test]
 fn a_send_waits_until_the_inbox_holds_no_newer_delegation_of_its_member() {
-    let (mut rig, shard) = sharded();
+    // Member `a` connected, then departed (entry 3): its leave is to be sent.
+    let departed = |a: &Delegation| {
+        let (mut rig, shard) = sharded();
+        delegated_and_joining(&mut rig, shard, a);
+        rig.commit(Ok(()));
+        consume(&mut rig, shard, 3, 3, Inbound::Webhook(left(a, "PA_1", "EV_2")));
+        (rig, shard)
+    };
     let a = delegation("a", "DEV", "syd_a");
-    delegated_and_joining(&mut rig, shard, &a);
-    rig.commit(Ok(()));
+    let (mut rig, shard) = departed(&a);
     let old = rig.r.jobs.keys().copied().next().unwrap();
-    consume(&mut rig, shard, 3, 3, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
     assert!(rig.sends().is_empty(), "not before a look at the inbox");
     assert_eq!(rig.looks, [(shard, 3)]);
     // The member called again meanwhile: its newer delegation is entry 4, not taken in yet.
@@ -1341,18 +1346,12 @@ fn a_send_waits_until_the_inbox_holds_no_newer_delegation_of_its_member() {
     assert!(rig.looks.is_empty(), "no send, no look");
 
     // Nothing newer in the inbox: sent as soon as the look says so.
-    let (mut rig, shard) = sharded();
-    delegated_and_joining(&mut rig, shard, &a);
-    rig.commit(Ok(()));
-    consume(&mut rig, shard, 3, 3, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
+    let (mut rig, _) = departed(&a);
     rig.answer_looks(Some(entry(3)));
     assert_eq!(rig.sends().len(), 1);
 
     // A look that fails is made again; the send waits for it.
-    let (mut rig, shard) = sharded();
-    delegated_and_joining(&mut rig, shard, &a);
-    rig.commit(Ok(()));
-    consume(&mut rig, shard, 3, 3, Inbound::Webhook(left(&a, "PA_1", "EV_2")));
+    let (mut rig, shard) = departed(&a);
     for (s, epoch) in std::mem::take(&mut rig.looks) {
         rig.r.inbox_looked(s, epoch, Err(StoreError("Redis down".into())));
     }
