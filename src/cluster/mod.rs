@@ -6,7 +6,9 @@
 //! that grows with every acquisition). Requests reach any instance: it appends them to the
 //! shard's inbox (a Redis stream) and answers once Redis has them; the shard's holder applies
 //! the inbox in order and stores, in the same atomic commit as their effects, how far it got —
-//! so every entry takes effect exactly once, whoever holds the shard when.
+//! so every entry takes effect exactly once, whoever holds the shard when. A request is answered
+//! before its holder has it: a send waits until a look at its shard's inbox shows no newer
+//! delegation of its member left to take in (the registry's held sends).
 //!
 //! Layout: [`balancer`] (which shards this instance should take or give up: a pure function of
 //! what Redis says), [`leases`] (what this instance holds and until when; the gate every
