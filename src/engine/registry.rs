@@ -267,6 +267,8 @@ struct HeldSends {
     /// Covered by the look under way, or by the last one while the entries it found come in.
     covered: Vec<(JobId, u64)>,
     look: Look,
+    /// Looks failed in a row (said once per streak: Redis down makes every shard's fail).
+    failed_looks: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -507,12 +509,21 @@ impl Registry {
         }
         let held = &mut owned.sends;
         match result {
-            Ok(latest) => held.look = Look::Found(latest.unwrap_or_default()),
+            Ok(latest) => {
+                if held.failed_looks > 0 {
+                    info!(shard = %shard, failed_looks = held.failed_looks, "the shard's inbox can be looked at again");
+                }
+                held.failed_looks = 0;
+                held.look = Look::Found(latest.unwrap_or_default());
+            }
             Err(e) => {
                 // Looked at again, with the sends decided since: Redis answers again, or the lease
                 // runs out and the shard's next holder decides its sends afresh.
-                warn!(shard = %shard, sends = held.covered.len(), error = %e,
-                    "cannot look at the shard's inbox; its sends wait");
+                held.failed_looks += 1;
+                if held.failed_looks == 1 {
+                    warn!(shard = %shard, sends = held.covered.len(), error = %e,
+                        "cannot look at the shard's inbox; its sends wait until it can");
+                }
                 let mut covered = std::mem::take(&mut held.covered);
                 covered.append(&mut held.next);
                 held.next = covered;
