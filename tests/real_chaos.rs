@@ -21,7 +21,9 @@
 //! * left to the homeserver's timer: a life that ended, was not superseded in time, and left room
 //!   state without the bridge's send — never, unless its client handed the leave over too late for
 //!   any restart (its delay all but run out while it got its token, or less of it left than a
-//!   failover takes while an instance was being killed: counted apart);
+//!   failover takes while an instance was being killed: counted apart); if the timer's leave
+//!   (Synapse's timestamp) came before the client hung up or died, the member was removed while
+//!   connected, and is reported so;
 //! * still connected at the end: membership present.
 //!
 //! Each call has its own state key, as in the emulator's chaos suite: a killed client's old
@@ -254,6 +256,8 @@ async fn real_livekit_chaos_three_instances_on_redis() {
     }
 
     let begin = Instant::now();
+    // The same moment by the wall clock, to compare with Synapse's event timestamps.
+    let begin_wall = std::time::SystemTime::now();
     let until = begin + Duration::from_secs(seconds);
     let lives = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -425,12 +429,38 @@ async fn real_livekit_chaos_three_instances_on_redis() {
             }
             None if next.is_some_and(|n| n < known + bound) => superseded += 1, // never to be sent
             None if too_late(life) => handed_too_late += 1,
-            None => by_timer.push(format!("{life:?}")),
+            None => by_timer.push(life),
         }
     }
     // Those still connected at the end are still in room state, under their own key — unless the
     // client handed its leave over too late (above): the homeserver's timer had it first.
     let mut gone_while_connected = Vec::new();
+    // A life left to the homeserver's timer whose membership the timer removed before the client
+    // hung up or died was removed while connected: the sacred rule broken, not lateness.
+    let mut left_late = Vec::new();
+    for life in by_timer {
+        let (user, room) = users_by_id[life.user.as_str()];
+        let removed_at = synapse
+            .room_state(user, room)
+            .await
+            .into_iter()
+            .find(|e| e["type"] == "org.matrix.msc3401.call.member" && e["state_key"] == life.key.as_str())
+            .filter(|e| e["content"].as_object().is_some_and(|c| c.is_empty()))
+            .and_then(|e| e["origin_server_ts"].as_u64());
+        let ended = life.ended.map(|t| begin_wall + t.saturating_duration_since(begin));
+        let ended_ms = ended.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+        match (removed_at, ended_ms) {
+            (Some(removed), Some(ended)) if removed + 50 < ended => {
+                let before = Duration::from_millis(ended - removed);
+                gone_while_connected.push(format!(
+                    "{}: removed by the homeserver's timer {before:?} before its client ended",
+                    life.user
+                ));
+            }
+            _ => left_late.push(format!("{life:?}")),
+        }
+    }
+    let by_timer = left_late;
     // (A life whose leave was sent is judged above.)
     for life in lives.iter().filter(|l| l.ended.is_none() && hs.accepted_send(&l.delay_id).is_none()) {
         let (user, room) = users_by_id[life.user.as_str()];
