@@ -429,16 +429,14 @@ async fn real_livekit_chaos_three_instances_on_redis() {
             }
             None if next.is_some_and(|n| n < known + bound) => superseded += 1, // never to be sent
             None if too_late(life) => handed_too_late += 1,
-            None => by_timer.push(life),
+            None => by_timer.push((life, ended)),
         }
     }
-    // Those still connected at the end are still in room state, under their own key — unless the
-    // client handed its leave over too late (above): the homeserver's timer had it first.
     let mut gone_while_connected = Vec::new();
     // A life left to the homeserver's timer whose membership the timer removed before the client
     // hung up or died was removed while connected: the sacred rule broken, not lateness.
     let mut left_late = Vec::new();
-    for life in by_timer {
+    for (life, ended) in by_timer {
         let (user, room) = users_by_id[life.user.as_str()];
         let removed_at = synapse
             .room_state(user, room)
@@ -447,10 +445,10 @@ async fn real_livekit_chaos_three_instances_on_redis() {
             .find(|e| e["type"] == "org.matrix.msc3401.call.member" && e["state_key"] == life.key.as_str())
             .filter(|e| e["content"].as_object().is_some_and(|c| c.is_empty()))
             .and_then(|e| e["origin_server_ts"].as_u64());
-        let ended = life.ended.map(|t| begin_wall + t.saturating_duration_since(begin));
-        let ended_ms = ended.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
-        match (removed_at, ended_ms) {
-            (Some(removed), Some(ended)) if removed + 50 < ended => {
+        let ended = begin_wall + ended.saturating_duration_since(begin);
+        let ended = ended.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        match removed_at {
+            Some(removed) if removed + 50 < ended => {
                 let before = Duration::from_millis(ended - removed);
                 gone_while_connected.push(format!(
                     "{}: removed by the homeserver's timer {before:?} before its client ended",
@@ -461,6 +459,8 @@ async fn real_livekit_chaos_three_instances_on_redis() {
         }
     }
     let by_timer = left_late;
+    // Those still connected at the end are still in room state, under their own key — unless the
+    // client handed its leave over too late (above): the homeserver's timer had it first.
     // (A life whose leave was sent is judged above.)
     for life in lives.iter().filter(|l| l.ended.is_none() && hs.accepted_send(&l.delay_id).is_none()) {
         let (user, room) = users_by_id[life.user.as_str()];
