@@ -1003,10 +1003,7 @@ impl Job {
                 if self.answers_current_call(call) {
                     self.on_restarted(answer, now, out)
                 } else if answer == HsAnswer::Ok && !matches!(self.phase, Phase::Done(_)) {
-                    // A call given up on as too slow was carried out after all: the event runs
-                    // at least from when it was started. (Ignored, it let the job believe the
-                    // event had fired while the homeserver kept it alive.)
-                    self.deadline = self.deadline.max(started + self.delay);
+                    self.on_late_restart(started, now);
                 }
             }
             Event::SendAnswered { call, answer } => {
@@ -1277,19 +1274,37 @@ impl Job {
                 let issued = self.calls.issued_at;
                 self.deadline = issued + self.delay;
                 self.calls.failures = 0;
-                // With several instances, enough of the delay stays in hand for another one to
-                // take over if this one dies right before its next restart.
-                let in_hand = self.delay.saturating_sub(self.timing.failover_headroom) as f64;
-                let interval = (self.delay as f64
-                    * (self.timing.restart_fraction - self.timing.restart_jitter * self.jitter()))
-                .min(in_hand)
-                .max(1.0) as Millis;
-                self.calls.next_at = issued + interval;
+                self.calls.next_at = issued + self.restart_interval();
             }
             HsAnswer::Gone => self.finish(Outcome::Gone, out),
             HsAnswer::RetryAfter(wait) => self.retry_at(now, wait),
             HsAnswer::Failed => self.back_off(now),
         }
+    }
+
+    /// A restart given up on as too slow was carried out after all: the event runs at least
+    /// from when it was `started`. (Ignored, it let the job believe the event had fired while
+    /// the homeserver kept it alive.) The homeserver answers: a backoff planned after the calls
+    /// that failed meanwhile gives way to the next restart the longer deadline calls for, and
+    /// never past its last chance (kept, a long backoff let that deadline pass unrestarted and
+    /// the job take the event for fired by the homeserver's timer).
+    fn on_late_restart(&mut self, started: Millis, now: Millis) {
+        if started + self.delay <= self.deadline {
+            return;
+        }
+        self.deadline = started + self.delay;
+        self.calls.failures = 0;
+        let next = self.calls.next_at.min(started + self.restart_interval());
+        self.plan_retry(now, next);
+    }
+
+    /// How long after a restart is started the next one is: with several instances, enough of
+    /// the delay stays in hand for another one to take over if this one dies right before it.
+    fn restart_interval(&self) -> Millis {
+        let in_hand = self.delay.saturating_sub(self.timing.failover_headroom) as f64;
+        (self.delay as f64 * (self.timing.restart_fraction - self.timing.restart_jitter * self.jitter()))
+            .min(in_hand)
+            .max(1.0) as Millis
     }
 
     fn on_send_answered(&mut self, answer: HsAnswer, now: Millis, out: &mut Vec<Action>) {

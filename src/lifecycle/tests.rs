@@ -1835,6 +1835,46 @@ fn a_restart_carried_out_late_keeps_the_event_alive() {
     assert!(restarted && h.job.kind() == PhaseKind::Connected, "{:?}", h.job);
 }
 
+/// The same after a backoff longer than what is left of the delay: the late 200 shows the
+/// homeserver answering, and the next restart comes by the longer deadline's last chance at the
+/// latest. (Found by the registry's property test: the backoff planned after the failed retries
+/// was kept, the longer deadline passed unrestarted, and the job took the event for fired by the
+/// homeserver's timer — a member removed while the bridge could have kept it.)
+#[test]
+fn a_restart_carried_out_late_after_a_long_backoff_is_followed_by_one_in_time() {
+    let timing = Timing { backoff_initial: 2 * DELAY, backoff_max: 4 * DELAY, ..Timing::default() };
+    let (job, log) = Job::new(DELAY, 7, timing, 0);
+    let mut h = Harness { job, now: 0, log };
+    h.answer_restart(HsAnswer::Ok);
+    h.ev(Event::Joined(session("PA_a", 1)));
+    let old_deadline = h.job.deadline();
+    let next = h.job.next_call().unwrap();
+    h.advance_to(next);
+    let slow = h.last_call();
+    let started = h.now;
+    assert!(h.job.call_started(slow, started));
+    // Given up on as too slow; the retries fail, the last past the deadline the job knew of.
+    while h.now <= old_deadline {
+        let due = h.job.poll_timeout().unwrap();
+        for a in h.advance_to(due) {
+            if let Action::Restart { call } = a {
+                assert!(h.job.call_started(call, h.now));
+                h.ev(Event::Restarted { call, started: h.now, answer: HsAnswer::Failed });
+            }
+        }
+    }
+    assert!(h.job.next_call().unwrap() > started + DELAY, "the backoff outlasts the longer deadline");
+    // The slow call's 200 comes.
+    h.ev(Event::Restarted { call: slow, started, answer: HsAnswer::Ok });
+    let last_chance = started + DELAY - DELAY / 10;
+    assert!(h.job.next_call().unwrap() <= last_chance, "next call at {:?}, after {last_chance}", h.job.next_call());
+    let out = h.advance_to(h.job.next_call().unwrap());
+    assert!(out.iter().any(|a| matches!(a, Action::Restart { .. })), "{out:?}");
+    h.answer_restart(HsAnswer::Ok);
+    assert_eq!(h.job.kind(), PhaseKind::Connected);
+    assert!(h.job.deadline() > started + DELAY);
+}
+
 #[test]
 fn a_lost_send_answer_times_out_and_the_send_is_retried() {
     let timing = Timing { call_timeout: 2_000, ..Timing::default() };
