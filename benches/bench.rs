@@ -570,28 +570,42 @@ async fn closed_loop(url: &str, bodies: Arc<Vec<(String, String)>>, concurrency:
     (bodies.len() as f64 / started.elapsed().as_secs_f64(), all)
 }
 
-/// Open-loop load at `rate`/s; returns latencies, each from the request's scheduled send time
-/// (a load generator that falls behind counts its own delay, rather than hiding it).
+/// Open-loop load at `rate`/s over [`OPEN_LOOP_CONNECTIONS`] connections, as wrk2 makes it:
+/// request `i` is due at `i / rate` and goes out on connection `i % n` once that connection is
+/// free; returns latencies, each from the request's due time, so that a server falling behind
+/// is charged the queue it causes (and a load generator falling behind its own delay). A
+/// connection per request in flight instead (a task each, as this bench once had) opened
+/// thousands when the server stalled for a moment, until the bridge's connection cap closed
+/// them; LiveKit itself sends one request per room at a time.
 async fn open_loop(url: &str, bodies: Arc<Vec<(String, String)>>, rate: f64) -> Vec<f64> {
     let client = reqwest::Client::new();
-    let lat = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    let started = tokio::time::Instant::now();
-    for (i, (body, auth)) in bodies.iter().enumerate() {
-        let scheduled = started + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(scheduled).await;
-        let (client, lat, url, body, auth) = (client.clone(), lat.clone(), url.to_owned(), body.clone(), auth.clone());
-        tasks.push(tokio::spawn(async move {
-            let r = client.post(&url).header("authorization", auth).body(body).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            lat.lock().unwrap().push(ms(scheduled.elapsed()));
-        }));
-    }
+    let start = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..OPEN_LOOP_CONNECTIONS)
+        .map(|c| {
+            let (client, url, bodies) = (client.clone(), url.to_owned(), bodies.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(bodies.len() / OPEN_LOOP_CONNECTIONS + 1);
+                for i in (c..bodies.len()).step_by(OPEN_LOOP_CONNECTIONS) {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due).await;
+                    let (body, auth) = &bodies[i];
+                    let r = client.post(&url).header("authorization", auth).body(body.clone()).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                    lat.push(ms(due.elapsed()));
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(bodies.len());
     for t in tasks {
-        t.await.unwrap();
+        all.extend(t.await.unwrap());
     }
-    Arc::try_unwrap(lat).unwrap().into_inner().unwrap()
+    all
 }
+
+/// Connections of the open loop: as many as the closed loop's.
+const OPEN_LOOP_CONNECTIONS: usize = 32;
 
 /// Checks in the bridge's database that every member's job is bound to the session `sessions`
 /// says it is in: the webhooks changed durable state, not only memory.
