@@ -68,11 +68,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-/// The bridge's own allocator, so that the bare endpoints and clients measured beside it (this
-/// binary, in `bare-server` and `bare-client` mode) differ from it by the work only.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

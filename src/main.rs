@@ -2,25 +2,16 @@
 
 use std::process::ExitCode;
 
-/// mimalloc rather than the C library's allocator. A tracked webhook costs the bridge ~45
-/// allocations (decoding, routing, the member's state machine, the commit, the log line) on
-/// several threads (the handler's, the engine's, SQLite's): under glibc, whose two arenas those
-/// threads share, allocating took 12 % of its CPU time, lock waits included. mimalloc's
-/// per-thread heaps took 2.5–6 µs off the ~33 µs of CPU a tracked webhook costs, and its blocks
-/// carry no header: a tracked member costs ~100 bytes less at 100k (README, "Measured
-/// performance"). The same allocator on every target, the container image's musl build included.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     limit_malloc_arenas();
     raise_file_limit();
     rtc_leave_bridge::cli::run()
 }
 
-/// What still allocates through glibc (SQLite's C code, on its own threads) need not spread over
-/// an arena per thread (up to 8 per core), each keeping freed memory resident: two are plenty.
-/// (musl, in the container image, has no arenas.)
+/// glibc gives each thread that allocates its own arena (up to 8 per core), and memory freed in
+/// one arena is not reused by another: a burst handled on many threads (a wave of delegations,
+/// the blocking pool) leaves resident memory behind in each. Two arenas are plenty for a service
+/// whose state lives in one task. (musl, in the container image, has no arenas.)
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator tunable; called before any other thread exists.
