@@ -692,11 +692,18 @@ impl Registry {
         };
         for (id, ev) in targets {
             if let Some(entry) = self.jobs.get(&id) {
+                let derived; // a room event names no participant: the job's identity, derived
+                let identity = match identity {
+                    Some(identity) => identity,
+                    None => {
+                        derived = entry.identity();
+                        derived.as_str()
+                    }
+                };
                 info!(
-                    job = %id, room = %entry.delegation.room_id,
-                    identity = identity.map(str::to_owned).unwrap_or_else(|| entry.identity()),
-                    sid, event = event.kind.name(), webhook = %event.id, livekit_room = %entry.room,
-                    user = %entry.delegation.user_id, reason, "webhook for a tracked member"
+                    job = %id, room = %entry.delegation.room_id, identity, sid, event = event.kind.name(),
+                    webhook = %event.id, livekit_room = %entry.room, user = %entry.delegation.user_id, reason,
+                    "webhook for a tracked member"
                 );
             }
             self.apply(id, ev, now);
