@@ -129,6 +129,28 @@ impl Harness {
     fn sends(&self) -> usize {
         self.log.iter().filter(|a| matches!(a, Action::Send { .. })).count()
     }
+    /// Waits for the job's next restart and starts it (the homeserver, slow, answers it later).
+    /// Returns the deadline the job knew of, the call and when it was started.
+    fn start_a_slow_restart(&mut self) -> (Millis, u64, Millis) {
+        let deadline = self.job.deadline();
+        let next = self.job.next_call().unwrap();
+        self.advance_to(next);
+        let slow = self.last_call();
+        assert!(self.job.call_started(slow, self.now));
+        (deadline, slow, self.now)
+    }
+    /// Starts every restart in `out` (and in what answering them leads to), answered `answer`.
+    fn serve(&mut self, mut out: Vec<Action>, answer: HsAnswer) -> Vec<Action> {
+        let mut all = Vec::new();
+        while let Some(a) = out.pop() {
+            all.push(a);
+            if let Action::Restart { call } = a {
+                assert!(self.job.call_started(call, self.now));
+                out.extend(self.ev(Event::Restarted { call, started: self.now, answer }));
+            }
+        }
+        all
+    }
 }
 
 #[test]
@@ -1791,31 +1813,14 @@ fn a_lost_restart_answer_times_out_and_the_restart_is_retried() {
 /// the homeserver's timer.)
 #[test]
 fn a_restart_carried_out_late_keeps_the_event_alive() {
-    /// Starts every restart in `out` (and in what answering them leads to), answered `answer`.
-    fn serve(h: &mut Harness, mut out: Vec<Action>, answer: HsAnswer) -> Vec<Action> {
-        let mut all = Vec::new();
-        while let Some(a) = out.pop() {
-            all.push(a);
-            if let Action::Restart { call } = a {
-                assert!(h.job.call_started(call, h.now));
-                out.extend(h.ev(Event::Restarted { call, started: h.now, answer }));
-            }
-        }
-        all
-    }
     let mut h = Harness::bound("PA_a", 1);
     h.ev(Event::Observed { at: 0, present: vec![session("PA_a", 1)] });
-    let old_deadline = h.job.deadline();
-    let next = h.job.next_call().unwrap();
-    h.advance_to(next);
-    let slow = h.last_call();
-    let started = h.now;
-    assert!(h.job.call_started(slow, started));
+    let (old_deadline, slow, started) = h.start_a_slow_restart();
     // Given up on as too slow; every retry fails at once, past the deadline the job knew of.
     while h.now <= old_deadline + 1 {
         let due = h.job.poll_timeout().unwrap_or_else(|| panic!("{} {:?} {:?}", h.now, h.job, h.log));
         let out = h.advance_to(due);
-        serve(&mut h, out, HsAnswer::Failed);
+        h.serve(out, HsAnswer::Failed);
     }
     let retries = h.log.iter().filter(|a| matches!(a, Action::Restart { .. })).count() - 2;
     assert!(retries >= 2, "{retries} retries");
@@ -1828,7 +1833,7 @@ fn a_restart_carried_out_late_keeps_the_event_alive() {
     while h.now < started + DELAY {
         let due = h.job.poll_timeout().expect("a restart planned");
         let out = h.advance_to(due);
-        let out = serve(&mut h, out, HsAnswer::Ok);
+        let out = h.serve(out, HsAnswer::Ok);
         assert!(!out.contains(&Action::Finish(Outcome::Expired)), "expired at {} before {}", h.now, started + DELAY);
         restarted |= out.iter().any(|a| matches!(a, Action::Restart { .. }));
     }
@@ -1847,21 +1852,12 @@ fn a_restart_carried_out_late_after_a_long_backoff_is_followed_by_one_in_time() 
     let mut h = Harness { job, now: 0, log };
     h.answer_restart(HsAnswer::Ok);
     h.ev(Event::Joined(session("PA_a", 1)));
-    let old_deadline = h.job.deadline();
-    let next = h.job.next_call().unwrap();
-    h.advance_to(next);
-    let slow = h.last_call();
-    let started = h.now;
-    assert!(h.job.call_started(slow, started));
+    let (old_deadline, slow, started) = h.start_a_slow_restart();
     // Given up on as too slow; the retries fail, the last past the deadline the job knew of.
     while h.now <= old_deadline {
         let due = h.job.poll_timeout().unwrap();
-        for a in h.advance_to(due) {
-            if let Action::Restart { call } = a {
-                assert!(h.job.call_started(call, h.now));
-                h.ev(Event::Restarted { call, started: h.now, answer: HsAnswer::Failed });
-            }
-        }
+        let out = h.advance_to(due);
+        h.serve(out, HsAnswer::Failed);
     }
     assert!(h.job.next_call().unwrap() > started + DELAY, "the backoff outlasts the longer deadline");
     // The slow call's 200 comes.
