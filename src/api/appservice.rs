@@ -98,8 +98,15 @@ pub async fn transaction(
     check_hs_token(appservice(&state)?, &headers, &query)?;
     let mut chunks = body.into_data_stream();
     let mut size = 0usize;
-    // Kept only while membership is followed, and only up to the limit.
-    let mut kept = state.following.as_ref().map(|_| Vec::new());
+    // Kept only while membership is followed, and only up to the limit: in a buffer sized once
+    // from the declared length (hyper reads no more than it), not kept at all when that is over
+    // the limit. Grown by doubling, the buffer left up to twice the body behind in the allocator.
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let mut kept = state.following.as_ref().and_then(|_| match declared {
+        Some(length) if length > TRANSACTION_LIMIT => None,
+        Some(length) => Some(Vec::with_capacity(length)),
+        None => Some(Vec::new()),
+    });
     while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
         match chunk {
             Ok(c) => {
