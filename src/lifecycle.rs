@@ -1287,12 +1287,16 @@ impl Job {
     /// the homeserver kept it alive.) The homeserver answers: a backoff planned after the calls
     /// that failed meanwhile gives way to the next restart the longer deadline calls for, and
     /// never past its last chance (kept, a long backoff let that deadline pass unrestarted and
-    /// the job take the event for fired by the homeserver's timer).
+    /// the job take the event for fired by the homeserver's timer). A job sending keeps its
+    /// sends' pace: the event going out by the homeserver's timer is what it wants anyway.
     fn on_late_restart(&mut self, started: Millis, now: Millis) {
         if started + self.delay <= self.deadline {
             return;
         }
         self.deadline = started + self.delay;
+        if matches!(self.phase, Phase::Sending { .. }) {
+            return;
+        }
         self.calls.failures = 0;
         let next = self.calls.next_at.min(started + self.restart_interval());
         self.plan_retry(now, next);
