@@ -194,10 +194,29 @@ async fn matrix_2_0_mode_gets_a_working_token_and_a_closed_tab_is_left_by_the_br
     let mut alice = w.join("Alice", None, None, &[]).await;
     let published = w.webhooks.wait_for("track_published", Some(&alice.identity), Duration::from_secs(10)).await;
     assert!(published.is_some(), "no track published by {}", alice.identity);
+    // Settled, as a user is by the time they close a call: its own video playing, two seconds
+    // in. (Closed the moment its track was published, a tab once left without livekit-client's
+    // goodbye, and LiveKit noticed only after its ~20 s timeout.)
+    let mut playing = 0;
+    for _ in 0..10 {
+        playing = alice.browser.media().await.2;
+        if playing > 0 {
+            break;
+        }
+    }
+    assert!(playing > 0, "{}'s own video never played", alice.identity);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let closing = Instant::now();
     alice.browser.close_tab().await;
     let send = w.wait_accepted_send(&alice, Duration::from_secs(5)).await;
-    let send = send.unwrap_or_else(|| panic!("no leave sent by the bridge: {:?}\n{}", w.hs.calls(), w.bridge.logs()));
+    let send = send.unwrap_or_else(|| {
+        let left = w.webhooks.first("participant_left", Some(&alice.identity)).is_some();
+        panic!(
+            "no leave sent by the bridge (LiveKit reported the departure: {left}): {:?}\n{}",
+            w.hs.calls(),
+            w.bridge.logs()
+        )
+    });
     println!("matrix_2_0: tab closed -> the bridge's send answered {:?}", send.after(closing));
     assert!(send.after(closing) < Duration::from_secs(2));
 }
