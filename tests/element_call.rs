@@ -65,14 +65,9 @@ async fn two_browsers_see_each_other_and_survive_a_bridge_restart() {
     }
     // Each sees two tiles, and two videos playing: its own camera and the other's, received.
     for u in [&mut alice, &mut bob] {
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (tiles, videos, playing) = u.browser.media().await;
-            if tiles == 2 && playing >= 2 {
-                break;
-            }
-            assert!(Instant::now() < until, "{}: {tiles} tiles, {playing} of {videos} videos playing", u.identity);
-        }
+        let ((tiles, videos, playing), shown) =
+            u.browser.wait_media(Duration::from_secs(20), |tiles, _, playing| tiles == 2 && playing >= 2).await;
+        assert!(shown, "{}: {tiles} tiles, {playing} of {videos} videos playing", u.identity);
     }
     w.all_stay(&room, &[&alice, &bob], Duration::from_secs(4), "both in the call").await;
 
@@ -197,14 +192,8 @@ async fn matrix_2_0_mode_gets_a_working_token_and_a_closed_tab_is_left_by_the_br
     // Settled, as a user is by the time they close a call: its own video playing, two seconds
     // in. (Closed the moment its track was published, a tab once left without livekit-client's
     // goodbye, and LiveKit noticed only after its ~20 s timeout.)
-    let mut playing = 0;
-    for _ in 0..10 {
-        playing = alice.browser.media().await.2;
-        if playing > 0 {
-            break;
-        }
-    }
-    assert!(playing > 0, "{}'s own video never played", alice.identity);
+    let (_, playing) = alice.browser.wait_media(Duration::from_secs(10), |_, _, playing| playing > 0).await;
+    assert!(playing, "{}'s own video never played", alice.identity);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let closing = Instant::now();
     alice.browser.close_tab().await;

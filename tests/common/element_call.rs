@@ -232,6 +232,25 @@ impl Browser {
         (m["tiles"].as_u64().unwrap(), m["videos"].as_u64().unwrap(), m["playing"].as_u64().unwrap())
     }
 
+    /// Looks at what the call shows ([`Browser::media`]) until `settled` says it is as expected,
+    /// for up to `within`; returns the last look, and whether it was.
+    pub async fn wait_media(
+        &mut self,
+        within: Duration,
+        settled: impl Fn(u64, u64, u64) -> bool,
+    ) -> ((u64, u64, u64), bool) {
+        let until = Instant::now() + within;
+        loop {
+            let (tiles, videos, playing) = self.media().await;
+            if settled(tiles, videos, playing) {
+                return ((tiles, videos, playing), true);
+            }
+            if Instant::now() >= until {
+                return ((tiles, videos, playing), false);
+            }
+        }
+    }
+
     /// Saves a screenshot next to the console log (kept when the test fails).
     pub async fn screenshot(&mut self) -> PathBuf {
         let path = self.dir.path().join(format!("screen-{}.png", self.seen.len()));
