@@ -13,6 +13,7 @@ pub mod homeserver;
 pub mod identity;
 pub mod lifecycle;
 pub mod livekit;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod ports;

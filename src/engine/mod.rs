@@ -94,6 +94,14 @@ enum Command {
     Consume { shard: Shard, epoch: u64, entry: EntryId, inbound: Inbound },
 }
 
+/// What woke the engine loop.
+enum Woken {
+    Report(Report),
+    Command(Command),
+    Deadline,
+    Reconcile,
+}
+
 /// A request waiting for the registry's answer.
 enum Reply {
     Delegate(oneshot::Sender<Result<JobId, EngineError>>),
@@ -362,53 +370,80 @@ impl Engine {
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reconcile.tick().await; // the first tick is immediate; resumed jobs probe by themselves
         let mut shutdown: Option<(tokio::time::Instant, oneshot::Sender<()>)> = None;
+        // The registry's next deadline, kept across turns and moved only when it changes (a new
+        // timer each turn would enter and leave the runtime's timer wheel every time).
+        let deadline = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(deadline);
+        let mut armed = None;
+        let mut woken = None;
         loop {
-            self.carry_out();
+            {
+                // What one turn logs is written out together (see `crate::logging`); the batch
+                // ends before the wait, as the task may resume on another thread.
+                let _lines = crate::logging::Batch::start();
+                match woken.take() {
+                    Some(Woken::Report(report)) => {
+                        self.on_report(report);
+                        for _ in 0..BATCH {
+                            match reports.try_recv() {
+                                Ok(report) => self.on_report(report),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Some(Woken::Command(cmd)) => {
+                        shutdown = self.on_command(cmd);
+                        for _ in 0..BATCH {
+                            if shutdown.is_some() {
+                                break;
+                            }
+                            match rx.try_recv() {
+                                Ok(cmd) => shutdown = self.on_command(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Some(Woken::Deadline) => {
+                        let started = Instant::now();
+                        self.registry.handle_timeout(self.clock.now());
+                        self.busy(Input::Timeouts, started);
+                    }
+                    Some(Woken::Reconcile) => {
+                        let started = Instant::now();
+                        self.registry.reconcile();
+                        self.busy(Input::Reconcile, started);
+                    }
+                    None => {}
+                }
+                self.carry_out();
+            }
             if shutdown.is_some() && self.registry.calls_in_flight() == 0 && self.settled() {
                 break;
             }
             let next = self.registry.poll_timeout().map(|at| self.clock.instant(at));
+            if let Some(at) = next.filter(|at| armed != Some(*at)) {
+                deadline.as_mut().reset(at);
+                armed = Some(at);
+            }
             let far = tokio::time::Instant::now() + Duration::from_secs(3600);
             // Unbiased: neither a stream of reports nor one of requests starves the other; each
-            // branch handles a bounded batch before the effects are carried out.
-            tokio::select! {
-                Some(report) = reports.recv() => {
-                    self.on_report(report);
-                    for _ in 0..BATCH {
-                        match reports.try_recv() {
-                            Ok(report) => self.on_report(report),
-                            Err(_) => break,
-                        }
-                    }
+            // is taken in a bounded batch before the effects are carried out.
+            woken = Some(tokio::select! {
+                Some(report) = reports.recv() => Woken::Report(report),
+                cmd = rx.recv(), if shutdown.is_none() => match cmd {
+                    Some(cmd) => Woken::Command(cmd),
+                    None => break,
+                },
+                () = &mut deadline, if next.is_some() => {
+                    armed = None; // elapsed: set again next turn, even to the same instant
+                    Woken::Deadline
                 }
-                cmd = rx.recv(), if shutdown.is_none() => {
-                    let Some(cmd) = cmd else { break };
-                    shutdown = self.on_command(cmd);
-                    for _ in 0..BATCH {
-                        if shutdown.is_some() {
-                            break;
-                        }
-                        match rx.try_recv() {
-                            Ok(cmd) => shutdown = self.on_command(cmd),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(next.unwrap_or(far)), if next.is_some() => {
-                    let started = Instant::now();
-                    self.registry.handle_timeout(self.clock.now());
-                    self.busy(Input::Timeouts, started);
-                }
-                _ = reconcile.tick(), if shutdown.is_none() => {
-                    let started = Instant::now();
-                    self.registry.reconcile();
-                    self.busy(Input::Reconcile, started);
-                }
-                _ = tokio::time::sleep_until(shutdown.as_ref().map_or(far, |s| s.0)), if shutdown.is_some() => {
+                _ = reconcile.tick(), if shutdown.is_none() => Woken::Reconcile,
+                () = tokio::time::sleep_until(shutdown.as_ref().map_or(far, |s| s.0)), if shutdown.is_some() => {
                     warn!(calls = self.registry.calls_in_flight(), "shutdown: drain time is up, calls still in flight");
                     break;
                 }
-            }
+            });
         }
         let left = self.registry.uncommitted();
         if left > 0 {
