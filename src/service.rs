@@ -165,7 +165,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         store,
         limits: Arc::new(api::limits::Limits::new(&config.fairness)),
-        request_timeout: config.listen.request_timeout,
         delays: api::DelayRange { min_ms: hs.min_delay.as_millis() as u64, max_ms: hs.max_delay.as_millis() as u64 },
         appservice: config.appservice.clone().map(|a| {
             Arc::new(api::appservice::AppserviceState {
@@ -185,6 +184,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let settings = api::listener::Settings {
         header_timeout: listen.header_timeout,
         max_connections: listen.max_connections,
+        request_timeout: listen.request_timeout,
         drain: config.engine.shutdown_timeout.min(listen.request_timeout),
     };
     let (stop_tx, stop) = tokio::sync::watch::channel(false);

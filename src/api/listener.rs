@@ -3,21 +3,24 @@
 //! stops accepting, lets requests in flight finish for a bounded time, and returns — so that a
 //! half-read request never holds up the drain and the shard handover behind it.
 //!
-//! (`axum::serve` sets none of these: no header timer, no connection cap, an unbounded graceful
-//! wait.) The deadline of a whole request is [`time_limit`], a layer of the routers.
+//! Each request must also be read and answered within its own deadline ([`Settings::request_timeout`]),
+//! or it is answered 503 and its connection closed. (`axum::serve` sets none of these: no header
+//! timer, no connection cap, no request deadline, an unbounded graceful wait.) The deadline is
+//! kept here rather than as a layer of the routers: a connection's request future lives in the
+//! connection's task, where a layer's would be allocated anew for every request.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use compact_str::CompactString;
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -35,6 +38,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Connections open at most; one more is closed at once.
     pub max_connections: usize,
+    /// A request must be read and answered within this.
+    pub request_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub drain: Duration,
 }
@@ -82,9 +87,14 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(
-            app.clone().map_request(|req: hyper::Request<hyper::body::Incoming>| req.map(axum::body::Body::new)),
-        );
+        let app = app.clone();
+        let limit = settings.request_timeout;
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            // Copied (inline up to 24 bytes): a clone of the URI would share hyper's read buffer,
+            // which hyper then cannot reuse for the connection's next request.
+            let path = CompactString::from(req.uri().path());
+            within(limit, path, app.clone().oneshot(req.map(axum::body::Body::new)))
+        });
         let mut closing = closing.clone();
         let metrics = metrics.clone();
         connections.spawn(async move {
@@ -121,18 +131,21 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
-/// Answers `503 M_UNKNOWN` (and closes the connection) when a request is not read and answered
-/// within `limit`: a client trickling its body holds nothing for longer.
-pub async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    let uri = req.uri().clone(); // shares the request's bytes: nothing copied on the way
-    match tokio::time::timeout(limit, next.run(req)).await {
+/// `answer`, or `503 M_UNKNOWN` (and the connection closed) when the request is not read and
+/// answered within `limit`: a client trickling its body holds nothing for longer.
+async fn within(
+    limit: Duration,
+    path: CompactString,
+    answer: impl Future<Output = Result<Response, Infallible>>,
+) -> Result<Response, Infallible> {
+    match tokio::time::timeout(limit, answer).await {
         Ok(response) => response,
         Err(_) => {
-            warn!(path = %uri.path(), limit_ms = limit.as_millis() as u64, "request not read and answered in time; 503");
+            warn!(path = %path, limit_ms = limit.as_millis() as u64, "request not read and answered in time; 503");
             let mut r =
                 MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "request took too long").into_response();
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            r
+            Ok(r)
         }
     }
 }
@@ -147,16 +160,13 @@ mod tests {
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new()
-            .route("/fast", axum::routing::get(|| async { "ok" }))
-            .route(
-                "/slow",
-                axum::routing::get(|| async {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    "late"
-                }),
-            )
-            .layer(axum::middleware::from_fn_with_state(Duration::from_millis(300), time_limit));
+        let app = Router::new().route("/fast", axum::routing::get(|| async { "ok" })).route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            }),
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, app, settings, None, async {
             let _ = stopped.await;
@@ -180,8 +190,12 @@ mod tests {
 
     #[tokio::test]
     async fn slow_headers_are_cut_off_and_the_cap_closes_extra_connections() {
-        let settings =
-            Settings { header_timeout: Duration::from_millis(300), max_connections: 3, drain: Duration::from_secs(1) };
+        let settings = Settings {
+            header_timeout: Duration::from_millis(300),
+            max_connections: 3,
+            request_timeout: Duration::from_millis(300),
+            drain: Duration::from_secs(1),
+        };
         let (addr, _stop, _task) = start(settings).await;
         // A client that never finishes its headers is closed after the header timeout.
         let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -202,8 +216,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_past_its_deadline_is_answered_503_and_shutdown_waits_a_bounded_time() {
-        let settings =
-            Settings { header_timeout: Duration::from_secs(5), max_connections: 16, drain: Duration::from_millis(500) };
+        let settings = Settings {
+            header_timeout: Duration::from_secs(5),
+            max_connections: 16,
+            request_timeout: Duration::from_millis(300),
+            drain: Duration::from_millis(500),
+        };
         let (addr, stop, task) = start(settings).await;
         let answer = get(addr, "/slow").await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");

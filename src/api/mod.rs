@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -66,8 +67,6 @@ pub struct AppState {
     pub following: Option<crate::membership::driver::Following>,
     /// What one user or one homeserver may ask.
     pub limits: Arc<limits::Limits>,
-    /// A request must be read and answered within this.
-    pub request_timeout: std::time::Duration,
 }
 
 /// The public endpoints; the operator endpoints too unless `operator_apart` (they then have
@@ -109,7 +108,6 @@ pub fn router(state: Arc<AppState>, operator_apart: bool) -> Router {
         // Reads its body within WEBHOOK_BODY_LIMIT itself (read_limited): the hottest route, a
         // middleware layer costs it 3–4 % of its throughput.
         .route("/sfu_webhook", post(webhook::receive));
-    let timeout = state.request_timeout;
     let public = Router::new()
         .merge(delegation)
         .merge(proxied)
@@ -118,20 +116,16 @@ pub fn router(state: Arc<AppState>, operator_apart: bool) -> Router {
         .route("/healthz", get(operator::healthz))
         .route("/readyz", get(operator::readyz));
     let all = if operator_apart { public } else { public.merge(operator_routes()) };
-    all.fallback(unrecognized)
-        .layer(axum::middleware::from_fn_with_state(timeout, listener::time_limit))
-        .with_state(state)
+    all.fallback(unrecognized).with_state(state)
 }
 
 /// The operator endpoints on their own listener (`RTC_LEAVE_BRIDGE_OPERATOR_BIND`).
 pub fn operator_router(state: Arc<AppState>) -> Router {
-    let timeout = state.request_timeout;
     Router::new()
         .merge(operator_routes())
         .route("/healthz", get(operator::healthz))
         .route("/readyz", get(operator::readyz))
         .fallback(unrecognized)
-        .layer(axum::middleware::from_fn_with_state(timeout, listener::time_limit))
         .with_state(state)
 }
 
@@ -149,7 +143,7 @@ async fn unrecognized() -> MatrixError {
 /// the connection unusable, and a pooled client (LiveKit's webhook sender included) must not send
 /// its next request on it.
 async fn enforce_body_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
-    let declared = declared_length(&req);
+    let declared = declared_length(req.headers());
     let path = req.uri().path().to_owned();
     let response = if declared.is_some_and(|n| n > limit as u64) {
         None
@@ -160,18 +154,15 @@ async fn enforce_body_limit(State(limit): State<usize>, req: Request, next: Next
 }
 
 /// As [`enforce_body_limit`], for a handler that reads its own body: the body of at most
-/// `limit` bytes, with the request's headers.
-pub async fn read_limited(req: Request, limit: usize) -> Result<(axum::http::request::Parts, Bytes), Response> {
-    let declared = declared_length(&req);
+/// `limit` bytes of the request whose parts are `parts`.
+pub async fn read_limited(parts: &axum::http::request::Parts, body: Body, limit: usize) -> Result<Bytes, Response> {
+    let declared = declared_length(&parts.headers);
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large(req.uri().path(), limit, declared));
+        return Err(too_large(parts.uri.path(), limit, declared));
     }
-    let (parts, body) = req.into_parts();
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok((parts, bytes)),
-        Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
-            Err(too_large(parts.uri.path(), limit, declared))
-        }
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(parts.uri.path(), limit, declared)),
         Err(e) => {
             tracing::debug!(path = %parts.uri.path(), error = %e, "request body not read");
             Err(MatrixError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "request body not read").into_response())
@@ -179,8 +170,8 @@ pub async fn read_limited(req: Request, limit: usize) -> Result<(axum::http::req
     }
 }
 
-fn declared_length(req: &Request) -> Option<u64> {
-    req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
 fn too_large(path: &str, limit: usize, declared: Option<u64>) -> Response {
@@ -355,18 +346,22 @@ mod tests {
     /// streams it: the body within the limit, else `413` with the connection closed.
     #[tokio::test]
     async fn a_body_over_the_limit_is_refused_declared_or_streamed() {
-        let ok = read_limited(request(Body::from("{}"), Some(2)), 4).await.unwrap();
-        assert_eq!(ok.1, "{}");
-        let exact = read_limited(request(Body::from("1234"), None), 4).await.unwrap();
-        assert_eq!(exact.1, "1234");
+        let read = |req: Request| async move {
+            let (parts, body) = req.into_parts();
+            read_limited(&parts, body, 4).await
+        };
+        let ok = read(request(Body::from("{}"), Some(2))).await.unwrap();
+        assert_eq!(ok, "{}");
+        let exact = read(request(Body::from("1234"), None)).await.unwrap();
+        assert_eq!(exact, "1234");
         for req in [request(Body::from("12345"), Some(5)), request(Body::from("12345"), None)] {
-            let refused = read_limited(req, 4).await.unwrap_err();
+            let refused = read(req).await.unwrap_err();
             assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
             assert_eq!(refused.headers()[header::CONNECTION], "close");
         }
         // A stream that breaks off is not "too large".
         let broken = futures::stream::iter([Ok(Bytes::from("12")), Err(std::io::Error::other("reset"))]);
-        let refused = read_limited(request(Body::from_stream(broken), None), 4).await.unwrap_err();
+        let refused = read(request(Body::from_stream(broken), None)).await.unwrap_err();
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     }
 }

@@ -67,7 +67,9 @@ impl Intake {
             Intake::Engine(engine) => Ok(engine.webhook(event).await?),
             Intake::Inbox { store, metrics } => {
                 let shard = shard_of(&event.room);
-                queue(store, metrics, shard, Inbound::Webhook(event)).await?;
+                // Boxed: a Redis call's future is large, and inline it would make every
+                // webhook handler's future (allocated per request) as large, one instance or many.
+                Box::pin(queue(store, metrics, shard, Inbound::Webhook(event))).await?;
                 Ok(WebhookOutcome::Queued)
             }
         }

@@ -150,8 +150,11 @@ impl EngineHandle {
         if !self.rooms.contains(&event.room) {
             return Ok(WebhookOutcome::Ignored);
         }
+        // A place in the queue first, then the command: a pending send would hold the whole
+        // command in this future.
+        let place = self.tx.reserve().await.map_err(|_| EngineError::Stopped)?;
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Webhook(event, tx)).await.map_err(|_| EngineError::Stopped)?;
+        place.send(Command::Webhook(event, tx));
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
