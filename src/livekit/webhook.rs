@@ -11,8 +11,8 @@
 
 use std::borrow::Cow;
 
-use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::{DecodeSliceError, Engine};
 use livekit_protocol as proto;
 use ring::hmac;
 use serde::Deserialize;
@@ -102,13 +102,17 @@ impl WebhookVerifier {
         else {
             return Err(unauthenticated("not a JWT"));
         };
-        let decode = |part: &str| URL_SAFE_NO_PAD.decode(part).map_err(|_| unauthenticated("not a JWT (base64)"));
-        let header_json = decode(header)?;
+        // Decoded on the stack (a token LiveKit signs fits; a larger one goes to the heap): a
+        // zeroed heap buffer is allocated with `calloc`, which glibc serves under its arena lock.
+        let (mut header_buf, mut payload_buf, mut signature_buf) = ([0; 128], [0; 512], [0; 64]);
+        let decode =
+            |part: &str, buf| decoded(&URL_SAFE_NO_PAD, part, buf).ok_or_else(|| unauthenticated("not a JWT (base64)"));
+        let header_json = decode(header, &mut header_buf)?;
         let parsed: Header = serde_json::from_slice(&header_json).map_err(|_| unauthenticated("no JWT header"))?;
         if parsed.alg != "HS256" {
             return Err(unauthenticated("not HS256"));
         }
-        let payload_json = decode(payload)?;
+        let payload_json = decode(payload, &mut payload_buf)?;
         let claims: Claims = serde_json::from_slice(&payload_json).map_err(|_| unauthenticated("no JWT claims"))?;
         let iss = claims.iss.as_deref().ok_or_else(|| unauthenticated("no issuer in the token"))?;
         let (_, key) = self
@@ -117,7 +121,8 @@ impl WebhookVerifier {
             .find(|(k, _)| k == iss)
             .ok_or_else(|| RejectedWebhook::Unauthenticated(format!("unknown key {iss:?}")))?;
         let signed = &token[..header.len() + 1 + payload.len()];
-        hmac::verify(key, signed.as_bytes(), &decode(signature)?).map_err(|_| unauthenticated("bad signature"))?;
+        hmac::verify(key, signed.as_bytes(), &decode(signature, &mut signature_buf)?)
+            .map_err(|_| unauthenticated("bad signature"))?;
         // Authentic from here: the claims say what they mean.
         let exp = claims.exp.as_ref().ok_or_else(|| unauthenticated("no exp"))?;
         if seconds(exp, "exp")?.saturating_add(LEEWAY_SECS) < now {
@@ -131,13 +136,22 @@ impl WebhookVerifier {
         if claims.aud.as_ref().is_some_and(|a| !a.is_null()) {
             return Err(unauthenticated("has an audience"));
         }
-        let claimed = STANDARD
-            .decode(claims.sha256.as_deref().unwrap_or_default())
-            .map_err(|_| unauthenticated("sha256 claim not base64"))?;
-        if ring::digest::digest(&ring::digest::SHA256, body).as_ref() != claimed.as_slice() {
+        let mut claimed_buf = [0; 64];
+        let claimed = decoded(&STANDARD, claims.sha256.as_deref().unwrap_or_default(), &mut claimed_buf)
+            .ok_or_else(|| unauthenticated("sha256 claim not base64"))?;
+        if ring::digest::digest(&ring::digest::SHA256, body).as_ref() != &*claimed {
             return Err(unauthenticated("the body's hash differs from the signed one"));
         }
         decode_event(body)
+    }
+}
+
+/// `part` decoded into `buf` when it fits, else onto the heap; `None` if it is not base64.
+fn decoded<'b>(engine: &impl Engine, part: &str, buf: &'b mut [u8]) -> Option<Cow<'b, [u8]>> {
+    match engine.decode_slice(part, buf) {
+        Ok(n) => Some(Cow::Borrowed(&buf[..n])),
+        Err(DecodeSliceError::OutputSliceTooSmall) => engine.decode(part).ok().map(Cow::Owned),
+        Err(DecodeSliceError::DecodeError(_)) => None,
     }
 }
 
