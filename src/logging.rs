@@ -2,7 +2,7 @@
 //! standard error — one `write` per line, except on a thread that holds a [`Batch`].
 //!
 //! The engine holds one for each turn of its loop: at info it logs a line for every tracked
-//! webhook, and a write to standard error per line cost it more than the line's formatting
+//! webhook, and a write to standard error per line cost it nearly as much as formatting the line
 //! (a system call on the one task every webhook passes through). Lines logged while a batch is
 //! held are kept in a buffer of the thread's and written together when the batch ends, or
 //! sooner once [`BATCH_BYTES`] are waiting. Nothing else changes: each line keeps the time it
@@ -28,6 +28,26 @@ pub fn init(logging: &Logging) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    write_held_lines_before_a_panic();
+}
+
+/// A panic's message is written after the lines its thread logged before it, not ahead of
+/// lines its batch still holds (they would be written out only while unwinding).
+fn write_held_lines_before_a_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        write_out_held();
+        report(info);
+    }));
+}
+
+/// Writes out what this thread holds, if it is not in the middle of holding a line.
+fn write_out_held() {
+    let _ = HELD.try_with(|held| {
+        if let Ok(mut held) = held.try_borrow_mut() {
+            held.write_out();
+        }
+    });
 }
 
 #[derive(Default)]
@@ -158,6 +178,15 @@ mod tests {
             assert_eq!(seen(), (b"one\ntwo\n".to_vec(), Vec::new()));
         }
         assert_eq!(seen(), (Vec::new(), b"one\ntwo\n".to_vec()), "written out, in order, once the last batch ended");
+    }
+
+    #[test]
+    fn a_panic_finds_the_lines_before_it_written_out() {
+        let _batch = Batch::start();
+        Line.write_all(b"before the panic\n").unwrap();
+        // What the panic hook does before the panic's message is written.
+        write_out_held();
+        assert_eq!(seen(), (Vec::new(), b"before the panic\n".to_vec()));
     }
 
     #[test]

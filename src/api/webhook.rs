@@ -90,6 +90,7 @@ fn event_label(name: &str) -> &'static str {
         _ => "other",
     }
 }
+
 #[cfg(test)]
 mod tests {
     /// The size of what `f` returns, from its type alone.
