@@ -98,9 +98,17 @@ pub fn kill9(child: &mut Option<std::process::Child>) {
 /// LiveKit and several Synapses opening connections in parallel tests, one was seen taken in
 /// that window.
 pub fn free_port() -> u16 {
+    // Never the same port twice in one test process: tests run in parallel, and a port probed
+    // free is bound only once its server starts — or starts again after being killed (a bridge
+    // restarts on its port), when a probe would find it free too. Seen in a clean run: two
+    // servers handed one port, the second failing with "Address already in use".
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..1_000 {
         let port = 20_000 + rand::random::<u16>() % 12_000;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
             return port;
         }
     }
