@@ -47,6 +47,13 @@ pub fn hashed_digest(identity: &str) -> Option<[u8; 32]> {
     (identity.len() == 43 && STANDARD_NO_PAD.decode_slice(identity, &mut digest) == Ok(32)).then_some(digest)
 }
 
+/// The text of the hashed identity `digest` encodes (the inverse of [`hashed_digest`]), written
+/// into `text`: on the stack, as a job's stored state and log lines spell it.
+pub fn hashed_text<'t>(digest: &[u8; 32], text: &'t mut [u8; 43]) -> &'t str {
+    let n = STANDARD_NO_PAD.encode_slice(digest, text).expect("32 bytes are 43 characters of base64");
+    std::str::from_utf8(&text[..n]).expect("base64 is ASCII")
+}
+
 /// Whether `identity` is the legacy `@user:server:DEVICE` of `user_id`'s device `device_id`.
 fn is_legacy_of(identity: &str, user_id: &str, device_id: &str) -> bool {
     !device_id.is_empty() && identity.strip_prefix(user_id).and_then(|rest| rest.strip_prefix(':')) == Some(device_id)

@@ -58,16 +58,8 @@ impl From<&str> for Identity {
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use base64::Engine as _;
         match self {
-            Identity::Digest(digest) => {
-                // 32 bytes are 43 characters: encoded on the stack.
-                let mut text = [0; 44];
-                let n = base64::engine::general_purpose::STANDARD_NO_PAD
-                    .encode_slice(digest, &mut text)
-                    .map_err(|_| std::fmt::Error)?;
-                f.write_str(std::str::from_utf8(&text[..n]).map_err(|_| std::fmt::Error)?)
-            }
+            Identity::Digest(digest) => f.write_str(crate::identity::hashed_text(digest, &mut [0; 43])),
             Identity::Text(text) => f.write_str(text),
         }
     }
