@@ -52,7 +52,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "RTC_LEAVE_BRIDGE_MAX_CONNECTIONS",
         "4096",
-        "client connections open at most on the public listener; more are closed at once (16–1000000)",
+        "client connections open at most on the public listener, and its accept queue's length (capped by net.core.somaxconn); more are closed at once (16–1000000)",
     ),
     (
         "RTC_LEAVE_BRIDGE_USER_RATE",

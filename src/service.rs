@@ -176,8 +176,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }),
     });
     let listen = &config.listen;
-    let listener = tokio::net::TcpListener::bind(listen.bind)
-        .await
+    let listener = api::listener::bind(listen.bind, listen.max_connections)
         .with_context(|| format!("LIVEKIT_JWT_BIND: cannot listen on {}", listen.bind))?;
     info!(addr = %listener.local_addr()?, livekit = %config.livekit.url, "rtc-leave-bridge listening");
     // In-flight requests get the drain time; a request is answered within its own deadline.
@@ -194,8 +193,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let operator = match listen.operator_bind {
         None => None,
         Some(bind) => {
-            let l = tokio::net::TcpListener::bind(bind)
-                .await
+            let l = api::listener::bind(bind, listen.max_connections)
                 .with_context(|| format!("RTC_LEAVE_BRIDGE_OPERATOR_BIND: cannot listen on {bind}"))?;
             info!(addr = %l.local_addr()?, "operator endpoints (/metrics, /admin/jobs) listening apart");
             let app = api::operator_router(state.clone());

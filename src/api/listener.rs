@@ -1,4 +1,5 @@
-//! The HTTP listener: accepts connections up to a cap, serves HTTP/1.1 on each with a deadline
+//! The HTTP listener: binds with a backlog the size of its connection cap, accepts connections
+//! up to that cap, serves HTTP/1.1 on each with a deadline
 //! for a request's headers (slow-header connections and idle ones are closed), and on shutdown
 //! stops accepting, lets requests in flight finish for a bounded time, and returns — so that a
 //! half-read request never holds up the drain and the shard handover behind it.
@@ -21,7 +22,7 @@ use compact_str::CompactString;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt as _;
@@ -42,6 +43,18 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub drain: Duration,
+}
+
+/// A listening socket on `addr` whose accept queue holds up to `backlog` connections (the
+/// kernel caps it at `net.core.somaxconn`). Tokio's `TcpListener::bind` asks for 128, like the
+/// standard library: a burst of clients (everyone reconnecting after a network blip, or a flood
+/// of half-open connections) faster than the accept loop would overflow it, and the kernel
+/// then drops handshakes, which clients retry only after a second or more.
+pub fn bind(addr: std::net::SocketAddr, backlog: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(backlog).unwrap_or(u32::MAX))
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains (see the module doc).
@@ -235,5 +248,30 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(3), task).await.expect("the drain is bounded").unwrap();
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    }
+
+    /// A burst of clients larger than the standard library's backlog (128), none accepted yet:
+    /// every one is in the accept queue at once, none waits for a retried handshake.
+    #[tokio::test]
+    async fn the_accept_queue_holds_a_burst_as_large_as_the_backlog() {
+        // The kernel caps the backlog at `somaxconn` (4096 since Linux 5.4, 128 before).
+        let somaxconn =
+            std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok());
+        let burst = somaxconn.unwrap_or(128).min(1_000);
+        let listener = bind("127.0.0.1:0".parse().unwrap(), burst).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::with_capacity(burst);
+        for _ in 0..burst {
+            // A full queue drops the handshake: connect would hang until the client gives up.
+            let connecting = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr));
+            let mut s = connecting.await.expect("a handshake dropped: the accept queue is full").unwrap();
+            s.write_all(b"GET /").await.unwrap();
+            clients.push(s);
+        }
+        let mut accepted = 0;
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await {
+            accepted += 1;
+        }
+        assert_eq!(accepted, burst, "connections the kernel dropped from a full accept queue");
     }
 }
