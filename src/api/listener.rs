@@ -1,8 +1,8 @@
-//! The HTTP listener: binds with a backlog the size of its connection cap, accepts connections
-//! up to that cap, serves HTTP/1.1 on each with a deadline
-//! for a request's headers (slow-header connections and idle ones are closed), and on shutdown
-//! stops accepting, lets requests in flight finish for a bounded time, and returns — so that a
-//! half-read request never holds up the drain and the shard handover behind it.
+//! The HTTP listener: binds with an accept queue as long as its connection cap, accepts
+//! connections up to that cap, serves HTTP/1.1 on each with a deadline for a request's headers
+//! (slow-header connections and idle ones are closed), and on shutdown stops accepting, lets
+//! requests in flight finish for a bounded time, and returns — so that a half-read request never
+//! holds up the drain and the shard handover behind it.
 //!
 //! Each request must also be read and answered within its own deadline ([`Settings::request_timeout`]),
 //! or it is answered 503 and its connection closed. (`axum::serve` sets none of these: no header
