@@ -110,6 +110,11 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// The median of alternated runs.
+fn median(runs: &[f64]) -> f64 {
+    percentile(&sorted(runs.to_vec()), 0.5)
+}
+
 /// Resident memory of `pid`, bytes: (all, anonymous i.e. heap and stacks, file-backed i.e. the
 /// binary's code pages as they get used).
 fn rss(pid: u32) -> (u64, u64, u64) {
@@ -691,7 +696,7 @@ async fn ingest(goals: &Goals) {
         bare_runs.push(bare_rps);
     }
     let (bridge_cpu, bare_cpu) = (bridge_cpu / sent as f64, bare_cpu / sent as f64);
-    let bridge_rps = percentile(&sorted(bridge_runs.clone()), 0.5);
+    let bridge_rps = median(&bridge_runs);
     let changed =
         bridge.metric("rtc_leave_bridge_webhooks_total{event=\"participant_joined\",outcome=\"accepted\"}").await;
     assert_durably_bound(&bridge, &sessions);
@@ -724,7 +729,7 @@ async fn ingest(goals: &Goals) {
     );
     println!(
         "  bare axum JSON endpoint        {:8.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  (runs {})",
-        percentile(&sorted(bare_runs.clone()), 0.5),
+        median(&bare_runs),
         percentile(&al, 0.5),
         percentile(&al, 0.99),
         runs(&bare_runs)
@@ -735,7 +740,7 @@ async fn ingest(goals: &Goals) {
         bare_cpu * 1e6,
         bridge_cpu / bare_cpu
     );
-    let ratio = percentile(&sorted(ratios.clone()), 0.5);
+    let ratio = median(&ratios);
     println!(
         "  ratio {ratio:.2}x, median of {} (goal >= 0.7x: {})",
         ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / "),
@@ -875,7 +880,6 @@ async fn untracked_ingest(goals: &Goals) {
         "untracked webhook ingest ({} bytes, signed, for an identity nobody delegated; wrk -t1 -c32, {ROUNDS}x{SECONDS} s alternated, median):",
         body.len()
     );
-    let median = |runs: &[f64]| sorted(runs.to_vec())[runs.len() / 2];
     for (name, _, runs) in &targets {
         let runs_text: Vec<String> = runs.iter().map(|r| format!("{r:.0}")).collect();
         println!("  {name:38} {:8.0} req/s  (runs {})", median(runs), runs_text.join(", "));
