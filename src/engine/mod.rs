@@ -6,7 +6,9 @@
 //! registry with the time, then carry out the registry's effects — spawn calls and listings,
 //! hand commits to the store ([`tasks`]), and answer requests. The task never waits on anything
 //! but its inputs; in particular not on the store, which reports each commit's outcome as one of
-//! them ([`crate::store::Store::start_commit`]).
+//! them ([`crate::store::Store::start_commit`]). (The embedded store runs a small commit of
+//! phase changes before it returns, when its connection is free: a write into the page cache
+//! without fsync, cheaper than a hand-off to its thread; see [`crate::store::sqlite`].)
 //!
 //! With several instances ([`crate::cluster`]) the engine starts empty; the cluster's driver
 //! hands it shards ([`EngineHandle::adopt`], [`EngineHandle::release`]) and their inbox entries

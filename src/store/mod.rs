@@ -89,8 +89,10 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError("this store is not shared: it takes no fenced commits".into()))
     }
     /// Starts committing `ops` ([`Store::commit_fenced`] under `fence` when given, else
-    /// [`Store::commit`]) and returns at once; `done` is told the outcome. By default from a task
-    /// of its own; a store that works on a thread of its own tells it from there.
+    /// [`Store::commit`]) and returns without waiting on the network or an fsync; `done` is
+    /// told the outcome. By default from a task of its own; a store that works on a thread of
+    /// its own tells it from there, and one that can finish a small commit in microseconds may
+    /// do so before returning, telling `done` on the caller's thread.
     fn start_commit(self: Arc<Self>, ops: Vec<StoreOp>, fence: Option<Fence>, done: CommitDone) {
         tokio::spawn(async move {
             let result = match &fence {
