@@ -189,32 +189,32 @@ fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<()>) {
     }
 }
 
-/// Applies a commit's changes inside its transaction.
+/// Applies a commit's changes inside its transaction. Each statement is taken from the
+/// connection's cache once per commit, not once per change (the lookup hashes its SQL).
 fn apply_ops(conn: &Connection, ops: Vec<StoreOp>) -> Result<(), StoreError> {
     let now = crate::delegation::now_unix_ms() as i64;
+    let (mut insert, mut set_state, mut delete) = (None, None, None);
     for op in ops {
         match op {
             StoreOp::Insert(r) => {
                 let delegation = serde_json::to_string(&r.delegation).map_err(err)?;
                 let state = serde_json::to_string(&r.state).map_err(err)?;
-                conn.prepare_cached(
-                    "INSERT OR REPLACE INTO jobs (id, delegation, state, updated_at_ms)
-                             VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(err)?
+                statement(
+                    &mut insert,
+                    conn,
+                    "INSERT OR REPLACE INTO jobs (id, delegation, state, updated_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                )?
                 .execute(params![r.id.to_string(), delegation, state, now])
                 .map_err(err)?;
             }
             StoreOp::SetState(id, state) => {
                 let state = serde_json::to_string(&state).map_err(err)?;
-                conn.prepare_cached("UPDATE jobs SET state = ?2, updated_at_ms = ?3 WHERE id = ?1")
-                    .map_err(err)?
+                statement(&mut set_state, conn, "UPDATE jobs SET state = ?2, updated_at_ms = ?3 WHERE id = ?1")?
                     .execute(params![id.to_string(), state, now])
                     .map_err(err)?;
             }
             StoreOp::Delete(id) => {
-                conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")
-                    .map_err(err)?
+                statement(&mut delete, conn, "DELETE FROM jobs WHERE id = ?1")?
                     .execute(params![id.to_string()])
                     .map_err(err)?;
             }
@@ -223,6 +223,18 @@ fn apply_ops(conn: &Connection, ops: Vec<StoreOp>) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// The statement in `slot`, taken from `conn`'s cache the first time.
+fn statement<'s, 'c>(
+    slot: &'s mut Option<rusqlite::CachedStatement<'c>>,
+    conn: &'c Connection,
+    sql: &str,
+) -> Result<&'s mut rusqlite::CachedStatement<'c>, StoreError> {
+    match slot {
+        Some(statement) => Ok(statement),
+        None => Ok(slot.insert(conn.prepare_cached(sql).map_err(err)?)),
+    }
 }
 
 /// Whether a commit of `ops` stores a delegation, and so must survive a power loss.
