@@ -17,7 +17,11 @@
 //! into the OS page cache, no fsync: 34 µs on average for 6–7 changes under the ingest bench.
 //! Handing it to the thread and being told back took 124 µs, and its two thread wake-ups per
 //! commit cost a fifth of the bridge's CPU per tracked webhook. The engine hands over one commit
-//! at a time, so commits still apply in its order.
+//! at a time, so commits still apply in its order. Such a commit never waits for a lock: if
+//! another connection holds the write lock (an operator's `sqlite3` in a write transaction), it
+//! goes to the store's thread, which waits. What it can wait on is the write itself: on a disk
+//! that hangs, the engine hangs with it — as it would writing its log lines to that disk — where
+//! a store's thread alone would leave the engine restarting members' delayed leaves.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -46,6 +50,9 @@ type Work = Box<dyn FnOnce(&mut Db) + Send>;
 /// millisecond. A larger one (a reconciliation moving many jobs at once) goes to the store's
 /// thread, as does every commit that stores a delegation (its fsync takes milliseconds).
 const INLINE_OPS: usize = 64;
+
+/// How long a statement waits for a lock another connection holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The connection, and its `synchronous` setting (set again only when it changes).
 struct Db {
@@ -113,7 +120,7 @@ impl SqliteStore {
         let conn = Connection::open(&path).map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS jobs (
                 id TEXT PRIMARY KEY,
@@ -136,7 +143,7 @@ impl SqliteStore {
         // and connection, never in a commit the engine waits for.
         conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(err)?;
         let checkpointer = Connection::open(&path).map_err(err)?;
-        checkpointer.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        checkpointer.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         let alive = Arc::new(());
         let watch = Arc::downgrade(&alive);
         std::thread::Builder::new()
@@ -243,21 +250,52 @@ fn stores_delegation(ops: &[StoreOp]) -> bool {
 }
 
 /// Commits `ops` in one transaction: `synchronous = FULL` when it stores a delegation, else
-/// `NORMAL` (see the module's doc).
+/// `NORMAL` (see the module's doc). Waits up to the busy timeout for the write lock.
 fn commit_now(db: &mut Db, ops: Vec<StoreOp>) -> Result<(), StoreError> {
     if ops.is_empty() {
         return Ok(());
     }
-    if !db.is_autocommit() {
-        // A transaction left open by a commit that panicked or whose rollback failed: end it
-        // first (and before `synchronous` is set, which a transaction would hold back).
-        db.execute_batch("ROLLBACK").map_err(err)?;
-    }
-    db.set_synchronous(if stores_delegation(&ops) { "FULL" } else { "NORMAL" })?;
-    let conn = &db.conn;
+    prepare(db, if stores_delegation(&ops) { "FULL" } else { "NORMAL" })?;
     // BEGIN and COMMIT prepared once, like every statement here (a Transaction parses them
     // again on each commit).
-    conn.prepare_cached("BEGIN").map_err(err)?.execute([]).map_err(err)?;
+    db.prepare_cached("BEGIN").map_err(err)?.execute([]).map_err(err)?;
+    apply_and_commit(db, ops)
+}
+
+/// Like [`commit_now`] for phase changes, but without waiting for the write lock: when another
+/// connection holds it (an operator's `sqlite3` in a write transaction, say), `ops` are handed
+/// back untouched, for the store's thread to commit once it can.
+fn commit_if_unlocked(db: &mut Db, ops: Vec<StoreOp>) -> Result<Result<(), StoreError>, Vec<StoreOp>> {
+    if ops.is_empty() {
+        return Ok(Ok(()));
+    }
+    if let Err(e) = prepare(db, "NORMAL") {
+        return Ok(Err(e));
+    }
+    let begun = (|| {
+        db.busy_timeout(std::time::Duration::ZERO)?;
+        let begun = db.prepare_cached("BEGIN IMMEDIATE").and_then(|mut begin| begin.execute([]));
+        db.busy_timeout(BUSY_TIMEOUT)?;
+        begun
+    })();
+    match begun {
+        Ok(_) => Ok(apply_and_commit(db, ops)),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Err(ops),
+        Err(e) => Ok(Err(err(e))),
+    }
+}
+
+/// Ends a transaction left open (by a commit that panicked, or whose rollback failed), then sets
+/// `synchronous` (which a transaction would hold back).
+fn prepare(db: &mut Db, synchronous: &'static str) -> Result<(), StoreError> {
+    if !db.is_autocommit() {
+        db.execute_batch("ROLLBACK").map_err(err)?;
+    }
+    db.set_synchronous(synchronous)
+}
+
+/// Applies `ops` in the transaction just begun and commits it; rolls it back on failure.
+fn apply_and_commit(conn: &Connection, ops: Vec<StoreOp>) -> Result<(), StoreError> {
     let applied = apply_ops(conn, ops).and_then(|()| {
         conn.prepare_cached("COMMIT").map_err(err)?.execute([]).map_err(err)?;
         Ok(())
@@ -317,7 +355,7 @@ impl Store for SqliteStore {
     /// A small commit of phase changes is run here and now if the connection is free (see the
     /// module's doc); any other is handed to the store's thread, which tells `done` as soon as
     /// it ends (no task is woken in between).
-    fn start_commit(self: Arc<Self>, ops: Vec<StoreOp>, fence: Option<Fence>, done: CommitDone) {
+    fn start_commit(self: Arc<Self>, mut ops: Vec<StoreOp>, fence: Option<Fence>, done: CommitDone) {
         if fence.is_some() {
             return done(Err(StoreError("this store is not shared: it takes no fenced commits".into())));
         }
@@ -331,12 +369,15 @@ impl Store for SqliteStore {
                 // As on the store's thread, a panic fails this commit alone: `done` is dropped
                 // unanswered (its owner counts the commit as failed), the connection's open
                 // transaction is ended by the next commit.
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_now(&mut db, ops)));
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_if_unlocked(&mut db, ops)));
                 drop(db);
-                if let Ok(outcome) = outcome {
-                    done(outcome);
+                match outcome {
+                    Ok(Ok(outcome)) => return done(outcome),
+                    Err(_panicked) => return,
+                    // Another connection holds the write lock: the store's thread waits for it.
+                    Ok(Err(untouched)) => ops = untouched,
                 }
-                return;
             }
         }
         // Should the thread be gone, the work (and `done` with it) is dropped unanswered: its
@@ -473,6 +514,14 @@ mod tests {
     }
     type Told = (std::thread::ThreadId, Result<(), StoreError>);
 
+    /// Returns once the store's thread has let go of the connection (it answers a piece of work
+    /// a moment before it does).
+    fn idle(store: &SqliteStore) {
+        while store.db.try_lock().is_err() {
+            std::thread::yield_now();
+        }
+    }
+
     fn connected() -> Durable {
         Durable::Connected { binding: binding(), others: vec![], absent: vec![] }
     }
@@ -490,6 +539,7 @@ mod tests {
         outcome.unwrap();
         assert_ne!(by, here, "a commit storing a delegation is made on the store's thread");
         // Phase changes: made and told before start_commit returns, on this thread.
+        idle(&store);
         let told = started(&store, vec![StoreOp::SetState(JobId(1), connected()), StoreOp::Delete(JobId(2))]);
         let (by, outcome) = told.try_recv().expect("told before start_commit returned");
         outcome.unwrap();
@@ -502,6 +552,29 @@ mod tests {
         let jobs = store.load().await.unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!((jobs[0].id, &jobs[0].state), (JobId(1), &Durable::WAITING));
+    }
+
+    /// Another connection's write transaction is not waited for on the caller's thread either.
+    #[tokio::test]
+    async fn a_commit_finding_the_database_locked_by_another_connection_is_made_on_the_stores_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        store.commit(vec![StoreOp::Insert(Box::new(record(1)))]).await.unwrap();
+        let other = Connection::open(dir.path().join("jobs.sqlite3")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started_at = std::time::Instant::now();
+        let told = started(&store, vec![StoreOp::SetState(JobId(1), connected())]);
+        assert!(started_at.elapsed() < BUSY_TIMEOUT / 10, "start_commit waited for the lock");
+        assert!(told.try_recv().is_err(), "made while another connection held the write lock");
+        other.execute_batch("COMMIT").unwrap();
+        let (by, outcome) = told.recv().unwrap();
+        outcome.unwrap();
+        assert_ne!(by, std::thread::current().id());
+        assert_eq!(store.load().await.unwrap()[0].state, connected());
+        // With the lock free again, the next one is made at once.
+        idle(&store);
+        let told = started(&store, vec![StoreOp::SetState(JobId(1), Durable::WAITING)]);
+        assert_eq!(told.try_recv().unwrap().0, std::thread::current().id());
     }
 
     /// The connection is never waited for on the caller's thread: a commit finding it busy goes
