@@ -240,6 +240,7 @@ impl<'a> MakeVisitor<Writer<'a>> for Fields {
     }
 }
 
+/// What [`Fields`] writes one line's (or one span's) fields with.
 pub struct FieldsVisitor<'a> {
     writer: Writer<'a>,
     /// Whether no field has been written yet (none is preceded by a space).
