@@ -47,8 +47,9 @@ type Work = Box<dyn FnOnce(&mut Db) + Send>;
 
 /// A commit of phase changes with at most this many changes is run on the caller's thread when
 /// the connection is free: at ~5 µs a change (34 µs for 6–7 under the ingest bench), it keeps
-/// the engine's turn well under a millisecond. A larger one (a reconciliation moving many jobs at once) goes to the store's
-/// thread, as does every commit that stores a delegation (its fsync takes milliseconds).
+/// the engine's turn well under a millisecond. A larger one (a reconciliation moving many jobs
+/// at once) goes to the store's thread, as does every commit that stores a delegation (its
+/// fsync takes milliseconds).
 const INLINE_OPS: usize = 64;
 
 /// How long a statement waits for a lock another connection holds.
@@ -81,6 +82,15 @@ impl std::ops::Deref for Db {
 /// transaction left open ([`commit_now`]).
 fn lock(db: &Mutex<Db>) -> MutexGuard<'_, Db> {
     db.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Like [`lock`], if no one holds the connection right now.
+fn lock_if_free(db: &Mutex<Db>) -> Option<MutexGuard<'_, Db>> {
+    match db.try_lock() {
+        Ok(held) => Some(held),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -360,12 +370,7 @@ impl Store for SqliteStore {
             return done(Err(StoreError("this store is not shared: it takes no fenced commits".into())));
         }
         if ops.len() <= INLINE_OPS && !stores_delegation(&ops) {
-            let free = match self.db.try_lock() {
-                Ok(db) => Some(db),
-                Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
-            };
-            if let Some(mut db) = free {
+            if let Some(mut db) = lock_if_free(&self.db) {
                 // As on the store's thread, a panic fails this commit alone: `done` is dropped
                 // unanswered (its owner counts the commit as failed), the connection's open
                 // transaction is ended by the next commit.
@@ -517,7 +522,7 @@ mod tests {
     /// Returns once the store's thread has let go of the connection (it answers a piece of work
     /// a moment before it does).
     fn idle(store: &SqliteStore) {
-        while store.db.try_lock().is_err() {
+        while lock_if_free(&store.db).is_none() {
             std::thread::yield_now();
         }
     }
